@@ -143,6 +143,11 @@ class CommandRun:
         if self._loop is not None and self._state is RunState.RUNNING:
             self._loop.call_soon_threadsafe(self._interrupt_now)
 
+    def kill(self) -> None:
+        """SIGKILL the command's process group now; safe from any thread."""
+        if self._state is RunState.RUNNING:
+            self._signal_group(signal.SIGKILL)
+
     def _interrupt_now(self) -> None:
         if self._state is not RunState.RUNNING or self._loop is None:
             return
