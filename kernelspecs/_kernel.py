@@ -59,6 +59,8 @@ class ProcessKernel(Kernel):  # type: ignore[misc]  # ipykernel ships no usable 
         # reads and writes are atomic under the GIL, which is all we need.
         self._running: CommandRun | None = None
         self._interrupt_requested = False
+        # Extra execute_reply fields a subclass sets while running a cell.
+        self.reply_extra: dict[str, Any] = {}
 
     @property
     def kernel_info(self) -> dict[str, Any]:
@@ -147,6 +149,7 @@ class ProcessKernel(Kernel):  # type: ignore[misc]  # ipykernel ships no usable 
         )
         self._cell = cell
         self._interrupt_requested = False
+        self.reply_extra = {}
         try:
             result = await self.run_cell(code)
         finally:
@@ -159,6 +162,7 @@ class ProcessKernel(Kernel):  # type: ignore[misc]  # ipykernel ships no usable 
             "execution_count": self.execution_count,
             "payload": [],
             "user_expressions": {},
+            **self.reply_extra,
             "exit_code": result.exit_code,
         }
         if result.interrupted:
