@@ -1,0 +1,1 @@
+"""kernel-bridge's HTTP face: one tornado Application, one handler module per dialect."""

@@ -1,0 +1,41 @@
+"""The tornado Application: every dialect's routes, each handler given the bridge."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tornado.web import Application, RequestHandler
+
+from bridge.service import Bridge
+
+from .backendai import handlers as backendai
+from .base import BaseHandler
+from .backendai.errors import BACKENDAI
+
+
+class NotFoundHandler(BaseHandler):
+    """Unknown routes: a JSON 404 (Backend.AI's shape, the dialect of the root)."""
+
+    dialect = BACKENDAI
+    auth_required = False
+
+    def prepare(self) -> None:  # type: ignore[override]
+        from tornado.web import HTTPError
+
+        raise HTTPError(404, f"No route for {self.request.method} {self.request.path}")
+
+
+def route_table() -> list[tuple[str, type[RequestHandler]]]:
+    table: list[tuple[str, type[RequestHandler]]] = []
+    table += backendai.routes()
+    return table
+
+
+def make_app(bridge: Bridge, **settings: Any) -> Application:
+    kwargs = {"bridge": bridge}
+    return Application(
+        [(pattern, handler, kwargs) for pattern, handler in route_table()],
+        default_handler_class=NotFoundHandler,
+        default_handler_args=kwargs,
+        **settings,
+    )

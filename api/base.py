@@ -1,0 +1,91 @@
+"""The base handler: dependencies injected through initialize(), auth in prepare(), and the one
+place that turns exceptions into a dialect's error body."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, ClassVar, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from tornado.web import HTTPError, RequestHandler
+
+from bridge.errors import BridgeError
+from bridge.keypairs import Keypair
+from bridge.service import Bridge
+
+from .auth import authenticate
+from .dialect import Dialect, MalformedBody
+
+log = logging.getLogger("kernel_bridge.api")
+M = TypeVar("M", bound=BaseModel)
+
+
+def describe_validation(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "body"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+class BaseHandler(RequestHandler):
+    dialect: ClassVar[Dialect]
+    auth_required: ClassVar[bool] = True
+    keypair: Keypair
+
+    def initialize(self, bridge: Bridge) -> None:
+        self.bridge = bridge
+
+    async def prepare(self) -> None:
+        if self.auth_required:
+            self.keypair = authenticate(self.request, self.bridge.keypairs)
+
+    # -- request bodies ---------------------------------------------------------------------
+
+    def json_object(self, *, allow_empty: bool = True) -> Any:
+        raw = self.request.body
+        if not raw.strip():
+            if allow_empty:
+                return {}
+            raise MalformedBody("The request body is empty; a JSON body is required.")
+        try:
+            return json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise MalformedBody(f"The request body is not valid JSON: {exc}.") from None
+
+    def parse(self, model: type[M], data: Any = None) -> M:
+        """Validate the JSON body (or ``data``) against ``model``. Raises MalformedBody."""
+        if data is None:
+            data = self.json_object()
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            raise MalformedBody(describe_validation(exc)) from None
+
+    # -- responses --------------------------------------------------------------------------
+
+    def send(self, body: Any, status: int = 200) -> None:
+        self.set_status(status)
+        if status == 204:
+            self.finish()
+            return
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(body, default=str))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc_info = kwargs.get("exc_info")
+        exc = exc_info[1] if exc_info else None
+        status, code, message = self.dialect.lookup(exc, status_code)
+        self.set_status(status)
+        self.clear_header("Content-Type")
+        self.set_header("Content-Type", self.dialect.content_type)
+        self.finish(json.dumps(self.dialect.render(status, code, message)))
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        # Expected errors are the client's business: log a line, not a stack.
+        if isinstance(value, (BridgeError, HTTPError)):
+            log.info("%s %s → %s: %s", self.request.method, self.request.path,
+                     type(value).__name__, value)
+        else:
+            super().log_exception(typ, value, tb)

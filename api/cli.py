@@ -1,0 +1,100 @@
+"""The ``kernel-bridge`` command: serve, keys."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from bridge.keypairs import Keypairs
+from bridge.sandbox import SandboxUnavailable
+from bridge.settings import Settings
+from bridge.store import Store
+
+
+def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
+    overrides: dict[str, Any] = dict(extra)
+    for name in ("host", "port", "data_dir"):
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides[name] = value
+    if getattr(args, "no_sandbox", False):
+        overrides["sandbox"] = "off"
+    return Settings(**overrides)
+
+
+async def _keys(settings: Settings, action: str, as_json: bool) -> int:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(settings.db_path)
+    await store.open()
+    try:
+        keypairs = Keypairs(store, settings.default_concurrency)
+        await keypairs.load()
+        if action == "create":
+            kp = await keypairs.create()
+            if as_json:
+                print(json.dumps({"access_key": kp.access_key, "secret_key": kp.secret_key}))
+            else:
+                print(f"access_key: {kp.access_key}\nsecret_key: {kp.secret_key}")
+        else:
+            rows = [{"accessKey": k.access_key, "isActive": k.is_active,
+                     "concurrency": k.concurrency, "totalQueries": k.total_queries,
+                     "created": k.created} for k in keypairs.all()]
+            if as_json:
+                print(json.dumps(rows))
+            else:
+                for r in rows:
+                    print(f"{r['accessKey']}  active={r['isActive']}  "
+                          f"concurrency={r['concurrency']}  queries={r['totalQueries']}")
+    finally:
+        await store.close()
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kernel-bridge", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="start the server")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--data-dir", type=Path)
+    serve.add_argument("--no-sandbox", action="store_true",
+                       help="run kernels unconfined (unsafe; for machines without bubblewrap)")
+
+    keys = sub.add_parser("keys", help="manage keypairs")
+    keys_sub = keys.add_subparsers(dest="action", required=True)
+    for action in ("create", "list"):
+        k = keys_sub.add_parser(action)
+        k.add_argument("--data-dir", type=Path)
+        k.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        settings = settings_from(args)
+    except ValidationError as exc:
+        print(f"kernel-bridge: bad setting: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "serve":
+        from .server import run
+
+        try:
+            return run(settings)
+        except SandboxUnavailable as exc:
+            print(f"kernel-bridge: {exc}", file=sys.stderr)
+            return 2
+    if args.command == "keys":
+        return asyncio.run(_keys(settings, args.action, args.json))
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Error shapes. Each dialect owns one table from core errors to (status, code), looked up along
+the exception's MRO, and one function that renders the body; BaseHandler.write_error uses them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+from tornado.web import HTTPError
+
+from bridge.errors import BridgeError, InvalidRequest
+
+Body = dict[str, Any] | list[Any]
+
+
+class MalformedBody(InvalidRequest):
+    """The request body is not JSON, or not the JSON this route takes."""
+
+
+class MethodNotAllowed(InvalidRequest):
+    pass
+
+
+@dataclass(frozen=True)
+class Dialect:
+    name: str
+    table: Mapping[type[BaseException], tuple[int, str]]
+    render: Callable[[int, str, str], Body]
+    content_type: str = "application/json"
+
+    def lookup(self, exc: BaseException | None, status: int) -> tuple[int, str, str]:
+        """(status, code, message) for an exception, or for a bare HTTP status."""
+        if isinstance(exc, HTTPError):
+            code = exc.status_code
+            message = exc.log_message or exc.reason or HTTPStatus(code).phrase
+            return code, self._code_for_status(code), message
+        if exc is not None:
+            for cls in type(exc).__mro__:
+                if cls in self.table:
+                    code, slug = self.table[cls]
+                    message = exc.message if isinstance(exc, BridgeError) else str(exc)
+                    return code, slug, message
+        return status, self._code_for_status(status), HTTPStatus(status).phrase
+
+    def _code_for_status(self, status: int) -> str:
+        for code, slug in self.table.values():
+            if code == status:
+                return slug
+        return HTTPStatus(status).phrase.lower().replace(" ", "-")

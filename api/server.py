@@ -1,0 +1,70 @@
+"""Process lifecycle: run() → serve() → startup, wait for a signal, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import socket
+import sys
+
+from tornado.httpserver import HTTPServer
+
+from bridge.service import Bridge
+from bridge.settings import Settings
+
+from .app import make_app
+
+log = logging.getLogger("kernel_bridge")
+
+
+async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
+    bridge = Bridge(settings)
+    if not bridge.sandbox.enabled:
+        log.warning("SANDBOX OFF: kernels run unconfined with the server's rights. "
+                    "Never expose this server to untrusted code.")
+    started = await bridge.start()
+    log.info("sandbox: %s", bridge.sandbox.describe())
+    if started.first_keypair is not None:
+        kp = started.first_keypair
+        # Shown once: the secret is not printed again.
+        print("Created the first keypair (save it; it is shown only once):", flush=True)
+        print(json.dumps({"access_key": kp.access_key, "secret_key": kp.secret_key}),
+              flush=True)
+    server = HTTPServer(make_app(bridge), xheaders=False, max_body_size=64 * 1024 * 1024)
+    sockets = bind(settings.host, settings.port)
+    server.add_sockets(sockets)
+    port = sockets[0].getsockname()[1]
+    print(f"kernel-bridge listening on http://{settings.host}:{port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        server.stop()
+        await asyncio.wait_for(server.close_all_connections(), timeout=5)
+        await bridge.stop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def bind(host: str, port: int) -> list[socket.socket]:
+    from tornado.netutil import bind_sockets
+
+    return bind_sockets(port, address=host)
+
+
+def run(settings: Settings) -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(serve(settings))
+    except KeyboardInterrupt:
+        pass
+    return 0

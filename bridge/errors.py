@@ -1,0 +1,107 @@
+"""The core's exceptions. Each dialect maps them to its own error shape in one table.
+
+    BridgeError
+     ├── NotFound                  something named by the caller does not exist (for this keypair)
+     │    ├── SessionNotFound
+     │    ├── RunNotFound
+     │    └── KeypairNotFound
+     ├── InvalidRequest            the caller's input is wrong; nothing was changed
+     │    ├── UnknownLanguage
+     │    ├── LimitExceeded        asks for more than the server's hard limits
+     │    └── UnsafePath           a path that leaves the session's working dir
+     ├── AuthFailed                missing, unknown, inactive or badly signed credentials
+     ├── QuotaExceeded             keypair concurrency reached
+     ├── RateLimited               too many executions in the window
+     ├── Conflict                  the target's state forbids the call
+     │    └── InvalidTransition    a run or session state machine refused a transition
+     └── KernelError               the kernel misbehaved
+          ├── KernelStartFailed
+          └── KernelDied
+"""
+
+from __future__ import annotations
+
+
+class BridgeError(Exception):
+    """Base of every error the core raises on purpose."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NotFound(BridgeError):
+    pass
+
+
+class SessionNotFound(NotFound):
+    def __init__(self, session: str) -> None:
+        super().__init__(f"No session {session!r} for this keypair.")
+        self.session = session
+
+
+class RunNotFound(NotFound):
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"No run {run_id!r} in this session.")
+        self.run_id = run_id
+
+
+class KeypairNotFound(NotFound):
+    def __init__(self, access_key: str) -> None:
+        super().__init__(f"No keypair with access key {access_key!r}.")
+
+
+class InvalidRequest(BridgeError):
+    pass
+
+
+class UnknownLanguage(InvalidRequest):
+    def __init__(self, language: str, known: list[str]) -> None:
+        super().__init__(f"Unsupported language: {language}. Known: {', '.join(known)}.")
+        self.language = language
+
+
+class LimitExceeded(InvalidRequest):
+    def __init__(self, name: str, asked: int, allowed: int) -> None:
+        super().__init__(f"{name}={asked} exceeds the server's hard limit of {allowed}.")
+
+
+class UnsafePath(InvalidRequest):
+    def __init__(self, path: str, why: str = "it leaves the session's working directory") -> None:
+        super().__init__(f"Refused path {path!r}: {why}.")
+        self.path = path
+
+
+class AuthFailed(BridgeError):
+    pass
+
+
+class QuotaExceeded(BridgeError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"This keypair may run at most {limit} concurrent sessions.")
+
+
+class RateLimited(BridgeError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"Rate limit exceeded: at most {limit} executions per minute.")
+
+
+class Conflict(BridgeError):
+    pass
+
+
+class InvalidTransition(Conflict):
+    def __init__(self, what: str, expected: str, got: str) -> None:
+        super().__init__(f"{what}: expected state {expected}, got {got}.")
+
+
+class KernelError(BridgeError):
+    pass
+
+
+class KernelStartFailed(KernelError):
+    pass
+
+
+class KernelDied(KernelError):
+    pass

@@ -1,0 +1,172 @@
+"""Launching, restarting and stopping kernels: the one launch function every kernel goes through.
+
+Kernels are jupyter_client ``AsyncKernelManager``s over IPC sockets in a private directory per
+kernel (jupyter_client's default ipc path is relative and shared, so concurrent kernels would
+bind the same sockets and mix their messages: feasibility.md §2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import psutil
+from jupyter_client.asynchronous.client import AsyncKernelClient
+from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+from jupyter_client.manager import AsyncKernelManager
+
+from .errors import KernelStartFailed
+from .sandbox import Confinement, Sandbox, SandboxProvisioner
+
+log = logging.getLogger(__name__)
+
+SPECS_DIR = Path(__file__).resolve().parent.parent / "kernelspecs" / "specs"
+# sun_path is 108 bytes; a short private root keeps every socket path well under it.
+IPC_ROOT = Path(tempfile.gettempdir()) / f"kb-ipc-{os.getuid()}"
+
+
+def spec_manager() -> KernelSpecManager:
+    """Our shipped specs first, then whatever Jupyter finds (ipykernel's python3)."""
+    ksm = KernelSpecManager()
+    ksm.kernel_dirs = [str(SPECS_DIR), *ksm.kernel_dirs]
+    return ksm
+
+
+@dataclass(frozen=True)
+class Usage:
+    cpu_ms: int
+    mem_bytes: int
+    mem_max_bytes: int
+    io_read_bytes: int = 0
+    io_write_bytes: int = 0
+
+
+class Kernel:
+    """One running kernel: its manager (process control) and one client (channels)."""
+
+    def __init__(self, manager: AsyncKernelManager, client: AsyncKernelClient, ipc_dir: Path,
+                 spec: str, confinement: Confinement) -> None:
+        self.manager = manager
+        self.client = client
+        self.ipc_dir = ipc_dir
+        self.spec = spec
+        self.confinement = confinement
+        self.started = time.monotonic()
+        self._cpu_before_restart = 0.0
+        self._mem_max = 0
+
+    @property
+    def id(self) -> str:
+        return str(self.manager.kernel_id)
+
+    async def is_alive(self) -> bool:
+        return bool(await self.manager.is_alive())
+
+    async def interrupt(self) -> None:
+        await self.manager.interrupt_kernel()
+
+    async def restart(self, timeout: float) -> None:
+        self._cpu_before_restart += self._cpu_seconds()
+        self.client.stop_channels()
+        await self.manager.restart_kernel(now=True)
+        self.client = self.manager.client()
+        self.client.start_channels()
+        try:
+            await self.client.wait_for_ready(timeout=timeout)
+        except RuntimeError as exc:
+            raise KernelStartFailed(f"Kernel {self.spec} did not come back: {exc}") from exc
+
+    async def shutdown(self) -> None:
+        """Escalating stop (shutdown_request → SIGTERM → SIGKILL), then the sockets' dir."""
+        with contextlib.suppress(Exception):
+            self.client.stop_channels()
+        try:
+            await asyncio.wait_for(self.manager.shutdown_kernel(now=False), timeout=5)
+        except Exception:  # noqa: BLE001 - whatever went wrong, make sure it is dead
+            with contextlib.suppress(Exception):
+                await self.manager.shutdown_kernel(now=True)
+        shutil.rmtree(self.ipc_dir, ignore_errors=True)
+
+    def _processes(self) -> list[psutil.Process]:
+        # Only a local provisioner has a process we can measure; remote ones report zero.
+        pid = getattr(self.manager.provisioner, "pid", None)
+        if not pid:
+            return []
+        try:
+            root = psutil.Process(pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return []
+
+    def _cpu_seconds(self) -> float:
+        total = 0.0
+        for p in self._processes():
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                total += t.user + t.system + t.children_user + t.children_system
+        return total
+
+    def usage(self) -> Usage:
+        mem = io_r = io_w = 0
+        for p in self._processes():
+            with contextlib.suppress(psutil.Error):
+                mem += p.memory_info().rss
+                io = p.io_counters()
+                io_r += io.read_bytes
+                io_w += io.write_bytes
+        self._mem_max = max(self._mem_max, mem)
+        cpu = self._cpu_before_restart + self._cpu_seconds()
+        return Usage(cpu_ms=int(cpu * 1000), mem_bytes=mem, mem_max_bytes=self._mem_max,
+                     io_read_bytes=io_r, io_write_bytes=io_w)
+
+
+async def launch(spec: str, confinement: Confinement, sandbox: Sandbox,
+                 ksm: KernelSpecManager, timeout: float) -> Kernel:
+    """Start a kernel of ``spec`` confined by ``confinement`` and wait until it answers.
+
+    Raises KernelStartFailed.
+    """
+    IPC_ROOT.mkdir(mode=0o700, exist_ok=True)
+    ipc_dir = Path(tempfile.mkdtemp(prefix="k", dir=IPC_ROOT))
+    confinement = replace(confinement, ipc_dir=ipc_dir)
+    km = AsyncKernelManager(
+        kernel_name=spec, kernel_spec_manager=ksm, transport="ipc",
+        ip=str(ipc_dir / "s"), connection_file=str(ipc_dir / "conn.json"),
+    )
+    try:
+        kspec = km.kernel_spec
+    except NoSuchKernel as exc:
+        shutil.rmtree(ipc_dir, ignore_errors=True)
+        raise KernelStartFailed(f"No kernelspec {spec!r} installed.") from exc
+    assert kspec is not None
+    # A SIGINT to the process group would kill bwrap itself (feasibility.md §5).
+    kspec.interrupt_mode = "message"
+    if kspec.argv and kspec.argv[0] in ("python", "python3"):
+        kspec.argv[0] = sys.executable
+    km.kernel_id = os.path.basename(ipc_dir)
+    provisioner = SandboxProvisioner(kernel_id=km.kernel_id, kernel_spec=kspec, parent=km)
+    provisioner.sandbox = sandbox
+    provisioner.confinement = confinement
+    km.provisioner = provisioner
+    client: AsyncKernelClient | None = None
+    try:
+        await km.start_kernel()
+        client = km.client()
+        client.start_channels()
+        await client.wait_for_ready(timeout=timeout)
+    except Exception as exc:
+        if client is not None:
+            client.stop_channels()
+        with contextlib.suppress(Exception):
+            await km.shutdown_kernel(now=True)
+        shutil.rmtree(ipc_dir, ignore_errors=True)
+        raise KernelStartFailed(f"Kernel {spec!r} failed to start: {exc}") from exc
+    return Kernel(km, client, ipc_dir, spec, confinement)

@@ -1,0 +1,109 @@
+"""The language table: the single place that knows languages.
+
+Each entry names the kernelspec that runs it, the aliases clients use for it (Backend.AI images
+such as ``lablup/python:3.9`` or ``python:3.6-ubuntu18.04`` reduce to their base name), the
+toolchain binaries that must exist, and the batch-mode defaults used for ``"*"``.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import dataclass
+
+from .errors import UnknownLanguage
+
+
+@dataclass(frozen=True)
+class Language:
+    name: str
+    kernelspec: str
+    suffix: str
+    toolchain: tuple[str, ...]
+    aliases: tuple[str, ...] = ()
+    build: str = ""  # the "*" build command ("" = nothing to build)
+    exec: str = ""  # the "*" exec command
+    clean: str = ""  # the "*" clean command: do-nothing by default (seed 002)
+    version_cmd: tuple[str, ...] = ()
+
+    @property
+    def available(self) -> bool:
+        return all(shutil.which(tool) for tool in self.toolchain)
+
+
+# A Makefile in the working dir wins over the build defaults (seed 002, Backend.AI runners).
+_MAKE_FIRST = 'if [ -f Makefile ]; then make; else {}; fi'
+
+LANGUAGES: tuple[Language, ...] = (
+    Language(
+        "python", "python3", ".py", ("python3",), ("python3", "py", "ipython"),
+        build="if [ -f setup.py ] || [ -f pyproject.toml ]; then pip install --user -e .; fi",
+        exec="python3 main.py",
+    ),
+    Language(
+        "javascript", "kb-javascript", ".js", ("node",), ("js", "node", "nodejs"),
+        exec="node main.js",
+    ),
+    Language(
+        "c", "kb-c", ".c", ("gcc",), ("gcc",),
+        build=_MAKE_FIRST.format("gcc -Wall -o ./main $(find . -name '*.c' -not -path './.*')"
+                                 " -pthread -lm -lrt -ldl"),
+        exec="./main",
+        clean="if [ -f Makefile ]; then make clean; fi",
+    ),
+    Language(
+        "cpp", "kb-cpp", ".cpp", ("g++",), ("c++", "cxx", "g++"),
+        build=_MAKE_FIRST.format("g++ -Wall -std=c++17 -o ./main $(find . -name '*.cpp' -o -name"
+                                 " '*.cc' -not -path './.*') -pthread -lm -lrt -ldl"),
+        exec="./main",
+        clean="if [ -f Makefile ]; then make clean; fi",
+    ),
+    Language(
+        "go", "kb-go", ".go", ("go",), ("golang",),
+        build=_MAKE_FIRST.format("GO111MODULE=off go build -o ./main $(ls *.go)"),
+        exec="./main",
+    ),
+    Language(
+        "rust", "kb-rust", ".rs", ("rustc",), ("rs",),
+        build=_MAKE_FIRST.format(
+            "if [ -f Cargo.toml ]; then cargo build --offline; else rustc -o ./main main.rs; fi"),
+        exec="if [ -f Cargo.toml ]; then cargo run --offline -q; else ./main; fi",
+    ),
+    Language(
+        "java", "kb-java", ".java", ("javac", "java"), (),
+        build=_MAKE_FIRST.format("javac -d . $(find . -name '*.java' -not -path './.*')"),
+        exec="if [ -f main/Main.class ]; then java main.Main; else java Main; fi",
+    ),
+    Language(
+        "ruby", "kb-ruby", ".rb", ("ruby",), ("rb",),
+        exec="ruby main.rb",
+    ),
+    Language(
+        "bash", "kb-bash", ".sh", ("bash",), ("sh", "shell"),
+        exec="bash main.sh",
+    ),
+)
+
+_BY_NAME: dict[str, Language] = {}
+for _lang in LANGUAGES:
+    for _key in (_lang.name, *_lang.aliases):
+        _BY_NAME[_key] = _lang
+
+BATCH_KERNELSPEC = "kb-bash"
+
+
+def names() -> list[str]:
+    return [lang.name for lang in LANGUAGES]
+
+
+def resolve(name_or_image: str) -> Language:
+    """Find a language by name, alias or Backend.AI image reference. Raises UnknownLanguage."""
+    key = name_or_image.strip().lower()
+    if key not in _BY_NAME:
+        # "lablup/python:3.9", "python:3.6-ubuntu18.04", "index.docker.io/lablup/c:9" → base name
+        key = re.split(r"[:@]", key.rsplit("/", 1)[-1], maxsplit=1)[0]
+        key = re.sub(r"[-_.]?\d+(\.\d+)*$", "", key)  # python3.9 → python
+    lang = _BY_NAME.get(key)
+    if lang is None:
+        raise UnknownLanguage(name_or_image, names())
+    return lang

@@ -1,0 +1,320 @@
+"""The run state machine: one execution in a session, from queued to a terminal state.
+
+A run's producer (its program: a query, or batch steps) sends requests to kernels through
+:class:`~bridge.channels.Channels` and turns the answers into console items and *marks*
+(``clean-finished``, ``build-finished``, ``waiting-input``, ``finished``, ``exec-timeout``). Its
+consumer (a dialect) pulls :class:`Result` slices with :meth:`Run.next_result`: everything up to
+the next mark, or what came within the flush interval (``continued``). One deadline covers the
+whole run.
+
+    QUEUED → RUNNING ⇄ WAITING_INPUT
+               │
+               ├→ FINISHED      (program ended; exit code known)
+               ├→ TIMED_OUT     (deadline passed)
+               ├→ FAILED        (kernel died or could not be reached)
+               └→ CANCELLED     (session closed before the run started)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import secrets
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .console import ConsoleItem, from_message, merge
+from .errors import InvalidTransition, KernelDied
+from .messages import OUTPUT_TYPES, Channel, Message
+
+if TYPE_CHECKING:
+    from .channels import Channels
+
+KILLED_EXIT_CODE = 130  # Backend.AI's code for a run whose kernel died
+LIVENESS_INTERVAL = 0.5
+
+
+class RunState(enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    WAITING_INPUT = "waiting-input"
+    FINISHED = "finished"
+    TIMED_OUT = "exec-timeout"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (RunState.FINISHED, RunState.TIMED_OUT, RunState.FAILED,
+                        RunState.CANCELLED)
+
+
+@dataclass(frozen=True)
+class Mark:
+    status: str
+    exit_code: int | None = None
+    options: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Result:
+    run_id: str
+    status: str
+    exit_code: int | None
+    options: dict[str, Any] | None
+    console: list[ConsoleItem]
+
+
+@dataclass
+class StepOutcome:
+    """How one execute_request ended."""
+
+    status: str = "ok"  # the reply's status: ok, error, aborted
+    kernel_exit_code: int | None = None  # a process kernel's exit_code reply field
+    ename: str = ""
+    evalue: str = ""
+
+    @property
+    def program_exit_code(self) -> int:
+        """The exit code a program would have: sys.exit(n) → n, an uncaught exception → 1."""
+        if self.kernel_exit_code is not None:
+            return self.kernel_exit_code
+        if self.ename == "SystemExit":
+            if self.evalue in ("", "None"):
+                return 0
+            try:
+                return int(self.evalue)
+            except ValueError:
+                return 1
+        return 1 if self.status != "ok" else 0
+
+
+@dataclass
+class Liveness:
+    """What a step needs to know about the kernel it talks to."""
+
+    channels: Channels
+    is_alive: Callable[[], Awaitable[bool]]
+
+
+Program = Callable[["Run"], Awaitable[None]]
+
+
+@dataclass(eq=False)
+class Run:
+    run_id: str
+    mode: str
+    code: str
+    program: Program
+    options: dict[str, Any] = field(default_factory=dict)
+    timeout: float | None = None  # seconds for the whole run; None: no limit
+    stdin: str | None = None  # preset input (one-shot dialects); None: ask the client
+    output_limit: int = 4 * 1024 * 1024
+
+    state: RunState = RunState.QUEUED
+    exit_code: int | None = None
+    outcome: StepOutcome | None = None
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+
+    def __post_init__(self) -> None:
+        self._records: deque[ConsoleItem | Mark] = deque()
+        self._changed = asyncio.Event()
+        self._done = asyncio.Event()
+        self._transcript: list[ConsoleItem] = []
+        self._bytes = 0
+        self._dropped = 0
+        self._deadline: float | None = None
+        self._waiting: Liveness | None = None
+        self._stdin_lines = deque(self.stdin.splitlines()) if self.stdin is not None else None
+
+    @staticmethod
+    def new_id() -> str:
+        return secrets.token_hex(16)
+
+    # -- consumer side -------------------------------------------------------------------------
+
+    async def next_result(self, flush: float) -> Result:
+        """Everything up to the next mark, or what arrived within ``flush`` seconds."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + flush
+        items: list[ConsoleItem] = []
+        while True:
+            while self._records:
+                rec = self._records.popleft()
+                if isinstance(rec, Mark):
+                    return Result(self.run_id, rec.status, rec.exit_code, rec.options,
+                                  merge(items))
+                items.append(rec)
+            remaining = until - loop.time()
+            if remaining <= 0:
+                return Result(self.run_id, "continued", None, None, merge(items))
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except TimeoutError:
+                pass
+
+    def feed_input(self, text: str) -> None:
+        """Answer the pending input request. Raises InvalidTransition."""
+        if self.state is not RunState.WAITING_INPUT or self._waiting is None:
+            raise InvalidTransition(f"run {self.run_id}", RunState.WAITING_INPUT.value,
+                                    self.state.value)
+        self.state = RunState.RUNNING
+        self._waiting.channels.reply_input(text)
+        self._waiting = None
+
+    async def wait(self) -> None:
+        await self._done.wait()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    @property
+    def exhausted(self) -> bool:
+        """Ended, and its last result has been read: nothing more to continue."""
+        return self.done and not self._records
+
+    @property
+    def transcript(self) -> list[ConsoleItem]:
+        """All console items of the run so far, merged (capped at ``output_limit``)."""
+        return merge(list(self._transcript))
+
+    def text(self, stream: str) -> str:
+        return "".join(v for k, v in self._transcript if k == stream)
+
+    # -- producer side -------------------------------------------------------------------------
+
+    async def execute(self) -> None:
+        """Run the program under the run's one deadline; always ends in a terminal state."""
+        if self.state is not RunState.QUEUED:
+            raise InvalidTransition(f"run {self.run_id}", RunState.QUEUED.value,
+                                    self.state.value)
+        self.state = RunState.RUNNING
+        self.started_at = time.time()
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.time() + self.timeout if self.timeout else None
+        try:
+            async with asyncio.timeout_at(self._deadline):
+                await self.program(self)
+            if not self.state.terminal:
+                self.finish(0)
+        except TimeoutError:
+            self._end(RunState.TIMED_OUT, Mark("exec-timeout"))
+        except KernelDied as exc:
+            self.emit(["stderr", f"{exc.message}\n"])
+            self.exit_code = KILLED_EXIT_CODE
+            self._end(RunState.FAILED, Mark("finished", KILLED_EXIT_CODE))
+        except asyncio.CancelledError:
+            self._end(RunState.CANCELLED, Mark("finished", KILLED_EXIT_CODE))
+            raise
+        finally:
+            self._waiting = None
+            self._done.set()
+
+    def cancel(self, reason: str) -> None:
+        """End a run that never started (its session closed)."""
+        if self.state is RunState.QUEUED:
+            self.emit(["stderr", f"{reason}\n"])
+            self._end(RunState.CANCELLED, Mark("finished", KILLED_EXIT_CODE))
+            self._done.set()
+
+    def mark(self, status: str, exit_code: int | None = None) -> None:
+        """An intermediate milestone (``clean-finished``, ``build-finished``)."""
+        self._push(Mark(status, exit_code))
+
+    def finish(self, exit_code: int) -> None:
+        self.exit_code = exit_code
+        self._end(RunState.FINISHED, Mark("finished", exit_code))
+
+    def _end(self, state: RunState, mark: Mark) -> None:
+        if self.state.terminal:
+            return
+        if self._dropped:
+            self._records.append(["stderr", f"\n[kernel-bridge: output limit of "
+                                  f"{self.output_limit} bytes reached; {self._dropped} bytes "
+                                  "dropped]\n"])
+        self.state = state
+        self.finished_at = time.time()
+        self._push(mark)
+
+    def _push(self, rec: ConsoleItem | Mark) -> None:
+        self._records.append(rec)
+        self._changed.set()
+
+    def emit(self, item: ConsoleItem) -> None:
+        value = item[1]
+        size = len(value) if isinstance(value, str) else len(str(value))
+        if self._bytes + size > self.output_limit:
+            # Keep reading the kernel (so it never blocks on us) but keep nothing more.
+            self._dropped += size
+            return
+        self._bytes += size
+        self._transcript.append(item)
+        self._push(item)
+
+    async def step(self, kernel: Liveness, code: str, *, allow_stdin: bool = True) -> StepOutcome:
+        """Execute ``code`` on one kernel until its reply and idle status have both arrived.
+
+        Raises KernelDied; TimeoutError propagates from the run's deadline.
+        """
+        outcome = StepOutcome()
+        finished = asyncio.Event()
+        got_reply = False
+        got_idle = False
+
+        def sink(channel: Channel, msg: Message) -> None:
+            nonlocal got_reply, got_idle
+            msg_type = msg["header"].get("msg_type", "")
+            content = msg["content"]
+            if channel == "iopub":
+                if msg_type == "status" and content.get("execution_state") == "idle":
+                    got_idle = True
+                elif msg_type in OUTPUT_TYPES:
+                    for item in from_message(msg_type, content):
+                        self.emit(item)
+            elif channel == "shell" and msg_type == "execute_reply":
+                got_reply = True
+                outcome.status = str(content.get("status", "ok"))
+                outcome.ename = str(content.get("ename", ""))
+                outcome.evalue = str(content.get("evalue", ""))
+                if isinstance(content.get("exit_code"), int):
+                    outcome.kernel_exit_code = content["exit_code"]
+            elif channel == "stdin" and msg_type == "input_request":
+                self._on_input_request(kernel, content)
+            if got_reply and got_idle:
+                finished.set()
+
+        content = {"code": code, "silent": False, "store_history": True,
+                   "user_expressions": {}, "allow_stdin": allow_stdin, "stop_on_error": False}
+        msg_id = kernel.channels.send("execute_request", content, sink)
+        try:
+            while not finished.is_set():
+                try:
+                    await asyncio.wait_for(finished.wait(), LIVENESS_INTERVAL)
+                except TimeoutError:
+                    if not await kernel.is_alive():
+                        raise KernelDied("The kernel died while running this code "
+                                         "(killed, out of memory, or exited).") from None
+        finally:
+            kernel.channels.release(msg_id)
+        self.outcome = outcome
+        return outcome
+
+    def _on_input_request(self, kernel: Liveness, content: dict[str, Any]) -> None:
+        prompt = str(content.get("prompt", ""))
+        if self._stdin_lines is not None:
+            # One-shot dialects give all input up front; past its end, programs read "".
+            line = self._stdin_lines.popleft() if self._stdin_lines else ""
+            kernel.channels.reply_input(line)
+            return
+        if prompt:
+            self.emit(["stdout", prompt])
+        self.state = RunState.WAITING_INPUT
+        self._waiting = kernel
+        self._push(Mark("waiting-input", None, {"is_password": bool(content.get("password"))}))

@@ -1,0 +1,440 @@
+"""Sessions: a sandboxed working dir plus the kernels that run in it, and their registry.
+
+Every dialect names sessions (a Backend.AI kernel, a Sandbox session_id, a job session, a Jupyter
+kernel id); all of them are this model. Runs of a session execute one at a time, FIFO, on the
+session's worker task. Idle and CPU-credit limits are enforced by the registry's reaper, never by
+request handlers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .channels import Channels
+from .errors import (
+    InvalidRequest,
+    InvalidTransition,
+    KernelDied,
+    LimitExceeded,
+    QuotaExceeded,
+    RunNotFound,
+    SessionNotFound,
+)
+from .kernels import Kernel, Usage
+from .keypairs import Keypairs
+from .languages import Language
+from .runs import Liveness, Program, Run, RunState
+from .sandbox import Confinement, Mount
+from .settings import Settings
+from .store import Store, dumps
+
+log = logging.getLogger(__name__)
+
+# Starts a kernel for a session (spec, confinement) → Kernel. The warm pool plugs in here.
+KernelFactory = Callable[[str, Confinement], Any]
+
+
+class SessionState(enum.Enum):
+    RUNNING = "RUNNING"
+    RESTARTING = "RESTARTING"
+    ERROR = "ERROR"  # the kernel died; a restart brings it back
+    TERMINATED = "TERMINATED"
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-session limits. Zero means no limit."""
+
+    query_timeout_ms: int = 0
+    max_cpu_credit_ms: int = 0
+    mem_kib: int = 0
+    idle_timeout_s: float = 600.0
+
+    def check(self, settings: Settings) -> None:
+        """Raises LimitExceeded when a limit is above the server's hard limits."""
+        if settings.hard_max_mem_kib and self.mem_kib > settings.hard_max_mem_kib:
+            raise LimitExceeded("maxMem", self.mem_kib, settings.hard_max_mem_kib)
+        hard_t = settings.hard_max_exec_timeout_ms
+        if hard_t and self.query_timeout_ms > hard_t:
+            raise LimitExceeded("execTimeout", self.query_timeout_ms, hard_t)
+
+
+@dataclass(eq=False)
+class Session:
+    id: str
+    name: str
+    access_key: str
+    language: Language
+    origin: str
+    limits: Limits
+    workdir: Path
+    mounts: tuple[Mount, ...] = ()
+    environ: dict[str, str] = field(default_factory=dict)
+    network: bool = False
+    on_timeout: str = "destroy"  # "destroy" (Backend.AI) or "restart" (one-shot dialects)
+    created_at: str = field(default_factory=now_iso)
+    state: SessionState = SessionState.RUNNING
+    state_reason: str = ""
+
+    def __post_init__(self) -> None:
+        self.started = time.monotonic()
+        self.last_activity = time.monotonic()
+        self.kernel: Kernel | None = None
+        self.channels: Channels | None = None
+        self.extra_kernels: dict[str, tuple[Kernel, Channels]] = {}  # e.g. the batch bash kernel
+        self.runs: dict[str, Run] = {}
+        self.num_queries = 0
+        self._queue: asyncio.Queue[Run] = asyncio.Queue()
+        self._worker: asyncio.Task[None] | None = None
+        self.current: Run | None = None
+        self.lock = asyncio.Lock()  # serialises restart/destroy against each other
+
+    @property
+    def alive(self) -> bool:
+        return self.state is not SessionState.TERMINATED
+
+    @property
+    def busy(self) -> bool:
+        return self.current is not None or not self._queue.empty()
+
+    def confinement(self) -> Confinement:
+        return Confinement(workdir=self.workdir, ipc_dir=self.workdir, mounts=self.mounts,
+                           mem_bytes=self.limits.mem_kib * 1024, network=self.network,
+                           environ=dict(self.environ))
+
+    def liveness(self) -> Liveness:
+        """The session's language kernel as a step target. Raises KernelDied."""
+        if self.kernel is None or self.channels is None or self.state is SessionState.ERROR:
+            raise KernelDied("The session's kernel is not running; restart the session.")
+        return Liveness(self.channels, self.kernel.is_alive)
+
+    def usage(self) -> Usage:
+        kernels = [k for k, _ in self.extra_kernels.values()]
+        if self.kernel is not None:
+            kernels.append(self.kernel)
+        usages = [k.usage() for k in kernels]
+        return Usage(cpu_ms=sum(u.cpu_ms for u in usages),
+                     mem_bytes=sum(u.mem_bytes for u in usages),
+                     mem_max_bytes=sum(u.mem_max_bytes for u in usages),
+                     io_read_bytes=sum(u.io_read_bytes for u in usages),
+                     io_write_bytes=sum(u.io_write_bytes for u in usages))
+
+
+async def query_program(run: Run, session: Session) -> None:
+    outcome = await run.step(session.liveness(), run.code)
+    # Backend.AI: a query on a kernel with global state exits 0 whatever the code raised;
+    # process kernels report their program's exit code.
+    run.finish(outcome.kernel_exit_code or 0)
+
+
+class Sessions:
+    """The registry: every live session, by owner. Raises the core's errors, never HTTP ones."""
+
+    def __init__(self, settings: Settings, store: Store, keypairs: Keypairs,
+                 start_kernel: KernelFactory) -> None:
+        self.settings = settings
+        self.store = store
+        self.keypairs = keypairs
+        self._start_kernel = start_kernel
+        self._by_id: dict[str, Session] = {}
+        self._reaper: asyncio.Task[None] | None = None
+        self.on_terminated: list[Callable[[Session], Any]] = []
+
+    # -- lifecycle of the registry ----------------------------------------------------------
+
+    async def start(self) -> None:
+        # Kernels do not survive a server restart: their sessions ended with the old process.
+        await self.store.execute(
+            "UPDATE sessions SET state='TERMINATED', state_reason='server-restarted',"
+            " terminated_at=? WHERE state != 'TERMINATED'", (now_iso(),))
+        self._reaper = asyncio.create_task(self._reap_forever())
+
+    async def stop(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        await asyncio.gather(*(self.destroy(s, "server-shutdown") for s in self.all()),
+                             return_exceptions=True)
+
+    # -- queries ------------------------------------------------------------------------------
+
+    def all(self, access_key: str | None = None) -> list[Session]:
+        return [s for s in self._by_id.values()
+                if s.alive and (access_key is None or s.access_key == access_key)]
+
+    def find(self, access_key: str, ident: str) -> Session | None:
+        s = self._by_id.get(ident)
+        if s is not None and s.alive and s.access_key == access_key:
+            return s
+        for s in self.all(access_key):
+            if s.name == ident:
+                return s
+        return None
+
+    def get(self, access_key: str, ident: str) -> Session:
+        """A live session of this keypair by name or id. Raises SessionNotFound."""
+        s = self.find(access_key, ident)
+        if s is None:
+            raise SessionNotFound(ident)
+        return s
+
+    # -- create / destroy / restart -----------------------------------------------------------
+
+    async def create(self, access_key: str, language: Language, *, name: str | None = None,
+                     origin: str = "backendai", limits: Limits | None = None,
+                     mounts: tuple[Mount, ...] = (), environ: dict[str, str] | None = None,
+                     network: bool = False, on_timeout: str = "destroy",
+                     counts_for_quota: bool = True) -> Session:
+        """Start a session with a running kernel. Raises QuotaExceeded, LimitExceeded,
+        KernelStartFailed."""
+        limits = limits or self.default_limits()
+        limits.check(self.settings)
+        kp = self.keypairs.get(access_key)
+        if not kp.is_active:
+            raise InvalidRequest("This keypair is inactive and may not create sessions.")
+        if network and not self.settings.allow_network:
+            raise InvalidRequest("Network access for sessions is disabled on this server.")
+        if counts_for_quota and len(self.all(access_key)) >= kp.concurrency:
+            raise QuotaExceeded(kp.concurrency)
+        sid = str(uuid.uuid4())
+        workdir = self.settings.sessions_dir / sid
+        workdir.mkdir(parents=True, mode=0o700)
+        session = Session(id=sid, name=name or sid, access_key=access_key, language=language,
+                          origin=origin, limits=limits, workdir=workdir, mounts=mounts,
+                          environ=dict(environ or {}), network=network, on_timeout=on_timeout)
+        self._by_id[sid] = session  # reserve the quota slot while the kernel starts
+        try:
+            await self._attach_kernel(session)
+        except BaseException:
+            del self._by_id[sid]
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        config = {"limits": limits.__dict__, "mounts": [m.target for m in mounts],
+                  "environ": session.environ}
+        await self.store.execute(
+            "INSERT INTO sessions (id, name, access_key, language, origin, state, config,"
+            " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (sid, session.name, access_key, language.name, origin, session.state.value,
+             dumps(config), session.created_at))
+        session._worker = asyncio.create_task(self._work(session))
+        return session
+
+    def default_limits(self) -> Limits:
+        t = self.settings.default_query_timeout_ms
+        return Limits(query_timeout_ms=t, max_cpu_credit_ms=t,
+                      mem_kib=self.settings.default_mem_kib,
+                      idle_timeout_s=self.settings.idle_timeout_s)
+
+    async def _attach_kernel(self, session: Session) -> None:
+        kernel: Kernel = await self._start_kernel(session.language.kernelspec,
+                                                  session.confinement())
+        session.kernel = kernel
+        session.channels = Channels(kernel.client)
+        session.channels.start()
+
+    async def destroy(self, session: Session, reason: str = "user-requested") -> Usage:
+        """Stop the session's kernels and remove its working dir; returns its last usage."""
+        async with session.lock:
+            if not session.alive:
+                raise SessionNotFound(session.name)
+            usage = session.usage()
+            session.state = SessionState.TERMINATED
+            session.state_reason = reason
+            if session._worker is not None:
+                session._worker.cancel()
+            while not session._queue.empty():
+                session._queue.get_nowait().cancel(f"Session ended: {reason}.")
+            kernels = [(session.kernel, session.channels), *session.extra_kernels.values()]
+            session.kernel, session.channels, session.extra_kernels = None, None, {}
+            await asyncio.gather(*(self._stop_kernel(k, c) for k, c in kernels),
+                                 return_exceptions=True)
+            shutil.rmtree(session.workdir, ignore_errors=True)
+            stats = {"cpu_used": usage.cpu_ms, "mem_max_bytes": usage.mem_max_bytes,
+                     "mem_cur_bytes": usage.mem_bytes}
+            await self.store.execute(
+                "UPDATE sessions SET state='TERMINATED', state_reason=?, terminated_at=?,"
+                " stats=? WHERE id=?", (reason, now_iso(), dumps(stats), session.id))
+            del self._by_id[session.id]
+        for callback in self.on_terminated:
+            with contextlib.suppress(Exception):
+                callback(session)
+        return usage
+
+    @staticmethod
+    async def _stop_kernel(kernel: Kernel | None, channels: Channels | None) -> None:
+        if channels is not None:
+            await channels.stop()
+        if kernel is not None:
+            await kernel.shutdown()
+
+    async def restart(self, session: Session) -> None:
+        """Restart the language kernel: globals gone, age and CPU credit go on, idle resets."""
+        async with session.lock:
+            if not session.alive:
+                raise SessionNotFound(session.name)
+            if session.current is not None and not session.current.done:
+                # The running run loses its kernel; end it rather than leave it hanging.
+                if session.kernel is not None:
+                    with contextlib.suppress(Exception):
+                        await session.kernel.interrupt()
+            session.state = SessionState.RESTARTING
+            try:
+                if session.kernel is None or session.channels is None:
+                    await self._attach_kernel(session)
+                else:
+                    await session.kernel.restart(self.settings.kernel_start_timeout)
+                    session.channels.rebind(session.kernel.client)
+                    await session.channels.stop()
+                    session.channels.start()
+            finally:
+                session.state = SessionState.RUNNING if session.alive else session.state
+            session.last_activity = time.monotonic()
+
+    async def interrupt(self, session: Session) -> None:
+        """Interrupt whatever the session's kernels are running (fire and forget)."""
+        kernels = [k for k, _ in session.extra_kernels.values()]
+        if session.kernel is not None:
+            kernels.append(session.kernel)
+        await asyncio.gather(*(k.interrupt() for k in kernels), return_exceptions=True)
+
+    async def complete(self, session: Session, code: str, cursor_pos: int,
+                       timeout: float = 5.0) -> list[str]:
+        """The kernel's completions at ``cursor_pos``; [] if it has none in ``timeout``."""
+        target = session.liveness()
+        reply: dict[str, Any] = {}
+        answered = asyncio.Event()
+
+        def sink(channel: str, msg: Any) -> None:
+            if channel == "shell" and msg["header"].get("msg_type") == "complete_reply":
+                reply.update(msg["content"])
+                answered.set()
+
+        msg_id = target.channels.send("complete_request",
+                                      {"code": code, "cursor_pos": cursor_pos}, sink)
+        try:
+            await asyncio.wait_for(answered.wait(), timeout)
+        except TimeoutError:
+            return []
+        finally:
+            target.channels.release(msg_id)
+        return [str(m) for m in reply.get("matches", [])]
+
+    # -- runs ---------------------------------------------------------------------------------
+
+    async def submit(self, session: Session, run: Run) -> Run:
+        """Queue a run (FIFO per session), recording it before anyone is told about it."""
+        if not session.alive:
+            raise SessionNotFound(session.name)
+        if run.run_id in session.runs:
+            raise InvalidTransition(f"run {run.run_id}", "new", "already submitted")
+        await self.store.execute(
+            "INSERT INTO runs (id, session_id, run_id, mode, code, options, status, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (str(uuid.uuid4()), session.id, run.run_id, run.mode, run.code, dumps(run.options),
+             run.state.value, now_iso()))
+        session.runs[run.run_id] = run
+        session.num_queries += 1
+        session.last_activity = time.monotonic()
+        await self.keypairs.count_query(session.access_key)
+        session._queue.put_nowait(run)
+        return run
+
+    def query(self, session: Session, code: str, run_id: str | None = None, *,
+              timeout: float | None = None, stdin: str | None = None) -> Run:
+        """A query run for this session (not yet submitted)."""
+        async def program(run: Run) -> None:
+            await query_program(run, session)
+
+        return self.new_run(session, "query", code, program, run_id=run_id, timeout=timeout,
+                            stdin=stdin)
+
+    def new_run(self, session: Session, mode: str, code: str, program: Program, *,
+                run_id: str | None = None, options: dict[str, Any] | None = None,
+                timeout: float | None = None, stdin: str | None = None) -> Run:
+        if timeout is None and session.limits.query_timeout_ms:
+            timeout = session.limits.query_timeout_ms / 1000
+        return Run(run_id=run_id or Run.new_id(), mode=mode, code=code, program=program,
+                   options=options or {}, timeout=timeout, stdin=stdin,
+                   output_limit=self.settings.output_limit)
+
+    def get_run(self, session: Session, run_id: str) -> Run:
+        run = session.runs.get(run_id)
+        if run is None:
+            raise RunNotFound(run_id)
+        return run
+
+    async def _work(self, session: Session) -> None:
+        while True:
+            run = await session._queue.get()
+            session.current = run
+            try:
+                await run.execute()
+            finally:
+                session.current = None
+                session.last_activity = time.monotonic()
+            await self.store.execute(
+                "UPDATE runs SET status=?, exit_code=?, finished_at=? WHERE session_id=? AND"
+                " run_id=?", (run.state.value, run.exit_code, now_iso(), session.id, run.run_id))
+            # Keep only runs a client may still be reading; drop the old finished ones.
+            if len(session.runs) > 64:
+                for rid in [r for r, x in session.runs.items() if x.done][:-32]:
+                    del session.runs[rid]
+            if run.state is RunState.TIMED_OUT:
+                if session.on_timeout == "destroy":
+                    asyncio.create_task(self._destroy_quietly(session, "exec-timeout"))
+                    return
+                asyncio.create_task(self._restart_quietly(session))
+            elif run.state is RunState.FAILED and session.kernel is not None:
+                if not await session.kernel.is_alive():
+                    session.state = SessionState.ERROR
+                    session.state_reason = "kernel-died"
+                    await self.store.execute(
+                        "UPDATE sessions SET state=?, state_reason=? WHERE id=?",
+                        (session.state.value, session.state_reason, session.id))
+
+    async def _destroy_quietly(self, session: Session, reason: str) -> None:
+        with contextlib.suppress(SessionNotFound):
+            await self.destroy(session, reason)
+
+    async def _restart_quietly(self, session: Session) -> None:
+        try:
+            await self.restart(session)
+        except Exception:  # noqa: BLE001 - a session that cannot come back is ended
+            log.exception("restart of session %s failed", session.id)
+            await self._destroy_quietly(session, "restart-failed")
+
+    # -- the reaper ---------------------------------------------------------------------------
+
+    async def _reap_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.reaper_interval_s)
+            try:
+                await self.reap()
+            except Exception:  # noqa: BLE001 - the reaper must outlive any one bad session
+                log.exception("reaper pass failed")
+
+    async def reap(self) -> None:
+        now = time.monotonic()
+        for s in list(self._by_id.values()):
+            if not s.alive or s.lock.locked():
+                continue
+            if not s.busy and now - s.last_activity > s.limits.idle_timeout_s:
+                await self._destroy_quietly(s, "idle-timeout")
+            elif s.limits.max_cpu_credit_ms and s.usage().cpu_ms > s.limits.max_cpu_credit_ms:
+                await self._destroy_quietly(s, "cpu-credit-exhausted")

@@ -1,0 +1,66 @@
+"""One typed settings object, read once from ``KB_*`` environment variables and passed down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_data_dir() -> Path:
+    return Path.home() / ".local" / "share" / "kernel-bridge"
+
+
+class Settings(BaseSettings):
+    """Embedded defaults serve one machine; every field can be set as ``KB_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="KB_", extra="ignore", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(8002, ge=0, le=65535)
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    server_name: str = "kernel-bridge"
+
+    # Sandbox: "auto" uses bubblewrap when present and refuses to start without it;
+    # "off" runs kernels unconfined (an explicit operator choice, warned about at start).
+    sandbox: Literal["auto", "on", "off"] = "auto"
+    allow_network: bool = False  # a session gets network only if this is set and it asks
+
+    # Runs
+    flush_interval: float = Field(2.0, gt=0)  # seconds before an execute call answers `continued`
+    output_limit: int = Field(4 * 1024 * 1024, ge=1024)  # bytes of console kept per run
+    kernel_start_timeout: float = Field(60.0, gt=0)
+
+    # Session limits (Backend.AI seed 001/002). Zero means "no limit".
+    default_query_timeout_ms: int = Field(0, ge=0)
+    default_mem_kib: int = Field(1024 * 1024, ge=0)
+    idle_timeout_s: float = Field(600.0, gt=0)
+    hard_max_mem_kib: int = Field(8 * 1024 * 1024, ge=0)
+    hard_max_exec_timeout_ms: int = Field(3_600_000, ge=0)
+    max_pids: int = Field(256, ge=8)
+    default_concurrency: int = Field(5, ge=1)
+    reaper_interval_s: float = Field(1.0, gt=0)
+
+    # Sandbox dialect
+    rate_limit: int = Field(100, ge=1)  # executions per keypair per minute
+    pool_python: int = Field(2, ge=0)
+    pool_sizes: dict[str, int] = Field(default_factory=dict)  # extra languages, e.g. {"javascript": 1}
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "kernel-bridge.sqlite3"
+
+    @property
+    def sessions_dir(self) -> Path:
+        return self.data_dir / "sessions"
+
+    @property
+    def folders_dir(self) -> Path:
+        return self.data_dir / "vfolders"
+
+    def pool_size(self, language: str) -> int:
+        if language in self.pool_sizes:
+            return self.pool_sizes[language]
+        return self.pool_python if language == "python" else 0
