@@ -1,0 +1,139 @@
+"""Fixtures for driving kernel-bridge's kernels as real Jupyter kernels.
+
+Every kernelspec under ``kernelspecs/specs`` is installed into a temporary
+``JUPYTER_PATH`` with argv[0] replaced by this interpreter, the way the server
+and ``kernel-bridge kernelspecs install`` do it; jupyter_client then finds
+them by name (``start_new_kernel("kb-bash")``), jupyter_kernel_test included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jupyter_client.blocking.client import BlockingKernelClient
+from jupyter_client.manager import KernelManager, start_new_kernel
+
+from kernelspecs import spec_dirs
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def installed_kernelspecs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    root = tmp_path_factory.mktemp("jupyter")
+    for name, src in spec_dirs().items():
+        spec = json.loads((src / "kernel.json").read_text())
+        spec["argv"][0] = sys.executable
+        (root / "kernels" / name).mkdir(parents=True)
+        (root / "kernels" / name / "kernel.json").write_text(json.dumps(spec))
+    saved = {key: os.environ.get(key) for key in ("JUPYTER_PATH", "PYTHONPATH")}
+    os.environ["JUPYTER_PATH"] = str(root)
+    # Kernels run `python -m kernelspecs.…` from a checkout, not an install.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), saved["PYTHONPATH"]]))
+    yield root
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@dataclass
+class CellRun:
+    """What one execute_request produced, in arrival order."""
+
+    reply: dict[str, Any]
+    streams: list[tuple[str, str]] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    input_requests: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def text(self, name: str) -> str:
+        return "".join(text for stream, text in self.streams if stream == name)
+
+    @property
+    def exit_code(self) -> int:
+        code = self.reply["exit_code"]
+        assert isinstance(code, int)
+        return code
+
+
+class KernelDriver:
+    """A started kernel plus a blocking client, with a cell runner."""
+
+    def __init__(self, km: KernelManager, kc: BlockingKernelClient) -> None:
+        self.km = km
+        self.kc = kc
+
+    def run(
+        self,
+        code: str,
+        *,
+        answers: list[str] | None = None,
+        interrupt_after: float | None = None,
+        timeout: float = 60.0,
+    ) -> CellRun:
+        """Execute ``code``; answer input_requests from ``answers`` (None: no stdin)."""
+        started = time.monotonic()
+        deadline = started + timeout
+        msg_id = self.kc.execute(code, allow_stdin=answers is not None, stop_on_error=False)
+        if interrupt_after is not None:
+            timer = threading.Timer(interrupt_after, self.km.interrupt_kernel)
+            timer.start()
+        pending = list(answers or [])
+        streams: list[tuple[str, str]] = []
+        errors: list[dict[str, Any]] = []
+        requests: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            if answers is not None:
+                try:
+                    request = self.kc.get_stdin_msg(timeout=0.005)
+                except queue.Empty:
+                    pass
+                else:
+                    requests.append(request["content"])
+                    self.kc.input(pending.pop(0) if pending else "\x04")
+            try:
+                msg = self.kc.get_iopub_msg(timeout=0.005)
+            except queue.Empty:
+                continue
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            kind, content = msg["msg_type"], msg["content"]
+            if kind == "stream":
+                streams.append((content["name"], content["text"]))
+            elif kind == "error":
+                errors.append(content)
+            elif kind == "status" and content["execution_state"] == "idle":
+                break
+        else:
+            raise TimeoutError(f"cell did not finish within {timeout}s: {code!r}")
+        reply = self.kc.get_shell_msg(timeout=max(deadline - time.monotonic(), 1.0))
+        assert reply["parent_header"]["msg_id"] == msg_id
+        return CellRun(reply["content"], streams, errors, requests, time.monotonic() - started)
+
+
+@pytest.fixture
+def start_kernel(tmp_path: Path) -> Iterator[Callable[[str], KernelDriver]]:
+    """Start kernels by spec name in ``tmp_path``; all are shut down afterwards."""
+    drivers: list[KernelDriver] = []
+
+    def start(name: str) -> KernelDriver:
+        km, kc = start_new_kernel(kernel_name=name, cwd=str(tmp_path))
+        drivers.append(KernelDriver(km, kc))
+        return drivers[-1]
+
+    yield start
+    for driver in drivers:
+        driver.kc.stop_channels()
+        driver.km.shutdown_kernel(now=True)
