@@ -1,0 +1,444 @@
+"""Base for kernels backed by one long-lived, stateful language interpreter (a "host").
+
+The host is a script in the target language (``js_host.js``, ``rb_host.rb``). It gets
+two extra pipes whose numbers it reads from ``KB_CMD_FD`` / ``KB_EVENT_FD``: JSON-line
+commands in, JSON-line events out. Its real stdout/stderr carry only user output, which
+is attributed to the running cell. Commands and events:
+
+    kernel -> host  {"op": "execute", "id", "code"}   {"op": "complete", "id", "code", "cursor_pos"}
+    host -> kernel  {"ev": "ready"}  {"ev": "result", "id", "text"}
+                    {"ev": "error", "id", "ename", "evalue", "traceback"}
+                    {"ev": "done", "id", "exit_code"}  {"ev": "complete_reply", "id", "matches", "start", "end"}
+
+Every execute_reply carries ``exit_code``: 0 ok, 1 uncaught error, 130 interrupted, n
+for an explicit exit(n). A host that dies (exit(n) in JavaScript) is restarted for the
+next cell and the loss of state is announced on stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from typing import Any, ClassVar, Literal, NamedTuple
+
+from ipykernel.kernelbase import Kernel
+
+INTERRUPTED = 130
+# How long a host may take to honour SIGINT before we kill and restart it.
+INTERRUPT_GRACE_S = 3.0
+PROTOCOL_VERSION = "5.3"
+# Shutdown: time for the host to leave on its own (command pipe closed), then after SIGTERM.
+STOP_GRACE_S = 1.0
+
+Event = dict[str, Any]
+
+
+class Item(NamedTuple):
+    """One thing the host produced, in the order the kernel must publish it."""
+
+    kind: Literal["stream", "event", "exited", "wake"]
+    name: str = ""  # stream name
+    text: str = ""
+    event: Event | None = None
+    code: int = 0  # exit status of the host, shell style (128 + signal)
+
+
+class HostProcess:
+    """The interpreter process and its three pipes, read by the shell's event loop."""
+
+    def __init__(self, argv: list[str]) -> None:
+        cmd_r, self._cmd_w = os.pipe()
+        self._event_r, event_w = os.pipe()
+        env = {**os.environ, "KB_CMD_FD": str(cmd_r), "KB_EVENT_FD": str(event_w)}
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,  # reading stdin gets EOF instead of hanging the cell
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            pass_fds=(cmd_r, event_w),
+            env=env,
+            # Own process group: an interrupt reaches the host and its children only.
+            start_new_session=True,
+        )
+        os.close(cmd_r)
+        os.close(event_w)
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self._fds = {
+            self.proc.stdout.fileno(): "stdout",
+            self.proc.stderr.fileno(): "stderr",
+        }
+        # Multi-byte characters may be split across reads.
+        self._decoders = {
+            name: codecs.getincrementaldecoder("utf-8")("replace") for name in ("stdout", "stderr")
+        }
+        self._event_buf = b""
+        self.queue: asyncio.Queue[Item] = asyncio.Queue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pidfd: int | None = None
+        self.returncode: int | None = None
+        self._exited = asyncio.Event()
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start reading the pipes on ``loop`` (idempotent)."""
+        if self._loop is not None:
+            return
+        self._loop = loop
+        for fd in (*self._fds, self._event_r):
+            os.set_blocking(fd, False)
+            loop.add_reader(fd, self._on_readable, fd)
+        try:
+            # A pidfd reports the host's death even if a child it spawned keeps
+            # our pipes open.
+            self._pidfd = os.pidfd_open(self.proc.pid)
+            loop.add_reader(self._pidfd, self._check_exit)
+        except (AttributeError, OSError):
+            self._pidfd = None
+
+    def send(self, command: Event) -> None:
+        data = (json.dumps(command) + "\n").encode()
+        try:
+            while data:
+                data = data[os.write(self._cmd_w, data) :]
+        except BrokenPipeError:
+            pass  # the host died; its exit is reported through the queue
+
+    def interrupt(self) -> None:
+        """SIGINT the host's group; safe to call from another thread."""
+        self._signal(signal.SIGINT)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.queue.put_nowait, Item("wake"))
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    async def wait_exited(self) -> None:
+        await self._exited.wait()
+
+    def _close_fds(self) -> None:
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+        for fd in (self._event_r, self._cmd_w, self._pidfd):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass  # already closed by stop()
+        self._pidfd = None
+
+    async def stop(self) -> None:
+        """Close the command pipe, then SIGTERM, then SIGKILL, each with a bounded wait."""
+        try:
+            os.close(self._cmd_w)
+        except OSError:
+            pass
+        for sig in (None, signal.SIGTERM, signal.SIGKILL):
+            if sig is not None:
+                self._signal(sig)
+            deadline = time.monotonic() + STOP_GRACE_S
+            # Polling, not the exit event: shutdown runs on the control thread's loop.
+            while self.proc.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            if self.proc.poll() is not None:
+                return
+
+    def _on_readable(self, fd: int) -> None:
+        if fd == self._event_r:
+            # Everything the cell printed was written before this event: publish it first.
+            self._read_streams()
+            self._read_events()
+        else:
+            self._read_stream(fd)
+
+    def _read_streams(self) -> None:
+        for fd in self._fds:
+            self._read_stream(fd)
+
+    def _read_stream(self, fd: int) -> None:
+        name = self._fds[fd]
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self._stop_reading(fd)
+                return
+            text = self._decoders[name].decode(chunk)
+            if text:
+                self.queue.put_nowait(Item("stream", name=name, text=text))
+
+    def _read_events(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self._event_r, 65536)
+            except BlockingIOError:
+                return
+            if not chunk:
+                self._stop_reading(self._event_r)
+                self._check_exit()
+                return
+            self._event_buf += chunk
+            *lines, self._event_buf = self._event_buf.split(b"\n")
+            for line in lines:
+                self.queue.put_nowait(Item("event", event=json.loads(line)))
+
+    def _stop_reading(self, fd: int) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(fd)
+
+    def _check_exit(self) -> None:
+        if self.returncode is not None:
+            return
+        status = self.proc.poll()
+        if status is None:
+            if self._pidfd is None and self._loop is not None:
+                self._loop.call_later(0.05, self._check_exit)
+            return
+        # Set first: the reads below may hit EOF, which calls back into this method.
+        self.returncode = status if status >= 0 else 128 - status
+        self._read_streams()
+        self._read_events()
+        for fd in (*self._fds, self._event_r, self._pidfd):
+            if fd is not None:
+                self._stop_reading(fd)
+        self._close_fds()
+        self.queue.put_nowait(Item("exited", code=self.returncode))
+        self._exited.set()
+
+
+class ReplKernel(Kernel):
+    """Runs each cell in a persistent host process; subclasses name the runtime."""
+
+    runtime: ClassVar[str]  # executable looked up on PATH, e.g. "node"
+    host_script: ClassVar[str]  # file next to this module
+    host_args: ClassVar[tuple[str, ...]] = ()
+    protocol_version = PROTOCOL_VERSION
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._cell_seq = 0
+        self._running: int | None = None  # read by the control thread on interrupt
+        self._interrupted_cell: int | None = None
+        # Spawn now so the first cell does not pay the interpreter's start-up.
+        self._host: HostProcess = self._spawn()
+
+    @classmethod
+    def host_argv(cls) -> list[str]:
+        exe = shutil.which(cls.runtime)
+        if exe is None:
+            raise RuntimeError(f"{cls.runtime!r} not found on PATH")
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), cls.host_script)
+        return [exe, *cls.host_args, script]
+
+    def _spawn(self) -> HostProcess:
+        return HostProcess(self.host_argv())
+
+    # -- execution ----------------------------------------------------------------
+
+    async def do_execute(  # type: ignore[override]
+        self,
+        code: str,
+        silent: bool,
+        store_history: bool = True,
+        user_expressions: dict[str, Any] | None = None,
+        allow_stdin: bool = False,
+        *,
+        cell_meta: dict[str, Any] | None = None,
+        cell_id: str | None = None,
+    ) -> dict[str, Any]:
+        host = await self._live_host(silent)
+        self._cell_seq += 1
+        cell = self._cell_seq
+        self._running = cell
+        try:
+            host.send({"op": "execute", "id": cell, "code": code})
+            error, exit_code = await self._collect(host, cell, silent)
+        finally:
+            self._running = None
+        reply: dict[str, Any] = {
+            "status": "ok" if error is None else "error",
+            "execution_count": self.execution_count,
+            "exit_code": exit_code,
+        }
+        if error is None:
+            reply.update(payload=[], user_expressions={})
+        else:
+            reply.update(error)
+        return reply
+
+    async def _live_host(self, silent: bool) -> HostProcess:
+        host = self._host
+        host.attach(asyncio.get_running_loop())
+        if host.returncode is None:
+            return host
+        # The host died between cells (a timer called exit, or it was killed):
+        # show what it left behind, then start afresh.
+        self._drain_streams(host, silent)
+        self._stream("stderr", self._restart_note(host.returncode), silent)
+        return self._restart()
+
+    def _restart(self) -> HostProcess:
+        self._host = self._spawn()
+        self._host.attach(asyncio.get_running_loop())
+        return self._host
+
+    def _restart_note(self, returncode: int) -> str:
+        return (
+            f"[kernel-bridge] {self.runtime} exited with code {returncode}; "
+            "restarted it, variables from earlier cells are lost\n"
+        )
+
+    async def _collect(
+        self, host: HostProcess, cell: int, silent: bool
+    ) -> tuple[dict[str, Any] | None, int]:
+        """Publish the cell's output until it is done; return (error content, exit code)."""
+        error: dict[str, Any] | None = None
+        deadline: float | None = None
+        while True:
+            if self._interrupted_cell == cell and deadline is None:
+                deadline = time.monotonic() + INTERRUPT_GRACE_S
+            try:
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                item = await asyncio.wait_for(host.queue.get(), timeout)
+            except TimeoutError:
+                # The host ignored SIGINT (e.g. blocked in native code): kill it.
+                host.kill()
+                await host.wait_exited()
+                self._drain_streams(host, silent)
+                self._stream("stderr", self._restart_note(INTERRUPTED), silent)
+                self._restart()
+                return self._error("KeyboardInterrupt", "interrupted", [], silent), INTERRUPTED
+            if item.kind == "stream":
+                self._stream(item.name, item.text, silent)
+            elif item.kind == "exited":
+                self._stream("stderr", self._restart_note(item.code), silent)
+                self._restart()
+                if item.code == 0:
+                    return error, 1 if error else 0
+                if error is None:
+                    error = self._error("ExitCode", str(item.code), [], silent)
+                return error, item.code
+            elif item.kind == "event" and item.event is not None:
+                event = item.event
+                if event.get("id") != cell:
+                    continue  # a late event of an earlier, interrupted cell
+                if event["ev"] == "result" and not silent:
+                    self._publish(
+                        "execute_result",
+                        {
+                            "execution_count": self.execution_count,
+                            "data": {"text/plain": event["text"]},
+                            "metadata": {},
+                        },
+                    )
+                elif event["ev"] == "error" and error is None:
+                    error = self._error(event["ename"], event["evalue"], event["traceback"], silent)
+                elif event["ev"] == "done":
+                    exit_code = int(event["exit_code"])
+                    if exit_code != 0 and error is None:
+                        # An explicit exit(n) that the host survived (Ruby's SystemExit).
+                        error = self._error("ExitCode", str(exit_code), [], silent)
+                    return error, exit_code
+            # "wake": an interrupt arrived; the loop head arms the deadline.
+
+    def _drain_streams(self, host: HostProcess, silent: bool) -> None:
+        while not host.queue.empty():
+            item = host.queue.get_nowait()
+            if item.kind == "stream":
+                self._stream(item.name, item.text, silent)
+
+    def _error(
+        self, ename: str, evalue: str, traceback: list[str], silent: bool
+    ) -> dict[str, Any]:
+        content = {"ename": ename, "evalue": evalue, "traceback": traceback or [f"{ename}: {evalue}"]}
+        if not silent:
+            self._publish("error", content)
+        return content
+
+    def _stream(self, name: str, text: str, silent: bool) -> None:
+        if not silent and text:
+            self._publish("stream", {"name": name, "text": text})
+
+    def _publish(self, msg_type: str, content: dict[str, Any]) -> None:
+        self.send_response(self.iopub_socket, msg_type, content)
+
+    # -- interrupt, completion, shutdown -------------------------------------------
+
+    async def interrupt_request(self, stream: Any, ident: Any, parent: Any) -> None:
+        # Runs on the control thread. ipykernel's default signals our own process
+        # group; only the host's group (the host and its children) should get SIGINT.
+        cell = self._running
+        if cell is not None:
+            self._interrupted_cell = cell
+            self._host.interrupt()
+        if self.session:
+            self.session.send(stream, "interrupt_reply", {"status": "ok"}, parent, ident=ident)
+
+    async def do_complete(self, code: str, cursor_pos: int) -> dict[str, Any]:  # type: ignore[override]
+        reply: dict[str, Any] = {
+            "status": "ok", "matches": [], "cursor_start": cursor_pos,
+            "cursor_end": cursor_pos, "metadata": {},
+        }
+        host = self._host
+        host.attach(asyncio.get_running_loop())
+        if host.returncode is not None:
+            return reply
+        self._cell_seq += 1
+        request = self._cell_seq
+        host.send({"op": "complete", "id": request, "code": code, "cursor_pos": cursor_pos})
+        held: list[Item] = []  # output of timers etc.; it belongs to the next cell
+        try:
+            async with asyncio.timeout(5):
+                while True:
+                    item = await host.queue.get()
+                    event = item.event or {}
+                    if item.kind == "event" and event.get("id") == request:
+                        reply.update(
+                            matches=event["matches"],
+                            cursor_start=event["start"],
+                            cursor_end=event["end"],
+                        )
+                        break
+                    held.append(item)
+                    if item.kind == "exited":
+                        break
+        except TimeoutError:
+            pass
+        for item in held:
+            host.queue.put_nowait(item)
+        return reply
+
+    async def do_shutdown(self, restart: bool) -> dict[str, Any]:  # type: ignore[override]
+        await self._host.stop()
+        return {"status": "ok", "restart": restart}
+
+
+def launch(kernel_class: type[ReplKernel]) -> None:
+    """Entry point of ``python -m kernelspecs.<module> -f {connection_file}``."""
+    if shutil.which(kernel_class.runtime) is None:
+        # Fail before the kernel binds its ports, with a message the server can show.
+        print(
+            f"{kernel_class.implementation}: the {kernel_class.runtime!r} executable was not "
+            f"found on PATH ({os.environ.get('PATH', '')}); install it to use this kernel",
+            file=sys.stderr,
+        )
+        sys.exit(1)
+    from ipykernel.kernelapp import IPKernelApp
+
+    IPKernelApp.launch_instance(kernel_class=kernel_class)
