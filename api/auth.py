@@ -27,26 +27,28 @@ class BadSignatureParams(InvalidRequest):
     pass
 
 
-def authenticate(request: HTTPServerRequest, keypairs: Keypairs) -> Keypair:
+async def authenticate(request: HTTPServerRequest, keypairs: Keypairs) -> Keypair:
     """The keypair a request acts as. Raises AuthFailed (401) or BadSignatureParams (400)."""
     headers = request.headers
     api_key = headers.get("X-API-Key")
     if api_key:
-        return keypairs.by_secret(api_key)
+        return await keypairs.authenticate_secret(api_key)
     scheme, _, value = headers.get("Authorization", "").partition(" ")
     value = value.strip()
     if scheme.lower() in ("bearer", "token") and value:
-        return keypairs.by_secret(value)
+        return await keypairs.authenticate_secret(value)
     if scheme in ("BackendAI", "Sorna"):
-        return _verify_signature(request, value, keypairs)
+        fields = dict(p.strip().split("=", 1) for p in value.split(",") if "=" in p)
+        await keypairs.authenticate_access(fields.get("credential", "").partition(":")[0])
+        return _verify_signature(request, fields, keypairs)
     token = request.query_arguments.get("token")  # browsers cannot set WebSocket headers
     if token:
-        return keypairs.by_secret(token[0].decode())
+        return await keypairs.authenticate_secret(token[0].decode(errors="replace"))
     raise MissingCredentials()
 
 
-def _verify_signature(request: HTTPServerRequest, params: str, keypairs: Keypairs) -> Keypair:
-    fields = dict(p.strip().split("=", 1) for p in params.split(",") if "=" in p)
+def _verify_signature(request: HTTPServerRequest, fields: dict[str, str],
+                      keypairs: Keypairs) -> Keypair:
     sign_method = fields.get("signMethod", "")
     access_key, _, signature = fields.get("credential", "").partition(":")
     mac, _, hash_type = sign_method.lower().partition("-")

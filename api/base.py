@@ -39,7 +39,7 @@ class BaseHandler(RequestHandler):
 
     async def prepare(self) -> None:
         if self.auth_required:
-            self.keypair = authenticate(self.request, self.bridge.keypairs)
+            self.keypair = await authenticate(self.request, self.bridge.keypairs)
 
     # -- request bodies ---------------------------------------------------------------------
 

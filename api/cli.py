@@ -73,6 +73,13 @@ def parser() -> argparse.ArgumentParser:
         k = keys_sub.add_parser(action)
         k.add_argument("--data-dir", type=Path)
         k.add_argument("--json", action="store_true")
+    specs = sub.add_parser("kernelspecs", help="install the shipped kernels into Jupyter")
+    specs_sub = specs.add_subparsers(dest="action", required=True)
+    inst = specs_sub.add_parser("install")
+    where = inst.add_mutually_exclusive_group()
+    where.add_argument("--user", action="store_true", help="into ~/.local/share/jupyter")
+    where.add_argument("--sys-prefix", action="store_true", help="into this environment")
+    where.add_argument("--prefix", help="into PREFIX/share/jupyter")
     return p
 
 
@@ -91,6 +98,13 @@ def main(argv: list[str] | None = None) -> int:
         except SandboxUnavailable as exc:
             print(f"kernel-bridge: {exc}", file=sys.stderr)
             return 2
+    if args.command == "kernelspecs":
+        from .kernelspecs_cmd import install
+
+        prefix = sys.prefix if args.sys_prefix else args.prefix
+        for name, path in install(user=args.user, prefix=prefix):
+            print(f"installed {name} in {path}")
+        return 0
     if args.command == "keys":
         return asyncio.run(_keys(settings, args.action, args.json))
     return 2

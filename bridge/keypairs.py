@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import time
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
@@ -33,10 +34,39 @@ class Keypairs:
         self._default_concurrency = default_concurrency
         self._by_access: dict[str, Keypair] = {}
         self._by_hash: dict[str, str] = {}
+        self._loaded_at = 0.0
 
     async def load(self) -> None:
+        self._loaded_at = time.monotonic()
         for row in await self._store.fetchall("SELECT * FROM keypairs"):
             self._remember(self._from_row(row))
+
+    async def refresh_if_stale(self) -> bool:
+        """Re-read the store (keys made by ``kernel-bridge keys create`` while we run).
+
+        At most once a second, so a flood of bad keys cannot turn into a flood of reads.
+        """
+        if time.monotonic() - self._loaded_at < 1.0:
+            return False
+        await self.load()
+        return True
+
+    async def authenticate_secret(self, secret: str) -> Keypair:
+        """Like :meth:`by_secret`, re-reading the store once on a miss. Raises AuthFailed."""
+        try:
+            return self.by_secret(secret)
+        except AuthFailed:
+            if await self.refresh_if_stale():
+                return self.by_secret(secret)
+            raise
+
+    async def authenticate_access(self, access_key: str) -> Keypair:
+        try:
+            return self.get(access_key)
+        except AuthFailed:
+            if await self.refresh_if_stale():
+                return self.get(access_key)
+            raise
 
     def _remember(self, kp: Keypair) -> None:
         self._by_access[kp.access_key] = kp

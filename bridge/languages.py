@@ -36,7 +36,7 @@ _MAKE_FIRST = 'if [ -f Makefile ]; then make; else {}; fi'
 
 LANGUAGES: tuple[Language, ...] = (
     Language(
-        "python", "python3", ".py", ("python3",), ("python3", "py", "ipython"),
+        "python", "kb-python", ".py", ("python3",), ("python3", "py", "ipython"),
         build="if [ -f setup.py ] || [ -f pyproject.toml ]; then pip install --user -e .; fi",
         exec="python3 main.py",
     ),
