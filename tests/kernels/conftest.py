@@ -123,17 +123,36 @@ class KernelDriver:
         return CellRun(reply["content"], streams, errors, requests, time.monotonic() - started)
 
 
+class KernelPool:
+    """Kernels started on first use, one per spec name, each in its own cwd."""
+
+    def __init__(self, workdir: Callable[[str], Path]) -> None:
+        self._workdir = workdir
+        self._drivers: dict[str, KernelDriver] = {}
+
+    def __getitem__(self, name: str) -> KernelDriver:
+        if name not in self._drivers:
+            km, kc = start_new_kernel(kernel_name=name, cwd=str(self._workdir(name)))
+            self._drivers[name] = KernelDriver(km, kc)
+        return self._drivers[name]
+
+    def shutdown(self) -> None:
+        for driver in self._drivers.values():
+            driver.kc.stop_channels()
+            driver.km.shutdown_kernel(now=True)
+
+
 @pytest.fixture
 def start_kernel(tmp_path: Path) -> Iterator[Callable[[str], KernelDriver]]:
-    """Start kernels by spec name in ``tmp_path``; all are shut down afterwards."""
-    drivers: list[KernelDriver] = []
+    """Start a fresh kernel by spec name in ``tmp_path``; shut down afterwards."""
+    pool = KernelPool(lambda _: tmp_path)
+    yield pool.__getitem__
+    pool.shutdown()
 
-    def start(name: str) -> KernelDriver:
-        km, kc = start_new_kernel(kernel_name=name, cwd=str(tmp_path))
-        drivers.append(KernelDriver(km, kc))
-        return drivers[-1]
 
-    yield start
-    for driver in drivers:
-        driver.kc.stop_channels()
-        driver.km.shutdown_kernel(now=True)
+@pytest.fixture(scope="module")
+def kernel_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelPool]:
+    """Kernels shared by a module's tests: starting one costs about a second."""
+    pool = KernelPool(tmp_path_factory.mktemp)
+    yield pool
+    pool.shutdown()
