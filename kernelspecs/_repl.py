@@ -429,6 +429,18 @@ class ReplKernel(Kernel):
         return {"status": "ok", "restart": restart}
 
 
+def runtime_version(runtime: str, *args: str) -> str:
+    """What ``runtime *args`` prints, for language_info; "" if it cannot run."""
+    exe = shutil.which(runtime)
+    if exe is None:
+        return ""
+    try:
+        out = subprocess.run([exe, *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return out.stdout.strip().lstrip("v")
+
+
 def launch(kernel_class: type[ReplKernel]) -> None:
     """Entry point of ``python -m kernelspecs.<module> -f {connection_file}``."""
     if shutil.which(kernel_class.runtime) is None:

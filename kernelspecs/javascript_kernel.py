@@ -2,18 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
 from typing import Any, ClassVar
 
-from kernelspecs._repl import ReplKernel, launch
-
-
-def _node_version() -> str:
-    try:
-        out = subprocess.run(["node", "--version"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-    return out.stdout.strip().lstrip("v")
+from kernelspecs._repl import ReplKernel, launch, runtime_version
 
 
 class JavaScriptKernel(ReplKernel):
@@ -24,7 +15,7 @@ class JavaScriptKernel(ReplKernel):
     banner = "JavaScript (Node.js) kernel of kernel-bridge: state persists across cells"
     language_info: ClassVar[dict[str, Any]] = {  # type: ignore[misc]
         "name": "javascript",
-        "version": _node_version(),
+        "version": runtime_version("node", "--version"),
         "mimetype": "application/javascript",
         "file_extension": ".js",
         "pygments_lexer": "javascript",

@@ -1,0 +1,106 @@
+# Ruby side of the kb-ruby kernel: one long-lived process per kernel.
+#
+# Wire: JSON lines. Commands arrive on fd $KB_CMD_FD, events leave on fd $KB_EVENT_FD
+# (see kernelspecs/_repl.py). $stdout/$stderr stay the real pipes and are unbuffered,
+# so everything a cell printed is in the pipe before its "done" event is written.
+# Every cell is evaluated in one persistent binding, so local variables, methods and
+# constants survive from cell to cell. `exit n` raises SystemExit, which we rescue:
+# the cell reports exit code n and the state is kept (only exit! kills the host).
+require "json"
+
+$stdout.sync = true
+$stderr.sync = true
+
+module KernelBridgeHost
+  INTERRUPTED = 130 # shell convention for a program stopped by SIGINT
+
+  # A binding with no locals of this file; self is `main` as in a script.
+  USER_BINDING = TOPLEVEL_BINDING.eval("binding")
+
+  @commands = IO.new(Integer(ENV.fetch("KB_CMD_FD")), "r")
+  @events = IO.new(Integer(ENV.fetch("KB_EVENT_FD")), "w")
+  # Children that user code spawns must not hold our pipes open.
+  @commands.close_on_exec = true
+  @events.close_on_exec = true
+  @events.sync = true
+  @running = false
+
+  class << self
+    attr_reader :running
+
+    def emit(event)
+      @events.write(JSON.generate(event) + "\n")
+    end
+
+    def traceback(error, cell)
+      # Frames below the cell are this host's; keep only the user's.
+      frames = (error.backtrace || []).take_while { |line| !line.start_with?(__FILE__) }
+      frames = frames.select { |line| line.include?("cell-") }
+      ["#{error.class}: #{error.message}", *frames.map { |line| "    from #{line}" }]
+    end
+
+    def execute(id, code)
+      exit_code = 0
+      @running = true
+      begin
+        value = USER_BINDING.eval(code, "cell-#{id}.rb", 1)
+        @running = false
+        emit(ev: "result", id: id, text: value.inspect) unless value.nil?
+      rescue SystemExit => e
+        exit_code = e.status
+      rescue Interrupt
+        emit(ev: "error", id: id, ename: "Interrupt", evalue: "interrupted", traceback: ["Interrupt"])
+        exit_code = INTERRUPTED
+      rescue Exception => e # rubocop:disable Lint/RescueException -- user code may raise anything
+        emit(ev: "error", id: id, ename: e.class.name, evalue: e.message, traceback: traceback(e, id))
+        exit_code = 1
+      ensure
+        @running = false
+      end
+      $stdout.flush
+      $stderr.flush
+      emit(ev: "done", id: id, exit_code: exit_code)
+    end
+
+    def complete(id, code, cursor_pos)
+      before = code[0, cursor_pos]
+      dotted = before[/(?:[A-Za-z_@$][\w]*(?:(?:\.|::)[A-Za-z_]\w*)*)?(?:\.|::)?[A-Za-z_]?\w*[?!]?\z/] || ""
+      sep = dotted.rindex(/\.|::/)
+      prefix = sep ? dotted[(dotted.index(/\w*[?!]?\z/, sep))..] : dotted
+      names =
+        if sep
+          receiver = dotted[0...sep]
+          # Only a plain name chain is evaluated (no calls with arguments), to limit side effects.
+          target = USER_BINDING.eval(receiver) rescue nil
+          target.nil? ? [] : target.methods + (target.is_a?(Module) ? target.constants : [])
+        else
+          USER_BINDING.local_variables + USER_BINDING.receiver.private_methods +
+            USER_BINDING.receiver.methods + Object.constants + global_variables +
+            USER_BINDING.receiver.instance_variables
+        end
+      matches = names.map(&:to_s).uniq.select { |n| n.start_with?(prefix) }.sort
+      emit(ev: "complete_reply", id: id, matches: matches,
+           start: cursor_pos - prefix.length, end: cursor_pos)
+    end
+  end
+
+  # SIGINT stops the running cell (Interrupt is raised where it is), but must not
+  # kill an idle host.
+  trap("INT") { raise Interrupt if KernelBridgeHost.running }
+
+  emit(ev: "ready", runtime: "ruby #{RUBY_VERSION}")
+  loop do
+    line = begin
+      @commands.gets
+    rescue Interrupt
+      next
+    end
+    break if line.nil? # the kernel closed our command pipe: do not outlive it
+
+    command = JSON.parse(line)
+    case command["op"]
+    when "execute" then execute(command["id"], command["code"])
+    when "complete" then complete(command["id"], command["code"], command["cursor_pos"])
+    end
+  end
+end
