@@ -18,7 +18,5 @@ SPECS_DIR: Final = Path(__file__).resolve().parent / "specs"
 def spec_dirs() -> dict[str, Path]:
     """Kernelspec name → directory holding its kernel.json."""
     return {
-        path.name: path
-        for path in sorted(SPECS_DIR.iterdir())
-        if (path / "kernel.json").is_file()
+        path.name: path for path in sorted(SPECS_DIR.iterdir()) if (path / "kernel.json").is_file()
     }

@@ -23,11 +23,12 @@ import asyncio
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, ClassVar, Final
+from typing import Any, Final
 
 import zmq
 from ipykernel.kernelapp import IPKernelApp
 from ipykernel.kernelbase import Kernel
+from jupyter_client.session import Session
 
 from . import KERNEL_VERSION
 from ._subproc import CommandRun, RunResult, StreamName
@@ -46,14 +47,14 @@ class _Cell:
     allow_stdin: bool
 
 
-class ProcessKernel(Kernel):  # type: ignore[misc]  # ipykernel ships no usable stubs
+class ProcessKernel(Kernel):
     """Runs each cell as one or more subprocesses; subclasses say which."""
 
-    implementation: ClassVar[str] = "kernel-bridge"
-    implementation_version: ClassVar[str] = KERNEL_VERSION
+    implementation = "kernel-bridge"
+    implementation_version = KERNEL_VERSION
 
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+        super().__init__(**kwargs)  # type: ignore[no-untyped-call]
         self._cell: _Cell | None = None
         # Read by interrupt_request on the control thread; plain attribute
         # reads and writes are atomic under the GIL, which is all we need.
@@ -61,6 +62,13 @@ class ProcessKernel(Kernel):  # type: ignore[misc]  # ipykernel ships no usable 
         self._interrupt_requested = False
         # Extra execute_reply fields a subclass sets while running a cell.
         self.reply_extra: dict[str, Any] = {}
+
+    @property
+    def _wire(self) -> Session:
+        # IPKernelApp sets the session before any message can arrive.
+        if self.session is None:
+            raise RuntimeError("expected a session, got none")
+        return self.session
 
     @property
     def kernel_info(self) -> dict[str, Any]:
@@ -90,12 +98,12 @@ class ProcessKernel(Kernel):  # type: ignore[misc]  # ipykernel ships no usable 
         cell = self._cell
         if cell is None or cell.silent or not text:
             return
-        self.session.send(
+        self._wire.send(
             self.iopub_socket,
             "stream",
             {"name": name, "text": text},
             cell.parent,
-            ident=self._topic("stream"),
+            ident=self._topic("stream"),  # type: ignore[no-untyped-call]
         )
 
     async def run_command(
@@ -142,7 +150,7 @@ class ProcessKernel(Kernel):  # type: ignore[misc]  # ipykernel ships no usable 
         cell_id: str | None = None,
     ) -> dict[str, Any]:
         cell = _Cell(
-            parent=self.get_parent("shell"),
+            parent=self.get_parent("shell"),  # type: ignore[no-untyped-call]
             ident=self._parent_ident["shell"],
             silent=silent,
             allow_stdin=allow_stdin,
@@ -171,8 +179,12 @@ class ProcessKernel(Kernel):  # type: ignore[misc]  # ipykernel ships no usable 
             error = {"ename": "ExitCode", "evalue": str(result.exit_code), "traceback": []}
             content.update(status="error", **error)
             if not cell.silent:
-                self.session.send(
-                    self.iopub_socket, "error", error, cell.parent, ident=self._topic("error")
+                self._wire.send(
+                    self.iopub_socket,
+                    "error",
+                    error,
+                    cell.parent,
+                    ident=self._topic("error"),  # type: ignore[no-untyped-call]
                 )
         return content
 
@@ -184,7 +196,7 @@ class ProcessKernel(Kernel):  # type: ignore[misc]  # ipykernel ships no usable 
         run = self._running
         if run is not None:
             run.interrupt()
-        self.session.send(stream, "interrupt_reply", {"status": "ok"}, parent, ident=ident)
+        self._wire.send(stream, "interrupt_reply", {"status": "ok"}, parent, ident=ident)
 
     async def do_shutdown(self, restart: bool) -> dict[str, Any]:
         run = self._running
@@ -201,10 +213,10 @@ class ProcessKernel(Kernel):  # type: ignore[misc]  # ipykernel ships no usable 
         while sock.poll(0):  # purge replies to an earlier, abandoned request
             sock.recv_multipart(zmq.NOBLOCK)
         content = {"prompt": "", "password": False}
-        self.session.send(sock, "input_request", content, cell.parent, ident=cell.ident)
+        self._wire.send(sock, "input_request", content, cell.parent, ident=cell.ident)
         while True:
             if sock.poll(0):
-                _, reply = self.session.recv(sock, mode=zmq.NOBLOCK)
+                _, reply = self._wire.recv(sock, mode=zmq.NOBLOCK)
                 if reply is not None:
                     break
             await asyncio.sleep(_INPUT_POLL_SECONDS)
@@ -216,5 +228,6 @@ class ProcessKernel(Kernel):  # type: ignore[misc]  # ipykernel ships no usable 
 
 def launch(kernel_class: type[ProcessKernel], argv: list[str] | None = None) -> None:
     """Start ``kernel_class`` as a Jupyter kernel (``-f connection_file`` in argv)."""
-    IPKernelApp.launch_instance(argv=argv if argv is not None else sys.argv[1:],
-                                kernel_class=kernel_class)
+    IPKernelApp.launch_instance(
+        argv=argv if argv is not None else sys.argv[1:], kernel_class=kernel_class
+    )

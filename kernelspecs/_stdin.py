@@ -68,9 +68,13 @@ def _epoll_watches(pid: int, epfd: int, target: str) -> bool:
     for line in lines:
         # Format: "tfd:        0 events:       19 data: ..."
         fields = line.split()
-        if len(fields) >= 2 and fields[0] == "tfd:" and fields[1].isdigit():
-            if _fd_target(pid, int(fields[1])) == target:
-                return True
+        if (
+            len(fields) >= 2
+            and fields[0] == "tfd:"
+            and fields[1].isdigit()
+            and _fd_target(pid, int(fields[1])) == target
+        ):
+            return True
     return False
 
 

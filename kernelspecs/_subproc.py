@@ -24,7 +24,7 @@ import subprocess
 import termios
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from ._stdin import blocked_on_stdin, pipe_identity
 
@@ -63,6 +63,11 @@ def _pending_bytes(fd: int) -> int:
     # FIONREAD works on either end of a Linux pipe: both share one buffer.
     buf = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
     return int.from_bytes(buf, "little", signed=True)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _restore_signals() -> None:
@@ -175,7 +180,9 @@ class CommandRun:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         try:
-            proc = subprocess.Popen(
+            # A blocking Popen is fine here: fork+exec takes a few ms, and the
+            # pipes and pidfd it needs are then watched without blocking.
+            proc = subprocess.Popen(  # noqa: ASYNC220
                 ["bash", "-c", self._script],
                 stdin=in_r,
                 stdout=out_w,
@@ -183,7 +190,8 @@ class CommandRun:
                 cwd=self._cwd,
                 env=self._env,
                 start_new_session=True,
-                preexec_fn=_restore_signals,
+                # Only resets two signal dispositions: no locks, no imports.
+                preexec_fn=_restore_signals,  # noqa: PLW1509
             )
         except BaseException:
             for fd in (in_r, in_w, out_r, err_r):
@@ -195,8 +203,10 @@ class CommandRun:
                 os.close(fd)
         os.close(in_r)
         self._pid = proc.pid
-        pipes = [_OutputPipe(out_r, "stdout", self._on_output),
-                 _OutputPipe(err_r, "stderr", self._on_output)]
+        pipes = [
+            _OutputPipe(out_r, "stdout", self._on_output),
+            _OutputPipe(err_r, "stderr", self._on_output),
+        ]
         for pipe in pipes:
             loop.add_reader(pipe.fd, pipe.on_readable)
         exited = self._watch_exit(proc)
@@ -248,7 +258,8 @@ class CommandRun:
     ) -> None:
         """Answer blocked stdin reads until the command exits, then close stdin."""
         try:
-            if self._ask_input is None or self._pid is None:
+            ask_input = self._ask_input
+            if ask_input is None or self._pid is None:
                 return  # closing stdin now makes a read see EOF at once
             target = pipe_identity(in_w)
             while not exited.done():
@@ -259,17 +270,17 @@ class CommandRun:
                     continue
                 for pipe in pipes:
                     pipe.drain()  # the prompt must go out before the input_request
-                answer = await self._ask_or_exit(exited)
+                answer = await self._ask_or_exit(ask_input, exited)
                 if answer is None:
                     return
                 await self._write_all(in_w, (answer + "\n").encode())
         finally:
             os.close(in_w)
 
-    async def _ask_or_exit(self, exited: asyncio.Future[int]) -> str | None:
-        assert self._ask_input is not None
-        ask = asyncio.ensure_future(self._ask_input())
-        await asyncio.wait([ask, exited], return_when=asyncio.FIRST_COMPLETED)
+    async def _ask_or_exit(self, ask_input: InputSource, exited: asyncio.Future[int]) -> str | None:
+        ask = asyncio.ensure_future(ask_input())
+        either: list[asyncio.Future[Any]] = [ask, exited]
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         if not ask.done():
             ask.cancel()  # the program exited (or was interrupted) meanwhile
             return None
@@ -283,10 +294,10 @@ class CommandRun:
         view = memoryview(data)
         while view:
             try:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             except BlockingIOError:
                 writable: asyncio.Future[None] = loop.create_future()
-                loop.add_writer(fd, lambda: writable.done() or writable.set_result(None))
+                loop.add_writer(fd, _resolve, writable)
                 try:
                     await writable
                 finally:

@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, ClassVar, Final
+from typing import Any, Final
 
 from ._kernel import ProcessKernel, launch
 from ._subproc import CommandRun, RunResult, StreamName
@@ -41,18 +41,18 @@ __kb_save() {
   set +eu
   {
     compgen -v | while IFS= read -r __kb_n; do
-      case $__kb_n in %(unsaved)s) continue ;; esac
+      case $__kb_n in @UNSAVED@) continue ;; esac
       declare -p "$__kb_n" 2>/dev/null
     done
     declare -f
-    printf 'cd -- %%q 2>/dev/null\\n' "$PWD"
+    printf 'cd -- %q 2>/dev/null\\n' "$PWD"
   } >"$__kb_dir/vars.new" && mv -f "$__kb_dir/vars.new" "$__kb_dir/vars.sh"
   compgen -e >"$__kb_dir/exported"
-  printf '%%s' "$PWD" >"$__kb_dir/cwd"
+  printf '%s' "$PWD" >"$__kb_dir/cwd"
   exit "$__kb_rc"
 }
 trap __kb_save EXIT
-""" % {"unsaved": _UNSAVED}
+""".replace("@UNSAVED@", _UNSAVED)
 
 _WORD_BREAKS: Final = re.compile(r"[^\s;|&()<>`'\"=]*$")
 _IDENTIFIER: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -60,24 +60,33 @@ _IDENTIFIER: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 def _bash_version() -> str:
     try:
-        out = subprocess.run(["bash", "-c", "echo $BASH_VERSION"],
-                             capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["bash", "-c", "echo $BASH_VERSION"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
     except (OSError, subprocess.SubprocessError):
         return ""
     return out.stdout.strip()
 
 
 class BashKernel(ProcessKernel):
-    language: ClassVar[str] = "bash"
-    banner: ClassVar[str] = "kernel-bridge bash kernel"
-    language_info: ClassVar[dict[str, Any]] = {
-        "name": "bash",
-        "version": _bash_version(),
-        "mimetype": "text/x-sh",
-        "file_extension": ".sh",
-        "codemirror_mode": "shell",
-        "pygments_lexer": "bash",
-    }
+    language = "bash"
+    banner = "kernel-bridge bash kernel"
+    _version: Final = _bash_version()
+
+    @property
+    def language_info(self) -> dict[str, Any]:  # type: ignore[override]
+        return {
+            "name": "bash",
+            "version": self._version,
+            "mimetype": "text/x-sh",
+            "file_extension": ".sh",
+            "codemirror_mode": "shell",
+            "pygments_lexer": "bash",
+        }
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -132,12 +141,16 @@ class BashKernel(ProcessKernel):
         vars_file = shlex.quote(str(self._state_dir / "vars.sh"))
         out = await self._capture(f"[ -f {vars_file} ] && . {vars_file} 2>/dev/null; {script}")
         matches = sorted(set(out.splitlines()))
-        return {"matches": matches, "cursor_start": start, "cursor_end": cursor_pos,
-                "metadata": {}, "status": "ok"}
+        return {
+            "matches": matches,
+            "cursor_start": start,
+            "cursor_end": cursor_pos,
+            "metadata": {},
+            "status": "ok",
+        }
 
     async def do_is_complete(self, code: str) -> dict[str, Any]:
-        check = await self._capture(
-            f"bash -n -c {shlex.quote(code)} 2>&1 >/dev/null; echo \"rc=$?\"")
+        check = await self._capture(f'bash -n -c {shlex.quote(code)} 2>&1 >/dev/null; echo "rc=$?"')
         if check.rstrip().endswith("rc=0"):
             return {"status": "complete"}
         if "unexpected end of file" in check:

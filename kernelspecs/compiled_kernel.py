@@ -38,7 +38,7 @@ _JVM_FAST: Final = "-XX:+UseSerialGC -XX:TieredStopAtLevel=1 -Xshare:auto"
 _JAVA_PUBLIC = re.compile(
     r"^\s*public\s+(?:(?:final|abstract|sealed|strictfp)\s+)*"
     r"(?:class|interface|enum|record)\s+([A-Za-z_$][\w$]*)",
-    re.M,
+    re.MULTILINE,
 )
 _JAVA_TYPE = re.compile(r"\b(?:class|interface|enum|record)\s+([A-Za-z_$][\w$]*)")
 _JAVA_MAIN = re.compile(r"\bstatic\s+(?:final\s+)?void\s+main\s*\(")
@@ -65,7 +65,7 @@ class Toolchain:
     compile: str  # runs in the build dir; {src} is the source file name
     run: str  # runs in the cwd; {dir} is the build dir, {name} the source stem
     language_info: dict[str, Any]
-    env: Callable[[], dict[str, str]] = field(default=lambda: {})
+    env: Callable[[], dict[str, str]] = field(default=dict)
 
 
 def _go_env() -> dict[str, str]:
@@ -84,41 +84,76 @@ def _go_env() -> dict[str, str]:
 
 TOOLCHAINS: Final[dict[str, Toolchain]] = {
     "c": Toolchain(
-        language="c", binary="gcc", source=lambda _: "prog.c",
+        language="c",
+        binary="gcc",
+        source=lambda _: "prog.c",
         compile="gcc -Wall -o main {src} -pthread -lm -lrt -ldl",
         run=f"exec {_UNBUFFERED}{{dir}}/main",
-        language_info={"name": "c", "mimetype": "text/x-csrc", "file_extension": ".c",
-                       "codemirror_mode": "text/x-csrc", "pygments_lexer": "c"},
+        language_info={
+            "name": "c",
+            "mimetype": "text/x-csrc",
+            "file_extension": ".c",
+            "codemirror_mode": "text/x-csrc",
+            "pygments_lexer": "c",
+        },
     ),
     "cpp": Toolchain(
-        language="cpp", binary="g++", source=lambda _: "prog.cpp",
+        language="cpp",
+        binary="g++",
+        source=lambda _: "prog.cpp",
         compile="g++ -Wall -std=c++17 -o main {src} -pthread -lm -lrt -ldl",
         run=f"exec {_UNBUFFERED}{{dir}}/main",
-        language_info={"name": "c++", "mimetype": "text/x-c++src", "file_extension": ".cpp",
-                       "codemirror_mode": "text/x-c++src", "pygments_lexer": "cpp"},
+        language_info={
+            "name": "c++",
+            "mimetype": "text/x-c++src",
+            "file_extension": ".cpp",
+            "codemirror_mode": "text/x-c++src",
+            "pygments_lexer": "cpp",
+        },
     ),
     "go": Toolchain(
-        language="go", binary="go", source=lambda _: "main.go",
+        language="go",
+        binary="go",
+        source=lambda _: "main.go",
         compile="go build -o main {src}",
         run="exec {dir}/main",
-        language_info={"name": "go", "mimetype": "text/x-go", "file_extension": ".go",
-                       "codemirror_mode": "go", "pygments_lexer": "go"},
+        language_info={
+            "name": "go",
+            "mimetype": "text/x-go",
+            "file_extension": ".go",
+            "codemirror_mode": "go",
+            "pygments_lexer": "go",
+        },
         env=_go_env,
     ),
     "rust": Toolchain(
-        language="rust", binary="rustc", source=lambda _: "main.rs",
+        language="rust",
+        binary="rustc",
+        source=lambda _: "main.rs",
         # Default optimisation: a cell should compile fast, not run fast.
         compile="rustc --edition 2021 -o main {src}",
         run="exec {dir}/main",
-        language_info={"name": "rust", "mimetype": "text/x-rustsrc", "file_extension": ".rs",
-                       "codemirror_mode": "rust", "pygments_lexer": "rust"},
+        language_info={
+            "name": "rust",
+            "mimetype": "text/x-rustsrc",
+            "file_extension": ".rs",
+            "codemirror_mode": "rust",
+            "pygments_lexer": "rust",
+        },
     ),
     "java": Toolchain(
-        language="java", binary="javac", source=lambda code: java_main_class(code) + ".java",
+        language="java",
+        binary="javac",
+        source=lambda code: java_main_class(code) + ".java",
         compile="javac " + " ".join(f"-J{flag}" for flag in _JVM_FAST.split()) + " -d . {src}",
         run=f"exec java {_JVM_FAST} -cp {{dir}} {{name}}",
-        language_info={"name": "java", "mimetype": "text/x-java", "file_extension": ".java",
-                       "codemirror_mode": "text/x-java", "pygments_lexer": "java"},
+        language_info={
+            "name": "java",
+            "mimetype": "text/x-java",
+            "file_extension": ".java",
+            "codemirror_mode": "text/x-java",
+            "pygments_lexer": "java",
+        },
     ),
 }
 
@@ -144,13 +179,13 @@ class CompiledKernel(ProcessKernel):
             self.reply_extra["stage"] = "compile"
             # Compiler chatter belongs on stderr, whichever stream it used.
             compile_script = "exec 1>&2; " + chain.compile.format(src=shlex.quote(src))
-            built = await self.run_command(compile_script, cwd=str(build_dir), env=env,
-                                           stdin=False)
+            built = await self.run_command(compile_script, cwd=str(build_dir), env=env, stdin=False)
             if built.exit_code != 0 or built.interrupted:
                 return built
             self.reply_extra["stage"] = "run"
-            run_script = chain.run.format(dir=shlex.quote(str(build_dir)),
-                                          name=shlex.quote(Path(src).stem))
+            run_script = chain.run.format(
+                dir=shlex.quote(str(build_dir)), name=shlex.quote(Path(src).stem)
+            )
             return await self.run_command(run_script, cwd=os.getcwd(), env=env)
         finally:
             shutil.rmtree(build_dir, ignore_errors=True)

@@ -6,7 +6,7 @@ import shutil
 import unittest
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import jupyter_kernel_test
 import pytest
@@ -62,7 +62,7 @@ def test_exit_does_not_kill_the_kernel(bash: KernelDriver) -> None:
 def test_state_is_kept_between_cells(bash: KernelDriver, tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
     bash.run("A='two words'; export B=b; declare -a ARR=(1 '2 3'); f() { echo \"f:$1\"; }; cd sub")
-    cell = bash.run('echo "$A|$B|${ARR[1]}"; f x; pwd; bash -c \'echo child:$B\'')
+    cell = bash.run("echo \"$A|$B|${ARR[1]}\"; f x; pwd; bash -c 'echo child:$B'")
     assert cell.text("stdout") == f"two words|b|2 3\nf:x\n{tmp_path / 'sub'}\nchild:b\n"
     bash.run("unset B HOME")
     assert bash.run('echo "[${B-unset}][${HOME-unset}]"').text("stdout") == "[unset][unset]\n"
@@ -78,7 +78,7 @@ def test_read_is_answered_through_input_request(bash: KernelDriver) -> None:
 
 
 def test_stdin_reads_in_grandchildren_and_twice(bash: KernelDriver) -> None:
-    code = "read a; python3 -c 'print(\"py:\" + input())'; read b; echo \"$a $b\""
+    code = 'read a; python3 -c \'print("py:" + input())\'; read b; echo "$a $b"'
     cell = bash.run(code, answers=["1", "2", "3"])
     assert len(cell.input_requests) == 3
     assert cell.text("stdout") == "py:2\n1 3\n"
@@ -130,8 +130,7 @@ class BashKernelConformance(jupyter_kernel_test.KernelTests):
     code_hello_world = "echo 'hello, world'"
     code_stderr = "echo oops >&2"
     code_generate_error = "exit 2"
-    completion_samples = [{"text": "ech"}]
-    complete_code_samples = ["echo hi", "for i in 1; do echo $i; done"]
-    incomplete_code_samples = ["for i in 1; do", "if true; then"]
-    invalid_code_samples = ["fi", "echo )"]
-
+    completion_samples: ClassVar[list[dict[str, Any]]] = [{"text": "ech"}]
+    complete_code_samples: ClassVar[list[str]] = ["echo hi", "for i in 1; do echo $i; done"]
+    incomplete_code_samples: ClassVar[list[str]] = ["for i in 1; do", "if true; then"]
+    invalid_code_samples: ClassVar[list[str]] = ["fi", "echo )"]

@@ -69,7 +69,7 @@ LANGS: dict[str, Lang] = {
         compile_error='fn main() { let x: i32 = "text"; }\n',
         compile_message="mismatched types",
         exit_4='fn main() { println!("out"); eprintln!("err"); std::process::exit(4); }\n',
-        ask="use std::io::Write;\nfn main() {\n    print!(\"n? \");\n"
+        ask='use std::io::Write;\nfn main() {\n    print!("n? ");\n'
         "    std::io::stdout().flush().unwrap();\n    let mut s = String::new();\n"
         "    std::io::stdin().read_line(&mut s).unwrap();\n"
         '    println!("got {}", s.trim());\n}\n',
@@ -77,11 +77,11 @@ LANGS: dict[str, Lang] = {
     "java": Lang(
         spec="kb-java",
         tools=("javac", "java"),
-        hello='public class Hello {\n    public static void main(String[] args) {\n'
+        hello="public class Hello {\n    public static void main(String[] args) {\n"
         '        System.out.println("hello, world");\n    }\n}\n',
         compile_error="public class Broken { void f( }\n",
         compile_message="Broken.java:1: error",
-        exit_4='public class Main {\n    public static void main(String[] args) {\n'
+        exit_4="public class Main {\n    public static void main(String[] args) {\n"
         '        System.out.println("out");\n        System.err.println("err");\n'
         "        System.exit(4);\n    }\n}\n",
         ask="import java.util.Scanner;\nclass Helper {}\nclass Ask {\n"
@@ -98,8 +98,9 @@ def _missing(lang: str) -> str | None:
 
 
 PARAMS = [
-    pytest.param(lang, marks=pytest.mark.skipif(_missing(lang) is not None,
-                                                reason=_missing(lang) or ""))
+    pytest.param(
+        lang, marks=pytest.mark.skipif(_missing(lang) is not None, reason=_missing(lang) or "")
+    )
     for lang in LANGS
 ]
 
@@ -140,9 +141,7 @@ def test_runtime_exit_code_and_streams(kernel: KernelDriver, lang: str) -> None:
 
 
 @pytest.mark.parametrize("lang", PARAMS)
-def test_stdin_read_is_answered_through_input_request(
-    kernel: KernelDriver, lang: str
-) -> None:
+def test_stdin_read_is_answered_through_input_request(kernel: KernelDriver, lang: str) -> None:
     cell = kernel.run(LANGS[lang].ask, answers=["42"])
     assert len(cell.input_requests) == 1
     assert cell.text("stdout") == "n? got 42\n"
@@ -200,7 +199,9 @@ class CppConformance(_Conformance):
 class GoConformance(_Conformance):
     __test__ = True
     lang, language_name, file_extension = "go", "go", ".go"
-    code_stderr = 'package main\n\nimport "os"\n\nfunc main() { os.Stderr.WriteString("oops\\n") }\n'
+    code_stderr = (
+        'package main\n\nimport "os"\n\nfunc main() { os.Stderr.WriteString("oops\\n") }\n'
+    )
     code_generate_error = 'package main\n\nimport "os"\n\nfunc main() { os.Exit(1) }\n'
 
 
@@ -214,5 +215,7 @@ class RustConformance(_Conformance):
 class JavaConformance(_Conformance):
     __test__ = True
     lang, language_name, file_extension = "java", "java", ".java"
-    code_stderr = 'class Main { public static void main(String[] a) { System.err.println("oops"); } }'
+    code_stderr = (
+        'class Main { public static void main(String[] a) { System.err.println("oops"); } }'
+    )
     code_generate_error = "class Main { public static void main(String[] a) { System.exit(1); } }"
