@@ -128,9 +128,11 @@ class Keypairs:
         return kp
 
     async def count_query(self, access_key: str, n: int = 1) -> None:
+        await self._store.execute(*self.note_query(access_key, n))
+
+    def note_query(self, access_key: str, n: int = 1) -> tuple[str, tuple[int, str]]:
+        """Count ``n`` runs in memory; returns the statement that persists the count."""
         kp = self._by_access[access_key]
         self._by_access[access_key] = replace(kp, total_queries=kp.total_queries + n)
-        await self._store.execute(
-            "UPDATE keypairs SET total_queries = total_queries + ? WHERE access_key=?",
-            (n, access_key),
-        )
+        return ("UPDATE keypairs SET total_queries = total_queries + ? WHERE access_key=?",
+                (n, access_key))

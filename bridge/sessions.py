@@ -103,6 +103,9 @@ class Session:
         self._worker: asyncio.Task[None] | None = None
         self.current: Run | None = None
         self.lock = asyncio.Lock()  # serialises restart/destroy against each other
+        # Work the run queue does not see (a cell a Jupyter client runs through a relay) holds
+        # the session busy so the reaper does not take it for idle.
+        self.holds = 0
 
     @property
     def alive(self) -> bool:
@@ -110,7 +113,7 @@ class Session:
 
     @property
     def busy(self) -> bool:
-        return self.current is not None or not self._queue.empty()
+        return self.current is not None or not self._queue.empty() or self.holds > 0
 
     def confinement(self) -> Confinement:
         return Confinement(workdir=self.workdir, ipc_dir=self.workdir, mounts=self.mounts,
@@ -343,16 +346,19 @@ class Sessions:
             raise SessionNotFound(session.name)
         if run.run_id in session.runs:
             raise InvalidTransition(f"run {run.run_id}", "new", "already submitted")
-        await self.store.execute(
-            "INSERT INTO runs (id, session_id, run_id, mode, code, options, status, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (str(uuid.uuid4()), session.id, run.run_id, run.mode, run.code, dumps(run.options),
-             run.state.value, now_iso()))
         session.runs[run.run_id] = run
         session.num_queries += 1
         session.last_activity = time.monotonic()
-        await self.keypairs.count_query(session.access_key)
+        # Queue first: the kernel starts on the code while the record is written, and the
+        # caller is answered only after the write (persist before answering, at no latency).
         session._queue.put_nowait(run)
+        await self.store.transaction([
+            ("INSERT INTO runs (id, session_id, run_id, mode, code, options, status, created_at)"
+             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+             (str(uuid.uuid4()), session.id, run.run_id, run.mode, run.code,
+              dumps(run.options), RunState.QUEUED.value, now_iso())),
+            self.keypairs.note_query(session.access_key),
+        ])
         return run
 
     def query(self, session: Session, code: str, run_id: str | None = None, *,

@@ -95,6 +95,17 @@ class Store:
         """Run one statement; returns the number of changed rows."""
         return int(await self._call(lambda: self._db().execute(sql, params).rowcount))
 
+    async def transaction(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        """Several statements, atomically, in one trip to the store's thread."""
+        def fn() -> None:
+            db = self._db()
+            with db:  # BEGIN … COMMIT, or ROLLBACK on error
+                db.execute("BEGIN")
+                for sql, params in statements:
+                    db.execute(sql, params)
+
+        await self._call(fn)
+
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         rows = list(rows)
         await self._call(lambda: self._db().executemany(sql, rows))

@@ -1,0 +1,38 @@
+"""Keypair concurrency and idle reaping, each on a server with its own settings (issue 2)."""
+
+from __future__ import annotations
+
+import time
+
+from .support import run_server, run_to_end
+
+
+def test_sixth_session_is_quota_exceeded() -> None:
+    with run_server() as server, server.client() as client:
+        names = [f"quota-{i}" for i in range(5)]
+        for name in names:
+            assert client.post("/session", json={"lang": "python", "name": name}).status_code == 201
+        r = client.post("/session", json={"lang": "python", "name": "quota-5"})
+        assert r.status_code == 412
+        assert r.json()["type"].endswith("/quota-exceeded")
+        assert client.get("/session/quota-5").status_code == 404  # nothing was created
+        # reuse of an existing one is not a new session
+        assert client.post("/session", json={"lang": "python", "name": "quota-0"}).status_code == 200
+        assert client.delete("/session/quota-0").status_code == 200
+        assert client.post("/session", json={"lang": "python", "name": "quota-5"}).status_code == 201
+
+
+def test_idle_sessions_are_reaped() -> None:
+    with run_server(idle_timeout_s="2", reaper_interval_s="0.2") as server, \
+            server.client() as client:
+        assert client.post("/session", json={"lang": "python", "name": "idle-1"}).status_code == 201
+        assert client.get("/session/idle-1").json()["idleTimeout"] == 2000
+        # a run that lasts longer than the idle timeout is activity, not idleness
+        results = run_to_end(client, "/session", "idle-1", "import time\ntime.sleep(2.5)\nprint(1)")
+        assert results[-1]["status"] == "finished"
+        assert client.get("/session/idle-1").status_code == 200
+        deadline = time.monotonic() + 8
+        while client.get("/session/idle-1").status_code == 200:
+            assert time.monotonic() < deadline, "idle session was not reaped"
+            time.sleep(0.2)
+        assert client.get("/session/idle-1").status_code == 404
