@@ -8,6 +8,7 @@ from tornado.web import Application, RequestHandler
 
 from bridge.service import Bridge
 
+from . import openapi
 from .backendai import handlers as backendai
 from .base import BaseHandler
 from .backendai.errors import BACKENDAI
@@ -25,8 +26,25 @@ class NotFoundHandler(BaseHandler):
         raise HTTPError(404, f"No route for {self.request.method} {self.request.path}")
 
 
+class OpenAPIHandler(BaseHandler):
+    dialect = BACKENDAI
+    auth_required = False
+    _doc: dict[str, Any] | None = None
+
+    def get(self) -> None:
+        if OpenAPIHandler._doc is None:
+            OpenAPIHandler._doc = openapi.document(operations())
+        self.send(OpenAPIHandler._doc)
+
+
+def operations() -> list[openapi.Operation]:
+    ops: list[openapi.Operation] = []
+    ops += backendai.OPERATIONS
+    return ops
+
+
 def route_table() -> list[tuple[str, type[RequestHandler]]]:
-    table: list[tuple[str, type[RequestHandler]]] = []
+    table: list[tuple[str, type[RequestHandler]]] = [(r"/api/openapi\.json", OpenAPIHandler)]
     table += backendai.routes()
     return table
 

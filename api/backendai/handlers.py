@@ -18,7 +18,16 @@ from bridge.sessions import Limits, Session
 
 from ..base import BaseHandler
 from .errors import BACKENDAI
-from .models import Complete, CreateSession, Execute
+from ..openapi import Operation
+from .models import (
+    Complete,
+    CreateResponse,
+    CreateSession,
+    DestroyResponse,
+    Execute,
+    ExecuteResponse,
+    SessionInfo,
+)
 
 API_VERSION = "v5.20191215"
 _VERSION = re.compile(r"^v(\d+)\.(\d{8})$")
@@ -180,6 +189,27 @@ class CompleteHandler(BackendAIHandler):
             pos = body.options.col if body.options.col is not None else len(code)
         completions = await self.bridge.sessions.complete(s, code, min(pos, len(code)))
         self.send({"result": {"status": "finished", "completions": completions}})
+
+
+_P = "/session"
+OPERATIONS = [
+    Operation("GET", "/", "Server version (no auth)", "backendai", auth=False),
+    Operation("POST", _P, "Create or reuse a session (also /kernel, /kernel/create, "
+              "/v2/kernel/create, /session/_/create)", "backendai", CreateSession,
+              CreateResponse, 201, (400, 401, 406, 412)),
+    Operation("GET", _P + "/{id}", "Session information (seed 001 fields)", "backendai",
+              response=SessionInfo, errors=(401, 404)),
+    Operation("PATCH", _P + "/{id}", "Restart the session's kernel", "backendai", status=204,
+              errors=(401, 404)),
+    Operation("DELETE", _P + "/{id}", "Destroy the session", "backendai",
+              response=DestroyResponse, errors=(401, 404)),
+    Operation("POST", _P + "/{id}", "Execute: query, batch, continue, input", "backendai",
+              Execute, ExecuteResponse, 200, (400, 401, 404, 409)),
+    Operation("POST", _P + "/{id}/interrupt", "Interrupt the running code", "backendai",
+              status=204, errors=(401, 404)),
+    Operation("POST", _P + "/{id}/complete", "Completions at the cursor", "backendai",
+              Complete, errors=(400, 401, 404)),
+]
 
 
 def routes() -> list[tuple[str, type[BaseHandler]]]:
