@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
+import time
 import unittest
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,10 +14,40 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import jupyter_kernel_test
 import pytest
 
+from kernelspecs._stdin import pipe_identity, waiting_threads
+
 if TYPE_CHECKING:
     from conftest import KernelDriver
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="bash not found on PATH")
+
+
+def _waiters(code: str, within: float) -> list[tuple[int, int]]:
+    """Threads of ``python -c code`` seen waiting on its stdin pipe within ``within`` s."""
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE)
+    try:
+        assert proc.stdin is not None
+        target = pipe_identity(proc.stdin.fileno())
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            found = waiting_threads(proc.pid, target)
+            if found:
+                return found
+            time.sleep(0.02)
+        return []
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_detector_sees_a_reader_thread_but_not_a_sleeper() -> None:
+    # The main thread sits in futex/join; only a /proc/<pid>/task scan finds the reader.
+    threaded = (
+        "import sys, threading; t = threading.Thread(target=sys.stdin.read); t.start(); t.join()"
+    )
+    found = _waiters(threaded, within=5)
+    assert found and all(tid != pid for pid, tid in found)
+    assert _waiters("import time; time.sleep(5)", within=0.5) == []
 
 
 @pytest.fixture
