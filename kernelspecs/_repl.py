@@ -280,6 +280,8 @@ class ReplKernel(Kernel):
             reply.update(payload=[], user_expressions={})
         else:
             reply.update(error)
+        if exit_code == INTERRUPTED and self._interrupted_cell == cell:
+            reply["interrupted"] = True  # as kernel-bridge's process kernels report it
         return reply
 
     async def _live_host(self, silent: bool) -> HostProcess:
@@ -323,7 +325,8 @@ class ReplKernel(Kernel):
                 self._drain_streams(host, silent)
                 self._stream("stderr", self._restart_note(INTERRUPTED), silent)
                 self._restart()
-                return self._error("KeyboardInterrupt", "interrupted", [], silent), INTERRUPTED
+                trace = ["KeyboardInterrupt: the host ignored SIGINT and was restarted"]
+                return self._error("KeyboardInterrupt", "interrupted", trace, silent), INTERRUPTED
             if item.kind == "stream":
                 self._stream(item.name, item.text, silent)
             elif item.kind == "exited":
@@ -366,7 +369,8 @@ class ReplKernel(Kernel):
     def _error(
         self, ename: str, evalue: str, traceback: list[str], silent: bool
     ) -> dict[str, Any]:
-        content = {"ename": ename, "evalue": evalue, "traceback": traceback or [f"{ename}: {evalue}"]}
+        # ExitCode errors have an empty traceback, like the process kernels' ones.
+        content = {"ename": ename, "evalue": evalue, "traceback": traceback}
         if not silent:
             self._publish("error", content)
         return content

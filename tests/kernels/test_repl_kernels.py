@@ -1,0 +1,296 @@
+"""kb-javascript and kb-ruby through jupyter_client: state, streams, errors, exit, interrupt.
+
+The specs are installed into a temporary JUPYTER_PATH by this module (argv[0] set to
+this interpreter), so the file does not depend on other kernels' fixtures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import jupyter_kernel_test
+import pytest
+from jupyter_client.blocking.client import BlockingKernelClient
+from jupyter_client.manager import KernelManager, start_new_kernel
+
+REPO = Path(__file__).resolve().parents[2]
+SPECS = REPO / "kernelspecs" / "specs"
+RUNTIME = {"kb-javascript": "node", "kb-ruby": "ruby"}
+
+
+def _needs(name: str) -> pytest.MarkDecorator:
+    runtime = RUNTIME[name]
+    return pytest.mark.skipif(shutil.which(runtime) is None, reason=f"{runtime} not found on PATH")
+
+
+KERNELS = [pytest.param(name, marks=_needs(name)) for name in RUNTIME]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def repl_jupyter_path(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    root = tmp_path_factory.mktemp("repl-jupyter")
+    for name in RUNTIME:
+        spec = json.loads((SPECS / name / "kernel.json").read_text())
+        spec["argv"][0] = sys.executable
+        (root / "kernels" / name).mkdir(parents=True)
+        (root / "kernels" / name / "kernel.json").write_text(json.dumps(spec))
+    saved = {key: os.environ.get(key) for key in ("JUPYTER_PATH", "PYTHONPATH")}
+    os.environ["JUPYTER_PATH"] = str(root)
+    # Kernels run `python -m kernelspecs.…` from this checkout.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), saved["PYTHONPATH"]]))
+    yield root
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@dataclass
+class Cell:
+    reply: dict[str, Any]
+    streams: list[tuple[float, str, str]] = field(default_factory=list)  # (seconds, name, text)
+    results: list[str] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def text(self, name: str) -> str:
+        return "".join(text for _, stream, text in self.streams if stream == name)
+
+
+class Driver:
+    def __init__(self, km: KernelManager, kc: BlockingKernelClient) -> None:
+        self.km, self.kc = km, kc
+
+    def run(self, code: str, *, interrupt_after: float | None = None, timeout: float = 30) -> Cell:
+        started = time.monotonic()
+        msg_id = self.kc.execute(code, stop_on_error=False)
+        if interrupt_after is not None:
+            threading.Timer(interrupt_after, self.km.interrupt_kernel).start()
+        cell = Cell(reply={})
+        while True:
+            remaining = started + timeout - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"cell did not finish within {timeout}s: {code!r}")
+            try:
+                msg = self.kc.get_iopub_msg(timeout=remaining)
+            except queue.Empty:
+                continue
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            kind, content = msg["msg_type"], msg["content"]
+            if kind == "stream":
+                cell.streams.append((time.monotonic() - started, content["name"], content["text"]))
+            elif kind == "execute_result":
+                cell.results.append(content["data"]["text/plain"])
+            elif kind == "error":
+                cell.errors.append(content)
+            elif kind == "status" and content["execution_state"] == "idle":
+                break
+        while True:
+            reply = self.kc.get_shell_msg(timeout=10)
+            if reply["parent_header"].get("msg_id") == msg_id:
+                break
+        cell.reply = reply["content"]
+        cell.seconds = time.monotonic() - started
+        return cell
+
+
+@pytest.fixture(scope="module")
+def kernels() -> Iterator[dict[str, Driver]]:
+    started: dict[str, Driver] = {}
+    yield started
+    for driver in started.values():
+        driver.kc.stop_channels()
+        driver.km.shutdown_kernel(now=True)
+
+
+@pytest.fixture(params=KERNELS)
+def kernel(request: pytest.FixtureRequest, kernels: dict[str, Driver]) -> Driver:
+    """One kernel per language, shared by the module's tests (start-up costs ~1 s)."""
+    name: str = request.param
+    if name not in kernels:
+        km, kc = start_new_kernel(kernel_name=name)
+        kernels[name] = Driver(km, kc)
+    return kernels[name]
+
+
+def lang(kernel: Driver) -> str:
+    return "js" if kernel.km.kernel_name == "kb-javascript" else "rb"
+
+
+CODE: dict[str, dict[str, str]] = {
+    "hello": {"js": 'console.log("hello, world")', "rb": 'puts "hello, world"'},
+    "stderr": {"js": 'console.error("oops"); console.warn("w")', "rb": '$stderr.puts "oops"; warn "w"'},
+    "define": {
+        "js": "let a = 1; const b = 2; function twice(n) { return 2 * n }",
+        "rb": "a = 1; b = 2; def twice(n) = 2 * n",
+    },
+    "use": {"js": "twice(a + b)", "rb": "twice(a + b)"},
+    "raise": {"js": 'throw new TypeError("bad thing")', "rb": 'raise ArgumentError, "bad thing"'},
+    "exit3": {"js": 'console.log("bye"); process.exit(3)', "rb": 'puts "bye"; exit 3'},
+    "stream": {
+        "js": "for (let i = 0; i < 3; i++) { console.log(i); await new Promise(r => setTimeout(r, 400)) }",
+        "rb": "3.times { |i| puts i; sleep 0.4 }",
+    },
+    "busy": {"js": "let n = 0; while (true) { n++ }", "rb": "n = 0; loop { n += 1 }"},
+    "timer": {"js": "await new Promise(r => setTimeout(r, 60000))", "rb": "sleep 60"},
+}
+
+
+def test_hello_world(kernel: Driver) -> None:
+    cell = kernel.run(CODE["hello"][lang(kernel)])
+    assert cell.text("stdout") == "hello, world\n"
+    assert cell.reply["status"] == "ok"
+    assert cell.reply["exit_code"] == 0
+    assert cell.results == [] and cell.errors == []
+
+
+def test_state_across_cells(kernel: Driver) -> None:
+    assert kernel.run(CODE["define"][lang(kernel)]).reply["status"] == "ok"
+    cell = kernel.run(CODE["use"][lang(kernel)])
+    assert cell.results == ["6"]
+    assert cell.reply["exit_code"] == 0
+
+
+def test_stderr_is_its_own_stream(kernel: Driver) -> None:
+    cell = kernel.run(CODE["stderr"][lang(kernel)])
+    assert cell.text("stderr") == "oops\nw\n"
+    assert cell.text("stdout") == ""
+    assert cell.reply["exit_code"] == 0
+
+
+def test_uncaught_error(kernel: Driver) -> None:
+    cell = kernel.run(CODE["raise"][lang(kernel)])
+    ename = {"js": "TypeError", "rb": "ArgumentError"}[lang(kernel)]
+    assert cell.reply["status"] == "error"
+    assert cell.reply["exit_code"] == 1
+    assert (cell.reply["ename"], cell.reply["evalue"]) == (ename, "bad thing")
+    assert [(e["ename"], e["evalue"]) for e in cell.errors] == [(ename, "bad thing")]
+    assert any("cell-" in line for line in cell.errors[0]["traceback"])
+    assert cell.text("stderr") == ""
+
+
+def test_exit_code_and_next_cell(kernel: Driver) -> None:
+    kernel.run("kept = 41" if lang(kernel) == "rb" else "var kept = 41")
+    cell = kernel.run(CODE["exit3"][lang(kernel)])
+    assert cell.text("stdout") == "bye\n"
+    assert cell.reply["exit_code"] == 3
+    assert cell.reply["status"] == "error"
+    assert (cell.reply["ename"], cell.reply["evalue"]) == ("ExitCode", "3")
+    after = kernel.run("1 + 1")
+    assert after.results == ["2"] and after.reply["exit_code"] == 0
+    if lang(kernel) == "js":
+        # Node is gone, so is its state, and the user is told.
+        assert "state" not in after.text("stderr")
+        assert "restarted" in cell.text("stderr")
+        assert kernel.run("typeof kept").results == ["'undefined'"]
+    else:
+        # Ruby's SystemExit is rescued in the host: state survives.
+        assert kernel.run("kept + 1").results == ["42"]
+
+
+def test_output_streams_while_cell_runs(kernel: Driver) -> None:
+    cell = kernel.run(CODE["stream"][lang(kernel)])
+    lines = [(t, text) for t, name, text in cell.streams if name == "stdout"]
+    assert "".join(text for _, text in lines) == "0\n1\n2\n"
+    assert cell.seconds >= 1.1
+    # The first line arrived long before the cell ended, the rest spread out.
+    assert lines[0][0] < cell.seconds - 0.7
+    assert len(lines) == 3 and lines[2][0] - lines[0][0] >= 0.6
+
+
+@pytest.mark.parametrize("code", ["busy", "timer"])
+def test_interrupt_keeps_kernel_and_state(kernel: Driver, code: str) -> None:
+    kernel.run("kept_i = 7" if lang(kernel) == "rb" else "var kept_i = 7")
+    cell = kernel.run(CODE[code][lang(kernel)], interrupt_after=0.7, timeout=20)
+    assert cell.seconds < 5
+    assert cell.reply["status"] == "error"
+    assert cell.reply["exit_code"] == 130
+    assert cell.reply.get("interrupted") is True
+    assert len(cell.errors) == 1
+    # The host honoured SIGINT, so nothing was restarted and state is intact.
+    assert kernel.run("kept_i * 6").results == ["42"]
+    if code == "busy":
+        assert kernel.run("n > 0").results == ["true"]
+
+
+@_needs("kb-javascript")
+def test_js_specifics(kernels: dict[str, Driver]) -> None:
+    js = kernels.get("kb-javascript")
+    if js is None:
+        km, kc = start_new_kernel(kernel_name="kb-javascript")
+        js = kernels["kb-javascript"] = Driver(km, kc)
+    # Re-running a cell that declares with let/const is fine (V8's REPL mode).
+    assert js.run("let r = 1; const c = 2").reply["status"] == "ok"
+    assert js.run("let r = 10; const c = 20").reply["status"] == "ok"
+    assert js.run("r + c").results == ["30"]
+    assert js.run("const z = await Promise.resolve(5); z * 2").results == ["10"]
+    assert js.run("({a: 1, b: 'x'})").results == ["{ a: 1, b: 'x' }"]
+    assert js.run("{a: 1}").results == ["{ a: 1 }"]
+    rejected = js.run("Promise.reject(new RangeError('nope')); undefined")
+    assert rejected.reply["exit_code"] == 1
+    assert [e["ename"] for e in rejected.errors] == ["RangeError"]
+    assert js.run("let s = (").reply["ename"] == "SyntaxError"
+    assert js.run("require('path').join('a', 'b')").results == ["'a/b'"]
+    clean_exit = js.run("process.exit(0)")
+    assert clean_exit.reply["status"] == "ok" and clean_exit.reply["exit_code"] == 0
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_missing_runtime_fails_clearly(name: str, tmp_path: Path) -> None:
+    module = {"kb-javascript": "javascript_kernel", "kb-ruby": "ruby_kernel"}[name]
+    env = {**os.environ, "PATH": str(tmp_path), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", f"kernelspecs.{module}", "-f", str(tmp_path / "conn.json")],
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 1
+    assert f"'{RUNTIME[name]}' executable was not found" in proc.stderr
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node not found on PATH")
+class JavaScriptConformance(jupyter_kernel_test.KernelTests):
+    kernel_name = "kb-javascript"
+    language_name = "javascript"
+    file_extension = ".js"
+    code_hello_world = 'console.log("hello, world")'
+    code_stderr = 'console.error("test")'
+    code_generate_error = "null.boom"
+    code_execute_result: ClassVar[list[dict[str, str]]] = [  # type: ignore[misc]
+        {"code": "6 * 7", "result": "42"},
+        {"code": "'a' + 'b'", "result": "'ab'"},
+    ]
+    completion_samples: ClassVar[list[dict[str, Any]]] = [  # type: ignore[misc]
+        {"text": "conso", "matches": {"console"}},
+        {"text": "console.tabl", "matches": {"table"}},
+    ]
+
+
+@pytest.mark.skipif(shutil.which("ruby") is None, reason="ruby not found on PATH")
+class RubyConformance(jupyter_kernel_test.KernelTests):
+    kernel_name = "kb-ruby"
+    language_name = "ruby"
+    file_extension = ".rb"
+    code_hello_world = 'puts "hello, world"'
+    code_stderr = '$stderr.puts "test"'
+    code_generate_error = "nil.boom"
+    code_execute_result: ClassVar[list[dict[str, str]]] = [  # type: ignore[misc]
+        {"code": "6 * 7", "result": "42"},
+        {"code": "'a' + 'b'", "result": '"ab"'},
+    ]
+    completion_samples: ClassVar[list[dict[str, Any]]] = [  # type: ignore[misc]
+        {"text": "$stdou", "matches": {"$stdout"}},
+        {"text": "Intege", "matches": {"Integer"}},
+    ]
