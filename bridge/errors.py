@@ -10,6 +10,8 @@
      │    ├── LimitExceeded        asks for more than the server's hard limits
      │    └── UnsafePath           a path that leaves the session's working dir
      ├── AuthFailed                missing, unknown, inactive or badly signed credentials
+     ├── Forbidden                 the keypair may not do this to that target (a read-only
+     │                             folder, a folder it does not own, a mounted folder's path)
      ├── QuotaExceeded             keypair concurrency reached
      ├── RateLimited               too many executions in the window
      ├── Conflict                  the target's state forbids the call
@@ -73,6 +75,10 @@ class UnsafePath(InvalidRequest):
 
 
 class AuthFailed(BridgeError):
+    pass
+
+
+class Forbidden(BridgeError):
     pass
 
 

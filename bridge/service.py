@@ -5,15 +5,18 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from typing import Any
 
-from .errors import InvalidRequest, NotFound
+from . import batch
+from .folders import SCHEMA as FOLDERS_SCHEMA
+from .folders import Folders
 from .kernels import Kernel, launch, spec_manager
 from .keypairs import Keypair, Keypairs
 from .runs import Run
 from .sandbox import Confinement, Mount, Sandbox
-from .sessions import Session, Sessions
+from .sessions import Session, Sessions, now_iso
 from .settings import Settings
 from .store import Store
 
@@ -29,10 +32,12 @@ class Bridge:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.sandbox = Sandbox(settings.sandbox)  # raises SandboxUnavailable
-        self.store = Store(settings.db_path)
+        self.store = Store(settings.db_path, extra_schema=FOLDERS_SCHEMA)
         self.keypairs = Keypairs(self.store, settings.default_concurrency)
         self.kernelspecs = spec_manager()
         self.sessions = Sessions(settings, self.store, self.keypairs, self.start_kernel)
+        self.folders = Folders(self.store, settings.folders_dir, now_iso, self._keypair_exists)
+        self.folders.in_use = self._mounted_in
 
     async def start_kernel(self, spec: str, confinement: Confinement) -> Kernel:
         """The one launch function: every kernel of every dialect starts here."""
@@ -44,13 +49,22 @@ class Bridge:
 
         Raises NotFound for a folder the keypair cannot see.
         """
-        if not specs:
-            return ()
-        raise NotFound(f"No virtual folder {specs[0].split(':')[0]!r} for this keypair.")
+        return await self.folders.mounts(access_key, specs)
 
     def batch_run(self, session: Session, options: dict[str, Any], run_id: str | None) -> Run:
-        """A batch run (clean → build → exec) for ``session``."""
-        raise InvalidRequest("Batch mode is not available yet.")
+        """A batch run (clean → build → exec) for ``session``. Raises InvalidRequest."""
+        opts = batch.BatchOptions.parse(options, session.language)
+        return self.sessions.new_run(session, "batch", "", batch.program(
+            session, opts, self.start_kernel), run_id=run_id, options=options)
+
+    def _keypair_exists(self, access_key: str) -> bool:
+        return any(kp.access_key == access_key for kp in self.keypairs.all())
+
+    def _mounted_in(self, host: Path) -> str | None:
+        for s in self.sessions.all():
+            if any(m.host == host for m in s.mounts):
+                return s.name
+        return None
 
     async def start(self) -> Started:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)

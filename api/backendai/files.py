@@ -1,0 +1,140 @@
+"""Backend.AI session files: upload, list, download, download_single (backendai.md §3.5).
+
+As the real SDK sends them: upload is multipart/form-data with parts named ``src`` whose
+filenames are percent-encoded paths; list and download are GETs with a JSON body (or the same
+keys in the query string). Paths are checked once, in :mod:`bridge.files`.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+from urllib.parse import quote, unquote
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from bridge import files
+from bridge.errors import InvalidRequest
+
+from .handlers import PREFIX, BackendAIHandler
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ListFiles(_Params):
+    path: str = Field(".", description="a directory under /home/work (or the folder's top)")
+
+
+class Download(_Params):
+    files: list[str] = Field(..., description=f"at most {files.MAX_DOWNLOAD_FILES} paths")
+
+
+class DownloadSingle(_Params):
+    file: str
+
+
+class FilesHandler(BackendAIHandler):
+    """Shared request and response helpers of the session and folder file routes."""
+
+    LIST_KEYS: tuple[str, ...] = ("files",)
+
+    def params(self) -> dict[str, Any]:
+        """The JSON body's keys, else the query string's (GET with a body is what the SDK
+        sends; browsers and curl use the query)."""
+        body = self.json_object()
+        if not isinstance(body, dict):
+            raise InvalidRequest("The request body must be a JSON object.")
+        if body:
+            return body
+        out: dict[str, Any] = {}
+        for key, values in self.request.query_arguments.items():
+            decoded = [v.decode(errors="replace") for v in values]
+            out[key] = decoded if key in self.LIST_KEYS else decoded[-1]
+        return out
+
+    def uploaded(self) -> list[tuple[str, bytes]]:
+        """(percent-decoded filename, bytes) of every file part. Raises InvalidRequest."""
+        ctype = self.request.headers.get("Content-Type", "")
+        if not ctype.startswith("multipart/form-data"):
+            raise InvalidRequest("Upload needs a multipart/form-data body with parts named "
+                                 "'src'.")
+        out = []
+        for parts in self.request.files.values():
+            for part in parts:
+                name = unquote(part.filename or "")
+                if not name.strip():
+                    raise InvalidRequest("An uploaded part has no filename.")
+                out.append((name, part.body))
+        return out
+
+    def send_listing(self, items: list[dict[str, Any]], path: str) -> None:
+        # The docs call the path key folder_path, the manager's code abspath: send both.
+        self.send({"files": files.files_json(items), "errors": "", "abspath": path,
+                   "folder_path": path})
+
+    def send_archives(self, archives: list[tuple[str, bytes]]) -> None:
+        """multipart/mixed, one tar archive per requested path, as the SDK reads it."""
+        boundary = secrets.token_hex(16)
+        chunks: list[bytes] = []
+        for name, data in archives:
+            head = (f"--{boundary}\r\nContent-Type: application/x-tar\r\n"
+                    f"Content-Disposition: attachment; filename*=utf-8''{quote(name)}\r\n"
+                    "Content-Encoding: identity\r\nContent-Transfer-Encoding: binary\r\n\r\n")
+            chunks += [head.encode(), data, b"\r\n"]
+        chunks.append(f"--{boundary}--\r\n".encode())
+        self.set_header("Content-Type", f"multipart/mixed; boundary={boundary}")
+        self.finish(b"".join(chunks))
+
+    def send_file(self, name: str, data: bytes) -> None:
+        self.set_header("Content-Type", "application/octet-stream")
+        self.set_header("Content-Disposition", f"attachment; filename*=utf-8''{quote(name)}")
+        self.finish(data)
+
+    def session_area(self, ident: str) -> files.Area:
+        s = self.session(ident)
+        return files.Area(root=s.workdir, label="/home/work", mounts=s.mounts)
+
+
+class SessionUploadHandler(FilesHandler):
+    async def post(self, ident: str) -> None:
+        """Write the uploaded files under /home/work: 204. 400/403/404."""
+        area = self.session_area(ident)
+        await files.upload(area, self.uploaded())
+        self.send(None, 204)
+
+
+class SessionFilesHandler(FilesHandler):
+    async def get(self, ident: str) -> None:
+        """List a directory: {"files": "<json>", "errors", "abspath"}. 400/404."""
+        area = self.session_area(ident)
+        q = self.parse(ListFiles, self.params())
+        self.send_listing(await files.listing(area, q.path), q.path)
+
+
+class SessionDownloadHandler(FilesHandler):
+    async def get(self, ident: str) -> None:
+        """multipart/mixed of tar archives, one per path (at most 5). 400/404."""
+        area = self.session_area(ident)
+        q = self.parse(Download, self.params())
+        self.send_archives(await files.tar_archives(area, q.files))
+
+
+class SessionDownloadSingleHandler(FilesHandler):
+    async def get(self, ident: str) -> None:
+        """One file's bytes (as manager 23.09 does). 400/404."""
+        area = self.session_area(ident)
+        q = self.parse(DownloadSingle, self.params())
+        self.send_file(*await files.read_file(area, q.file))
+
+
+def routes() -> list[tuple[str, type[BackendAIHandler]]]:
+    # Registered before handlers.routes(): its PREFIX/([^/]+) would otherwise match first.
+    return [
+        (PREFIX + r"/([^/]+)/upload", SessionUploadHandler),
+        (PREFIX + r"/([^/]+)/files", SessionFilesHandler),
+        (PREFIX + r"/([^/]+)/download", SessionDownloadHandler),
+        (PREFIX + r"/([^/]+)/download_single", SessionDownloadSingleHandler),
+    ]
+

@@ -1,0 +1,327 @@
+"""Files of a session's working dir or of a virtual folder: the one place that decides what a
+client path may touch.
+
+A client names a file by a path relative to ``/home/work`` (or absolute under it); a folder's
+paths are relative to its top. :func:`parts_of` is the lexical check: ``..``, NUL bytes,
+absolute paths elsewhere are refused before anything is opened. The disk is then walked one
+component at a time with ``O_NOFOLLOW`` relative to the previous directory's descriptor, so a
+symbolic link is never followed (user code may plant one pointing anywhere on the host) and a
+link swapped in while we walk is refused too. Everything blocking runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import io
+import json
+import os
+import stat
+import tarfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from .errors import Forbidden, InvalidRequest, NotFound, UnsafePath
+from .sandbox import WORKDIR, Mount
+
+MAX_UPLOAD_FILES = 20  # Backend.AI's limits (seed 000)
+MAX_UPLOAD_BYTES = 1024 * 1024
+MAX_DOWNLOAD_FILES = 5
+MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024  # a download is built in memory: bound it
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@dataclass(frozen=True)
+class Area:
+    """A tree clients reach through the files API: a session's working dir or a folder."""
+
+    root: Path  # host directory
+    label: str  # what clients call its top, for messages
+    writable: bool = True
+    mounts: tuple[Mount, ...] = ()  # folders mounted under it (sessions only)
+    session: bool = True  # paths may be absolute under /home/work
+
+    def locate(self, path: str, *, write: bool) -> tuple[Path, tuple[str, ...]]:
+        """(host root, components) for a client path. Raises UnsafePath, Forbidden."""
+        parts = parts_of(path, absolute_base=WORKDIR if self.session else None)
+        for m in self.mounts:
+            target = tuple(PurePosixPath(m.target).parts)
+            if parts[:len(target)] == target:
+                if write:
+                    # Seed 000: uploads never go into a mounted folder through a session.
+                    raise Forbidden(f"{path!r} is inside the mounted folder {m.target!r}; "
+                                    "upload to the folder through the folders API.")
+                return m.host, parts[len(target):]
+        if write and not self.writable:
+            raise Forbidden(f"{self.label} is read-only for this keypair.")
+        return self.root, parts
+
+
+def parts_of(path: str, *, absolute_base: str | None = WORKDIR) -> tuple[str, ...]:
+    """The components of a client path, refusing anything that could leave its base.
+
+    Raises UnsafePath.
+    """
+    if "\x00" in path:
+        raise UnsafePath(path, "it contains a NUL byte")
+    p = PurePosixPath(path)
+    if p.is_absolute():
+        base = PurePosixPath(absolute_base) if absolute_base else None
+        if base is None or not (p == base or base in p.parents):
+            where = absolute_base or "the folder"
+            raise UnsafePath(path, f"absolute paths must be under {where}")
+        p = p.relative_to(base)
+    parts = tuple(x for x in p.parts if x not in ("", "."))
+    if ".." in parts:
+        raise UnsafePath(path, "'..' is not allowed")
+    return parts
+
+
+# -- descriptor walking (worker thread only) ---------------------------------------------------
+
+def _refusal(dir_fd: int, name: str, shown: str) -> Exception:
+    """Why ``name`` could not be opened as a directory."""
+    try:
+        st = os.lstat(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return NotFound(f"No such file or directory: {shown!r}.")
+    if stat.S_ISLNK(st.st_mode):
+        return UnsafePath(shown, "it is a symbolic link, and links are never followed")
+    return InvalidRequest(f"{shown!r} is not a directory.")
+
+
+@contextmanager
+def _open_dir(root: Path, parts: Sequence[str], *, create: bool = False) -> Iterator[int]:
+    """A descriptor for ``root/parts``, never following a link. Raises NotFound, UnsafePath."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for i, name in enumerate(parts):
+            shown = "/".join(parts[:i + 1])
+            try:
+                nfd = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    raise NotFound(f"No such file or directory: {shown!r}.") from None
+                os.mkdir(name, 0o755, dir_fd=fd)
+                nfd = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise _refusal(fd, name, shown) from None
+                raise
+            os.close(fd)
+            fd = nfd
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _check_writable(root: Path, parts: tuple[str, ...], shown: str) -> None:
+    """Refuse, before anything is written, a target that is or passes a link or a non-dir."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for i, name in enumerate(parts):
+            try:
+                st = os.lstat(name, dir_fd=fd)
+            except FileNotFoundError:
+                return  # the rest will be created
+            if stat.S_ISLNK(st.st_mode):
+                raise UnsafePath(shown, "it passes a symbolic link, and links are never followed")
+            last = i == len(parts) - 1
+            if last and stat.S_ISDIR(st.st_mode):
+                raise InvalidRequest(f"{shown!r} is a directory.")
+            if last:
+                return
+            if not stat.S_ISDIR(st.st_mode):
+                raise InvalidRequest(f"{'/'.join(parts[:i + 1])!r} is not a directory.")
+            nfd = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+    finally:
+        os.close(fd)
+
+
+def _write_all(targets: list[tuple[Path, tuple[str, ...], str, bytes]]) -> None:
+    for root, parts, shown, _ in targets:  # all-or-nothing: check every target first
+        _check_writable(root, parts, shown)
+    for root, parts, shown, data in targets:
+        with _open_dir(root, parts[:-1], create=True) as dfd:
+            try:
+                fd = os.open(parts[-1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, 0o644, dir_fd=dfd)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise UnsafePath(shown, "it is a symbolic link") from None
+                raise
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+
+
+def _entry(name: str, st: os.stat_result) -> dict[str, Any]:
+    return {"filename": name, "size": st.st_size, "mode": stat.filemode(st.st_mode),
+            "ctime": st.st_ctime, "mtime": st.st_mtime, "atime": st.st_atime}
+
+
+def _list(root: Path, parts: tuple[str, ...]) -> list[dict[str, Any]]:
+    with _open_dir(root, parts) as fd:
+        items = []
+        with os.scandir(fd) as it:
+            for e in it:
+                items.append(_entry(e.name, e.stat(follow_symlinks=False)))
+    return sorted(items, key=lambda x: x["filename"])
+
+
+def _open_file(root: Path, parts: tuple[str, ...], shown: str) -> tuple[int, os.stat_result]:
+    """An O_NOFOLLOW descriptor of a regular file or directory and its stat."""
+    if not parts:
+        with _open_dir(root, ()) as fd:
+            return os.dup(fd), os.fstat(fd)
+    with _open_dir(root, parts[:-1]) as dfd:
+        try:
+            fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+                         | os.O_NONBLOCK, dir_fd=dfd)
+        except FileNotFoundError:
+            raise NotFound(f"No such file or directory: {shown!r}.") from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UnsafePath(shown, "it is a symbolic link, and links are never followed"
+                                 ) from None
+            raise
+    st = os.fstat(fd)
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        os.close(fd)
+        raise InvalidRequest(f"{shown!r} is neither a file nor a directory.")
+    return fd, st
+
+
+class _Budget:
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+
+    def take(self, n: int, shown: str) -> None:
+        self.left -= n
+        if self.left < 0:
+            raise InvalidRequest(f"Download of {shown!r} exceeds {MAX_DOWNLOAD_BYTES} bytes.")
+
+
+def _add_tree(tar: tarfile.TarFile, fd: int, st: os.stat_result, arcname: str,
+              budget: _Budget) -> None:
+    """Add an open file or directory; links inside a directory go in as links, unfollowed."""
+    info = tarfile.TarInfo(arcname)
+    info.mode, info.mtime = stat.S_IMODE(st.st_mode), int(st.st_mtime)
+    if stat.S_ISREG(st.st_mode):
+        budget.take(st.st_size, arcname)
+        info.size = st.st_size
+        with os.fdopen(os.dup(fd), "rb") as f:
+            tar.addfile(info, f)
+        return
+    info.type = tarfile.DIRTYPE
+    tar.addfile(info)
+    for name in sorted(os.listdir(fd)):
+        child = f"{arcname}/{name}"
+        cst = os.lstat(name, dir_fd=fd)
+        if stat.S_ISLNK(cst.st_mode):
+            link = tarfile.TarInfo(child)
+            link.type, link.linkname = tarfile.SYMTYPE, os.readlink(name, dir_fd=fd)
+            tar.addfile(link)
+            continue
+        if not (stat.S_ISREG(cst.st_mode) or stat.S_ISDIR(cst.st_mode)):
+            continue  # sockets, fifos, devices: nothing to download
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        try:
+            cfd = os.open(name, flags, dir_fd=fd)
+        except OSError:
+            continue  # vanished or swapped for a link meanwhile: skip it, never follow it
+        try:
+            _add_tree(tar, cfd, os.fstat(cfd), child, budget)
+        finally:
+            os.close(cfd)
+
+
+def _tar(root: Path, parts: tuple[str, ...], shown: str, budget: _Budget) -> bytes:
+    fd, st = _open_file(root, parts, shown)
+    buf = io.BytesIO()
+    try:
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            _add_tree(tar, fd, st, parts[-1] if parts else ".", budget)
+    finally:
+        os.close(fd)
+    return buf.getvalue()
+
+
+def _read(root: Path, parts: tuple[str, ...], shown: str) -> bytes:
+    fd, st = _open_file(root, parts, shown)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidRequest(f"{shown!r} is a directory; use download for directories.")
+        if st.st_size > MAX_DOWNLOAD_BYTES:
+            raise InvalidRequest(f"{shown!r} exceeds {MAX_DOWNLOAD_BYTES} bytes.")
+        return f.read(MAX_DOWNLOAD_BYTES + 1)
+
+
+# -- the async API ------------------------------------------------------------------------------
+
+async def upload(area: Area, files: Sequence[tuple[str, bytes]]) -> list[str]:
+    """Write ``(path, data)`` pairs, creating directories; all or nothing.
+
+    Raises InvalidRequest (too many, too large, empty name), UnsafePath, Forbidden.
+    """
+    if not files:
+        raise InvalidRequest("No files in the upload (send multipart parts named 'src').")
+    if len(files) > MAX_UPLOAD_FILES:
+        raise InvalidRequest(f"Too many files: {len(files)} (at most {MAX_UPLOAD_FILES}).")
+    targets = []
+    for path, data in files:
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise InvalidRequest(f"Too large file: {path!r} has {len(data)} bytes "
+                                 f"(at most {MAX_UPLOAD_BYTES}).")
+        root, parts = area.locate(path, write=True)
+        if not parts:
+            raise UnsafePath(path, "it names the top directory, not a file")
+        targets.append((root, parts, path, data))
+    await asyncio.to_thread(_write_all, targets)
+    return ["/".join(t[1]) for t in targets]
+
+
+async def listing(area: Area, path: str) -> list[dict[str, Any]]:
+    """``{filename, size, mode, ctime, mtime, atime}`` of each entry of a directory.
+
+    Raises NotFound, UnsafePath, InvalidRequest (not a directory).
+    """
+    root, parts = area.locate(path, write=False)
+    items: list[dict[str, Any]] = await asyncio.to_thread(_list, root, parts)
+    return items
+
+
+async def tar_archives(area: Area, paths: Sequence[str]) -> list[tuple[str, bytes]]:
+    """One tar archive per path (a file, or a directory with its contents).
+
+    Raises InvalidRequest (none, too many, too big), NotFound, UnsafePath.
+    """
+    if not paths:
+        raise InvalidRequest("No files to download: send {\"files\": [...]}.")
+    if len(paths) > MAX_DOWNLOAD_FILES:
+        raise InvalidRequest(f"Too many files: {len(paths)} (at most {MAX_DOWNLOAD_FILES}).")
+    located = [(p, *area.locate(p, write=False)) for p in paths]  # lexical checks first
+    budget = _Budget(MAX_DOWNLOAD_BYTES)
+
+    def build() -> list[tuple[str, bytes]]:
+        return [((parts[-1] if parts else "work") + ".tar", _tar(root, parts, p, budget))
+                for p, root, parts in located]
+
+    return await asyncio.to_thread(build)
+
+
+async def read_file(area: Area, path: str) -> tuple[str, bytes]:
+    """The bytes of one regular file. Raises NotFound, UnsafePath, InvalidRequest."""
+    root, parts = area.locate(path, write=False)
+    data = await asyncio.to_thread(_read, root, parts, path)
+    return (parts[-1] if parts else ""), data
+
+
+def files_json(items: list[dict[str, Any]]) -> str:
+    """Backend.AI sends the listing as a JSON string inside the JSON body."""
+    return json.dumps(items)
