@@ -11,6 +11,8 @@ from bridge.service import Bridge
 from . import openapi
 from .backendai import files as backendai_files
 from .backendai import folders as backendai_folders
+from .backendai import files as backendai_files
+from .backendai import folders as backendai_folders
 from .backendai import handlers as backendai
 from .base import BaseHandler
 from .backendai.errors import BACKENDAI
@@ -47,6 +49,8 @@ def operations() -> list[openapi.Operation]:
 
 def route_table() -> list[tuple[str, type[RequestHandler]]]:
     table: list[tuple[str, type[RequestHandler]]] = [(r"/api/openapi\.json", OpenAPIHandler)]
+    # Files and folders first: tornado takes the first match, and PREFIX/([^/]+) is a catch-all.
+    table += backendai_files.routes() + backendai_folders.routes()
     # Files and folders first: tornado takes the first match, and PREFIX/([^/]+) is a catch-all.
     table += backendai_files.routes() + backendai_folders.routes()
     table += backendai.routes()

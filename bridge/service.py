@@ -6,6 +6,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from pathlib import Path
 
 from typing import Any
 
@@ -36,6 +37,8 @@ class Bridge:
         self.keypairs = Keypairs(self.store, settings.default_concurrency)
         self.kernelspecs = spec_manager()
         self.sessions = Sessions(settings, self.store, self.keypairs, self.start_kernel)
+        self.folders = Folders(self.store, settings.folders_dir, now_iso, self._keypair_exists)
+        self.folders.in_use = self._mounted_in
         self.folders = Folders(self.store, settings.folders_dir, now_iso, self._keypair_exists)
         self.folders.in_use = self._mounted_in
 
