@@ -14,6 +14,7 @@ from .backendai import folders as backendai_folders
 from .backendai import files as backendai_files
 from .backendai import folders as backendai_folders
 from .backendai import handlers as backendai
+from .jupyter import handlers as jupyter
 from .base import BaseHandler
 from .backendai.errors import BACKENDAI
 
@@ -44,6 +45,7 @@ class OpenAPIHandler(BaseHandler):
 def operations() -> list[openapi.Operation]:
     ops: list[openapi.Operation] = []
     ops += backendai.OPERATIONS
+    ops += jupyter.OPERATIONS
     return ops
 
 
@@ -53,6 +55,7 @@ def route_table() -> list[tuple[str, type[RequestHandler]]]:
     table += backendai_files.routes() + backendai_folders.routes()
     # Files and folders first: tornado takes the first match, and PREFIX/([^/]+) is a catch-all.
     table += backendai_files.routes() + backendai_folders.routes()
+    table += jupyter.routes()
     table += backendai.routes()
     return table
 

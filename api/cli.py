@@ -1,4 +1,4 @@
-"""The ``kernel-bridge`` command: serve, keys."""
+"""The ``kernel-bridge`` command: serve, keys, kernelspecs, run."""
 
 from __future__ import annotations
 
@@ -80,6 +80,9 @@ def parser() -> argparse.ArgumentParser:
     where.add_argument("--user", action="store_true", help="into ~/.local/share/jupyter")
     where.add_argument("--sys-prefix", action="store_true", help="into this environment")
     where.add_argument("--prefix", help="into PREFIX/share/jupyter")
+    from .jupyter.run import add_parser as add_run_parser
+
+    add_run_parser(sub)
     return p
 
 
@@ -105,6 +108,14 @@ def main(argv: list[str] | None = None) -> int:
         for name, path in install(user=args.user, prefix=prefix):
             print(f"installed {name} in {path}")
         return 0
+    if args.command == "run":
+        from .jupyter.run import main as run_notebook
+
+        try:
+            return run_notebook(args)
+        except SandboxUnavailable as exc:
+            print(f"kernel-bridge: {exc}", file=sys.stderr)
+            return 2
     if args.command == "keys":
         return asyncio.run(_keys(settings, args.action, args.json))
     return 2

@@ -13,6 +13,7 @@ from typing import Any
 from . import batch
 from .folders import SCHEMA as FOLDERS_SCHEMA
 from .folders import Folders
+from .gateway import Gateway
 from .kernels import Kernel, launch, spec_manager
 from .keypairs import Keypair, Keypairs
 from .runs import Run
@@ -37,6 +38,7 @@ class Bridge:
         self.keypairs = Keypairs(self.store, settings.default_concurrency)
         self.kernelspecs = spec_manager()
         self.sessions = Sessions(settings, self.store, self.keypairs, self.start_kernel)
+        self.gateway = Gateway(self.sessions, self.kernelspecs)
         self.folders = Folders(self.store, settings.folders_dir, now_iso, self._keypair_exists)
         self.folders.in_use = self._mounted_in
         self.folders = Folders(self.store, settings.folders_dir, now_iso, self._keypair_exists)

@@ -1,0 +1,1 @@
+"""The Jupyter dialect: Jupyter Server's kernel REST API and kernel WebSocket, and notebook runs."""

@@ -1,0 +1,20 @@
+"""The Jupyter dialect's base handler."""
+
+from __future__ import annotations
+
+from bridge.sessions import Session
+
+from ..base import BaseHandler
+from .errors import JUPYTER
+
+
+class JupyterHandler(BaseHandler):
+    dialect = JUPYTER
+
+    def kernel(self, kernel_id: str) -> Session:
+        """The keypair's kernel (session) by id. Raises SessionNotFound."""
+        return self.bridge.gateway.get(self.keypair.access_key, kernel_id)
+
+    def set_default_headers(self) -> None:
+        # Jupyter Server never lets a proxy cache API answers; the gateway polls them.
+        self.set_header("Cache-Control", "no-store")

@@ -1,0 +1,346 @@
+"""The core side of the Jupyter pass-through: kernelspecs, kernel models, and per-connection relays.
+
+A Jupyter client (JupyterLab through jupyter_server's GatewayClient, or any WebSocket client)
+speaks the kernel's own messaging protocol. Each connection gets a :class:`Relay` with its own
+jupyter_client channels to the session's kernel: its own session id, so its shell and stdin
+sockets have their own ZMQ identity and the kernel routes ``input_request``s and replies to it and
+to nobody else. Messages pass through unchanged except for the signature, which is made again with
+the kernel's key on the way in (the client never sees the key) and checked on the way out.
+
+What a Jupyter kernel model shows (``execution_state``, ``last_activity``, ``connections``) is
+tracked here per session, from the status messages the relays see and the session's own runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from jupyter_client.asynchronous.client import AsyncKernelClient
+from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+from .errors import InvalidRequest, KernelDied, NotFound, UnsafePath
+from .kernels import Kernel
+from .languages import LANGUAGES, Language, resolve
+from .messages import Channel, Message
+from .sessions import Session, Sessions
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SPEC = "kb-python"
+# Names other Jupyters give the same kernels; a notebook saved elsewhere says "python3".
+SPEC_ALIASES = {"python3": "kb-python", "python": "kb-python"}
+CLIENT_CHANNELS: frozenset[str] = frozenset({"shell", "stdin", "control"})
+# Only these variables of a POSTed env reach the kernel (as Kernel Gateway does): a client must
+# not set PATH, LD_PRELOAD or the like inside the sandbox.
+ENV_PREFIXES = ("KERNEL_", "JPY_")
+
+
+class NoSuchKernelspec(NotFound):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"No such kernelspec {name!r}.")
+
+
+async def open_client(kernel: Kernel, timeout: float = 10.0) -> AsyncKernelClient:
+    """See :func:`connect`; the nudges' ids are dropped."""
+    client, _ = await connect(kernel, timeout)
+    return client
+
+
+async def connect(kernel: Kernel, timeout: float = 10.0) -> tuple[AsyncKernelClient, set[str]]:
+    """A new client of ``kernel`` with its own session id (hence its own ZMQ identity), whose
+    iopub subscription is known to be live.
+
+    ``KernelManager.client()`` would share the manager's Session object, and two DEALERs with one
+    identity on the kernel's ROUTER lose each other's replies. A fresh SUB socket misses what is
+    published before its subscription reaches the kernel, so nudge with ``kernel_info_request``s
+    on the control channel (answered even while a cell runs) until iopub shows something.
+    """
+    client = AsyncKernelClient()
+    client.load_connection_info(kernel.manager.get_connection_info())
+    client.start_channels(shell=True, iopub=True, stdin=True, hb=False, control=True)
+    sent: set[str] = set()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        msg = client.session.msg("kernel_info_request", {})
+        sent.add(msg["header"]["msg_id"])
+        client.control_channel.send(msg)
+        try:
+            await client.get_iopub_msg(timeout=0.3)
+            break
+        except Exception:  # noqa: BLE001 - queue.Empty: not subscribed yet, nudge again
+            continue
+    else:
+        log.warning("kernel %s: iopub did not answer within %.0f s", kernel.id, timeout)
+    # Swallow the nudges' replies so the connection's client never sees them.
+    pending = set(sent)
+    with contextlib.suppress(Exception):
+        while pending:
+            reply = await client.get_control_msg(timeout=1.0)
+            pending.discard(reply["parent_header"].get("msg_id", ""))
+    return client, sent
+
+
+def language_of_spec(name: str) -> Language:
+    """The language a kernelspec name (``kb-c``, ``python3``) or language name runs. Raises
+    UnknownLanguage."""
+    spec = SPEC_ALIASES.get(name, name)
+    for lang in LANGUAGES:
+        if lang.kernelspec == spec:
+            return lang
+    return resolve(name)
+
+
+def wall_clock(monotonic: float) -> str:
+    """A monotonic instant as an ISO 8601 UTC time, as Jupyter's ``last_activity``."""
+    ts = time.time() - (time.monotonic() - monotonic)
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+@dataclass
+class Activity:
+    """What one session shows as a Jupyter kernel."""
+
+    name: str  # the kernelspec name the client asked for
+    execution_state: str = "idle"
+    relays: set[Relay] = field(default_factory=set)
+    holding: bool = False  # the kernel is busy for a relayed request: keep the reaper off
+
+
+class Gateway:
+    def __init__(self, sessions: Sessions, kernelspecs: KernelSpecManager) -> None:
+        self.sessions = sessions
+        self.ksm = kernelspecs
+        self._activity: dict[str, Activity] = {}
+        self._specs: dict[str, dict[str, Any]] | None = None
+        sessions.on_terminated.append(self._terminated)
+
+    # -- kernelspecs -----------------------------------------------------------------------
+
+    def kernelspecs(self) -> dict[str, dict[str, Any]]:
+        """Every shipped kernelspec whose toolchain is installed, as Jupyter's spec models."""
+        # Read once: the gateway polls this, and neither spec files nor toolchains change while
+        # the server runs.
+        if self._specs is None:
+            specs = {}
+            for lang in LANGUAGES:
+                if lang.available:
+                    with contextlib.suppress(NoSuchKernel):
+                        specs[lang.kernelspec] = self._spec_model(lang.kernelspec)
+            self._specs = specs
+        return self._specs
+
+    def kernelspec(self, name: str) -> dict[str, Any]:
+        """One spec model. Raises NoSuchKernelspec."""
+        spec = SPEC_ALIASES.get(name, name)
+        if spec not in self.kernelspecs():
+            raise NoSuchKernelspec(name)
+        return self._spec_model(spec)
+
+    def _spec_model(self, name: str) -> dict[str, Any]:
+        ks = self.ksm.get_kernel_spec(name)
+        resources = {p.stem: f"/kernelspecs/{name}/{p.name}"
+                     for p in sorted(Path(ks.resource_dir).iterdir())
+                     if p.name.startswith("logo-")}
+        spec = ks.to_dict()
+        spec["interrupt_mode"] = "message"  # what kernels in bwrap get, whatever kernel.json says
+        return {"name": name, "spec": spec, "resources": resources}
+
+    def resource(self, name: str, resource: str) -> Path:
+        """A file of a kernelspec's directory (its logos). Raises NoSuchKernelspec, UnsafePath,
+        NotFound."""
+        spec = SPEC_ALIASES.get(name, name)
+        if spec not in self.kernelspecs():
+            raise NoSuchKernelspec(name)
+        base = Path(self.ksm.get_kernel_spec(spec).resource_dir).resolve()
+        path = (base / resource).resolve()
+        if base not in path.parents:
+            raise UnsafePath(resource, "it is not in the kernelspec's directory")
+        if resource == "kernel.json" or not path.is_file():
+            raise NotFound(f"Kernelspec {name!r} has no resource {resource!r}.")
+        return path
+
+    # -- kernels (sessions seen as Jupyter kernels) ----------------------------------------
+
+    async def create(self, access_key: str, name: str | None,
+                     env: dict[str, str] | None = None) -> Session:
+        """Start a session for kernelspec ``name`` (default python). Raises NoSuchKernelspec,
+        QuotaExceeded, KernelStartFailed."""
+        name = name or DEFAULT_SPEC
+        try:
+            language = language_of_spec(name)
+        except InvalidRequest:
+            raise NoSuchKernelspec(name) from None
+        if not language.available:
+            raise NoSuchKernelspec(name)
+        environ = {k: str(v) for k, v in (env or {}).items() if k.startswith(ENV_PREFIXES)}
+        session = await self.sessions.create(access_key, language, origin="jupyter",
+                                             environ=environ)
+        self._activity[session.id] = Activity(name=name)
+        return session
+
+    def kernels(self, access_key: str) -> list[Session]:
+        return self.sessions.all(access_key)
+
+    def get(self, access_key: str, kernel_id: str) -> Session:
+        """Raises SessionNotFound."""
+        return self.sessions.get(access_key, kernel_id)
+
+    def model(self, session: Session) -> dict[str, Any]:
+        act = self._activity.get(session.id)
+        state = act.execution_state if act is not None else "idle"
+        if session.busy:
+            state = "busy"
+        if session.state.value == "RESTARTING":
+            state = "restarting"
+        elif session.state.value == "ERROR":
+            state = "dead"
+        return {"id": session.id,
+                "name": act.name if act is not None else session.language.kernelspec,
+                "last_activity": wall_clock(session.last_activity),
+                "execution_state": state,
+                "connections": len(act.relays) if act is not None else 0}
+
+    async def restart(self, session: Session) -> None:
+        act = self._activity_of(session)
+        for relay in list(act.relays):
+            relay.status("restarting")
+        self._release(session, act)
+        act.execution_state = "starting"
+        await self.sessions.restart(session)
+        act.execution_state = "idle"
+
+    # -- relays ----------------------------------------------------------------------------
+
+    async def connect(self, session: Session, deliver: Callable[[Channel, Message], None],
+                      on_close: Callable[[], None]) -> Relay:
+        """A relay between one client connection and the session's kernel. Raises KernelDied."""
+        if session.kernel is None:
+            raise KernelDied("The kernel is not running; restart it.")
+        relay = Relay(self, session, deliver, on_close)
+        relay.start(*await connect(session.kernel))
+        self._activity_of(session).relays.add(relay)
+        return relay
+
+    def _activity_of(self, session: Session) -> Activity:
+        act = self._activity.get(session.id)
+        if act is None:
+            act = self._activity[session.id] = Activity(name=session.language.kernelspec)
+        return act
+
+    def observe(self, session: Session, msg: Message) -> None:
+        session.last_activity = time.monotonic()
+        if msg["header"].get("msg_type") != "status":
+            return
+        act = self._activity_of(session)
+        act.execution_state = str(msg["content"].get("execution_state", act.execution_state))
+        # A cell running for a Jupyter client is not idleness: hold the session while busy.
+        if act.execution_state == "busy" and not act.holding:
+            session.holds += 1
+            act.holding = True
+        elif act.execution_state == "idle":
+            self._release(session, act)
+
+    @staticmethod
+    def _release(session: Session, act: Activity) -> None:
+        if act.holding:
+            session.holds -= 1
+            act.holding = False
+
+    def detach(self, relay: Relay) -> None:
+        act = self._activity.get(relay.session.id)
+        if act is not None:
+            act.relays.discard(relay)
+            if not act.relays:
+                self._release(relay.session, act)
+
+    def _terminated(self, session: Session) -> None:
+        act = self._activity.pop(session.id, None)
+        if act is not None:
+            for relay in list(act.relays):
+                asyncio.get_running_loop().create_task(relay.close())
+
+
+class Relay:
+    """One client connection's channels to a kernel."""
+
+    def __init__(self, gateway: Gateway, session: Session,
+                 deliver: Callable[[Channel, Message], None], on_close: Callable[[], None]) -> None:
+        self.gateway = gateway
+        self.session = session
+        self._deliver = deliver
+        self._on_close = on_close
+        self._client: AsyncKernelClient | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._nudges: set[str] = set()
+
+    def start(self, client: AsyncKernelClient, nudges: set[str]) -> None:
+        self._client = client
+        self._nudges = nudges  # iopub status of our own connect-time requests: not the client's
+        self._tasks = [asyncio.create_task(self._pump(ch))
+                       for ch in ("shell", "iopub", "stdin", "control")]
+
+    def send(self, channel: str, msg: dict[str, Any]) -> None:
+        """Forward a client's message, signed with the kernel's key. Raises InvalidRequest."""
+        if self._client is None:
+            raise KernelDied("This connection is closed.")
+        if channel not in CLIENT_CHANNELS:
+            raise InvalidRequest(f"Clients may not send on channel {channel!r}.")
+        header = msg.get("header")
+        if not isinstance(header, dict) or not header.get("msg_type") or not header.get("msg_id"):
+            raise InvalidRequest("A message needs a header with msg_id and msg_type.")
+        wire = {"header": header, "parent_header": msg.get("parent_header") or {},
+                "metadata": msg.get("metadata") or {}, "content": msg.get("content") or {},
+                "buffers": msg.get("buffers") or []}
+        self.session.last_activity = time.monotonic()
+        getattr(self._client, f"{channel}_channel").send(wire)
+
+    def status(self, state: str) -> None:
+        """A synthesized iopub status, as Jupyter Server sends around a restart."""
+        if self._client is not None:
+            msg = self._client.session.msg("status", {"execution_state": state})
+            msg["channel"] = "iopub"
+            self._deliver("iopub", msg)  # type: ignore[arg-type]
+
+    async def _pump(self, channel: Channel) -> None:
+        assert self._client is not None
+        get = getattr(self._client, f"get_{channel}_msg")
+        while True:
+            try:
+                msg: Message = await get()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a bad signature or a closing socket
+                log.info("relay %s: dropped a %s message: %s", self.session.id, channel, exc)
+                await asyncio.sleep(0.05)
+                continue
+            if channel == "iopub":
+                if msg["parent_header"].get("msg_id") in self._nudges:
+                    continue
+                self.gateway.observe(self.session, msg)
+            try:
+                self._deliver(channel, msg)
+            except Exception:  # noqa: BLE001 - the client is gone; close quietly
+                asyncio.get_running_loop().create_task(self.close())
+                return
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is None:
+            return
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        client.stop_channels()
+        self.gateway.detach(self)
+        with contextlib.suppress(Exception):
+            self._on_close()
