@@ -11,8 +11,6 @@ from bridge.service import Bridge
 from . import openapi
 from .backendai import files as backendai_files
 from .backendai import folders as backendai_folders
-from .backendai import files as backendai_files
-from .backendai import folders as backendai_folders
 from .backendai import handlers as backendai
 from .jupyter import handlers as jupyter
 from .base import BaseHandler
@@ -51,8 +49,6 @@ def operations() -> list[openapi.Operation]:
 
 def route_table() -> list[tuple[str, type[RequestHandler]]]:
     table: list[tuple[str, type[RequestHandler]]] = [(r"/api/openapi\.json", OpenAPIHandler)]
-    # Files and folders first: tornado takes the first match, and PREFIX/([^/]+) is a catch-all.
-    table += backendai_files.routes() + backendai_folders.routes()
     # Files and folders first: tornado takes the first match, and PREFIX/([^/]+) is a catch-all.
     table += backendai_files.routes() + backendai_folders.routes()
     table += jupyter.routes()

@@ -12,8 +12,6 @@
      ├── AuthFailed                missing, unknown, inactive or badly signed credentials
      ├── Forbidden                 the keypair may not do this to that target (a read-only
      │                             folder, a folder it does not own, a mounted folder's path)
-     ├── Forbidden                 the keypair may not do this to that target (a read-only
-     │                             folder, a folder it does not own, a mounted folder's path)
      ├── QuotaExceeded             keypair concurrency reached
      ├── RateLimited               too many executions in the window
      ├── Conflict                  the target's state forbids the call
@@ -77,10 +75,6 @@ class UnsafePath(InvalidRequest):
 
 
 class AuthFailed(BridgeError):
-    pass
-
-
-class Forbidden(BridgeError):
     pass
 
 

@@ -12,7 +12,7 @@ import asyncio
 import re
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,7 +77,7 @@ class Folders:
     """The folder registry. ``in_use(host)`` names a live session that mounts ``host``."""
 
     def __init__(self, store: Store, root: Path, now: Callable[[], str],
-                 keypair_exists: Callable[[str], bool]) -> None:
+                 keypair_exists: Callable[[str], Awaitable[bool]]) -> None:
         self.store = store
         self.root = root
         self._now = now
@@ -156,7 +156,7 @@ class Folders:
         for key in invitees:
             if key == access_key:
                 raise InvalidRequest("A keypair cannot invite itself.")
-            if not self._keypair_exists(key):
+            if not await self._keypair_exists(key):
                 raise NotFound(f"No keypair with access key {key!r}.")
         ids, statements = [], []
         for key in dict.fromkeys(invitees):

@@ -63,25 +63,8 @@ def base_environ(extra: Mapping[str, str]) -> dict[str, str]:
     checkout = _kernelspecs_checkout()
     if checkout is not None:
         env["PYTHONPATH"] = checkout
-    checkout = _kernelspecs_checkout()
-    if checkout is not None:
-        env["PYTHONPATH"] = checkout
     env.update({k: v for k, v in extra.items() if not k.startswith("KB_")})
     return env
-
-
-def _kernelspecs_checkout() -> str | None:
-    """The source checkout our kernel modules load from, when they are not installed.
-
-    ``python -m kernelspecs.bash_kernel`` must find the package from the kernel's cwd
-    (/home/work); an installed package is on sys.path already, a checkout is not.
-    """
-    import kernelspecs
-
-    parent = Path(next(iter(kernelspecs.__path__))).resolve().parent
-    if any(part in ("site-packages", "dist-packages") for part in parent.parts):
-        return None
-    return str(parent)
 
 
 def _kernelspecs_checkout() -> str | None:

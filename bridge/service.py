@@ -6,7 +6,6 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from pathlib import Path
 
 from typing import Any
 
@@ -41,8 +40,6 @@ class Bridge:
         self.gateway = Gateway(self.sessions, self.kernelspecs)
         self.folders = Folders(self.store, settings.folders_dir, now_iso, self._keypair_exists)
         self.folders.in_use = self._mounted_in
-        self.folders = Folders(self.store, settings.folders_dir, now_iso, self._keypair_exists)
-        self.folders.in_use = self._mounted_in
 
     async def start_kernel(self, spec: str, confinement: Confinement) -> Kernel:
         """The one launch function: every kernel of every dialect starts here."""
@@ -62,8 +59,12 @@ class Bridge:
         return self.sessions.new_run(session, "batch", "", batch.program(
             session, opts, self.start_kernel), run_id=run_id, options=options)
 
-    def _keypair_exists(self, access_key: str) -> bool:
-        return any(kp.access_key == access_key for kp in self.keypairs.all())
+    async def _keypair_exists(self, access_key: str) -> bool:
+        # Keys made by `kernel-bridge keys create` while we run are found on a re-read.
+        known = {kp.access_key for kp in self.keypairs.all()}
+        if access_key not in known and await self.keypairs.refresh_if_stale():
+            known = {kp.access_key for kp in self.keypairs.all()}
+        return access_key in known
 
     def _mounted_in(self, host: Path) -> str | None:
         for s in self.sessions.all():
