@@ -23,6 +23,7 @@ from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from jupyter_client.manager import AsyncKernelManager
 
+from .cgroups import KernelCgroup
 from .errors import KernelStartFailed
 from .sandbox import Confinement, Sandbox, SandboxProvisioner
 
@@ -93,7 +94,15 @@ class Kernel:
         except Exception:  # noqa: BLE001 - whatever went wrong, make sure it is dead
             with contextlib.suppress(Exception):
                 await self.manager.shutdown_kernel(now=True)
+        release = getattr(self.manager.provisioner, "release_cgroup", None)
+        if release is not None:  # normally done by the provisioner's cleanup already
+            await release()
         shutil.rmtree(self.ipc_dir, ignore_errors=True)
+
+    @property
+    def cgroup(self) -> KernelCgroup | None:
+        """The kernel's cgroup (kept across restarts), if the sandbox made one."""
+        return getattr(self.manager.provisioner, "cgroup", None)
 
     def _processes(self) -> list[psutil.Process]:
         # Only a local provisioner has a process we can measure; remote ones report zero.
@@ -115,15 +124,28 @@ class Kernel:
         return total
 
     def usage(self) -> Usage:
+        """CPU and memory from the kernel's cgroup when it has one (everything that ever ran
+        in it, reaped children and restarts included), else from its live process tree."""
         mem = io_r = io_w = 0
-        for p in self._processes():
+        procs = self._processes()
+        for p in procs:
             with contextlib.suppress(psutil.Error):
-                mem += p.memory_info().rss
                 io = p.io_counters()
                 io_r += io.read_bytes
                 io_w += io.write_bytes
-        self._mem_max = max(self._mem_max, mem)
-        cpu = self._cpu_before_restart + self._cpu_seconds()
+        cg = self.cgroup
+        measured = cg.memory() if cg is not None else None
+        cpu = cg.cpu_seconds() if cg is not None else None
+        if measured is not None:
+            mem, peak = measured
+            self._mem_max = max(self._mem_max, peak)
+        else:
+            for p in procs:
+                with contextlib.suppress(psutil.Error):
+                    mem += p.memory_info().rss
+            self._mem_max = max(self._mem_max, mem)
+        if cpu is None:
+            cpu = self._cpu_before_restart + self._cpu_seconds()
         return Usage(cpu_ms=int(cpu * 1000), mem_bytes=mem, mem_max_bytes=self._mem_max,
                      io_read_bytes=io_r, io_write_bytes=io_w)
 

@@ -13,7 +13,7 @@ from . import batch
 from .folders import SCHEMA as FOLDERS_SCHEMA
 from .folders import Folders
 from .gateway import Gateway
-from .kernels import Kernel, launch, spec_manager
+from .kernels import IPC_ROOT, Kernel, launch, spec_manager
 from .keypairs import Keypair, Keypairs
 from .runs import Run
 from .sandbox import Confinement, Mount, Sandbox
@@ -32,7 +32,10 @@ class Started:
 class Bridge:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.sandbox = Sandbox(settings.sandbox)  # raises SandboxUnavailable
+        # Raises SandboxUnavailable. The data dir (SQLite, keypair secrets, every session's
+        # files) is masked in kernels should the operator put it under a bound tree.
+        self.sandbox = Sandbox(settings.sandbox, hide=(settings.data_dir,),
+                               pids=settings.max_pids)
         self.store = Store(settings.db_path, extra_schema=FOLDERS_SCHEMA)
         self.keypairs = Keypairs(self.store, settings.default_concurrency)
         self.kernelspecs = spec_manager()
@@ -78,6 +81,8 @@ class Bridge:
         os.chmod(self.settings.data_dir, 0o700)
         self.settings.sessions_dir.mkdir(exist_ok=True)
         self.settings.folders_dir.mkdir(exist_ok=True)
+        # Kernel cgroups left empty by a server that died (its kernels died with it).
+        self.sandbox.cgroups.sweep(lambda name: (IPC_ROOT / name).exists())
         await self.store.open()
         await self.keypairs.load()
         first = None
