@@ -1,24 +1,24 @@
-"""Base for kernels backed by one long-lived, stateful language interpreter (a "host").
+"""Base for kernels backed by one long-lived, stateful interpreter (the "host").
 
-The host is a script in the target language (``js_host.js``, ``rb_host.rb``). It gets
-two extra pipes whose numbers it reads from ``KB_CMD_FD`` / ``KB_EVENT_FD``: JSON-line
-commands in, JSON-line events out. Its real stdout/stderr carry only user output, which
-is attributed to the running cell. Commands and events:
+The host (``js_host.js``, ``rb_host.rb``) reads JSON-line commands from fd
+``$KB_CMD_FD`` and writes JSON-line events to fd ``$KB_EVENT_FD``; its real
+stdout/stderr carry only user output, attributed to the running cell.
 
-    kernel -> host  {"op": "execute", "id", "code"}   {"op": "complete", "id", "code", "cursor_pos"}
-    host -> kernel  {"ev": "ready"}  {"ev": "result", "id", "text"}
+    kernel -> host  {"op": "execute" | "complete", "id", "code", ["cursor_pos"]}
+    host -> kernel  {"ev": "ready"}  {"ev": "result", "id", "text"}  {"ev": "done", "id", "exit_code"}
                     {"ev": "error", "id", "ename", "evalue", "traceback"}
-                    {"ev": "done", "id", "exit_code"}  {"ev": "complete_reply", "id", "matches", "start", "end"}
+                    {"ev": "complete_reply", "id", "matches", "start", "end"}
 
-Every execute_reply carries ``exit_code``: 0 ok, 1 uncaught error, 130 interrupted, n
-for an explicit exit(n). A host that dies (exit(n) in JavaScript) is restarted for the
-next cell and the loss of state is announced on stderr.
+execute_reply carries ``exit_code``: 0 ok, 1 uncaught error, 130 interrupted (plus
+``"interrupted": true``), n for exit(n). A host that dies is restarted for the next
+cell and the loss of state is announced on stderr.
 """
 
 from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import json
 import os
 import shutil
@@ -83,7 +83,6 @@ class HostProcess:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pidfd: int | None = None
         self.returncode: int | None = None
-        self._exited = asyncio.Event()
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start reading the pipes on ``loop`` (idempotent)."""
@@ -103,11 +102,9 @@ class HostProcess:
 
     def send(self, command: Event) -> None:
         data = (json.dumps(command) + "\n").encode()
-        try:
+        with contextlib.suppress(BrokenPipeError):  # a dead host is reported by the queue
             while data:
                 data = data[os.write(self._cmd_w, data) :]
-        except BrokenPipeError:
-            pass  # the host died; its exit is reported through the queue
 
     def interrupt(self) -> None:
         """SIGINT the host's group; safe to call from another thread."""
@@ -119,32 +116,22 @@ class HostProcess:
         self._signal(signal.SIGKILL)
 
     def _signal(self, sig: int) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-    async def wait_exited(self) -> None:
-        await self._exited.wait()
 
     def _close_fds(self) -> None:
         assert self.proc.stdout is not None and self.proc.stderr is not None
         self.proc.stdout.close()
         self.proc.stderr.close()
         for fd in (self._event_r, self._cmd_w, self._pidfd):
-            if fd is not None:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass  # already closed by stop()
+            with contextlib.suppress(OSError, TypeError):  # closed by stop(), or no pidfd
+                os.close(fd)  # type: ignore[arg-type]
         self._pidfd = None
 
     async def stop(self) -> None:
         """Close the command pipe, then SIGTERM, then SIGKILL, each with a bounded wait."""
-        try:
+        with contextlib.suppress(OSError):
             os.close(self._cmd_w)
-        except OSError:
-            pass
         for sig in (None, signal.SIGTERM, signal.SIGKILL):
             if sig is not None:
                 self._signal(sig)
@@ -219,7 +206,6 @@ class HostProcess:
                 self._stop_reading(fd)
         self._close_fds()
         self.queue.put_nowait(Item("exited", code=self.returncode))
-        self._exited.set()
 
 
 class ReplKernel(Kernel):
@@ -231,7 +217,7 @@ class ReplKernel(Kernel):
     protocol_version = PROTOCOL_VERSION
 
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+        super().__init__(**kwargs)  # type: ignore[no-untyped-call]
         self._cell_seq = 0
         self._running: int | None = None  # read by the control thread on interrupt
         self._interrupted_cell: int | None = None
@@ -251,16 +237,8 @@ class ReplKernel(Kernel):
 
     # -- execution ----------------------------------------------------------------
 
-    async def do_execute(  # type: ignore[override]
-        self,
-        code: str,
-        silent: bool,
-        store_history: bool = True,
-        user_expressions: dict[str, Any] | None = None,
-        allow_stdin: bool = False,
-        *,
-        cell_meta: dict[str, Any] | None = None,
-        cell_id: str | None = None,
+    async def do_execute(
+        self, code: str, silent: bool, store_history: bool = True, *_: Any, **__: Any
     ) -> dict[str, Any]:
         host = await self._live_host(silent)
         self._cell_seq += 1
@@ -291,7 +269,9 @@ class ReplKernel(Kernel):
             return host
         # The host died between cells (a timer called exit, or it was killed):
         # show what it left behind, then start afresh.
-        self._drain_streams(host, silent)
+        while not host.queue.empty():
+            item = host.queue.get_nowait()
+            self._stream(item.name, item.text, silent)  # only streams have text
         self._stream("stderr", self._restart_note(host.returncode), silent)
         return self._restart()
 
@@ -319,19 +299,20 @@ class ReplKernel(Kernel):
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
                 item = await asyncio.wait_for(host.queue.get(), timeout)
             except TimeoutError:
-                # The host ignored SIGINT (e.g. blocked in native code): kill it.
+                # The host ignored SIGINT (e.g. blocked in native code): kill it and
+                # keep reading until its "exited" item, which restarts it.
                 host.kill()
-                await host.wait_exited()
-                self._drain_streams(host, silent)
-                self._stream("stderr", self._restart_note(INTERRUPTED), silent)
-                self._restart()
-                trace = ["KeyboardInterrupt: the host ignored SIGINT and was restarted"]
-                return self._error("KeyboardInterrupt", "interrupted", trace, silent), INTERRUPTED
+                deadline = float("inf")
+                trace = ["KeyboardInterrupt: the host ignored SIGINT and was killed"]
+                error = error or self._error("KeyboardInterrupt", "interrupted", trace, silent)
+                continue
             if item.kind == "stream":
                 self._stream(item.name, item.text, silent)
             elif item.kind == "exited":
                 self._stream("stderr", self._restart_note(item.code), silent)
                 self._restart()
+                if deadline == float("inf"):
+                    return error, INTERRUPTED
                 if item.code == 0:
                     return error, 1 if error else 0
                 if error is None:
@@ -360,15 +341,7 @@ class ReplKernel(Kernel):
                     return error, exit_code
             # "wake": an interrupt arrived; the loop head arms the deadline.
 
-    def _drain_streams(self, host: HostProcess, silent: bool) -> None:
-        while not host.queue.empty():
-            item = host.queue.get_nowait()
-            if item.kind == "stream":
-                self._stream(item.name, item.text, silent)
-
-    def _error(
-        self, ename: str, evalue: str, traceback: list[str], silent: bool
-    ) -> dict[str, Any]:
+    def _error(self, ename: str, evalue: str, traceback: list[str], silent: bool) -> dict[str, Any]:
         # ExitCode errors have an empty traceback, like the process kernels' ones.
         content = {"ename": ename, "evalue": evalue, "traceback": traceback}
         if not silent:
@@ -380,7 +353,7 @@ class ReplKernel(Kernel):
             self._publish("stream", {"name": name, "text": text})
 
     def _publish(self, msg_type: str, content: dict[str, Any]) -> None:
-        self.send_response(self.iopub_socket, msg_type, content)
+        self.send_response(self.iopub_socket, msg_type, content)  # type: ignore[no-untyped-call]
 
     # -- interrupt, completion, shutdown -------------------------------------------
 
@@ -394,11 +367,9 @@ class ReplKernel(Kernel):
         if self.session:
             self.session.send(stream, "interrupt_reply", {"status": "ok"}, parent, ident=ident)
 
-    async def do_complete(self, code: str, cursor_pos: int) -> dict[str, Any]:  # type: ignore[override]
-        reply: dict[str, Any] = {
-            "status": "ok", "matches": [], "cursor_start": cursor_pos,
-            "cursor_end": cursor_pos, "metadata": {},
-        }
+    async def do_complete(self, code: str, cursor_pos: int) -> dict[str, Any]:
+        reply: dict[str, Any] = {"status": "ok", "matches": [], "metadata": {}}
+        reply.update(cursor_start=cursor_pos, cursor_end=cursor_pos)
         host = self._host
         host.attach(asyncio.get_running_loop())
         if host.returncode is not None:
@@ -413,11 +384,8 @@ class ReplKernel(Kernel):
                     item = await host.queue.get()
                     event = item.event or {}
                     if item.kind == "event" and event.get("id") == request:
-                        reply.update(
-                            matches=event["matches"],
-                            cursor_start=event["start"],
-                            cursor_end=event["end"],
-                        )
+                        reply.update(matches=event["matches"], cursor_start=event["start"])
+                        reply.update(cursor_end=event["end"])
                         break
                     held.append(item)
                     if item.kind == "exited":
@@ -428,7 +396,7 @@ class ReplKernel(Kernel):
             host.queue.put_nowait(item)
         return reply
 
-    async def do_shutdown(self, restart: bool) -> dict[str, Any]:  # type: ignore[override]
+    async def do_shutdown(self, restart: bool) -> dict[str, Any]:
         await self._host.stop()
         return {"status": "ok", "restart": restart}
 
@@ -439,7 +407,7 @@ def runtime_version(runtime: str, *args: str) -> str:
     if exe is None:
         return ""
     try:
-        out = subprocess.run([exe, *args], capture_output=True, text=True, timeout=10)
+        out = subprocess.run([exe, *args], capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return ""
     return out.stdout.strip().lstrip("v")

@@ -21,6 +21,7 @@ const readline = require('readline');
 const util = require('util');
 const vm = require('vm');
 const { createRequire } = require('module');
+const { Worker } = require('worker_threads');
 
 const CMD_FD = Number(process.env.KB_CMD_FD);
 const EVENT_FD = Number(process.env.KB_EVENT_FD);
@@ -28,6 +29,14 @@ const INSPECT = Symbol.for('kernel-bridge.inspect');
 const DESCRIBE = Symbol.for('kernel-bridge.describe');
 const RUN = Symbol.for('kernel-bridge.run');
 const INTERRUPTED = 130; // shell convention for a program stopped by SIGINT
+
+// If the kernel dies without closing our command pipe cleanly (SIGKILL while a cell
+// spins), nothing on this busy main thread could notice: a worker thread watches
+// for our parent changing and ends the process.
+const watchdog = new Worker(`const { ppid } = process;
+setInterval(() => { if (process.ppid !== ppid) process.kill(process.pid, 'SIGKILL'); }, 1000);`,
+{ eval: true });
+watchdog.unref();
 
 const session = new inspector.Session();
 session.connect();

@@ -25,6 +25,16 @@ module KernelBridgeHost
   @events.sync = true
   @running = false
 
+  # If the kernel dies without closing our command pipe (SIGKILL while a cell
+  # spins), a watcher thread notices we were reparented and ends the process.
+  parent = Process.ppid
+  Thread.new do
+    loop do
+      sleep 1
+      Process.kill(:KILL, Process.pid) if Process.ppid != parent
+    end
+  end
+
   class << self
     attr_reader :running
 

@@ -132,7 +132,10 @@ def lang(kernel: Driver) -> str:
 
 CODE: dict[str, dict[str, str]] = {
     "hello": {"js": 'console.log("hello, world")', "rb": 'puts "hello, world"'},
-    "stderr": {"js": 'console.error("oops"); console.warn("w")', "rb": '$stderr.puts "oops"; warn "w"'},
+    "stderr": {
+        "js": 'console.error("oops"); console.warn("w")',
+        "rb": '$stderr.puts "oops"; warn "w"',
+    },
     "define": {
         "js": "let a = 1; const b = 2; function twice(n) { return 2 * n }",
         "rb": "a = 1; b = 2; def twice(n) = 2 * n",
@@ -254,43 +257,47 @@ def test_missing_runtime_fails_clearly(name: str, tmp_path: Path) -> None:
     env = {**os.environ, "PATH": str(tmp_path), "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
         [sys.executable, "-m", f"kernelspecs.{module}", "-f", str(tmp_path / "conn.json")],
-        env=env, capture_output=True, text=True, timeout=60,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert proc.returncode == 1
     assert f"'{RUNTIME[name]}' executable was not found" in proc.stderr
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node not found on PATH")
-class JavaScriptConformance(jupyter_kernel_test.KernelTests):
+class JavaScriptConformance(jupyter_kernel_test.KernelTests):  # type: ignore[misc]
     kernel_name = "kb-javascript"
     language_name = "javascript"
     file_extension = ".js"
     code_hello_world = 'console.log("hello, world")'
     code_stderr = 'console.error("test")'
     code_generate_error = "null.boom"
-    code_execute_result: ClassVar[list[dict[str, str]]] = [  # type: ignore[misc]
+    code_execute_result: ClassVar[list[dict[str, str]]] = [
         {"code": "6 * 7", "result": "42"},
         {"code": "'a' + 'b'", "result": "'ab'"},
     ]
-    completion_samples: ClassVar[list[dict[str, Any]]] = [  # type: ignore[misc]
+    completion_samples: ClassVar[list[dict[str, Any]]] = [
         {"text": "conso", "matches": {"console"}},
         {"text": "console.tabl", "matches": {"table"}},
     ]
 
 
 @pytest.mark.skipif(shutil.which("ruby") is None, reason="ruby not found on PATH")
-class RubyConformance(jupyter_kernel_test.KernelTests):
+class RubyConformance(jupyter_kernel_test.KernelTests):  # type: ignore[misc]
     kernel_name = "kb-ruby"
     language_name = "ruby"
     file_extension = ".rb"
     code_hello_world = 'puts "hello, world"'
     code_stderr = '$stderr.puts "test"'
     code_generate_error = "nil.boom"
-    code_execute_result: ClassVar[list[dict[str, str]]] = [  # type: ignore[misc]
+    code_execute_result: ClassVar[list[dict[str, str]]] = [
         {"code": "6 * 7", "result": "42"},
         {"code": "'a' + 'b'", "result": '"ab"'},
     ]
-    completion_samples: ClassVar[list[dict[str, Any]]] = [  # type: ignore[misc]
+    completion_samples: ClassVar[list[dict[str, Any]]] = [
         {"text": "$stdou", "matches": {"$stdout"}},
         {"text": "Intege", "matches": {"Integer"}},
     ]
