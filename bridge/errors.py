@@ -4,6 +4,7 @@
      ├── NotFound                  something named by the caller does not exist (for this keypair)
      │    ├── SessionNotFound
      │    ├── RunNotFound
+     │    ├── ExecutionNotFound    a one-shot execution id unknown to this keypair
      │    └── KeypairNotFound
      ├── InvalidRequest            the caller's input is wrong; nothing was changed
      │    ├── UnknownLanguage
@@ -46,6 +47,12 @@ class RunNotFound(NotFound):
     def __init__(self, run_id: str) -> None:
         super().__init__(f"No run {run_id!r} in this session.")
         self.run_id = run_id
+
+
+class ExecutionNotFound(NotFound):
+    def __init__(self, execution_id: str) -> None:
+        super().__init__(f"Execution {execution_id} not found")
+        self.execution_id = execution_id
 
 
 class KeypairNotFound(NotFound):

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .channels import Channels
 from .errors import (
@@ -41,8 +41,16 @@ from .store import Store, dumps
 
 log = logging.getLogger(__name__)
 
-# Starts a kernel for a session (spec, confinement) → Kernel. The warm pool plugs in here.
+# Starts a kernel for a session (spec, confinement) → Kernel: the one launch function.
 KernelFactory = Callable[[str, Confinement], Any]
+
+
+class KernelSource(Protocol):
+    """Where a new session's kernel may come from before a cold start (the warm pool)."""
+
+    async def take(self, language: Language, confinement: Confinement) -> Kernel | None:
+        """A running kernel confined like ``confinement`` but in its own working dir, or None."""
+        ...
 
 
 class SessionState(enum.Enum):
@@ -149,11 +157,12 @@ class Sessions:
     """The registry: every live session, by owner. Raises the core's errors, never HTTP ones."""
 
     def __init__(self, settings: Settings, store: Store, keypairs: Keypairs,
-                 start_kernel: KernelFactory) -> None:
+                 start_kernel: KernelFactory, pool: KernelSource | None = None) -> None:
         self.settings = settings
         self.store = store
         self.keypairs = keypairs
         self._start_kernel = start_kernel
+        self.pool = pool
         self._by_id: dict[str, Session] = {}
         self._reaper: asyncio.Task[None] | None = None
         self.on_terminated: list[Callable[[Session], Any]] = []
@@ -216,17 +225,17 @@ class Sessions:
         if counts_for_quota and len(self.all(access_key)) >= kp.concurrency:
             raise QuotaExceeded(kp.concurrency)
         sid = str(uuid.uuid4())
+        # A pooled kernel brings its own working dir; the session adopts it (_attach_kernel).
         workdir = self.settings.sessions_dir / sid
-        workdir.mkdir(parents=True, mode=0o700)
         session = Session(id=sid, name=name or sid, access_key=access_key, language=language,
                           origin=origin, limits=limits, workdir=workdir, mounts=mounts,
                           environ=dict(environ or {}), network=network, on_timeout=on_timeout)
         self._by_id[sid] = session  # reserve the quota slot while the kernel starts
         try:
-            await self._attach_kernel(session)
+            await self._attach_kernel(session, fresh=True)
         except BaseException:
             del self._by_id[sid]
-            shutil.rmtree(workdir, ignore_errors=True)
+            shutil.rmtree(session.workdir, ignore_errors=True)
             raise
         config = {"limits": limits.__dict__, "mounts": [m.target for m in mounts],
                   "environ": session.environ}
@@ -244,9 +253,16 @@ class Sessions:
                       mem_kib=self.settings.default_mem_kib,
                       idle_timeout_s=self.settings.idle_timeout_s)
 
-    async def _attach_kernel(self, session: Session) -> None:
-        kernel: Kernel = await self._start_kernel(session.language.kernelspec,
-                                                  session.confinement())
+    async def _attach_kernel(self, session: Session, fresh: bool = False) -> None:
+        # Only a new session may take a pooled kernel: a re-attached one keeps its files.
+        kernel: Kernel | None = None
+        if fresh and self.pool is not None:
+            kernel = await self.pool.take(session.language, session.confinement())
+        if kernel is None:
+            session.workdir.mkdir(parents=True, mode=0o700, exist_ok=True)
+            kernel = await self._start_kernel(session.language.kernelspec,
+                                              session.confinement())
+        session.workdir = kernel.confinement.workdir
         session.kernel = kernel
         session.channels = Channels(kernel.client)
         session.channels.start()
@@ -405,7 +421,9 @@ class Sessions:
                 if session.on_timeout == "destroy":
                     asyncio.create_task(self._destroy_quietly(session, "exec-timeout"))
                     return
-                asyncio.create_task(self._restart_quietly(session))
+                # Inline, not as a task: the next queued run must find the new kernel, not the
+                # old one still busy with the timed-out code.
+                await self._restart_quietly(session)
             elif run.state is RunState.FAILED and session.kernel is not None:
                 if not await session.kernel.is_alive():
                     session.state = SessionState.ERROR

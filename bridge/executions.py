@@ -1,0 +1,396 @@
+"""One-shot executions: code in, stdout/stderr/exit code out (the Sandbox dialect's core).
+
+An execution without a session id runs on a fresh kernel (the warm pool's, when the request fits)
+in a session made for it alone and destroyed right after, so no globals and no files carry over.
+With a session id it runs in the keypair's session of that name, created on first use, kept until
+it is deleted or idles out. Either way it is a run of :mod:`bridge.sessions` with one deadline.
+
+Every execution is recorded in SQLite before its caller hears of it: a synchronous one when it
+ends, an asynchronous one when it is accepted (``pending``), again when it starts and when it
+ends. Records are kept for ``RETENTION`` (at least an hour, as promised to pollers); one that a
+server stop or crash cut off reads ``failed`` with the reason, never vanishes.
+
+    pending → running → completed   (the program ran to its end; any exit code)
+                      → failed      (timed out, kernel died or failed to start, server stopped)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import json
+import logging
+import time
+import uuid
+from collections import defaultdict, deque
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from .errors import (
+    BridgeError,
+    ExecutionNotFound,
+    InvalidRequest,
+    KernelError,
+    RateLimited,
+    SessionNotFound,
+)
+from .languages import Language, execution_scripts
+from .runs import Program, Run, RunState
+from .sessions import Session, Sessions, SessionState, now_iso
+from .settings import Settings
+from .store import Store, dumps
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 10
+DEFAULT_TIMEOUT_S = 30.0
+MAX_TIMEOUT_S = 300.0
+RETENTION = timedelta(days=1)
+RATE_WINDOW_S = 60.0
+FAILED_EXIT_CODE = -1
+
+SCHEMA: list[str] = [
+    """CREATE TABLE IF NOT EXISTS executions (
+        id           TEXT PRIMARY KEY,
+        access_key   TEXT NOT NULL,
+        language     TEXT NOT NULL,
+        session_id   TEXT,
+        status       TEXT NOT NULL,
+        error        TEXT,
+        result       TEXT,
+        created_at   TEXT NOT NULL,
+        started_at   TEXT,
+        completed_at TEXT)""",
+    "CREATE INDEX IF NOT EXISTS executions_created ON executions (created_at)",
+]
+
+
+class ExecStatus(enum.Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class ExecutionRequest:
+    code: str
+    language: Language
+    stdin: str | None = None
+    environment: Mapping[str, str] = field(default_factory=dict)
+    timeout: float = DEFAULT_TIMEOUT_S
+    session_id: str | None = None
+
+
+@dataclass(frozen=True)
+class ExecutionResult:
+    execution_id: str
+    stdout: str
+    stderr: str
+    exit_code: int
+    execution_time: float  # seconds the code ran (kernel round trips included)
+    language: str
+    session_id: str | None
+
+
+@dataclass
+class Execution:
+    """The record a poller sees."""
+
+    id: str
+    access_key: str
+    language: str
+    session_id: str | None
+    status: ExecStatus = ExecStatus.PENDING
+    created_at: str = field(default_factory=now_iso)
+    started_at: str | None = None
+    completed_at: str | None = None
+    result: ExecutionResult | None = None
+    error: str | None = None
+
+    def failed(self, reason: str, stdout: str = "", elapsed: float = 0.0) -> ExecutionResult:
+        """End as ``failed``: exit code -1, the reason on stderr and in ``error``."""
+        self.status, self.error, self.completed_at = ExecStatus.FAILED, reason, now_iso()
+        self.result = ExecutionResult(self.id, stdout, f"{reason}\n", FAILED_EXIT_CODE,
+                                      round(elapsed, 4), self.language, self.session_id)
+        return self.result
+
+
+class RateLimiter:
+    """At most ``limit`` executions per keypair in any sliding minute."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._seen: dict[str, deque[float]] = defaultdict(deque)
+
+    def acquire(self, key: str, n: int = 1) -> None:
+        """Count ``n`` executions, or none of them. Raises RateLimited."""
+        now = time.monotonic()
+        seen = self._seen[key]
+        while seen and now - seen[0] >= RATE_WINDOW_S:
+            seen.popleft()
+        if len(seen) + n > self.limit:
+            raise RateLimited(self.limit)
+        seen.extend([now] * n)
+
+
+def _program(session: Session, code: str, before: str, after: str) -> Program:
+    async def program(run: Run) -> None:
+        target = session.liveness()
+        if before:
+            await run.step(target, before, allow_stdin=False)
+        outcome = await run.step(target, code)
+        # Only after a normal end: a timed-out or dead kernel is replaced, not cleaned up.
+        if after:
+            await run.step(target, after, allow_stdin=False)
+        run.outcome = outcome
+        run.finish(outcome.program_exit_code)
+
+    return program
+
+
+class Executions:
+    """Runs executions and keeps their records. Raises the core's errors, never HTTP ones."""
+
+    def __init__(self, settings: Settings, store: Store, sessions: Sessions) -> None:
+        self.settings = settings
+        self.store = store
+        self.sessions = sessions
+        self.limiter = RateLimiter(settings.rate_limit)
+        self._live: dict[str, Execution] = {}  # async executions not yet ended
+        self._tasks: set[asyncio.Task[Any]] = set()  # async executions
+        self._disposals: set[asyncio.Task[Any]] = set()  # one-shot sessions being destroyed
+        self._naming: dict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._pruner: asyncio.Task[None] | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        # Whatever was pending or running belonged to the previous process and is lost.
+        reason = "The server restarted before this execution ended."
+        rows = await self.store.fetchall(
+            "SELECT id, language, session_id, started_at FROM executions"
+            " WHERE status IN ('pending', 'running')")
+        for row in rows:
+            ex = Execution(row["id"], "", row["language"], row["session_id"],
+                           started_at=row["started_at"])
+            ex.failed(reason)
+            await self._write(ex, insert=False)
+        self._pruner = asyncio.create_task(self._prune_forever())
+
+    async def stop(self) -> None:
+        if self._pruner is not None:
+            self._pruner.cancel()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        # Let destroys finish (a half-destroyed session would leak its kernel).
+        if self._disposals:
+            await asyncio.wait(list(self._disposals), timeout=10)
+        for ex in list(self._live.values()):
+            ex.failed("The server stopped before this execution ended.")
+            with contextlib.suppress(Exception):
+                await self._write(ex, insert=False)
+        self._live.clear()
+
+    async def _prune_forever(self) -> None:
+        while True:
+            cutoff = (datetime.now(UTC) - RETENTION).isoformat()
+            with contextlib.suppress(Exception):
+                await self.store.execute("DELETE FROM executions WHERE created_at < ?", (cutoff,))
+            await asyncio.sleep(600)
+
+    # -- the three ways in ------------------------------------------------------------------------
+
+    async def run(self, access_key: str, req: ExecutionRequest) -> ExecutionResult:
+        """Run one execution to its end. Raises InvalidRequest, RateLimited, QuotaExceeded."""
+        self.admit(access_key, [req])
+        ex = self._new(access_key, req)
+        result = await self._execute(ex, req)
+        await self._write(ex, insert=True)
+        return result
+
+    async def submit(self, access_key: str, req: ExecutionRequest) -> Execution:
+        """Accept an execution to run in the background; recorded as pending before return."""
+        self.admit(access_key, [req])
+        ex = self._new(access_key, req)
+        await self._write(ex, insert=True)
+        self._live[ex.id] = ex
+        task = asyncio.create_task(self._background(ex, req))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return ex
+
+    async def batch(self, access_key: str,
+                    reqs: list[ExecutionRequest]) -> list[ExecutionResult]:
+        """Run up to ten executions in order; one that fails gives exit code -1, the rest go on.
+
+        Raises InvalidRequest (too many, or a language that cannot run) and RateLimited before
+        any of them runs.
+        """
+        if len(reqs) > MAX_BATCH:
+            raise InvalidRequest(f"Maximum {MAX_BATCH} executions allowed in a batch")
+        self.admit(access_key, reqs)
+        results = []
+        for req in reqs:
+            ex = self._new(access_key, req)
+            try:
+                results.append(await self._execute(ex, req))
+            except BridgeError as exc:
+                results.append(ex.failed(exc.message))
+            await self._write(ex, insert=True)
+        return results
+
+    async def get(self, access_key: str, execution_id: str) -> Execution:
+        """The record of one execution of this keypair. Raises ExecutionNotFound."""
+        ex = self._live.get(execution_id)
+        if ex is not None and ex.access_key == access_key:
+            return ex
+        row = await self.store.fetchone(
+            "SELECT * FROM executions WHERE id=? AND access_key=?", (execution_id, access_key))
+        if row is None:
+            raise ExecutionNotFound(execution_id)
+        result = ExecutionResult(**json.loads(row["result"])) if row["result"] else None
+        return Execution(row["id"], access_key, row["language"], row["session_id"],
+                         ExecStatus(row["status"]), row["created_at"], row["started_at"],
+                         row["completed_at"], result, row["error"])
+
+    async def close_session(self, access_key: str, session_id: str) -> None:
+        """End the keypair's session of that name (its kernel and files). Raises
+        SessionNotFound."""
+        await self.sessions.destroy(self.sessions.get(access_key, session_id))
+
+    # -- checks -----------------------------------------------------------------------------------
+
+    def admit(self, access_key: str, reqs: Iterable[ExecutionRequest]) -> None:
+        """Refuse the whole request, counting nothing, unless every item can run.
+
+        Raises InvalidRequest, RateLimited.
+        """
+        reqs = list(reqs)
+        for req in reqs:
+            lang = req.language
+            if not lang.available:
+                raise InvalidRequest(f"Language {lang.name!r} is not available on this server "
+                                     f"(missing {', '.join(lang.toolchain)}).")
+            if not 0 < req.timeout <= MAX_TIMEOUT_S:
+                raise InvalidRequest(f"timeout must be more than 0 and at most "
+                                     f"{MAX_TIMEOUT_S:g} seconds.")
+            scripts = execution_scripts(lang, req.environment, req.stdin)
+            if scripts is None and req.session_id is not None:
+                raise InvalidRequest(
+                    f"{lang.name} kernels take environment variables only when they start: "
+                    "send 'environment' without 'session_id' for this language.")
+        self.limiter.acquire(access_key, len(reqs))
+
+    # -- running ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _new(access_key: str, req: ExecutionRequest) -> Execution:
+        return Execution(str(uuid.uuid4()), access_key, req.language.name, req.session_id)
+
+    async def _background(self, ex: Execution, req: ExecutionRequest) -> None:
+        try:
+            await self._execute(ex, req, record_start=True)
+        except BridgeError as exc:
+            ex.failed(exc.message)
+        except asyncio.CancelledError:
+            return  # stop() records it as cut off by the server stopping
+        except Exception as exc:  # noqa: BLE001 - a poller must see why, not a stuck "running"
+            log.exception("execution %s failed", ex.id)
+            ex.failed(f"Internal error: {type(exc).__name__}")
+        await self._write(ex, insert=False)
+        self._live.pop(ex.id, None)
+
+    async def _execute(self, ex: Execution, req: ExecutionRequest, *,
+                       record_start: bool = False) -> ExecutionResult:
+        """Run ``req`` and fill in ``ex``. Kernel failures become a failed result; request-level
+        problems (language mismatch, quota) raise."""
+        lang = req.language
+        ex.status, ex.started_at = ExecStatus.RUNNING, now_iso()
+        if record_start:
+            await self.store.execute("UPDATE executions SET status=?, started_at=? WHERE id=?",
+                                     (ex.status.value, ex.started_at, ex.id))
+        scripts = execution_scripts(lang, req.environment, req.stdin)
+        try:
+            if req.session_id is not None:
+                session = await self._named_session(ex.access_key, req.session_id, lang)
+            else:
+                # A kernel that cannot take variables per execution is started with them.
+                session = await self.sessions.create(
+                    ex.access_key, lang, origin="sandbox", on_timeout="destroy",
+                    counts_for_quota=False,
+                    environ=dict(req.environment) if scripts is None else None)
+        except KernelError as exc:
+            return ex.failed(exc.message)
+        before, after = scripts or ("", "")
+        try:
+            run = self.sessions.new_run(session, "query", req.code,
+                                        _program(session, req.code, before, after),
+                                        timeout=req.timeout, stdin=req.stdin)
+            await self.sessions.submit(session, run)
+            await run.wait()
+        finally:
+            if req.session_id is None:
+                # Off the response path: the next execution takes another kernel anyway.
+                task = asyncio.create_task(self._dispose(session))
+                self._disposals.add(task)
+                task.add_done_callback(self._disposals.discard)
+        return self._finish(ex, run, req)
+
+    def _finish(self, ex: Execution, run: Run, req: ExecutionRequest) -> ExecutionResult:
+        elapsed = (run.finished_at or time.time()) - (run.started_at or time.time())
+        stdout = run.text("stdout")
+        if run.state is RunState.FINISHED and run.exit_code is not None:
+            ex.status, ex.completed_at = ExecStatus.COMPLETED, now_iso()
+            ex.result = ExecutionResult(ex.id, stdout, run.text("stderr"), run.exit_code,
+                                        round(elapsed, 4), ex.language, ex.session_id)
+            return ex.result
+        if run.state is RunState.TIMED_OUT:
+            reason = f"Execution timed out after {req.timeout:g} s."
+        elif run.state is RunState.CANCELLED:
+            reason = "The session ended before this execution ran."
+        else:
+            reason = "The kernel died while running this code (killed, out of memory, or exited)."
+        result = ex.failed(reason, stdout, elapsed)
+        # Keep what the program itself wrote to stderr before the reason.
+        ex.result = result = ExecutionResult(**{**asdict(result),
+                                                "stderr": run.text("stderr") + result.stderr})
+        return result
+
+    async def _named_session(self, access_key: str, name: str, lang: Language) -> Session:
+        # One lock per name: two first uses at once must not create two sessions.
+        async with self._naming[(access_key, name)]:
+            session = self.sessions.find(access_key, name)
+            if session is None:
+                return await self.sessions.create(access_key, lang, name=name, origin="sandbox",
+                                                  on_timeout="restart")
+        if session.language.name != lang.name:
+            raise InvalidRequest(f"Session {name!r} runs {session.language.name}, "
+                                 f"not {lang.name}.")
+        if session.state is SessionState.ERROR:
+            await self.sessions.restart(session)  # its kernel died in an earlier execution
+        return session
+
+    async def _dispose(self, session: Session) -> None:
+        with contextlib.suppress(SessionNotFound):
+            await self.sessions.destroy(session, "one-shot-finished")
+
+    async def _write(self, ex: Execution, *, insert: bool) -> None:
+        result = dumps(asdict(ex.result)) if ex.result is not None else None
+        if insert:
+            await self.store.execute(
+                "INSERT INTO executions (id, access_key, language, session_id, status, error,"
+                " result, created_at, started_at, completed_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (ex.id, ex.access_key, ex.language, ex.session_id, ex.status.value, ex.error,
+                 result, ex.created_at, ex.started_at, ex.completed_at))
+        else:
+            await self.store.execute(
+                "UPDATE executions SET status=?, error=?, result=?, started_at=?,"
+                " completed_at=? WHERE id=?",
+                (ex.status.value, ex.error, result, ex.started_at, ex.completed_at, ex.id))

@@ -1,0 +1,192 @@
+"""The warm pool: kernels started ahead of demand, so a fresh isolated kernel is always waiting.
+
+Per language the pool keeps ``Settings.pool_size(lang)`` kernels in stock. Each was launched
+through the one launch function with the *default* confinement (its own fresh working dir, the
+default memory cap, no mounts, no network, no extra environment), so it can only stand in for a
+kernel that was asked for with exactly that confinement: :meth:`KernelPool.take` checks the fit and
+answers ``None`` otherwise, and the caller cold-starts as before.
+
+A stock item is the launch *task*, not only a finished kernel. A taker prefers a kernel that is
+ready; if every one is still starting it claims the oldest start and awaits it (that start began
+earlier than a new one would). Either way the item leaves the stock the moment it is claimed, so no
+kernel is handed out twice, and one replacement start is queued behind it. Starts are serialised
+through a small semaphore: on a small machine parallel starts only slow each other down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from .kernels import Kernel
+from .languages import LANGUAGES, Language
+from .sandbox import Confinement
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+Launch = Callable[[str, Confinement], Awaitable[Kernel]]
+WarmUp = Callable[[Kernel, str], Awaitable[None]]
+
+PARALLEL_STARTS = 2  # kernel starts are CPU-bound; more than the cores only adds contention
+# A refill waits this long first, so the start (a CPU-heavy second or so) does not compete with
+# the execution that just took a kernel, which typically needs a few milliseconds.
+REFILL_DELAY_S = 0.15
+WARMUP_TIMEOUT_S = 10.0
+# A kernel's first execution pays for lazy imports and caches (ipykernel: ~15 ms more than the
+# next); a silent one in the pool pays it before anyone waits. Languages not listed skip it
+# (a compiled-language kernel would compile an empty program).
+WARMUP_CODE = {"python": "pass", "javascript": "", "ruby": "", "bash": ""}
+DRAIN_WAIT_S = 10.0  # at shutdown, how long starts in flight may take before they are cancelled
+
+
+class KernelPool:
+    """Pre-started kernels per language. ``start()`` fills it, ``stop()`` drains it."""
+
+    def __init__(self, settings: Settings, launch: Launch, warm: WarmUp | None = None) -> None:
+        self.settings = settings
+        self._launch = launch
+        self._warm = warm or warm_up
+        self._stock: dict[str, deque[asyncio.Task[Kernel]]] = {}
+        self._starts = asyncio.Semaphore(PARALLEL_STARTS)
+        self._closed = False
+        self.taken = 0  # kernels handed out (for tests and the bench)
+
+    def template(self, workdir: Path) -> Confinement:
+        """The confinement every pooled kernel has; a request must match it to be served."""
+        return Confinement(workdir=workdir, ipc_dir=workdir,
+                           mem_bytes=self.settings.default_mem_kib * 1024)
+
+    def fits(self, confinement: Confinement) -> bool:
+        t = self.template(confinement.workdir)
+        return (not confinement.mounts and not confinement.environ and not confinement.network
+                and confinement.mem_bytes == t.mem_bytes and confinement.pids == t.pids)
+
+    def size(self, language: Language) -> int:
+        return self.settings.pool_size(language.name)
+
+    def stocked(self, language: Language) -> int:
+        """Kernels ready or starting for ``language``."""
+        return len(self._stock.get(language.name, ()))
+
+    def ready(self, language: Language) -> int:
+        return sum(1 for t in self._stock.get(language.name, ()) if t.done()
+                   and not t.cancelled() and t.exception() is None)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Begin filling every language with a pool size (in the background)."""
+        for lang in LANGUAGES:
+            if self.size(lang) > 0 and lang.available:
+                self._refill(lang)
+
+    async def stop(self) -> None:
+        """Drain: no more starts; finish or cancel the ones in flight; stop every kernel."""
+        self._closed = True
+        tasks = [t for stock in self._stock.values() for t in stock]
+        self._stock.clear()
+        pending = [t for t in tasks if not t.done()]
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=DRAIN_WAIT_S)
+            for t in late:
+                t.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+        kernels = [t.result() for t in tasks
+                   if t.done() and not t.cancelled() and t.exception() is None]
+        await asyncio.gather(*(self._discard(k) for k in kernels), return_exceptions=True)
+
+    # -- taking -----------------------------------------------------------------------------------
+
+    async def take(self, language: Language, confinement: Confinement) -> Kernel | None:
+        """A pooled kernel for a request with ``confinement``, or None (cold-start instead).
+
+        The kernel's own working dir (``kernel.confinement.workdir``) becomes the caller's.
+        """
+        if self._closed or not self.fits(confinement):
+            return None
+        stock = self._stock.get(language.name)
+        while stock:
+            task = self._claim(stock)
+            self._refill(language, REFILL_DELAY_S)
+            try:
+                kernel = await asyncio.shield(task)
+            except asyncio.CancelledError:
+                # Our caller was cancelled while the start went on: do not leak the kernel.
+                task.add_done_callback(self._discard_when_started)
+                raise
+            except Exception as exc:  # noqa: BLE001 - a failed pooled start: cold-start instead
+                log.warning("pooled %s kernel failed to start: %s", language.name, exc)
+                return None
+            if await kernel.is_alive():
+                self.taken += 1
+                return kernel
+            log.info("pooled %s kernel %s had died; discarding it", language.name, kernel.id)
+            asyncio.create_task(self._discard(kernel))
+        return None
+
+    @staticmethod
+    def _claim(stock: deque[asyncio.Task[Kernel]]) -> asyncio.Task[Kernel]:
+        for task in stock:
+            if task.done():
+                stock.remove(task)
+                return task
+        return stock.popleft()  # all still starting: the oldest is nearest to ready
+
+    def _refill(self, language: Language, delay: float = 0.0) -> None:
+        if self._closed:
+            return
+        stock = self._stock.setdefault(language.name, deque())
+        while len(stock) < self.size(language):
+            stock.append(asyncio.create_task(self._start_one(language, delay),
+                                             name=f"pool-{language.name}"))
+
+    async def _start_one(self, language: Language, delay: float = 0.0) -> Kernel:
+        if delay:
+            await asyncio.sleep(delay)
+        async with self._starts:
+            workdir = self.settings.sessions_dir / f"pool-{uuid.uuid4()}"
+            workdir.mkdir(parents=True, mode=0o700)
+            try:
+                kernel = await self._launch(language.kernelspec, self.template(workdir))
+            except BaseException:
+                shutil.rmtree(workdir, ignore_errors=True)
+                raise
+            code = WARMUP_CODE.get(language.name)
+            if code is not None:
+                try:
+                    await self._warm(kernel, code)
+                except BaseException:
+                    await self._discard(kernel)
+                    raise
+            return kernel
+
+    def _discard_when_started(self, task: asyncio.Task[Kernel]) -> None:
+        if not task.cancelled() and task.exception() is None:
+            asyncio.create_task(self._discard(task.result()))
+
+    @staticmethod
+    async def _discard(kernel: Kernel) -> None:
+        with contextlib.suppress(Exception):
+            await kernel.shutdown()
+        shutil.rmtree(kernel.confinement.workdir, ignore_errors=True)
+
+
+async def warm_up(kernel: Kernel, code: str) -> None:
+    """Run ``code`` silently (no output, no history, no execution count) and wait for the reply.
+
+    Its iopub messages stay queued; the session's channel pump drops them later (no sink).
+    """
+    client = kernel.client
+    msg_id = client.execute(code, silent=True, store_history=False, allow_stdin=False)
+    async with asyncio.timeout(WARMUP_TIMEOUT_S):
+        while True:
+            reply = await client.get_shell_msg()
+            if reply.get("parent_header", {}).get("msg_id") == msg_id:
+                return

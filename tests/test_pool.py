@@ -1,0 +1,152 @@
+"""The warm pool (issue 5): units with a fake launch, then the core with real kernels."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import replace
+from pathlib import Path
+
+from bridge import languages
+from bridge.pool import KernelPool
+from bridge.sandbox import Confinement, Mount
+from bridge.service import Bridge
+from bridge.settings import Settings
+
+PYTHON = languages.resolve("python")
+
+
+class FakeKernel:
+    ids = itertools.count()
+
+    def __init__(self, confinement: Confinement) -> None:
+        self.id = f"k{next(self.ids)}"
+        self.confinement = confinement
+        self.alive = True
+        self.stopped = False
+
+    async def is_alive(self) -> bool:
+        return self.alive
+
+    async def shutdown(self) -> None:
+        self.stopped = True
+
+
+async def no_warm_up(kernel: object, code: str) -> None:
+    pass
+
+
+class FakeLaunch:
+    def __init__(self, seconds: float = 0.02) -> None:
+        self.seconds = seconds
+        self.started: list[FakeKernel] = []
+
+    async def __call__(self, spec: str, confinement: Confinement) -> FakeKernel:
+        await asyncio.sleep(self.seconds)
+        kernel = FakeKernel(confinement)
+        self.started.append(kernel)
+        return kernel
+
+
+def settings(tmp_path: Path, size: int = 2) -> Settings:
+    s = Settings(data_dir=tmp_path, pool_python=size, sandbox="off")
+    s.sessions_dir.mkdir(parents=True, exist_ok=True)
+    return s
+
+
+def request(s: Settings, **changes: object) -> Confinement:
+    base = Confinement(workdir=s.sessions_dir / "asked", ipc_dir=s.sessions_dir / "asked",
+                       mem_bytes=s.default_mem_kib * 1024)
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+def test_concurrent_takes_never_share_a_kernel_and_stock_refills(tmp_path: Path) -> None:
+    async def main() -> None:
+        s = settings(tmp_path)
+        launch = FakeLaunch()
+        pool = KernelPool(s, launch, no_warm_up)  # type: ignore[arg-type]
+        pool.start()
+        taken = await asyncio.gather(*(pool.take(PYTHON, request(s)) for _ in range(6)))
+        ids = [k.id for k in taken if k is not None]
+        assert len(ids) == 6 and len(set(ids)) == 6  # six requests, six different kernels
+        # Each kernel runs in its own fresh dir, which the taker adopts.
+        dirs = {k.confinement.workdir for k in taken if k is not None}
+        assert len(dirs) == 6 and all(d.is_dir() and d.name.startswith("pool-") for d in dirs)
+        await asyncio.sleep(0.5)
+        assert pool.ready(PYTHON) == 2  # refilled in the background to its size
+        await pool.stop()
+
+    asyncio.run(main())
+
+
+def test_requests_that_do_not_fit_get_none(tmp_path: Path) -> None:
+    async def main() -> None:
+        s = settings(tmp_path)
+        pool = KernelPool(s, FakeLaunch(), no_warm_up)  # type: ignore[arg-type]
+        pool.start()
+        await asyncio.sleep(0.2)
+        mount = (Mount(tmp_path, "data"),)
+        for misfit in (request(s, mounts=mount), request(s, environ={"A": "1"}),
+                       request(s, network=True), request(s, mem_bytes=1)):
+            assert await pool.take(PYTHON, misfit) is None
+        assert pool.ready(PYTHON) == 2  # nothing was taken by the misfits
+        assert await pool.take(languages.resolve("go"), request(s)) is None  # size 0
+        await pool.stop()
+
+    asyncio.run(main())
+
+
+def test_dead_kernel_is_skipped_and_drain_stops_everything(tmp_path: Path) -> None:
+    async def main() -> None:
+        s = settings(tmp_path)
+        launch = FakeLaunch()
+        pool = KernelPool(s, launch, no_warm_up)  # type: ignore[arg-type]
+        pool.start()
+        await asyncio.sleep(0.2)
+        launch.started[0].alive = False
+        got = await pool.take(PYTHON, request(s))
+        assert got is not None and got is not launch.started[0] and got.alive
+        await asyncio.sleep(0.5)
+        await pool.stop()
+        in_stock = [k for k in launch.started if k is not got]
+        assert in_stock and all(k.stopped for k in in_stock)
+        assert all(not k.confinement.workdir.exists() for k in in_stock)
+        assert got.confinement.workdir.exists()  # handed out: its taker owns it now
+        assert await pool.take(PYTHON, request(s)) is None  # drained pools hand out nothing
+
+    asyncio.run(main())
+
+
+def test_sessions_take_pooled_kernels_when_they_fit(tmp_path: Path) -> None:
+    """Real kernels through the core: a default session adopts a pooled kernel and its dir."""
+
+    async def main() -> None:
+        bridge = Bridge(Settings(data_dir=tmp_path / "data", pool_python=1))
+        first = await bridge.start()
+        assert first.first_keypair is not None
+        key = first.first_keypair.access_key
+        try:
+            for _ in range(600):
+                if bridge.pool.ready(PYTHON):
+                    break
+                await asyncio.sleep(0.1)
+            pooled = await bridge.sessions.create(key, PYTHON, name="pooled")
+            assert bridge.pool.taken == 1
+            assert pooled.kernel is not None
+            assert pooled.workdir == pooled.kernel.confinement.workdir
+            assert pooled.workdir.name.startswith("pool-")
+            (pooled.workdir / "kept.txt").write_text("x")
+            await bridge.sessions.restart(pooled)  # a restart keeps the session's files
+            assert (pooled.workdir / "kept.txt").exists()
+            cold = await bridge.sessions.create(key, PYTHON, name="cold", environ={"A": "1"})
+            assert bridge.pool.taken == 1 and cold.workdir.name == cold.id
+            for s in (pooled, cold):
+                workdir = s.workdir
+                await bridge.sessions.destroy(s)
+                assert not workdir.exists()
+        finally:
+            await bridge.stop()
+        leftovers = [p.name for p in bridge.settings.sessions_dir.iterdir()]
+        assert leftovers == []  # the drained pool removed its kernels' dirs
+
+    asyncio.run(main())
