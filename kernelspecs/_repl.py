@@ -25,6 +25,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, ClassVar, Literal, NamedTuple
 
@@ -83,6 +84,7 @@ class HostProcess:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pidfd: int | None = None
         self.returncode: int | None = None
+        self._close_lock = threading.Lock()
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start reading the pipes on ``loop`` (idempotent)."""
@@ -102,7 +104,7 @@ class HostProcess:
 
     def send(self, command: Event) -> None:
         data = (json.dumps(command) + "\n").encode()
-        with contextlib.suppress(BrokenPipeError):  # a dead host is reported by the queue
+        with contextlib.suppress(BrokenPipeError, OSError):  # a dead host is reported by the queue
             while data:
                 data = data[os.write(self._cmd_w, data) :]
 
@@ -123,15 +125,23 @@ class HostProcess:
         assert self.proc.stdout is not None and self.proc.stderr is not None
         self.proc.stdout.close()
         self.proc.stderr.close()
-        for fd in (self._event_r, self._cmd_w, self._pidfd):
-            with contextlib.suppress(OSError, TypeError):  # closed by stop(), or no pidfd
-                os.close(fd)  # type: ignore[arg-type]
+        self._close_commands()
+        for fd in (self._event_r, self._pidfd):
+            if fd is not None:
+                os.close(fd)
         self._pidfd = None
+
+    def _close_commands(self) -> None:
+        # Exactly once, though stop() runs on the control thread: a second close
+        # could hit an fd number that another thread has reused meanwhile.
+        with self._close_lock:
+            if self._cmd_w >= 0:
+                os.close(self._cmd_w)
+                self._cmd_w = -1
 
     async def stop(self) -> None:
         """Close the command pipe, then SIGTERM, then SIGKILL, each with a bounded wait."""
-        with contextlib.suppress(OSError):
-            os.close(self._cmd_w)
+        self._close_commands()
         for sig in (None, signal.SIGTERM, signal.SIGKILL):
             if sig is not None:
                 self._signal(sig)
