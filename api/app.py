@@ -13,6 +13,7 @@ from .backendai import files as backendai_files
 from .backendai import folders as backendai_folders
 from .backendai import handlers as backendai
 from .jupyter import handlers as jupyter
+from .jobs import handlers as jobs
 from .base import BaseHandler
 from .backendai.errors import BACKENDAI
 
@@ -43,6 +44,7 @@ class OpenAPIHandler(BaseHandler):
 def operations() -> list[openapi.Operation]:
     ops: list[openapi.Operation] = []
     ops += backendai.OPERATIONS
+    ops += jobs.OPERATIONS
     ops += jupyter.OPERATIONS
     return ops
 
@@ -52,6 +54,7 @@ def route_table() -> list[tuple[str, type[RequestHandler]]]:
     # Files and folders first: tornado takes the first match, and PREFIX/([^/]+) is a catch-all.
     table += backendai_files.routes() + backendai_folders.routes()
     table += jupyter.routes()
+    table += jobs.routes()
     table += backendai.routes()
     return table
 

@@ -5,6 +5,7 @@
      │    ├── SessionNotFound
      │    ├── RunNotFound
      │    ├── ExecutionNotFound    a one-shot execution id unknown to this keypair
+     │    ├── JobNotFound          a job id unknown to this keypair (job sessions)
      │    └── KeypairNotFound
      ├── InvalidRequest            the caller's input is wrong; nothing was changed
      │    ├── UnknownLanguage
@@ -53,6 +54,12 @@ class ExecutionNotFound(NotFound):
     def __init__(self, execution_id: str) -> None:
         super().__init__(f"Execution {execution_id} not found")
         self.execution_id = execution_id
+
+
+class JobNotFound(NotFound):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"No job {job_id!r} for this keypair.")
+        self.job_id = job_id
 
 
 class KeypairNotFound(NotFound):

@@ -13,6 +13,8 @@ from . import batch
 from .folders import SCHEMA as FOLDERS_SCHEMA
 from .folders import Folders
 from .gateway import Gateway
+from .job_sessions import JobSessions
+from .jobs import SCHEMA as JOBS_SCHEMA
 from .kernels import IPC_ROOT, Kernel, launch, spec_manager
 from .keypairs import Keypair, Keypairs
 from .runs import Run
@@ -36,11 +38,12 @@ class Bridge:
         # files) is masked in kernels should the operator put it under a bound tree.
         self.sandbox = Sandbox(settings.sandbox, hide=(settings.data_dir,),
                                pids=settings.max_pids)
-        self.store = Store(settings.db_path, extra_schema=FOLDERS_SCHEMA)
+        self.store = Store(settings.db_path, extra_schema=[*FOLDERS_SCHEMA, *JOBS_SCHEMA])
         self.keypairs = Keypairs(self.store, settings.default_concurrency)
         self.kernelspecs = spec_manager()
         self.sessions = Sessions(settings, self.store, self.keypairs, self.start_kernel)
         self.gateway = Gateway(self.sessions, self.kernelspecs)
+        self.jobs = JobSessions(settings, self.store, self.keypairs, self.sessions)
         self.folders = Folders(self.store, settings.folders_dir, now_iso, self._keypair_exists)
         self.folders.in_use = self._mounted_in
 
@@ -89,8 +92,10 @@ class Bridge:
         if not self.keypairs.all():
             first = await self.keypairs.create()
         await self.sessions.start()
+        await self.jobs.start()  # after sessions: a reloaded job may start a kernel
         return Started(first_keypair=first)
 
     async def stop(self) -> None:
+        await self.jobs.stop()  # records cut-short jobs before their kernels go
         await self.sessions.stop()
         await self.store.close()

@@ -1,0 +1,1 @@
+"""The job-sessions dialect (IBM Qiskit Runtime sessions, seed 004)."""
