@@ -184,6 +184,7 @@ class Gateway:
         session = await self.sessions.create(access_key, language, origin="jupyter",
                                              environ=environ)
         self._activity[session.id] = Activity(name=name)
+        session.last_activity = time.monotonic()  # idle from now, not from before the start
         return session
 
     def kernels(self, access_key: str) -> list[Session]:
@@ -224,6 +225,7 @@ class Gateway:
         """A relay between one client connection and the session's kernel. Raises KernelDied."""
         if session.kernel is None:
             raise KernelDied("The kernel is not running; restart it.")
+        session.last_activity = time.monotonic()
         relay = Relay(self, session, deliver, on_close)
         relay.start(*await connect(session.kernel))
         self._activity_of(session).relays.add(relay)

@@ -1,0 +1,112 @@
+"""A real jupyter_server process with its GatewayClient pointed at kernel-bridge (issue 7): what
+``jupyter lab --gateway-url=…`` does, driven through jupyter_server's own REST and WebSocket API."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+import requests
+
+from .jupyter_support import KernelSocket
+from .support import Client, Server, free_port
+
+
+@dataclass
+class JupyterServer:
+    url: str
+    token: str
+
+    def get(self, path: str) -> requests.Response:
+        return requests.get(self.url + path, params={"token": self.token}, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def jupyter(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[JupyterServer]:
+    tmp = tmp_path_factory.mktemp("jupyter")
+    token = secrets.token_hex(16)
+    port = free_port()
+    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(tmp / "config"),
+           "JUPYTER_DATA_DIR": str(tmp / "data"), "JUPYTER_RUNTIME_DIR": str(tmp / "runtime")}
+    log = open(tmp / "jupyter.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyter_server", "--no-browser", f"--port={port}",
+         "--ip=127.0.0.1", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={tmp}",
+         f"--GatewayClient.url={server.url}",
+         f"--GatewayClient.auth_token={server.secret_key}",
+         "--GatewayClient.request_timeout=60",
+         *(["--allow-root"] if os.geteuid() == 0 else [])],
+        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, (tmp / "jupyter.log").read_text()
+            try:
+                if requests.get(url + "/api/status", params={"token": token},
+                                timeout=5).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, (tmp / "jupyter.log").read_text()
+            time.sleep(0.3)
+        yield JupyterServer(url, token)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def test_kernelspecs_come_from_kernel_bridge(jupyter: JupyterServer) -> None:
+    # jupyter_server adopts the gateway's default from its next listing on (managers.py
+    # get_all_specs), so the second answer shows it.
+    assert jupyter.get("/api/kernelspecs").status_code == 200
+    r = jupyter.get("/api/kernelspecs")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["default"] == "kb-python"
+    assert {"kb-python", "kb-bash", "kb-c"} <= set(body["kernelspecs"])
+    logo = body["kernelspecs"]["kb-python"]["resources"]["logo-64x64"]
+    png = jupyter.get(logo)
+    assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
+
+
+def test_run_code_through_jupyter_server(jupyter: JupyterServer, server: Server,
+                                         client: Client) -> None:
+    r = requests.post(jupyter.url + "/api/kernels", params={"token": jupyter.token},
+                      json={"name": "kb-python"}, timeout=60)
+    assert r.status_code == 201, r.text
+    kid = r.json()["id"]
+    try:
+        # The kernel lives in kernel-bridge: a session like any other.
+        assert kid in {k["id"] for k in client.get("/api/kernels").json()}
+        assert client.get(f"/session/{kid}").json()["lang"] == "python"
+        # jupyter_server's own WebSocket; it relays to kernel-bridge's.
+        sock = KernelSocket(jupyter.url, kid, jupyter.token)
+        try:
+            out, reply = sock.run("import sys\nprint(sum(range(10)), sys.platform)")
+            assert reply["content"]["status"] == "ok"
+            assert out == "45 linux\n"
+            model = jupyter.get(f"/api/kernels/{kid}").json()
+            assert model["id"] == kid and model["name"] == "kb-python"
+            assert model["execution_state"] in ("idle", "busy")
+        finally:
+            sock.close()
+        restarted = requests.post(f"{jupyter.url}/api/kernels/{kid}/restart",
+                                  params={"token": jupyter.token}, timeout=60)
+        assert restarted.status_code == 200, restarted.text
+    finally:
+        gone = requests.delete(f"{jupyter.url}/api/kernels/{kid}",
+                               params={"token": jupyter.token}, timeout=60)
+    assert gone.status_code == 204
+    assert kid not in {k["id"] for k in client.get("/api/kernels").json()}
