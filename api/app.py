@@ -14,6 +14,7 @@ from .backendai import folders as backendai_folders
 from .backendai import handlers as backendai
 from .jupyter import handlers as jupyter
 from .jobs import handlers as jobs
+from .sandbox import handlers as sandbox
 from .base import BaseHandler
 from .backendai.errors import BACKENDAI
 
@@ -45,6 +46,7 @@ def operations() -> list[openapi.Operation]:
     ops: list[openapi.Operation] = []
     ops += backendai.OPERATIONS
     ops += jobs.OPERATIONS
+    ops += sandbox.OPERATIONS
     ops += jupyter.OPERATIONS
     return ops
 
@@ -55,6 +57,7 @@ def route_table() -> list[tuple[str, type[RequestHandler]]]:
     table += backendai_files.routes() + backendai_folders.routes()
     table += jupyter.routes()
     table += jobs.routes()
+    table += sandbox.routes()
     table += backendai.routes()
     return table
 

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from . import batch
+from .executions import SCHEMA as EXECUTIONS_SCHEMA
+from .executions import Executions
 from .folders import SCHEMA as FOLDERS_SCHEMA
 from .folders import Folders
 from .gateway import Gateway
@@ -17,6 +19,7 @@ from .job_sessions import JobSessions
 from .jobs import SCHEMA as JOBS_SCHEMA
 from .kernels import IPC_ROOT, Kernel, launch, spec_manager
 from .keypairs import Keypair, Keypairs
+from .pool import KernelPool
 from .runs import Run
 from .sandbox import Confinement, Mount, Sandbox
 from .sessions import Session, Sessions, now_iso
@@ -38,14 +41,19 @@ class Bridge:
         # files) is masked in kernels should the operator put it under a bound tree.
         self.sandbox = Sandbox(settings.sandbox, hide=(settings.data_dir,),
                                pids=settings.max_pids)
-        self.store = Store(settings.db_path, extra_schema=[*FOLDERS_SCHEMA, *JOBS_SCHEMA])
+        self.store = Store(settings.db_path, extra_schema=[*FOLDERS_SCHEMA, *JOBS_SCHEMA,
+                                                             *EXECUTIONS_SCHEMA])
         self.keypairs = Keypairs(self.store, settings.default_concurrency)
         self.kernelspecs = spec_manager()
-        self.sessions = Sessions(settings, self.store, self.keypairs, self.start_kernel)
-        self.gateway = Gateway(self.sessions, self.kernelspecs)
-        self.jobs = JobSessions(settings, self.store, self.keypairs, self.sessions)
+        # New sessions that fit take a pre-started kernel (bridge/pool.py), whatever the dialect.
+        self.pool = KernelPool(settings, self.start_kernel)
+        self.sessions = Sessions(settings, self.store, self.keypairs, self.start_kernel,
+                                 pool=self.pool)
+        self.executions = Executions(settings, self.store, self.sessions)
         self.folders = Folders(self.store, settings.folders_dir, now_iso, self._keypair_exists)
         self.folders.in_use = self._mounted_in
+        self.gateway = Gateway(self.sessions, self.kernelspecs)
+        self.jobs = JobSessions(settings, self.store, self.keypairs, self.sessions)
 
     async def start_kernel(self, spec: str, confinement: Confinement) -> Kernel:
         """The one launch function: every kernel of every dialect starts here."""
@@ -93,9 +101,13 @@ class Bridge:
             first = await self.keypairs.create()
         await self.sessions.start()
         await self.jobs.start()  # after sessions: a reloaded job may start a kernel
+        await self.executions.start()  # marks executions cut off by the last stop as failed
+        self.pool.start()
         return Started(first_keypair=first)
 
     async def stop(self) -> None:
         await self.jobs.stop()  # records cut-short jobs before their kernels go
+        await self.executions.stop()  # likewise for async executions
         await self.sessions.stop()
+        await self.pool.stop()
         await self.store.close()
