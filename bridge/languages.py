@@ -40,6 +40,13 @@ class Language:
 # A Makefile in the working dir wins over the build defaults (seed 002, Backend.AI runners).
 _MAKE_FIRST = 'if [ -f Makefile ]; then make; else {}; fi'
 
+
+def _sources(tests: str) -> str:
+    # NUL-separated into an array: names with spaces survive, and hidden dirs (.git, caches)
+    # are pruned. `find A -o B -print` would bind the action to B only, hence the parentheses.
+    return f"mapfile -d '' srcs < <(find . -path './.*' -prune -o -type f \\( {tests} \\) -print0)"
+
+
 LANGUAGES: tuple[Language, ...] = (
     Language(
         "python", "kb-python", ".py", ("python3",), ("python3", "py", "ipython"),
@@ -52,15 +59,16 @@ LANGUAGES: tuple[Language, ...] = (
     ),
     Language(
         "c", "kb-c", ".c", ("gcc",), ("gcc",),
-        build=_MAKE_FIRST.format("gcc -Wall -o ./main $(find . -name '*.c' -not -path './.*')"
-                                 " -pthread -lm -lrt -ldl"),
+        build=_MAKE_FIRST.format(_sources("-name '*.c'") + ' && gcc -Wall -o ./main'
+                                 ' "${srcs[@]}" -pthread -lm -lrt -ldl'),
         exec="./main",
         clean="if [ -f Makefile ]; then make clean; fi",
     ),
     Language(
         "cpp", "kb-cpp", ".cpp", ("g++",), ("c++", "cxx", "g++"),
-        build=_MAKE_FIRST.format("g++ -Wall -std=c++17 -o ./main $(find . -name '*.cpp' -o -name"
-                                 " '*.cc' -not -path './.*') -pthread -lm -lrt -ldl"),
+        build=_MAKE_FIRST.format(_sources("-name '*.cpp' -o -name '*.cc' -o -name '*.cxx'")
+                                 + ' && g++ -Wall -std=c++17 -o ./main "${srcs[@]}"'
+                                 ' -pthread -lm -lrt -ldl'),
         exec="./main",
         clean="if [ -f Makefile ]; then make clean; fi",
     ),

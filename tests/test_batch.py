@@ -49,7 +49,9 @@ def c_session(server: Any) -> Iterator[tuple[Client, str]]:
 def test_two_file_c_program_with_star_defaults(c_session: tuple[Client, str]) -> None:
     client, s = c_session
     # The SDK percent-encodes the '/' of a path in the part's filename.
-    upload(client, s, {"main.c": MAIN_C, "lib%2Futil.c": UTIL_C})
+    # a space in a directory name, and a hidden dir whose junk must not be compiled
+    upload(client, s, {"main.c": MAIN_C, "lib%20dir%2Futil.c": UTIL_C,
+                       ".cache%2Fjunk.c": b"not C at all\n"})
     results = run_to_end(client, "/session", s, "", mode="batch",
                          options={"clean": "*", "build": "*", "exec": "*"})
     # clean "*" for C does nothing without a Makefile; build "*" compiles every *.c into ./main
