@@ -251,10 +251,16 @@ class Run:
     def emit(self, item: ConsoleItem) -> None:
         value = item[1]
         size = len(value) if isinstance(value, str) else len(str(value))
-        if self._bytes + size > self.output_limit:
-            # Keep reading the kernel (so it never blocks on us) but keep nothing more.
-            self._dropped += size
-            return
+        room = self.output_limit - self._bytes
+        if size > room:
+            # Keep reading the kernel (so it never blocks on us) but keep nothing more. A stream
+            # chunk is cut to fit: one big flush must not leave the console empty.
+            if room <= 0 or item[0] not in ("stdout", "stderr"):
+                self._dropped += size
+                return
+            item = [item[0], value[:room]]
+            self._dropped += size - room
+            size = room
         self._bytes += size
         self._transcript.append(item)
         self._push(item)

@@ -324,6 +324,10 @@ class Sessions:
             finally:
                 session.state = SessionState.RUNNING if session.alive else session.state
             session.last_activity = time.monotonic()
+            if session.alive:  # back from ERROR (a dead kernel) in the record too
+                await self.store.execute(
+                    "UPDATE sessions SET state=?, state_reason='' WHERE id=?",
+                    (session.state.value, session.id))
 
     async def interrupt(self, session: Session) -> None:
         """Interrupt whatever the session's kernels are running (fire and forget)."""
@@ -410,6 +414,15 @@ class Sessions:
             finally:
                 session.current = None
                 session.last_activity = time.monotonic()
+            if run.state is RunState.FAILED and session.kernel is not None:
+                # Before anything yields: a client told "finished, 130" must find the session
+                # in ERROR when it looks next (poll() of a local kernel does not suspend).
+                if not await session.kernel.is_alive():
+                    session.state = SessionState.ERROR
+                    session.state_reason = "kernel-died"
+                    await self.store.execute(
+                        "UPDATE sessions SET state=?, state_reason=? WHERE id=?",
+                        (session.state.value, session.state_reason, session.id))
             await self.store.execute(
                 "UPDATE runs SET status=?, exit_code=?, finished_at=? WHERE session_id=? AND"
                 " run_id=?", (run.state.value, run.exit_code, now_iso(), session.id, run.run_id))
@@ -424,13 +437,6 @@ class Sessions:
                 # Inline, not as a task: the next queued run must find the new kernel, not the
                 # old one still busy with the timed-out code.
                 await self._restart_quietly(session)
-            elif run.state is RunState.FAILED and session.kernel is not None:
-                if not await session.kernel.is_alive():
-                    session.state = SessionState.ERROR
-                    session.state_reason = "kernel-died"
-                    await self.store.execute(
-                        "UPDATE sessions SET state=?, state_reason=? WHERE id=?",
-                        (session.state.value, session.state_reason, session.id))
 
     async def _destroy_quietly(self, session: Session, reason: str) -> None:
         with contextlib.suppress(SessionNotFound):

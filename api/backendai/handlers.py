@@ -88,7 +88,8 @@ class CreateHandler(BackendAIHandler):
         mounts = await self.bridge.mounts_for(self.keypair.access_key, body.all_mounts)
         environ = body.config.environ if body.config and body.config.environ else {}
         session = await sessions.create(self.keypair.access_key, language, name=name,
-                                        limits=limits, mounts=mounts, environ=environ)
+                                        limits=limits, mounts=mounts, environ=environ,
+                                        network=bool(body.config and body.config.network))
         self.send(self._created(session, created=True), 201)
 
     @staticmethod

@@ -25,6 +25,9 @@ class CreateConfig(Loose):
     mounts: list[str] | None = None
     environ: dict[str, str] | None = None
     resources: dict[str, Any] | None = None
+    # Ask for network access (kernel-bridge's own field): granted only when the operator set
+    # KB_ALLOW_NETWORK, refused with 400 otherwise. Without it a session has no network at all.
+    network: bool = False
 
 
 class CreateSession(Loose):
