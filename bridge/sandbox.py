@@ -217,7 +217,7 @@ def _masks(hidden: Iterable[str], binds: Iterable[Bind]) -> list[str]:
     out = []
     binds = list(binds)
     for h in hidden:
-        if any(_under(os.path.realpath(b.src), h) for b in binds):
+        if not os.path.exists(h) or any(_under(os.path.realpath(b.src), h) for b in binds):
             continue  # a mask would cover something the kernel needs (a venv in the tree)
         for b in binds:
             real = os.path.realpath(b.src)
