@@ -107,7 +107,7 @@ class LanguageInfoHandler(SandboxHandler):
         settings = self.bridge.settings
         self.send(LanguageInfo(
             language=lang.name, available=lang.available, toolchain=list(lang.toolchain),
-            kernelspec=lang.kernelspec, file_extension=lang.suffix,
+            kernelspec=lang.kernelspec, file_extension=lang.suffix, docker_image=None,
             default_execution_time=DEFAULT_TIMEOUT_S, max_execution_time=MAX_TIMEOUT_S,
             max_memory=f"{settings.default_mem_kib // 1024}m" if settings.default_mem_kib
             else "unlimited").model_dump())
