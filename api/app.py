@@ -45,6 +45,7 @@ class OpenAPIHandler(BaseHandler):
 def operations() -> list[openapi.Operation]:
     ops: list[openapi.Operation] = []
     ops += backendai.OPERATIONS
+    ops += backendai_files.OPERATIONS + backendai_folders.OPERATIONS
     ops += jobs.OPERATIONS
     ops += sandbox.OPERATIONS
     ops += jupyter.OPERATIONS

@@ -163,8 +163,8 @@ class Folders:
             iid = uuid.uuid4().hex
             ids.append(iid)
             statements.append((
-                "INSERT INTO vfolder_invitations (id, folder_id, inviter, invitee, permission,"
-                " state, created_at) VALUES (?, ?, ?, ?, ?, 'pending', ?)",
+                ("INSERT INTO vfolder_invitations (id, folder_id, inviter, invitee, permission,"
+                 " state, created_at) VALUES (?, ?, ?, ?, ?, 'pending', ?)"),
                 (iid, folder.id, access_key, key, permission, self._now())))
         await self.store.transaction(statements)
         return ids
@@ -201,8 +201,8 @@ class Folders:
             raise Conflict(f"A virtual folder named {inv['folder_name']!r} is already visible "
                            "to this keypair.")
         await self.store.transaction([
-            ("INSERT OR REPLACE INTO vfolder_permissions (folder_id, access_key, permission)"
-             " VALUES (?, ?, ?)", (inv["folder_id"], access_key, inv["permission"])),
+            (("INSERT OR REPLACE INTO vfolder_permissions (folder_id, access_key, permission)"
+              " VALUES (?, ?, ?)"), (inv["folder_id"], access_key, inv["permission"])),
             ("UPDATE vfolder_invitations SET state = 'accepted' WHERE id = ?", (inv["id"],)),
         ])
 

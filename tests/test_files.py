@@ -57,7 +57,8 @@ def tar_parts(response: Any) -> list[tarfile.TarFile]:
     for part in msg.iter_parts():
         assert part["Content-Encoding"] == "identity"
         assert part["Content-Transfer-Encoding"] == "binary"
-        out.append(tarfile.open(fileobj=io.BytesIO(part.get_payload(decode=True))))
+        data = io.BytesIO(part.get_payload(decode=True))
+        out.append(tarfile.open(fileobj=data))  # noqa: SIM115 - in memory, nothing to close
     return out
 
 

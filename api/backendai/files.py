@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from bridge import files
 from bridge.errors import InvalidRequest
 
+from ..openapi import Operation
 from .handlers import PREFIX, BackendAIHandler
 
 
@@ -33,6 +34,14 @@ class Download(_Params):
 
 class DownloadSingle(_Params):
     file: str
+
+
+class Listing(BaseModel):
+    files: str = Field(..., description="a JSON-encoded list of {filename, size, mode, ctime, "
+                                        "mtime, atime}")
+    errors: str
+    abspath: str
+    folder_path: str
 
 
 class FilesHandler(BackendAIHandler):
@@ -138,3 +147,18 @@ def routes() -> list[tuple[str, type[BackendAIHandler]]]:
         (PREFIX + r"/([^/]+)/download_single", SessionDownloadSingleHandler),
     ]
 
+
+
+_S = "/session/{id}"
+OPERATIONS = [
+    Operation("POST", _S + "/upload", "Upload files (multipart/form-data, parts named src, "
+              "percent-encoded filenames; at most 20, each at most 1 MiB)", "backendai-files",
+              status=204, errors=(400, 401, 403, 404)),
+    Operation("GET", _S + "/files", "List a directory under /home/work (JSON body or query)",
+              "backendai-files", ListFiles, Listing, errors=(400, 401, 404), query=("path",)),
+    Operation("GET", _S + "/download", "Download at most 5 paths: multipart/mixed, one tar "
+              "archive each", "backendai-files", Download, errors=(400, 401, 404),
+              query=("files",)),
+    Operation("GET", _S + "/download_single", "One file's bytes", "backendai-files",
+              DownloadSingle, errors=(400, 401, 404), query=("file",)),
+]

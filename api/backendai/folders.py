@@ -28,7 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from bridge import files
 from bridge.folders import Folder
 
-from .files import Download, DownloadSingle, FilesHandler, ListFiles
+from ..openapi import Operation
+from .files import Download, DownloadSingle, FilesHandler, ListFiles, Listing
 
 FOLDER = r"/folders/([^/]+)"
 
@@ -189,3 +190,35 @@ def routes() -> list[tuple[str, type[FolderHandler]]]:
         (FOLDER + r"/invite", InviteHandler),
         (FOLDER + r"/?", FolderInfoHandler),
     ]
+
+
+_T = "backendai-folders"
+_F = "/folders/{name}"
+OPERATIONS = [
+    Operation("POST", "/folders", "Create a virtual folder", _T, CreateFolder, status=201,
+              errors=(400, 401, 409)),
+    Operation("GET", "/folders", "Folders this keypair owns or accepted (a list; with size: "
+              "{items, paging})", _T, errors=(400, 401), query=("size", "index")),
+    Operation("DELETE", "/folders", "Delete a folder by id", _T, DeleteById, status=204,
+              errors=(401, 403, 404, 409)),
+    Operation("GET", _F, "Folder information (numFiles, permission, is_owner)", _T,
+              errors=(401, 404)),
+    Operation("DELETE", _F, "Delete a folder (owner only; not while mounted)", _T, status=204,
+              errors=(401, 403, 404, 409)),
+    Operation("POST", _F + "/upload", "Upload files (multipart, parts named src)", _T,
+              status=201, errors=(400, 401, 403, 404)),
+    Operation("GET", _F + "/files", "List a directory of the folder", _T, ListFiles, Listing,
+              errors=(400, 401, 404), query=("path",)),
+    Operation("GET", _F + "/download", "Download at most 5 paths as tar archives", _T,
+              Download, errors=(400, 401, 404), query=("files",)),
+    Operation("GET", _F + "/download_single", "One file's bytes", _T, DownloadSingle,
+              errors=(400, 401, 404), query=("file",)),
+    Operation("POST", _F + "/invite", "Invite keypairs (access keys) with ro or rw", _T,
+              Invite, status=201, errors=(400, 401, 403, 404)),
+    Operation("GET", "/folders/invitations/list", "Pending invitations to this keypair", _T,
+              errors=(401,)),
+    Operation("POST", "/folders/invitations/accept", "Accept an invitation", _T,
+              InvitationRef, errors=(401, 404, 409)),
+    Operation("POST", "/folders/invitations/reject", "Reject an invitation (also DELETE "
+              "/folders/invitations/delete)", _T, InvitationRef, errors=(401, 404)),
+]
