@@ -26,6 +26,9 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
                     "Never expose this server to untrusted code.")
     started = await bridge.start()
     log.info("sandbox: %s", bridge.sandbox.describe())
+    if bridge.sandbox.enabled and not bridge.sandbox.cgroups.enabled:
+        log.warning("No writable cgroup: memory is capped by RLIMIT_AS only and there is no "
+                    "process cap (a fork bomb in a session can exhaust the machine).")
     if started.first_keypair is not None:
         kp = started.first_keypair
         # Shown once: the secret is not printed again.
