@@ -309,7 +309,7 @@ class Relay:
         if self._client is not None:
             msg = self._client.session.msg("status", {"execution_state": state})
             msg["channel"] = "iopub"
-            self._deliver("iopub", msg)  # type: ignore[arg-type]
+            self._deliver("iopub", msg)
 
     async def _pump(self, channel: Channel) -> None:
         assert self._client is not None

@@ -23,7 +23,7 @@ import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 from nbformat import NotebookNode
-from nbformat.validator import MissingIDFieldWarning
+from nbformat.warnings import MissingIDFieldWarning
 
 from .errors import InvalidRequest, KernelDied, SessionNotFound
 from .gateway import language_of_spec, open_client
@@ -75,7 +75,7 @@ def parse(data: Any) -> NotebookNode:
         text = data if isinstance(data, str) else json.dumps(data)
         with warnings.catch_warnings():  # missing ids are added just below
             warnings.simplefilter("ignore", MissingIDFieldWarning)
-            nb = nbformat.reads(text, as_version=4)
+            nb: NotebookNode = nbformat.reads(text, as_version=4)  # type: ignore[no-untyped-call]
         # Cell ids are required from nbformat 4.5 on; older notebooks get them, as Jupyter does.
         if any("id" not in cell for cell in nb.cells):
             nb.nbformat_minor = max(nb.nbformat_minor, 5)
@@ -123,7 +123,8 @@ def parameters_cell(parameters: dict[str, Any], language: Language) -> NotebookN
             lines.append(f"{name}={lit}")
         else:
             lines.append(f"{name} = {lit}")
-    cell = nbformat.v4.new_code_cell("\n".join(lines))
+    source = "\n".join(lines)
+    cell: NotebookNode = nbformat.v4.new_code_cell(source)  # type: ignore[no-untyped-call]
     cell.metadata["tags"] = [INJECTED_TAG]
     return cell
 

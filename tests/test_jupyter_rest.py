@@ -73,6 +73,8 @@ def test_kernel_lifecycle_is_a_session(client: Client) -> None:
     listed = {k["id"]: k for k in client.get("/api/kernels").json()}
     assert set(listed) == before | {kid}
     # The same session through the Backend.AI dialect: KERNEL_* passed, PATH did not.
+    job_view = client.get(f"/api/v1/sessions/{kid}")
+    assert job_view.status_code == 200 and job_view.json()["id"] == kid
     info = client.get(f"/session/{kid}")
     assert info.status_code == 200 and info.json()["lang"] == "python"
     results = run_to_end(client, "/session", kid,

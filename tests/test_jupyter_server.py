@@ -1,5 +1,6 @@
 """A real jupyter_server process with its GatewayClient pointed at kernel-bridge (issue 7): what
-``jupyter lab --gateway-url=…`` does, driven through jupyter_server's own REST and WebSocket API."""
+``jupyter lab --gateway-url=…`` does, driven through jupyter_server's own REST and WebSocket
+API."""
 
 from __future__ import annotations
 

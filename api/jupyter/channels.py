@@ -20,7 +20,7 @@ from .wire import V1, decode_legacy, decode_v1, encode_legacy, encode_v1
 log = logging.getLogger("kernel_bridge.api.jupyter")
 
 
-class ChannelsHandler(WebSocketHandler, JupyterHandler):  # type: ignore[misc]
+class ChannelsHandler(WebSocketHandler, JupyterHandler):
     session: Session
     relay: Relay | None = None
 
@@ -52,7 +52,8 @@ class ChannelsHandler(WebSocketHandler, JupyterHandler):  # type: ignore[misc]
             self.close(1011, exc.message[:120])
 
     def _deliver(self, channel: Channel, msg: Message) -> None:
-        frame = encode_v1(channel, msg) if self.v1 else encode_legacy(channel, msg)  # type: ignore[arg-type]
+        data = dict(msg)
+        frame = encode_v1(channel, data) if self.v1 else encode_legacy(channel, data)
         # Raises WebSocketClosedError once the client is gone; the relay then closes itself.
         fut = self.write_message(frame, binary=isinstance(frame, bytes))
         fut.add_done_callback(_ignore_closed)

@@ -113,7 +113,10 @@ async def _embedded(args: argparse.Namespace, nb_json: dict[str, Any], params: d
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="kb-run-") as tmp:
-        settings = Settings(data_dir=args.data_dir or Path(tmp) / "data", pool_python=0)
+        # A throw-away data dir and no warm pool: one session, then gone.
+        overrides: dict[str, Any] = {"data_dir": args.data_dir or Path(tmp) / "data",
+                                     "pool_python": 0}
+        settings = Settings(**overrides)
         bridge = Bridge(settings)
         started = await bridge.start()
         try:
@@ -124,7 +127,7 @@ async def _embedded(args: argparse.Namespace, nb_json: dict[str, Any], params: d
                 progress=lambda done, total, cell: _advance(bar, done, total))
         finally:
             await bridge.stop()
-    return json.loads(json.dumps(result_body(result), default=str))
+    return dict(json.loads(json.dumps(result_body(result), default=str)))
 
 
 def _advance(bar: tqdm[Any], done: int, total: int) -> None:
