@@ -23,6 +23,7 @@ import contextlib
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +106,14 @@ class KernelCgroup:
                 os.write(fd, pid.encode())
             finally:
                 os.close(fd)
+
+    def ensure(self, mem_bytes: int, pids: int) -> None:
+        """Re-create the directories if something removed them (a sweep). Raises OSError."""
+        if all(d.is_dir() for d in self.dirs.values()):
+            return
+        for d in dict.fromkeys(self.dirs.values()):
+            d.mkdir(exist_ok=True)
+        self.set_limits(mem_bytes, pids)
 
     def set_limits(self, mem_bytes: int, pids: int) -> None:
         """0 means no cap. Raises OSError if the controller refuses."""
@@ -290,14 +299,21 @@ class Cgroups:
             raise
         return cg
 
-    def sweep(self, in_use: Callable[[str], bool]) -> int:
-        """Remove kernel cgroups left empty by a server that died; returns how many."""
+    def sweep(self, in_use: Callable[[str], bool] = lambda name: False,
+              min_age: float = 60.0) -> int:
+        """Remove kernel cgroups left empty (by a server that died, or a dead kernel's) for
+        ``min_age`` seconds; returns how many. A live kernel's cgroup is never empty but while
+        it restarts, and the provisioner re-creates one that went (:meth:`KernelCgroup.ensure`).
+        """
         removed = 0
+        now = time.time()
         for parent in dict.fromkeys(self.parents.values()):
             with contextlib.suppress(OSError):
                 for d in parent.iterdir():
-                    if d.is_dir() and not in_use(d.name) and not _read(d / "cgroup.procs"):
-                        with contextlib.suppress(OSError):
+                    with contextlib.suppress(OSError):
+                        if (d.is_dir() and not in_use(d.name)
+                                and now - d.stat().st_mtime > min_age
+                                and not _read(d / "cgroup.procs")):
                             d.rmdir()
                             removed += 1
         return removed

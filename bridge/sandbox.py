@@ -333,9 +333,11 @@ class SandboxProvisioner(LocalProvisioner):  # type: ignore[misc]
         kwargs["cwd"] = str(conf.workdir)
         kwargs = await super().pre_launch(**kwargs)
         kwargs["cmd"] = self.sandbox.wrap(kwargs["cmd"], conf)
+        # Fails closed: a kernel whose caps cannot be set does not start.
         if self.cgroup is None:
-            # Fails closed: a kernel whose caps cannot be set does not start.
             self.cgroup = self.sandbox.new_cgroup(str(self.kernel_id), conf)
+        else:  # a restart: same cgroup, CPU time goes on
+            self.cgroup.ensure(conf.mem_bytes, conf.pids or self.sandbox.default_pids)
         kwargs["preexec_fn"] = self.sandbox.preexec(conf, self.cgroup)
         return kwargs
 

@@ -17,7 +17,7 @@ from .folders import Folders
 from .gateway import Gateway
 from .job_sessions import JobSessions
 from .jobs import SCHEMA as JOBS_SCHEMA
-from .kernels import IPC_ROOT, Kernel, launch, spec_manager
+from .kernels import Kernel, launch, spec_manager
 from .keypairs import Keypair, Keypairs
 from .pool import KernelPool
 from .runs import Run
@@ -93,7 +93,7 @@ class Bridge:
         self.settings.sessions_dir.mkdir(exist_ok=True)
         self.settings.folders_dir.mkdir(exist_ok=True)
         # Kernel cgroups left empty by a server that died (its kernels died with it).
-        self.sandbox.cgroups.sweep(lambda name: (IPC_ROOT / name).exists())
+        self.sandbox.cgroups.sweep()
         await self.store.open()
         await self.keypairs.load()
         first = None

@@ -216,13 +216,25 @@ def test_real_cgroup_caps_processes_and_memory_then_goes(host_cgroups: Cgroups) 
     assert not any(d.exists() for d in k.dirs.values())
 
 
-def test_sweep_removes_only_empty_cgroups_not_in_use(host_cgroups: Cgroups) -> None:
-    names = [f"unit-sweep-{os.getpid()}-{i}" for i in range(2)]
-    groups = [host_cgroups.create(n, 0, 0) for n in names]
+def test_sweep_removes_only_old_empty_cgroups_and_a_swept_one_comes_back(
+        host_cgroups: Cgroups) -> None:
+    names = [f"unit-sweep-{os.getpid()}-{i}" for i in range(3)]
+    groups = [host_cgroups.create(n, 32 << 20, 8) for n in names]
+    sleeper = subprocess.Popen(["sleep", "30"], preexec_fn=groups[2].join)
     try:
-        host_cgroups.sweep(lambda n: n == names[1])
-        assert not any(d.exists() for d in groups[0].dirs.values())
-        assert all(d.exists() for d in groups[1].dirs.values())
+        # (Other servers' cgroups on this machine are left alone: "in use" for this test.)
+        assert host_cgroups.sweep(lambda n: n not in names) == 0  # all younger than a minute
+        host_cgroups.sweep(lambda n: n not in names or n == names[1], min_age=0)
+        assert not any(d.exists() for d in groups[0].dirs.values())  # empty and old: gone
+        assert all(d.exists() for d in groups[1].dirs.values())  # in use
+        assert all(d.exists() for d in groups[2].dirs.values())  # has a process
+        groups[0].ensure(32 << 20, 8)  # a restarting kernel's cgroup is made again
+        assert (groups[0].dirs["pids"] / "pids.max").read_text().strip() == "8"
     finally:
+        sleeper.kill()
+        sleeper.wait()
         for g in groups:
-            g.remove()
+            for _ in range(40):
+                if g.remove():
+                    break
+                time.sleep(0.05)
