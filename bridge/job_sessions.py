@@ -37,7 +37,7 @@ from .jobs import (
 )
 from .keypairs import Keypairs
 from .languages import resolve
-from .sessions import Limits, Session, Sessions
+from .sessions import Limits, Session, Sessions, SessionState
 from .settings import Settings
 from .store import Store
 
@@ -144,7 +144,13 @@ class JobSessions:
 
     def _foreign(self, access_key: str, ident: str) -> Session | None:
         s = self.sessions.find(access_key, ident)
-        return s if s is not None and s.origin != ORIGIN else None
+        return s if s is not None and self._shown(s) else None
+
+    @staticmethod
+    def _shown(s: Session) -> bool:
+        """Other dialects' sessions are shown, but not kernels that serve a single run: a job's
+        or a one-shot Sandbox execution's (unnamed, so its name is its id)."""
+        return s.origin != ORIGIN and not (s.origin == "sandbox" and s.name == s.id)
 
     async def all(self, access_key: str) -> list[JobSession]:
         """Every job session of this keypair (closed ones too) and its other live sessions,
@@ -152,7 +158,7 @@ class JobSessions:
         rows = await self.store.fetchall(
             f"SELECT {SESSION_COLUMNS} FROM job_sessions WHERE access_key=?", (access_key,))
         found = [self._live.get(r["id"]) or JobSession.from_row(r) for r in rows]
-        found += [view_of(s) for s in self.sessions.all(access_key) if s.origin != ORIGIN]
+        found += [view_of(s) for s in self.sessions.all(access_key) if self._shown(s)]
         return sorted(found, key=lambda js: js.started_at, reverse=True)
 
     async def jobs_of(self, js: JobSession) -> list[Job]:
@@ -300,6 +306,11 @@ class JobSessions:
             if js.mode == "dedicated":
                 if js.kernel is None or not js.kernel.alive:
                     js.kernel = await self._new_kernel(js, js.id, js.environment, True)
+                elif (js.kernel.state is SessionState.ERROR or js.kernel.kernel is None
+                      or not await js.kernel.kernel.is_alive()):
+                    # An earlier job killed it. Asked directly: the bridge may not have
+                    # marked the session ERROR yet when the next job starts.
+                    await self.sessions.restart(js.kernel)
                 kernel = js.kernel
             else:
                 kernel = await self._new_kernel(js, job.id, job.environment, False)
