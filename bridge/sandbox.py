@@ -339,6 +339,9 @@ class SandboxProvisioner(LocalProvisioner):  # type: ignore[misc]
         else:  # a restart: same cgroup, CPU time goes on
             self.cgroup.ensure(conf.mem_bytes, conf.pids or self.sandbox.default_pids)
         kwargs["preexec_fn"] = self.sandbox.preexec(conf, self.cgroup)
+        # A kernel's own stdout is banners ("To connect another client…"), not user output
+        # (that travels on iopub); its stderr stays with the server's log for diagnosis.
+        kwargs["stdout"] = subprocess.DEVNULL
         return kwargs
 
     async def cleanup(self, restart: bool = False) -> None:

@@ -21,6 +21,8 @@ import codecs
 import contextlib
 import json
 import os
+import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -33,6 +35,7 @@ from ipykernel.kernelbase import Kernel
 
 INTERRUPTED = 130
 # How long a host may take to honour SIGINT before we kill and restart it.
+END_MARKER_GRACE_S = 2.0  # how long a finished cell waits for its end markers
 INTERRUPT_GRACE_S = 3.0
 PROTOCOL_VERSION = "5.3"
 # Shutdown: time for the host to leave on its own (command pipe closed), then after SIGTERM.
@@ -44,11 +47,11 @@ Event = dict[str, Any]
 class Item(NamedTuple):
     """One thing the host produced, in the order the kernel must publish it."""
 
-    kind: Literal["stream", "event", "exited", "wake"]
+    kind: Literal["stream", "end", "event", "exited", "wake"]
     name: str = ""  # stream name
     text: str = ""
     event: Event | None = None
-    code: int = 0  # exit status of the host, shell style (128 + signal)
+    code: int = 0  # exit status of the host (128 + signal), or the cell id of an "end"
 
 
 class HostProcess:
@@ -57,7 +60,14 @@ class HostProcess:
     def __init__(self, argv: list[str]) -> None:
         cmd_r, self._cmd_w = os.pipe()
         self._event_r, event_w = os.pipe()
-        env = {**os.environ, "KB_CMD_FD": str(cmd_r), "KB_EVENT_FD": str(event_w)}
+        # After each cell the host writes an end marker on stdout and on stderr. Order holds
+        # within one pipe, never across pipes: a cell is over only when its "done" event and
+        # both markers have been read, so no output of it can trail into the next cell.
+        self._token = secrets.token_hex(8)
+        self._marker = re.compile("\x01" + self._token + ":(\\d+)\x01")
+        self._carry = {"stdout": "", "stderr": ""}
+        env = {**os.environ, "KB_CMD_FD": str(cmd_r), "KB_EVENT_FD": str(event_w),
+               "KB_END_TOKEN": self._token}
         self.proc = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,  # reading stdin gets EOF instead of hanging the cell
@@ -176,9 +186,28 @@ class HostProcess:
             if not chunk:
                 self._stop_reading(fd)
                 return
-            text = self._decoders[name].decode(chunk)
-            if text:
-                self.queue.put_nowait(Item("stream", name=name, text=text))
+            self._split(name, self._decoders[name].decode(chunk))
+
+    def _split(self, name: str, text: str) -> None:
+        """Queue ``text`` as stream items and end markers, holding back a partial marker."""
+        text = self._carry[name] + text
+        start = 0
+        for m in self._marker.finditer(text):
+            if m.start() > start:
+                self.queue.put_nowait(Item("stream", name=name, text=text[start:m.start()]))
+            self.queue.put_nowait(Item("end", name=name, code=int(m.group(1))))
+            start = m.end()
+        rest = text[start:]
+        cut = rest.rfind("\x01")
+        tail = rest[cut:] if cut != -1 else ""
+        head = "\x01" + self._token + ":"
+        # A trailing piece that may still grow into a marker waits for the next read.
+        if tail and (head.startswith(tail) or (tail.startswith(head) and tail[len(head):].isdigit())):
+            self._carry[name], rest = tail, rest[:cut]
+        else:
+            self._carry[name] = ""
+        if rest:
+            self.queue.put_nowait(Item("stream", name=name, text=rest))
 
     def _read_events(self) -> None:
         while True:
@@ -302,13 +331,19 @@ class ReplKernel(Kernel):
         """Publish the cell's output until it is done; return (error content, exit code)."""
         error: dict[str, Any] | None = None
         deadline: float | None = None
+        finished: tuple[dict[str, Any] | None, int] | None = None  # "done" seen, markers not
+        ends: set[str] = set()
         while True:
             if self._interrupted_cell == cell and deadline is None:
                 deadline = time.monotonic() + INTERRUPT_GRACE_S
             try:
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if finished is not None:  # user code may have closed its stdout: don't hang
+                    timeout = min(timeout or END_MARKER_GRACE_S, END_MARKER_GRACE_S)
                 item = await asyncio.wait_for(host.queue.get(), timeout)
             except TimeoutError:
+                if finished is not None:
+                    return finished
                 # The host ignored SIGINT (e.g. blocked in native code): kill it and
                 # keep reading until its "exited" item, which restarts it.
                 host.kill()
@@ -318,6 +353,11 @@ class ReplKernel(Kernel):
                 continue
             if item.kind == "stream":
                 self._stream(item.name, item.text, silent)
+            elif item.kind == "end":
+                if item.code == cell:
+                    ends.add(item.name)
+                if finished is not None and ends >= {"stdout", "stderr"}:
+                    return finished
             elif item.kind == "exited":
                 self._stream("stderr", self._restart_note(item.code), silent)
                 self._restart()
@@ -348,7 +388,9 @@ class ReplKernel(Kernel):
                     if exit_code != 0 and error is None:
                         # An explicit exit(n) that the host survived (Ruby's SystemExit).
                         error = self._error("ExitCode", str(exit_code), [], silent)
-                    return error, exit_code
+                    finished = (error, exit_code)
+                    if ends >= {"stdout", "stderr"}:
+                        return finished
             # "wake": an interrupt arrived; the loop head arms the deadline.
 
     def _error(self, ename: str, evalue: str, traceback: list[str], silent: bool) -> dict[str, Any]:

@@ -86,6 +86,15 @@ function failCell(info) {
   }
 }
 
+// The kernel ends a cell only after reading this marker on both streams (see _repl.py).
+const END_TOKEN = process.env.KB_END_TOKEN;
+function endMarker(id) {
+  const marker = `\x01${END_TOKEN}:${id}\x01`;
+  for (const fd of [1, 2]) {
+    try { fs.writeSync(fd, marker); } catch (e) { /* stream closed by user code */ }
+  }
+}
+
 function finishCell(id, exitCode) {
   if (!current || current.id !== id) return; // already ended by an interrupt
   // setImmediate lets an unhandled rejection of the last microtasks reach failCell
@@ -95,6 +104,7 @@ function finishCell(id, exitCode) {
     const code = current.failed ? exitCode || 1 : exitCode;
     current = null;
     session.post('Runtime.releaseObjectGroup', { objectGroup: 'cell' });
+    endMarker(id);
     emit({ ev: 'done', id, exit_code: code });
   });
 }

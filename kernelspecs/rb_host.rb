@@ -38,6 +38,17 @@ module KernelBridgeHost
   class << self
     attr_reader :running
 
+    # The kernel ends a cell only after reading this marker on both streams (see _repl.py).
+    def end_marker(id)
+      marker = "\x01#{ENV.fetch("KB_END_TOKEN")}:#{id}\x01"
+      [$stdout, $stderr].each do |io|
+        io.write(marker)
+        io.flush
+      rescue IOError, SystemCallError
+        nil # user code closed or replaced the stream; the kernel waits only briefly
+      end
+    end
+
     def emit(event)
       @events.write(JSON.generate(event) + "\n")
     end
@@ -67,8 +78,7 @@ module KernelBridgeHost
       ensure
         @running = false
       end
-      $stdout.flush
-      $stderr.flush
+      end_marker(id)
       emit(ev: "done", id: id, exit_code: exit_code)
     end
 

@@ -1,0 +1,94 @@
+"""Every language through the real server: a Backend.AI query, a batch run with "*", and
+POST /api/v1/execute; an error gives its message and a non-zero exit code (issue 4)."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from dataclasses import dataclass
+
+import pytest
+
+from bridge.languages import resolve
+
+from .support import Client, console_text, run_to_end
+
+
+@dataclass(frozen=True)
+class Sample:
+    lang: str
+    hello: str  # prints "hello from <lang>"
+    main_file: str  # the "*" batch defaults look for this file
+    error: str  # fails with a message containing `error_text`
+    error_text: str
+
+
+SAMPLES = [
+    Sample("python", "print('hello from python')", "main.py",
+           "raise ValueError('boom')", "ValueError"),
+    Sample("javascript", "console.log('hello from javascript')", "main.js",
+           "throw new Error('boom')", "boom"),
+    Sample("c", '#include <stdio.h>\nint main(void) { printf("hello from c\\n"); return 0; }',
+           "main.c", "int main(void) { return undefined_name; }", "undefined_name"),
+    Sample("cpp", '#include <iostream>\nint main() { std::cout << "hello from cpp" << std::endl; }',
+           "main.cpp", "int main() { undefined_name(); }", "undefined_name"),
+    Sample("go", 'package main\nimport "fmt"\nfunc main() { fmt.Println("hello from go") }',
+           "main.go", "package main\nfunc main() { undefinedName() }", "undefinedName"),
+    Sample("rust", 'fn main() { println!("hello from rust"); }', "main.rs",
+           "fn main() { undefined_name(); }", "undefined_name"),
+    Sample("java", 'public class Main { public static void main(String[] a) {'
+           ' System.out.println("hello from java"); } }', "Main.java",
+           "public class Main { public static void main(String[] a) { undefinedName(); } }",
+           "undefinedName"),
+    Sample("ruby", "puts 'hello from ruby'", "main.rb", "raise 'boom'", "boom"),
+    Sample("bash", "echo hello from bash", "main.sh", "echo boom >&2; exit 4", "boom"),
+]
+
+
+def available(lang: str) -> bool:
+    return all(shutil.which(tool) for tool in resolve(lang).toolchain)
+
+
+@pytest.fixture(params=SAMPLES, ids=[s.lang for s in SAMPLES])
+def sample(request: pytest.FixtureRequest) -> Sample:
+    s: Sample = request.param
+    if not available(s.lang):
+        pytest.skip(f"{s.lang} toolchain not installed: {', '.join(resolve(s.lang).toolchain)}")
+    return s
+
+
+def test_query_batch_and_error_through_backendai(client: Client, sample: Sample) -> None:
+    name = f"lang-{uuid.uuid4().hex[:10]}"
+    assert client.post("/session", json={"lang": sample.lang, "name": name}).status_code == 201
+    try:
+        results = run_to_end(client, "/session", name, sample.hello)
+        assert console_text(results, "stdout") == f"hello from {sample.lang}\n"
+        assert results[-1]["exitCode"] == 0
+
+        r = client.post(f"/session/{name}/upload", files=[
+            ("src", (sample.main_file, sample.hello.encode(), "application/octet-stream"))])
+        assert r.status_code == 204
+        results = run_to_end(client, "/session", name, "", mode="batch",
+                             options={"build": "*", "exec": "*"})
+        statuses = [(r["status"], r["exitCode"]) for r in results if r["status"] != "continued"]
+        assert statuses == [("build-finished", 0), ("finished", 0)], results
+        assert f"hello from {sample.lang}\n" in console_text(results, "stdout")
+
+        results = run_to_end(client, "/session", name, sample.error)
+        assert sample.error_text in console_text(results, "stderr")
+        if sample.lang != "python":  # ipykernel is a global-context kernel: always 0 (seed 002)
+            assert results[-1]["exitCode"] != 0
+    finally:
+        client.delete(f"/session/{name}")
+
+
+def test_hello_and_error_through_execute_api(client: Client, sample: Sample) -> None:
+    r = client.post("/api/v1/execute", json={"language": sample.lang, "code": sample.hello})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["stdout"] == f"hello from {sample.lang}\n"
+    assert body["exit_code"] == 0 and body["language"] == sample.lang
+    r = client.post("/api/v1/execute", json={"language": sample.lang, "code": sample.error})
+    body = r.json()
+    assert body["exit_code"] not in (0, -1)
+    assert sample.error_text in body["stderr"]
