@@ -12,11 +12,11 @@ from . import openapi
 from .backendai import files as backendai_files
 from .backendai import folders as backendai_folders
 from .backendai import handlers as backendai
-from .jupyter import handlers as jupyter
-from .jobs import handlers as jobs
-from .sandbox import handlers as sandbox
-from .base import BaseHandler
 from .backendai.errors import BACKENDAI
+from .base import BaseHandler
+from .jobs import handlers as jobs
+from .jupyter import handlers as jupyter
+from .sandbox import handlers as sandbox
 
 
 class NotFoundHandler(BaseHandler):
@@ -55,7 +55,8 @@ def operations() -> list[openapi.Operation]:
 def route_table() -> list[tuple[str, type[RequestHandler]]]:
     table: list[tuple[str, type[RequestHandler]]] = [(r"/api/openapi\.json", OpenAPIHandler)]
     # Files and folders first: tornado takes the first match, and PREFIX/([^/]+) is a catch-all.
-    table += backendai_files.routes() + backendai_folders.routes()
+    table += backendai_files.routes()
+    table += backendai_folders.routes()
     table += jupyter.routes()
     table += jobs.routes()
     table += sandbox.routes()

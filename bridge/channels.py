@@ -70,7 +70,7 @@ class Channels:
                 msg: Message = await getattr(self.client, f"get_{channel}_msg")()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - a closed socket during restart/shutdown
+            except Exception:
                 await asyncio.sleep(0.05)
                 continue
             parent = msg.get("parent_header") or {}

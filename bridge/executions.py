@@ -300,7 +300,7 @@ class Executions:
             ex.failed(exc.message)
         except asyncio.CancelledError:
             return  # stop() records it as cut off by the server stopping
-        except Exception as exc:  # noqa: BLE001 - a poller must see why, not a stuck "running"
+        except Exception as exc:
             log.exception("execution %s failed", ex.id)
             ex.failed(f"Internal error: {type(exc).__name__}")
         await self._write(ex, insert=False)

@@ -75,7 +75,7 @@ async def connect(kernel: Kernel, timeout: float = 10.0) -> tuple[AsyncKernelCli
         try:
             await client.get_iopub_msg(timeout=0.3)
             break
-        except Exception:  # noqa: BLE001 - queue.Empty: not subscribed yet, nudge again
+        except Exception:
             continue
     else:
         log.warning("kernel %s: iopub did not answer within %.0f s", kernel.id, timeout)
@@ -319,7 +319,7 @@ class Relay:
                 msg: Message = await get()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - a bad signature or a closing socket
+            except Exception as exc:
                 log.info("relay %s: dropped a %s message: %s", self.session.id, channel, exc)
                 await asyncio.sleep(0.05)
                 continue
@@ -329,7 +329,7 @@ class Relay:
                 self.gateway.observe(self.session, msg)
             try:
                 self._deliver(channel, msg)
-            except Exception:  # noqa: BLE001 - the client is gone; close quietly
+            except Exception:
                 asyncio.get_running_loop().create_task(self.close())
                 return
 

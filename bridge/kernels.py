@@ -91,7 +91,7 @@ class Kernel:
             self.client.stop_channels()
         try:
             await asyncio.wait_for(self.manager.shutdown_kernel(now=False), timeout=5)
-        except Exception:  # noqa: BLE001 - whatever went wrong, make sure it is dead
+        except Exception:
             with contextlib.suppress(Exception):
                 await self.manager.shutdown_kernel(now=True)
         release = getattr(self.manager.provisioner, "release_cgroup", None)

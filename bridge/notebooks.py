@@ -82,7 +82,7 @@ def parse(data: Any) -> NotebookNode:
             for cell in nb.cells:
                 cell.setdefault("id", uuid.uuid4().hex[:12])
         nbformat.validate(nb)
-    except Exception as exc:  # noqa: BLE001 - nbformat raises many kinds for bad input
+    except Exception as exc:
         raise InvalidNotebook(f"Not a valid notebook: {str(exc).splitlines()[0]}") from None
     return nb
 

@@ -28,6 +28,7 @@ from .kernels import Kernel
 from .languages import LANGUAGES, Language
 from .sandbox import Confinement
 from .settings import Settings
+from .tasks import spawn
 
 log = logging.getLogger(__name__)
 
@@ -121,14 +122,14 @@ class KernelPool:
                 # Our caller was cancelled while the start went on: do not leak the kernel.
                 task.add_done_callback(self._discard_when_started)
                 raise
-            except Exception as exc:  # noqa: BLE001 - a failed pooled start: cold-start instead
+            except Exception as exc:
                 log.warning("pooled %s kernel failed to start: %s", language.name, exc)
                 return None
             if await kernel.is_alive():
                 self.taken += 1
                 return kernel
             log.info("pooled %s kernel %s had died; discarding it", language.name, kernel.id)
-            asyncio.create_task(self._discard(kernel))
+            spawn(self._discard(kernel))
         return None
 
     @staticmethod
@@ -169,7 +170,7 @@ class KernelPool:
 
     def _discard_when_started(self, task: asyncio.Task[Kernel]) -> None:
         if not task.cancelled() and task.exception() is None:
-            asyncio.create_task(self._discard(task.result()))
+            spawn(self._discard(task.result()))
 
     @staticmethod
     async def _discard(kernel: Kernel) -> None:

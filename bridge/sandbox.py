@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from jupyter_client.provisioning import LocalProvisioner
+from jupyter_client.provisioning.local_provisioner import LocalProvisioner
 
 from .cgroups import Cgroups, KernelCgroup
 
@@ -316,7 +316,7 @@ def _kernel_modules_dir() -> Path:
     return Path(next(iter(kernelspecs.__path__))).resolve()
 
 
-class SandboxProvisioner(LocalProvisioner):  # type: ignore[misc]
+class SandboxProvisioner(LocalProvisioner):
     """LocalProvisioner that launches the kernel command inside the sandbox.
 
     ``sandbox`` and ``confinement`` are set by the core before ``start_kernel``; restarts reuse

@@ -38,6 +38,7 @@ from .runs import Liveness, Program, Run, RunState
 from .sandbox import Confinement, Mount
 from .settings import Settings
 from .store import Store, dumps
+from .tasks import spawn
 
 log = logging.getLogger(__name__)
 
@@ -432,7 +433,7 @@ class Sessions:
                     del session.runs[rid]
             if run.state is RunState.TIMED_OUT:
                 if session.on_timeout == "destroy":
-                    asyncio.create_task(self._destroy_quietly(session, "exec-timeout"))
+                    spawn(self._destroy_quietly(session, "exec-timeout"))
                     return
                 # Inline, not as a task: the next queued run must find the new kernel, not the
                 # old one still busy with the timed-out code.
@@ -445,7 +446,7 @@ class Sessions:
     async def _restart_quietly(self, session: Session) -> None:
         try:
             await self.restart(session)
-        except Exception:  # noqa: BLE001 - a session that cannot come back is ended
+        except Exception:
             log.exception("restart of session %s failed", session.id)
             await self._destroy_quietly(session, "restart-failed")
 
@@ -456,7 +457,7 @@ class Sessions:
             await asyncio.sleep(self.settings.reaper_interval_s)
             try:
                 await self.reap()
-            except Exception:  # noqa: BLE001 - the reaper must outlive any one bad session
+            except Exception:
                 log.exception("reaper pass failed")
 
     async def reap(self) -> None:

@@ -182,7 +182,7 @@ class CommandRun:
         try:
             # A blocking Popen is fine here: fork+exec takes a few ms, and the
             # pipes and pidfd it needs are then watched without blocking.
-            proc = subprocess.Popen(  # noqa: ASYNC220
+            proc = subprocess.Popen(
                 ["bash", "-c", self._script],
                 stdin=in_r,
                 stdout=out_w,
@@ -191,7 +191,7 @@ class CommandRun:
                 env=self._env,
                 start_new_session=True,
                 # Only resets two signal dispositions: no locks, no imports.
-                preexec_fn=_restore_signals,  # noqa: PLW1509
+                preexec_fn=_restore_signals,
             )
         except BaseException:
             for fd in (in_r, in_w, out_r, err_r):

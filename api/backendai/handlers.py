@@ -17,8 +17,8 @@ from bridge.runs import Result
 from bridge.sessions import Limits, Session
 
 from ..base import BaseHandler
-from .errors import BACKENDAI
 from ..openapi import Operation
+from .errors import BACKENDAI
 from .models import (
     Complete,
     CreateResponse,

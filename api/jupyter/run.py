@@ -163,7 +163,7 @@ def _remote(args: argparse.Namespace, nb_json: dict[str, Any], params: dict[str,
         data=json.dumps(payload).encode(), method="POST",
         headers={"Content-Type": "application/json", "X-API-Key": args.api_key or ""})
     try:
-        with urllib.request.urlopen(req) as resp:  # noqa: S310 - the user's own URL
+        with urllib.request.urlopen(req) as resp:
             for raw in resp:
                 line = json.loads(raw)
                 if line["event"] == "cell":

@@ -1,0 +1,21 @@
+"""Fire-and-forget tasks that cannot be garbage-collected mid-flight.
+
+The event loop keeps only weak references to tasks; a task nobody holds may vanish before it
+ends (see the asyncio.create_task docs). ``spawn`` holds it until it is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+_running: set[asyncio.Task[Any]] = set()
+
+
+def spawn(coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+    task = asyncio.create_task(coro)
+    _running.add(task)
+    task.add_done_callback(_running.discard)
+    return task
