@@ -40,6 +40,7 @@ from .languages import resolve
 from .sessions import Limits, Session, Sessions, SessionState
 from .settings import Settings
 from .store import Store
+from .tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +103,7 @@ class JobSessions:
 
     async def stop(self) -> None:
         """Stop timers and jobs; jobs cut short are recorded as failed (their kernels go too)."""
-        if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
+        await cancel_and_wait(self._reaper)
         tasks = [t for js in self._live.values() for t in js.tasks]
         for task in tasks:
             task.cancel()

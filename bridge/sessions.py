@@ -38,7 +38,7 @@ from .runs import Liveness, Program, Run, RunState
 from .sandbox import Confinement, Mount
 from .settings import Settings
 from .store import Store, dumps
-from .tasks import spawn
+from .tasks import cancel_and_wait, spawn
 
 log = logging.getLogger(__name__)
 
@@ -178,10 +178,7 @@ class Sessions:
         self._reaper = asyncio.create_task(self._reap_forever())
 
     async def stop(self) -> None:
-        if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
+        await cancel_and_wait(self._reaper)
         await asyncio.gather(*(self.destroy(s, "server-shutdown") for s in self.all()),
                              return_exceptions=True)
 

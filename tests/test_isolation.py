@@ -119,12 +119,16 @@ def test_data_dir_sqlite_and_secrets_invisible(srv: Server, api: Client, probe: 
 import json, os
 out = {{}}
 for p in [{str(srv.data_dir)!r}, {str(db)!r}, {str(srv.data_dir / "sessions")!r},
-          {str(ROOT / "bridge")!r}, {str(ROOT)!r}]:
+          {str(ROOT / "bridge")!r}, {str(ROOT / "pyproject.toml")!r}]:
     try:
         open(p, "rb").read(16) if os.path.isfile(p) else os.listdir(p)
         out[p] = "readable"
     except OSError as e:
         out[p] = type(e).__name__
+try:
+    out["root"] = sorted(os.listdir({str(ROOT)!r}))
+except OSError as e:
+    out["root"] = []
 out["env"] = sorted(k for k in os.environ if k.startswith("KB_"))
 print(json.dumps(out))
 """
@@ -132,6 +136,11 @@ print(json.dumps(out))
     seen = lines_json(out)
     assert "readable" not in seen.values(), seen
     assert seen["env"] == []
+    # A venv inside the checkout (as `make` makes it) is bound read-only at its own path, so
+    # the checkout's dir exists in the sandbox; nothing of the checkout but the venv does.
+    venv = Path(sys.prefix)
+    allowed = {venv.name} if venv.parent == ROOT else set()
+    assert set(seen["root"]) <= allowed, seen["root"]
 
     # Nothing readable anywhere holds a keypair secret: scan every small file outside the
     # system trees (which are the host's own, read-only) for the server's keys.

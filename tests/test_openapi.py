@@ -18,6 +18,10 @@ def test_openapi_document(server: Server) -> None:
     assert {"lang", "image", "clientSessionToken", "limits"} <= set(schema["properties"])
     execute = doc["paths"]["/session/{id}"]["post"]
     assert "200" in execute["responses"] and "404" in execute["responses"]
+    # every dialect's JSON routes are described
+    for path in ("/api/v1/execute", "/api/v1/execute/batch", "/api/v1/sessions/{id}/jobs",
+                 "/api/kernels", "/api/v1/notebooks/execute", "/folders", "/session/{id}/files"):
+        assert path in doc["paths"], path
     # every $ref resolves
     text = r.text
     for name in doc["components"]["schemas"]:
