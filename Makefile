@@ -52,6 +52,8 @@ test: venv sdk-venv sandbox-tools
 
 bench: venv sandbox-tools
 	$(BIN)/python bench/latency.py
+	$(BIN)/python bench/oneshot.py
+	$(BIN)/python bench/languages.py
 
 lint: venv
 	$(BIN)/ruff check bridge api kernelspecs tests bench
