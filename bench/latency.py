@@ -27,7 +27,7 @@ CODE = "print(1)"
 
 def pct(samples: list[float], q: float) -> float:
     s = sorted(samples)
-    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
 
 
 async def raw_jupyter_client(n: int, warmup: int) -> list[float]:

@@ -25,10 +25,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from jupyter_client.manager import AsyncKernelManager
+from jupyter_client.manager import AsyncKernelManager  # noqa: E402
 
-from bridge.kernels import spec_manager
-from tests.support import Client, run_server
+from bridge.kernels import spec_manager  # noqa: E402
+from tests.support import Client, run_server  # noqa: E402
 
 BODY = {"code": "print(1)", "language": "python"}
 

@@ -27,7 +27,7 @@ from .kernels import Kernel
 from .languages import BATCH_KERNELSPEC, Language
 from .runs import Liveness, Program, Run
 from .sandbox import Confinement
-from .sessions import Session
+from .session import Session
 
 StartKernel = Callable[[str, Confinement], Awaitable[Kernel]]
 

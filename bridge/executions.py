@@ -39,7 +39,8 @@ from .errors import (
 )
 from .languages import Language, execution_scripts
 from .runs import Program, Run, RunState
-from .sessions import Session, Sessions, SessionState, now_iso
+from .session import Session, SessionState, now_iso
+from .sessions import Sessions
 from .settings import Settings
 from .store import Store, dumps
 

@@ -30,7 +30,8 @@ from .errors import InvalidRequest, KernelDied, NotFound, UnsafePath
 from .kernels import Kernel
 from .languages import LANGUAGES, Language, resolve
 from .messages import Channel, Message
-from .sessions import Session, Sessions
+from .session import Session
+from .sessions import Sessions
 
 log = logging.getLogger(__name__)
 

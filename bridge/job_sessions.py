@@ -37,7 +37,8 @@ from .jobs import (
 )
 from .keypairs import Keypairs
 from .languages import resolve
-from .sessions import Limits, Session, Sessions, SessionState
+from .session import Limits, Session, SessionState
+from .sessions import Sessions
 from .settings import Settings
 from .store import Store
 from .tasks import cancel_and_wait

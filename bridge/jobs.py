@@ -36,7 +36,7 @@ from .runs import Run, RunState
 if TYPE_CHECKING:
     import asyncio
 
-    from .sessions import Session
+    from .session import Session
 
 # IBM's defaults: max_ttl 8 h; interactive TTL 60 s for a dedicated session, 1 s for a batch.
 DEFAULT_MAX_TTL = 28_800

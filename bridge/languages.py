@@ -155,7 +155,8 @@ def _python(env: Mapping[str, str], stdin: str | None) -> tuple[str, str]:
 def _javascript(env: Mapping[str, str], stdin: str | None) -> tuple[str, str]:
     keys = json.dumps(list(env))
     before = (f"globalThis.__kb_saved = Object.fromEntries({keys}.map(k => [k, process.env[k]]));"
-              f" Object.assign(process.env, {json.dumps(dict(env), ensure_ascii=False)}); undefined")
+              f" Object.assign(process.env, {json.dumps(dict(env), ensure_ascii=False)});"
+              " undefined")
     after = ("for (const [k, v] of Object.entries(globalThis.__kb_saved || {}))"
              " { if (v === undefined) delete process.env[k]; else process.env[k] = v; }"
              " delete globalThis.__kb_saved; undefined")

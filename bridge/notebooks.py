@@ -28,7 +28,8 @@ from nbformat.warnings import MissingIDFieldWarning
 from .errors import InvalidRequest, KernelDied, SessionNotFound
 from .gateway import language_of_spec, open_client
 from .languages import Language
-from .sessions import Session, Sessions
+from .session import Session
+from .sessions import Sessions
 
 PARAMETERS_TAG = "parameters"
 INJECTED_TAG = "injected-parameters"

@@ -21,7 +21,8 @@ from .keypairs import Keypair, Keypairs
 from .pool import KernelPool
 from .runs import Run
 from .sandbox import Confinement, Mount, Sandbox
-from .sessions import Session, Sessions, now_iso
+from .session import Session, now_iso
+from .sessions import Sessions
 from .settings import Settings
 from .store import Store
 

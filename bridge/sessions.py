@@ -1,32 +1,25 @@
-"""Sessions: a sandboxed working dir plus the kernels that run in it, and their registry.
+"""The session registry: create, find, restart, destroy and reap sessions, and run their runs.
 
-Every dialect names sessions (a Backend.AI kernel, a Sandbox session_id, a job session, a Jupyter
-kernel id); all of them are this model. Runs of a session execute one at a time, FIFO, on the
-session's worker task. Idle and CPU-credit limits are enforced by the registry's reaper, never by
-request handlers.
+Runs of a session execute one at a time, FIFO, on the session's worker task. Idle and CPU-credit
+limits are enforced by the registry's reaper, never by request handlers. The model itself is
+:mod:`bridge.session`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import shutil
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Protocol
 
 from .channels import Channels
 from .errors import (
     InvalidRequest,
     InvalidTransition,
-    KernelDied,
-    LimitExceeded,
     QuotaExceeded,
     RunNotFound,
     SessionNotFound,
@@ -34,8 +27,9 @@ from .errors import (
 from .kernels import Kernel, Usage
 from .keypairs import Keypairs
 from .languages import Language
-from .runs import Liveness, Program, Run, RunState
+from .runs import Program, Run, RunState
 from .sandbox import Confinement, Mount
+from .session import Limits, Session, SessionState, now_iso
 from .settings import Settings
 from .store import Store, dumps
 from .tasks import cancel_and_wait, spawn
@@ -52,99 +46,6 @@ class KernelSource(Protocol):
     async def take(self, language: Language, confinement: Confinement) -> Kernel | None:
         """A running kernel confined like ``confinement`` but in its own working dir, or None."""
         ...
-
-
-class SessionState(enum.Enum):
-    RUNNING = "RUNNING"
-    RESTARTING = "RESTARTING"
-    ERROR = "ERROR"  # the kernel died; a restart brings it back
-    TERMINATED = "TERMINATED"
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat()
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Per-session limits. Zero means no limit."""
-
-    query_timeout_ms: int = 0
-    max_cpu_credit_ms: int = 0
-    mem_kib: int = 0
-    idle_timeout_s: float = 600.0
-
-    def check(self, settings: Settings) -> None:
-        """Raises LimitExceeded when a limit is above the server's hard limits."""
-        if settings.hard_max_mem_kib and self.mem_kib > settings.hard_max_mem_kib:
-            raise LimitExceeded("maxMem", self.mem_kib, settings.hard_max_mem_kib)
-        hard_t = settings.hard_max_exec_timeout_ms
-        if hard_t and self.query_timeout_ms > hard_t:
-            raise LimitExceeded("execTimeout", self.query_timeout_ms, hard_t)
-
-
-@dataclass(eq=False)
-class Session:
-    id: str
-    name: str
-    access_key: str
-    language: Language
-    origin: str
-    limits: Limits
-    workdir: Path
-    mounts: tuple[Mount, ...] = ()
-    environ: dict[str, str] = field(default_factory=dict)
-    network: bool = False
-    on_timeout: str = "destroy"  # "destroy" (Backend.AI) or "restart" (one-shot dialects)
-    created_at: str = field(default_factory=now_iso)
-    state: SessionState = SessionState.RUNNING
-    state_reason: str = ""
-
-    def __post_init__(self) -> None:
-        self.started = time.monotonic()
-        self.last_activity = time.monotonic()
-        self.kernel: Kernel | None = None
-        self.channels: Channels | None = None
-        self.extra_kernels: dict[str, tuple[Kernel, Channels]] = {}  # e.g. the batch bash kernel
-        self.runs: dict[str, Run] = {}
-        self.num_queries = 0
-        self._queue: asyncio.Queue[Run] = asyncio.Queue()
-        self._worker: asyncio.Task[None] | None = None
-        self.current: Run | None = None
-        self.lock = asyncio.Lock()  # serialises restart/destroy against each other
-        # Work the run queue does not see (a cell a Jupyter client runs through a relay) holds
-        # the session busy so the reaper does not take it for idle.
-        self.holds = 0
-
-    @property
-    def alive(self) -> bool:
-        return self.state is not SessionState.TERMINATED
-
-    @property
-    def busy(self) -> bool:
-        return self.current is not None or not self._queue.empty() or self.holds > 0
-
-    def confinement(self) -> Confinement:
-        return Confinement(workdir=self.workdir, ipc_dir=self.workdir, mounts=self.mounts,
-                           mem_bytes=self.limits.mem_kib * 1024, network=self.network,
-                           environ=dict(self.environ))
-
-    def liveness(self) -> Liveness:
-        """The session's language kernel as a step target. Raises KernelDied."""
-        if self.kernel is None or self.channels is None or self.state is SessionState.ERROR:
-            raise KernelDied("The session's kernel is not running; restart the session.")
-        return Liveness(self.channels, self.kernel.is_alive)
-
-    def usage(self) -> Usage:
-        kernels = [k for k, _ in self.extra_kernels.values()]
-        if self.kernel is not None:
-            kernels.append(self.kernel)
-        usages = [k.usage() for k in kernels]
-        return Usage(cpu_ms=sum(u.cpu_ms for u in usages),
-                     mem_bytes=sum(u.mem_bytes for u in usages),
-                     mem_max_bytes=sum(u.mem_max_bytes for u in usages),
-                     io_read_bytes=sum(u.io_read_bytes for u in usages),
-                     io_write_bytes=sum(u.io_write_bytes for u in usages))
 
 
 async def query_program(run: Run, session: Session) -> None:
@@ -305,11 +206,11 @@ class Sessions:
         async with session.lock:
             if not session.alive:
                 raise SessionNotFound(session.name)
-            if session.current is not None and not session.current.done:
+            running = session.current is not None and not session.current.done
+            if running and session.kernel is not None:
                 # The running run loses its kernel; end it rather than leave it hanging.
-                if session.kernel is not None:
-                    with contextlib.suppress(Exception):
-                        await session.kernel.interrupt()
+                with contextlib.suppress(Exception):
+                    await session.kernel.interrupt()
             session.state = SessionState.RESTARTING
             try:
                 if session.kernel is None or session.channels is None:
@@ -412,15 +313,15 @@ class Sessions:
             finally:
                 session.current = None
                 session.last_activity = time.monotonic()
-            if run.state is RunState.FAILED and session.kernel is not None:
-                # Before anything yields: a client told "finished, 130" must find the session
-                # in ERROR when it looks next (poll() of a local kernel does not suspend).
-                if not await session.kernel.is_alive():
-                    session.state = SessionState.ERROR
-                    session.state_reason = "kernel-died"
-                    await self.store.execute(
-                        "UPDATE sessions SET state=?, state_reason=? WHERE id=?",
-                        (session.state.value, session.state_reason, session.id))
+            # Before anything yields: a client told "finished, 130" must find the session in
+            # ERROR when it looks next (poll() of a local kernel does not suspend).
+            kernel = session.kernel
+            if run.state is RunState.FAILED and kernel is not None and not await kernel.is_alive():
+                session.state = SessionState.ERROR
+                session.state_reason = "kernel-died"
+                await self.store.execute(
+                    "UPDATE sessions SET state=?, state_reason=? WHERE id=?",
+                    (session.state.value, session.state_reason, session.id))
             await self.store.execute(
                 "UPDATE runs SET status=?, exit_code=?, finished_at=? WHERE session_id=? AND"
                 " run_id=?", (run.state.value, run.exit_code, now_iso(), session.id, run.run_id))

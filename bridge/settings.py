@@ -46,7 +46,8 @@ class Settings(BaseSettings):
     # Sandbox dialect
     rate_limit: int = Field(100, ge=1)  # executions per keypair per minute
     pool_python: int = Field(2, ge=0)
-    pool_sizes: dict[str, int] = Field(default_factory=dict)  # extra languages, e.g. {"javascript": 1}
+    # Other languages' pools, e.g. KB_POOL_SIZES='{"javascript": 1}'
+    pool_sizes: dict[str, int] = Field(default_factory=dict)
 
     @property
     def db_path(self) -> Path:

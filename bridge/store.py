@@ -51,7 +51,7 @@ SCHEMA: list[str] = [
 
 
 class Store:
-    """Async facade over one SQLite file. ``await store.execute(...)`` runs on the store's thread."""
+    """Async facade over one SQLite file; every call runs on the store's own thread."""
 
     def __init__(self, path: Path, extra_schema: Iterable[str] = ()) -> None:
         self.path = path

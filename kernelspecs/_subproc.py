@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import enum
 import fcntl
 import os
@@ -166,10 +167,8 @@ class CommandRun:
     def _signal_group(self, signum: int) -> None:
         if self._pid is None:
             return
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # the group is gone
             os.killpg(self._pid, signum)
-        except (ProcessLookupError, PermissionError):
-            pass  # the group is already gone
 
     async def run(self) -> RunResult:
         if self._state is not RunState.CREATED:

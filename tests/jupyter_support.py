@@ -58,7 +58,7 @@ class KernelSocket:
             assert isinstance(frame, bytes), "v1 frames are binary"
             channel, parts = deserialize_msg_from_ws_v1(frame)
             msg = {k: json.loads(p) for k, p in
-                   zip(("header", "parent_header", "metadata", "content"), parts[:4])}
+                   zip(("header", "parent_header", "metadata", "content"), parts[:4], strict=False)}
             msg["channel"] = channel
             msg["msg_type"] = msg["header"]["msg_type"]
             return msg

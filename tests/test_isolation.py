@@ -97,7 +97,7 @@ except OSError as e:
 seen["interfaces"] = [n for _, n in socket.if_nameindex()]
 print(json.dumps(seen))
 """
-    out, err, _ = run(api, probe, code)
+    out, _err, _ = run(api, probe, code)
     seen = lines_json(out)
     assert "open" not in seen.values() and seen["dns"] != "resolved", seen
     assert seen["interfaces"] == ["lo"], seen  # a network namespace of its own
@@ -230,7 +230,7 @@ for p in ("/home/work/{marker}", "/tmp/{marker}"):
     res[p] = "ok"
 print(json.dumps(res))
 """
-    out, err, _ = run(api, probe, code)
+    out, _err, _ = run(api, probe, code)
     res = lines_json(out)
     assert res.pop(f"/home/work/{marker}") == "ok" and res.pop(f"/tmp/{marker}") == "ok"
     assert "written" not in res.values(), res
@@ -356,8 +356,8 @@ def test_sigkilled_kernel_ends_run_and_session_restarts(srv: Server, api: Client
                                "print(get_connection_file())")
     kernel_id = Path(out.strip()).parent.name
     groups = kernel_cgroups(kernel_id)
-    assert groups and all(open(f"{g}/cgroup.procs").read().split() for g in groups), groups
-    assert any(open(f"{g}/pids.max").read().strip() == str(MAX_PIDS)
+    assert groups and all(Path(f"{g}/cgroup.procs").read_text().split() for g in groups), groups
+    assert any(Path(f"{g}/pids.max").read_text().strip() == str(MAX_PIDS)
                for g in groups if os.path.exists(f"{g}/pids.max"))
 
     results = run_to_end(api, "/session", name, "import os, signal\n"
@@ -370,7 +370,7 @@ def test_sigkilled_kernel_ends_run_and_session_restarts(srv: Server, api: Client
     assert api.get(f"/session/{name}").json()["status"] == "RUNNING"
     assert run(api, name, "print(6 * 7)")[0].strip() == "42"
     # The restarted kernel is capped again: it sits in the same cgroup.
-    assert all(open(f"{g}/cgroup.procs").read().split() for g in groups)
+    assert all(Path(f"{g}/cgroup.procs").read_text().split() for g in groups)
     assert api.delete(f"/session/{name}").status_code == 200
     assert kernel_cgroups(kernel_id) == []  # removed with the kernel
 

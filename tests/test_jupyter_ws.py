@@ -91,7 +91,7 @@ def test_interrupt_stops_a_running_cell(server: Server, client: Client, kernel: 
         assert model["connections"] >= 1
         started = time.monotonic()
         assert client.post(f"/api/kernels/{kernel}/interrupt").status_code == 204
-        iopub, reply = sock.until_done(msg_id, timeout=15)
+        _iopub, reply = sock.until_done(msg_id, timeout=15)
         assert time.monotonic() - started < 10
         assert reply["content"]["status"] == "error"
         assert reply["content"]["ename"] == "KeyboardInterrupt"

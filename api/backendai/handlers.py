@@ -14,7 +14,7 @@ from bridge import __version__
 from bridge.errors import InvalidRequest, RunNotFound
 from bridge.languages import resolve
 from bridge.runs import Result
-from bridge.sessions import Limits, Session
+from bridge.session import Limits, Session
 
 from ..base import BaseHandler
 from ..openapi import Operation

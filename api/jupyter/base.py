@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bridge.sessions import Session
+from bridge.session import Session
 
 from ..base import BaseHandler
 from .errors import JUPYTER

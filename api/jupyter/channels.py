@@ -12,7 +12,7 @@ from tornado.websocket import WebSocketHandler
 from bridge.errors import BridgeError
 from bridge.gateway import Relay
 from bridge.messages import Channel, Message
-from bridge.sessions import Session
+from bridge.session import Session
 
 from .base import JupyterHandler
 from .wire import V1, decode_legacy, decode_v1, encode_legacy, encode_v1

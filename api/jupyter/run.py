@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -174,10 +175,8 @@ def _remote(args: argparse.Namespace, nb_json: dict[str, Any], params: dict[str,
                     return dict(line)
     except urllib.error.HTTPError as exc:
         detail = exc.read().decode(errors="replace")
-        try:
+        with contextlib.suppress(ValueError, KeyError):
             detail = json.loads(detail)["message"]
-        except (ValueError, KeyError):
-            pass
         raise RemoteError(f"{exc.code}: {detail}") from None
     except urllib.error.URLError as exc:
         raise RemoteError(f"cannot reach {args.url}: {exc.reason}") from None
