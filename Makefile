@@ -56,10 +56,11 @@ bench: venv sandbox-tools
 	$(BIN)/python bench/languages.py
 
 lint: venv
-	$(BIN)/ruff check bridge api kernelspecs tests bench
+	$(BIN)/ruff check .
 
 typecheck: venv
 	$(BIN)/mypy
+	$(BIN)/mypy --strict kernelspecs
 
 clean:
 	rm -rf $(VENV) $(SDK_VENV) *.egg-info .pytest_cache .mypy_cache

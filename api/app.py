@@ -12,6 +12,7 @@ from . import openapi
 from .backendai import files as backendai_files
 from .backendai import folders as backendai_folders
 from .backendai import handlers as backendai
+from .backendai import stream as backendai_stream
 from .backendai.errors import BACKENDAI
 from .base import BaseHandler
 from .jobs import handlers as jobs
@@ -55,6 +56,7 @@ def operations() -> list[openapi.Operation]:
 def route_table() -> list[tuple[str, type[RequestHandler]]]:
     table: list[tuple[str, type[RequestHandler]]] = [(r"/api/openapi\.json", OpenAPIHandler)]
     # Files and folders first: tornado takes the first match, and PREFIX/([^/]+) is a catch-all.
+    table += backendai_stream.routes()
     table += backendai_files.routes()
     table += backendai_folders.routes()
     table += jupyter.routes()

@@ -70,7 +70,10 @@ def _verify_signature(request: HTTPServerRequest, fields: dict[str, str],
         raise AuthFailed("This keypair is inactive.")
     version = request.headers.get("X-BackendAI-Version", "")
     body = b""
-    ctype = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    # The SDK signs WebSocket and event-stream requests as application/octet-stream but sends
+    # no Content-Type with them; every other request carries the type it signed.
+    ctype = request.headers.get("Content-Type", "application/octet-stream")
+    ctype = ctype.split(";")[0].strip().lower()
     if version < UNSIGNED_BODY_SINCE and ctype != "multipart/form-data":
         body = request.body
     expected = sign(method=request.method or "GET", path=request.uri or "/", raw_date=raw_date,
