@@ -6,7 +6,6 @@ this interpreter), so the file does not depend on other kernels' fixtures.
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import shutil
@@ -35,26 +34,6 @@ def _needs(name: str) -> pytest.MarkDecorator:
 
 
 KERNELS = [pytest.param(name, marks=_needs(name)) for name in RUNTIME]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def repl_jupyter_path(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    root = tmp_path_factory.mktemp("repl-jupyter")
-    for name in RUNTIME:
-        spec = json.loads((SPECS / name / "kernel.json").read_text())
-        spec["argv"][0] = sys.executable
-        (root / "kernels" / name).mkdir(parents=True)
-        (root / "kernels" / name / "kernel.json").write_text(json.dumps(spec))
-    saved = {key: os.environ.get(key) for key in ("JUPYTER_PATH", "PYTHONPATH")}
-    os.environ["JUPYTER_PATH"] = str(root)
-    # Kernels run `python -m kernelspecs.…` from this checkout.
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), saved["PYTHONPATH"]]))
-    yield root
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 @dataclass
