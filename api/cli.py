@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from bridge.errors import AuthFailed
 from bridge.keypairs import Keypairs
 from bridge.sandbox import SandboxUnavailable
 from bridge.settings import Settings
@@ -28,14 +29,17 @@ def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
     return Settings(**overrides)
 
 
-async def _keys(settings: Settings, action: str, as_json: bool) -> int:
+async def _keys(settings: Settings, action: str, as_json: bool, access_key: str = "") -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     store = Store(settings.db_path)
     await store.open()
     try:
         keypairs = Keypairs(store, settings.default_concurrency)
         await keypairs.load()
-        if action == "create":
+        if action in ("activate", "deactivate"):
+            await keypairs.set_active(access_key, action == "activate")
+            print(f"{access_key}: {'active' if action == 'activate' else 'inactive'}")
+        elif action == "create":
             kp = await keypairs.create()
             if as_json:
                 print(json.dumps({"access_key": kp.access_key, "secret_key": kp.secret_key}))
@@ -69,10 +73,12 @@ def parser() -> argparse.ArgumentParser:
 
     keys = sub.add_parser("keys", help="manage keypairs")
     keys_sub = keys.add_subparsers(dest="action", required=True)
-    for action in ("create", "list"):
+    for action in ("create", "list", "activate", "deactivate"):
         k = keys_sub.add_parser(action)
         k.add_argument("--data-dir", type=Path)
         k.add_argument("--json", action="store_true")
+        if action in ("activate", "deactivate"):
+            k.add_argument("access_key")
     specs = sub.add_parser("kernelspecs", help="install the shipped kernels into Jupyter")
     specs_sub = specs.add_subparsers(dest="action", required=True)
     inst = specs_sub.add_parser("install")
@@ -117,7 +123,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kernel-bridge: {exc}", file=sys.stderr)
             return 2
     if args.command == "keys":
-        return asyncio.run(_keys(settings, args.action, args.json))
+        try:
+            return asyncio.run(_keys(settings, args.action, args.json,
+                                     getattr(args, "access_key", "")))
+        except AuthFailed:
+            print(f"kernel-bridge: no keypair {args.access_key!r}", file=sys.stderr)
+            return 2
     return 2
 
 

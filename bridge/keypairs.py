@@ -3,6 +3,7 @@ in memory; the store is the source of truth and is written before a caller is an
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import secrets
@@ -40,6 +41,13 @@ class Keypairs:
         self._loaded_at = time.monotonic()
         for row in await self._store.fetchall("SELECT * FROM keypairs"):
             self._remember(self._from_row(row))
+
+    async def watch(self, interval: float) -> None:
+        """Re-read the store every ``interval`` seconds, so a keypair an operator deactivates
+        with ``kernel-bridge keys deactivate`` stops authenticating while the server runs."""
+        while True:
+            await asyncio.sleep(interval)
+            await self.load()
 
     async def refresh_if_stale(self) -> bool:
         """Re-read the store (keys made by ``kernel-bridge keys create`` while we run).

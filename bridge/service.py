@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from dataclasses import dataclass
@@ -25,8 +26,11 @@ from .session import Session, now_iso
 from .sessions import Sessions
 from .settings import Settings
 from .store import Store
+from .tasks import cancel_and_wait, spawn
 
 log = logging.getLogger(__name__)
+# How often the keypair cache is re-read from SQLite (keys made or deactivated by the CLI).
+KEYPAIR_RELOAD_S = 5.0
 
 
 @dataclass
@@ -44,6 +48,7 @@ class Bridge:
         self.store = Store(settings.db_path, extra_schema=[*FOLDERS_SCHEMA, *JOBS_SCHEMA,
                                                              *EXECUTIONS_SCHEMA])
         self.keypairs = Keypairs(self.store, settings.default_concurrency)
+        self._keypair_watch: asyncio.Task[None] | None = None
         self.kernelspecs = spec_manager()
         # New sessions that fit take a pre-started kernel (bridge/pool.py), whatever the dialect.
         self.pool = KernelPool(settings, self.start_kernel)
@@ -99,6 +104,7 @@ class Bridge:
         first = None
         if not self.keypairs.all():
             first = await self.keypairs.create()
+        self._keypair_watch = spawn(self.keypairs.watch(KEYPAIR_RELOAD_S))
         await self.sessions.start()
         await self.jobs.start()  # after sessions: a reloaded job may start a kernel
         await self.executions.start()  # marks executions cut off by the last stop as failed
@@ -106,6 +112,7 @@ class Bridge:
         return Started(first_keypair=first)
 
     async def stop(self) -> None:
+        await cancel_and_wait(self._keypair_watch)
         await self.jobs.stop()  # records cut-short jobs before their kernels go
         await self.executions.stop()  # likewise for async executions
         await self.sessions.stop()

@@ -36,3 +36,34 @@ def test_idle_sessions_are_reaped() -> None:
             assert time.monotonic() < deadline, "idle session was not reaped"
             time.sleep(0.2)
         assert client.get("/session/idle-1").status_code == 404
+
+
+def test_deactivated_keypair_gets_401_while_the_server_runs() -> None:
+    import subprocess
+    import sys
+
+    from .support import ROOT
+
+    with run_server() as server, server.client() as client:
+        assert client.post("/session", json={"lang": "python", "name": "keep-1"}).status_code == 201
+        out = subprocess.run([sys.executable, "-m", "api.cli", "keys", "deactivate",
+                              server.access_key, "--data-dir", str(server.data_dir)],
+                             cwd=ROOT, capture_output=True, text=True, check=True)
+        assert "inactive" in out.stdout
+        deadline = time.monotonic() + 10
+        while client.get("/session/keep-1").status_code != 401:
+            assert time.monotonic() < deadline, "the deactivation was not noticed"
+            time.sleep(0.3)
+        r = client.post("/session", json={"lang": "python", "name": "keep-2"})
+        assert r.status_code == 401 and r.json()["type"].endswith("/auth-failed")
+        subprocess.run([sys.executable, "-m", "api.cli", "keys", "activate", server.access_key,
+                        "--data-dir", str(server.data_dir)], cwd=ROOT, check=True,
+                       capture_output=True)
+        deadline = time.monotonic() + 10
+        while client.get("/session/keep-1").status_code != 200:  # its session ran on
+            assert time.monotonic() < deadline, "the reactivation was not noticed"
+            time.sleep(0.3)
+        bad = subprocess.run([sys.executable, "-m", "api.cli", "keys", "deactivate", "AKIANOPE",
+                              "--data-dir", str(server.data_dir)], cwd=ROOT,
+                             capture_output=True, text=True)
+        assert bad.returncode == 2 and "AKIANOPE" in bad.stderr
