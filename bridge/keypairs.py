@@ -7,7 +7,6 @@ import asyncio
 import hashlib
 import hmac
 import secrets
-import time
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
@@ -35,10 +34,8 @@ class Keypairs:
         self._default_concurrency = default_concurrency
         self._by_access: dict[str, Keypair] = {}
         self._by_hash: dict[str, str] = {}
-        self._loaded_at = 0.0
 
     async def load(self) -> None:
-        self._loaded_at = time.monotonic()
         for row in await self._store.fetchall("SELECT * FROM keypairs"):
             self._remember(self._from_row(row))
 
@@ -49,32 +46,26 @@ class Keypairs:
             await asyncio.sleep(interval)
             await self.load()
 
-    async def refresh_if_stale(self) -> bool:
-        """Re-read the store (keys made by ``kernel-bridge keys create`` while we run).
-
-        At most once a second, so a flood of bad keys cannot turn into a flood of reads.
-        """
-        if time.monotonic() - self._loaded_at < 1.0:
-            return False
-        await self.load()
-        return True
+    async def _look_up(self, column: str, value: str) -> bool:
+        """Read one keypair the cache does not know (made by ``kernel-bridge keys create``
+        while we run): one indexed read, no cheaper for a caller with a bad key to cause than
+        the request itself."""
+        row = await self._store.fetchone(f"SELECT * FROM keypairs WHERE {column}=?", (value,))
+        if row is not None:
+            self._remember(self._from_row(row))
+        return row is not None
 
     async def authenticate_secret(self, secret: str) -> Keypair:
-        """Like :meth:`by_secret`, re-reading the store once on a miss. Raises AuthFailed."""
-        try:
-            return self.by_secret(secret)
-        except AuthFailed:
-            if await self.refresh_if_stale():
-                return self.by_secret(secret)
-            raise
+        """Like :meth:`by_secret`, looking in the store on a cache miss. Raises AuthFailed."""
+        if _hash(secret) not in self._by_hash:
+            await self._look_up("secret_hash", _hash(secret))
+        return self.by_secret(secret)
 
     async def authenticate_access(self, access_key: str) -> Keypair:
-        try:
-            return self.get(access_key)
-        except AuthFailed:
-            if await self.refresh_if_stale():
-                return self.get(access_key)
-            raise
+        """Like :meth:`get`, looking in the store on a cache miss. Raises AuthFailed."""
+        if access_key not in self._by_access:
+            await self._look_up("access_key", access_key)
+        return self.get(access_key)
 
     def _remember(self, kp: Keypair) -> None:
         self._by_access[kp.access_key] = kp

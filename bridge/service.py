@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from . import batch
+from .errors import AuthFailed
 from .executions import SCHEMA as EXECUTIONS_SCHEMA
 from .executions import Executions
 from .folders import SCHEMA as FOLDERS_SCHEMA
@@ -58,7 +59,8 @@ class Bridge:
         self.folders = Folders(self.store, settings.folders_dir, now_iso, self._keypair_exists)
         self.folders.in_use = self._mounted_in
         self.gateway = Gateway(self.sessions, self.kernelspecs)
-        self.jobs = JobSessions(settings, self.store, self.keypairs, self.sessions)
+        self.jobs = JobSessions(settings, self.store, self.keypairs, self.sessions,
+                                open_ttl=settings.job_open_ttl_s)
 
     async def start_kernel(self, spec: str, confinement: Confinement) -> Kernel:
         """The one launch function: every kernel of every dialect starts here."""
@@ -80,10 +82,11 @@ class Bridge:
 
     async def _keypair_exists(self, access_key: str) -> bool:
         # Keys made by `kernel-bridge keys create` while we run are found on a re-read.
-        known = {kp.access_key for kp in self.keypairs.all()}
-        if access_key not in known and await self.keypairs.refresh_if_stale():
-            known = {kp.access_key for kp in self.keypairs.all()}
-        return access_key in known
+        try:
+            await self.keypairs.authenticate_access(access_key)
+        except AuthFailed:
+            return False
+        return True
 
     def _mounted_in(self, host: Path) -> str | None:
         for s in self.sessions.all():

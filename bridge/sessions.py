@@ -14,6 +14,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 from .channels import Channels
@@ -72,10 +73,12 @@ class Sessions:
     # -- lifecycle of the registry ----------------------------------------------------------
 
     async def start(self) -> None:
-        # Kernels do not survive a server restart: their sessions ended with the old process.
+        # Kernels do not survive a server restart: their sessions ended with the old process,
+        # and so did their files (a server that was killed could not remove them).
         await self.store.execute(
             "UPDATE sessions SET state='TERMINATED', state_reason='server-restarted',"
             " terminated_at=? WHERE state != 'TERMINATED'", (now_iso(),))
+        await asyncio.to_thread(_remove_children, self.settings.sessions_dir)
         self._reaper = asyncio.create_task(self._reap_forever())
 
     async def stop(self) -> None:
@@ -367,3 +370,8 @@ class Sessions:
                 await self._destroy_quietly(s, "idle-timeout")
             elif s.limits.max_cpu_credit_ms and s.usage().cpu_ms > s.limits.max_cpu_credit_ms:
                 await self._destroy_quietly(s, "cpu-credit-exhausted")
+
+
+def _remove_children(directory: Path) -> None:
+    for child in directory.iterdir():
+        shutil.rmtree(child, ignore_errors=True)

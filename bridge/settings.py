@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     default_concurrency: int = Field(5, ge=1)
     reaper_interval_s: float = Field(1.0, gt=0)
 
+    # Job sessions: an open session that never gets a job closes after this long
+    job_open_ttl_s: float = Field(1800.0, gt=0)
+
     # Sandbox dialect
     rate_limit: int = Field(100, ge=1)  # executions per keypair per minute
     pool_python: int = Field(2, ge=0)

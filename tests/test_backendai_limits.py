@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from .support import run_server, run_to_end
 
@@ -67,3 +68,19 @@ def test_deactivated_keypair_gets_401_while_the_server_runs() -> None:
                               "--data-dir", str(server.data_dir)], cwd=ROOT,
                              capture_output=True, text=True)
         assert bad.returncode == 2 and "AKIANOPE" in bad.stderr
+
+
+def test_a_killed_servers_session_files_are_removed_at_the_next_start(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with run_server(data_dir=data) as server, server.client() as client:
+        client.post("/session", json={"lang": "python", "name": "left-behind"})
+        run_to_end(client, "/session", "left-behind", "open('note.txt', 'w').write('x')")
+        # (a pooled kernel brings its own dir, so find the file rather than name the dir)
+        [note] = (data / "sessions").glob("*/note.txt")
+        workdir = note.parent
+        server.process.kill()  # no shutdown: nothing gets cleaned up
+        server.process.wait()
+    assert (workdir / "note.txt").exists()
+    with run_server(data_dir=data) as server, server.client() as client:
+        assert not workdir.exists()
+        assert client.get("/session/left-behind").status_code == 404

@@ -90,9 +90,6 @@ def fresh(server: Server) -> Iterator[tuple[Client, str]]:
     """A client on a keypair of its own, so listings hold only this test's sessions."""
     access, secret = server.new_keypair()
     with server.client(secret) as c:
-        # The server re-reads keypairs at most once a second: wait until it knows this one.
-        wait_for(lambda: {"ok": c.get(f"{API}/sessions").status_code == 200},
-                 lambda b: b["ok"], 5)
         yield c, access
 
 
@@ -377,3 +374,16 @@ def test_restart_keeps_records_and_timers(tmp_path: Path) -> None:
         assert abs(ts(s["closed_at"]) - (ts(s["activated_at"]) + 20)) < 0.5
         c.close()
 
+
+
+def test_open_session_without_jobs_closes_after_the_open_ttl() -> None:
+    with run_server(job_open_ttl_s="2", pool_python="0") as server, server.client() as c:
+        r = c.post(f"{API}/sessions", json={"mode": "dedicated", "max_ttl": 600})
+        assert r.status_code == 200, r.text
+        sid = r.json()["id"]
+        assert session_of(c, sid)["state"] == "open"
+        s = wait_for(lambda: session_of(c, sid), lambda b: b["state"] == "closed", timeout=15)
+        assert s["state"] == "closed", s
+        assert "no job was submitted within 2 s" in s["state_reason"]
+        assert [t["status"] for t in s["timestamps"]] == ["open", "closed"]
+        assert c.post(f"{API}/sessions/{sid}/jobs", json={"code": "1"}).status_code == 409
