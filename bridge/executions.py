@@ -37,7 +37,8 @@ from .errors import (
     RateLimited,
     SessionNotFound,
 )
-from .languages import Language, execution_scripts
+from .execution_scripts import execution_scripts
+from .languages import Language
 from .runs import Program, Run, RunState
 from .session import Session, SessionState, now_iso
 from .sessions import Sessions

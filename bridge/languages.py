@@ -7,10 +7,8 @@ toolchain binaries that must exist, and the batch-mode defaults used for ``"*"``
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .errors import UnknownLanguage
@@ -121,99 +119,3 @@ def resolve(name_or_image: str) -> Language:
     if lang is None:
         raise UnknownLanguage(name_or_image, names())
     return lang
-
-
-# -- one execution's environment -------------------------------------------------------------
-# Each pair is code run before and after the user's code, in the same kernel, so variables set
-# for one execution are gone for the next one in the same session. None of it prints anything
-# (a REPL host shows no result for undefined/nil; Python statements have no value).
-
-def _python(env: Mapping[str, str], stdin: str | None) -> tuple[str, str]:
-    # Saved on the os/sys modules, not in the user's globals. input() is answered from the same
-    # text by the run itself (input_request); sys.stdin gets it as a stream.
-    before = ("def __kb_enter(env, stdin, os=__import__('os'), sys=__import__('sys'),"
-              " io=__import__('io')):\n"
-              "    os._kb_saved = {k: os.environ.get(k) for k in env}\n"
-              "    os.environ.update(env)\n"
-              "    if stdin is not None:\n"
-              "        sys._kb_stdin, sys.stdin = sys.stdin, io.StringIO(stdin)\n"
-              f"__kb_enter({dict(env)!r}, {stdin!r})\n"
-              "del __kb_enter\n")
-    after = ("def __kb_leave(os=__import__('os'), sys=__import__('sys')):\n"
-             "    for k, v in os.__dict__.pop('_kb_saved', {}).items():\n"
-             "        if v is None:\n"
-             "            os.environ.pop(k, None)\n"
-             "        else:\n"
-             "            os.environ[k] = v\n"
-             "    if hasattr(sys, '_kb_stdin'):\n"
-             "        sys.stdin = sys.__dict__.pop('_kb_stdin')\n"
-             "__kb_leave()\n"
-             "del __kb_leave\n")
-    return before, after
-
-
-def _javascript(env: Mapping[str, str], stdin: str | None) -> tuple[str, str]:
-    keys = json.dumps(list(env))
-    before = (f"globalThis.__kb_saved = Object.fromEntries({keys}.map(k => [k, process.env[k]]));"
-              f" Object.assign(process.env, {json.dumps(dict(env), ensure_ascii=False)});"
-              " undefined")
-    after = ("for (const [k, v] of Object.entries(globalThis.__kb_saved || {}))"
-             " { if (v === undefined) delete process.env[k]; else process.env[k] = v; }"
-             " delete globalThis.__kb_saved; undefined")
-    return before, after
-
-
-def _ruby_str(text: str) -> str:
-    # A JSON string is a Ruby double-quoted literal once "#" cannot start an interpolation.
-    return json.dumps(text, ensure_ascii=False).replace("#", "\\#")
-
-
-def _ruby(env: Mapping[str, str], stdin: str | None) -> tuple[str, str]:
-    pairs = ", ".join(f"{_ruby_str(k)} => {_ruby_str(v)}" for k, v in env.items())
-    before = (f"$__kb_saved = {{{pairs}}}.to_h {{ |k, v| [k, ENV[k]] }}; ENV.update({{{pairs}}});"
-              " nil")
-    if stdin is not None:
-        before = (f"require 'stringio'; $__kb_stdin = $stdin;"
-                  f" $stdin = StringIO.new({_ruby_str(stdin)}); {before}")
-    after = ("($__kb_saved || {}).each { |k, v| ENV[k] = v }; $__kb_saved = nil;"
-             " ($stdin = $__kb_stdin; $__kb_stdin = nil) if $__kb_stdin; nil")
-    return before, after
-
-
-def _bash(env: Mapping[str, str], stdin: str | None) -> tuple[str, str]:
-    import shlex
-
-    names = " ".join(env)
-    # The kb-bash kernel keeps exported variables between cells; its private state dir
-    # ($__kb_dir) holds what the names were before, restored (or unset) afterwards.
-    exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
-    before = (f'declare -p {names} >"$__kb_dir/env.saved" 2>/dev/null; export {exports}; true')
-    after = (f'unset {names}; . "$__kb_dir/env.saved" 2>/dev/null; rm -f "$__kb_dir/env.saved";'
-             " true")
-    return before, after
-
-
-_EXECUTION_SCRIPTS = {"python": _python, "javascript": _javascript, "ruby": _ruby, "bash": _bash}
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-
-
-def execution_scripts(lang: Language, env: Mapping[str, str],
-                      stdin: str | None) -> tuple[str, str] | None:
-    """Code to run before and after one execution so ``env`` applies to it alone.
-
-    ("", "") when there is nothing to do; None when this language's kernel can only get ``env``
-    at its start. Raises InvalidRequest for a variable name no shell could hold.
-    """
-    from .errors import InvalidRequest
-
-    for name in env:
-        if not _ENV_NAME.match(name):
-            raise InvalidRequest(f"Invalid environment variable name {name!r}.")
-    # Python's sys.stdin and Ruby's $stdin are not the kernel's stdin: give them the text too.
-    wants_stdin = stdin is not None and lang.per_execution in ("python", "ruby")
-    if not env and not wants_stdin:
-        return "", ""
-    make = _EXECUTION_SCRIPTS.get(lang.per_execution)
-    if make is None:
-        return None
-    return make(env, stdin if wants_stdin else None)
