@@ -333,7 +333,9 @@ class Executions:
         try:
             run = self.sessions.new_run(session, "query", req.code,
                                         _program(session, req.code, before, after),
-                                        timeout=req.timeout, stdin=req.stdin)
+                                        # no stdin given: programs read end-of-file
+                                        timeout=req.timeout,
+                                        stdin=req.stdin if req.stdin is not None else "")
             await self.sessions.submit(session, run)
             await run.wait()
         finally:

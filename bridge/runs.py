@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 KILLED_EXIT_CODE = 130  # Backend.AI's code for a run whose kernel died
 LIVENESS_INTERVAL = 0.5
+INPUT_SETTLE_S = 0.02
 
 
 class RunState(enum.Enum):
@@ -318,12 +319,21 @@ class Run:
     def _on_input_request(self, kernel: Liveness, content: dict[str, Any]) -> None:
         prompt = str(content.get("prompt", ""))
         if self._stdin_lines is not None:
-            # One-shot dialects give all input up front; past its end, programs read "".
-            line = self._stdin_lines.popleft() if self._stdin_lines else ""
+            # One-shot dialects give all input up front; past its end, programs read end-of-file
+            # ("\x04" is Jupyter's Ctrl-D: EOFError in ipykernel, a closed stdin elsewhere).
+            line = self._stdin_lines.popleft() if self._stdin_lines else "\x04"
             kernel.channels.reply_input(line)
             return
         if prompt:
             self.emit(["stdout", prompt])
         self.state = RunState.WAITING_INPUT
         self._waiting = kernel
-        self._push(Mark("waiting-input", None, {"is_password": bool(content.get("password"))}))
+        mark = Mark("waiting-input", None, {"is_password": bool(content.get("password"))})
+        # Process kernels print their prompt on iopub just before they send the request on
+        # stdin; the two sockets are read independently, so give iopub a moment to deliver
+        # the prompt before the client is told the run waits (it is then in the same result).
+        asyncio.get_running_loop().call_later(INPUT_SETTLE_S, self._push_if_waiting, mark)
+
+    def _push_if_waiting(self, mark: Mark) -> None:
+        if self.state is RunState.WAITING_INPUT:
+            self._push(mark)

@@ -19,21 +19,19 @@ Wire contract the server relies on (keep in sync with the bridge's language tabl
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 from dataclasses import dataclass
 from typing import Any, Final
 
-import zmq
 from ipykernel.kernelapp import IPKernelApp
 from ipykernel.kernelbase import Kernel
 from jupyter_client.session import Session
 
 from . import KERNEL_VERSION
+from ._frontend import ask_frontend
 from ._subproc import CommandRun, RunResult, StreamName
 
-_INPUT_POLL_SECONDS: Final = 0.02
 INTERRUPTED: Final = RunResult(exit_code=130, interrupted=True)
 
 
@@ -205,25 +203,10 @@ class ProcessKernel(Kernel):
         return {"status": "ok", "restart": restart}
 
     async def _ask_frontend(self) -> str | None:
-        """Async twin of ``Kernel._input_request``, which would block our loop."""
         cell = self._cell
         if cell is None:
             return None
-        sock = self.stdin_socket
-        while sock.poll(0):  # purge replies to an earlier, abandoned request
-            sock.recv_multipart(zmq.NOBLOCK)
-        content = {"prompt": "", "password": False}
-        self._wire.send(sock, "input_request", content, cell.parent, ident=cell.ident)
-        while True:
-            if sock.poll(0):
-                _, reply = self._wire.recv(sock, mode=zmq.NOBLOCK)
-                if reply is not None:
-                    break
-            await asyncio.sleep(_INPUT_POLL_SECONDS)
-        value = reply.get("content", {}).get("value", "")
-        if not isinstance(value, str) or value == "\x04":
-            return None  # Ctrl-D in the frontend: end of file
-        return value
+        return await ask_frontend(self._wire, self.stdin_socket, cell.parent, cell.ident)
 
 
 def launch(kernel_class: type[ProcessKernel], argv: list[str] | None = None) -> None:

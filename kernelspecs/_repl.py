@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 
 from ipykernel.kernelbase import Kernel
 
+from ._frontend import ask_frontend
 from ._host import HostProcess, Item
 
 INTERRUPTED = 130
@@ -49,6 +50,8 @@ class ReplKernel(Kernel):
         self._cell_seq = 0
         self._running: int | None = None  # read by the control thread on interrupt
         self._interrupted_cell: int | None = None
+        self._asker: tuple[dict[str, Any], Any] | None = None
+        self._answering: asyncio.Task[None] | None = None
         # Spawn now so the first cell does not pay the interpreter's start-up.
         self._host: HostProcess = self._spawn()
 
@@ -66,17 +69,32 @@ class ReplKernel(Kernel):
     # -- execution ----------------------------------------------------------------
 
     async def do_execute(
-        self, code: str, silent: bool, store_history: bool = True, *_: Any, **__: Any
+        self,
+        code: str,
+        silent: bool,
+        store_history: bool = True,
+        user_expressions: dict[str, Any] | None = None,
+        allow_stdin: bool = False,
+        **_: Any,
     ) -> dict[str, Any]:
         host = await self._live_host(silent)
         self._cell_seq += 1
         cell = self._cell_seq
         self._running = cell
+        # Where an input request of this cell goes (None: the program reads end-of-file).
+        self._asker = (
+            (self.get_parent("shell"), self._parent_ident["shell"])  # type: ignore[no-untyped-call]
+            if allow_stdin
+            else None
+        )
         try:
             host.send({"op": "execute", "id": cell, "code": code})
             error, exit_code = await self._collect(host, cell, silent)
         finally:
             self._running = None
+            if self._answering is not None:
+                self._answering.cancel()
+                self._answering = None
         reply: dict[str, Any] = {
             "status": "ok" if error is None else "error",
             "execution_count": self.execution_count,
@@ -121,7 +139,12 @@ class ReplKernel(Kernel):
         error: dict[str, Any] | None = None
         deadline: float | None = None
         finished: tuple[dict[str, Any] | None, int] | None = None  # "done" seen, markers not
-        ends: set[str] = set()
+        # Before each event that must follow the cell's output so far ("input_request",
+        # "done"), the host writes a marker on stdout and stderr; an event takes effect once
+        # both streams have shown as many markers as there were such events.
+        marks = {"stdout": 0, "stderr": 0}
+        syncs = 0
+        asks: list[int] = []  # sync numbers of input requests not yet passed on
         while True:
             if self._interrupted_cell == cell and deadline is None:
                 deadline = time.monotonic() + INTERRUPT_GRACE_S
@@ -144,8 +167,12 @@ class ReplKernel(Kernel):
                 self._stream(item.name, item.text, silent)
             elif item.kind == "end":
                 if item.code == cell:
-                    ends.add(item.name)
-                if finished is not None and ends >= {"stdout", "stderr"}:
+                    marks[item.name] += 1
+                seen = min(marks.values())
+                while asks and asks[0] <= seen:
+                    asks.pop(0)
+                    self._answer_input(host, cell)
+                if finished is not None and seen >= syncs:
                     return finished
             elif item.kind == "exited":
                 self._stream("stderr", self._restart_note(item.code), silent)
@@ -172,15 +199,35 @@ class ReplKernel(Kernel):
                     )
                 elif event["ev"] == "error" and error is None:
                     error = self._error(event["ename"], event["evalue"], event["traceback"], silent)
+                elif event["ev"] == "input_request":
+                    syncs += 1
+                    if min(marks.values()) >= syncs:
+                        self._answer_input(host, cell)
+                    else:
+                        asks.append(syncs)
                 elif event["ev"] == "done":
                     exit_code = int(event["exit_code"])
                     if exit_code != 0 and error is None:
                         # An explicit exit(n) that the host survived (Ruby's SystemExit).
                         error = self._error("ExitCode", str(exit_code), [], silent)
                     finished = (error, exit_code)
-                    if ends >= {"stdout", "stderr"}:
+                    syncs += 1
+                    if min(marks.values()) >= syncs:
                         return finished
             # "wake": an interrupt arrived; the loop head arms the deadline.
+
+    def _answer_input(self, host: HostProcess, cell: int) -> None:
+        """Pass the host's request for a line to the frontend; its answer (None: end-of-file)
+        goes back as an ``input_reply`` command."""
+
+        async def answer() -> None:
+            value = None
+            if self._asker is not None and self.session is not None:
+                parent, ident = self._asker
+                value = await ask_frontend(self.session, self.stdin_socket, parent, ident)
+            host.send({"op": "input_reply", "id": cell, "value": value})
+
+        self._answering = asyncio.get_running_loop().create_task(answer())
 
     def _error(self, ename: str, evalue: str, traceback: list[str], silent: bool) -> dict[str, Any]:
         # ExitCode errors have an empty traceback, like the process kernels' ones.

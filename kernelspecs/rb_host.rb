@@ -60,8 +60,27 @@ module KernelBridgeHost
       ["#{error.class}: #{error.message}", *frames.map { |line| "    from #{line}" }]
     end
 
+    # A line for the running cell's $stdin: ask the kernel (which asks the frontend with an
+    # input_request) and wait for its input_reply; nil is end-of-file.
+    def ask_input
+      id = @current
+      return nil if id.nil?
+
+      end_marker(id) # what the cell printed so far (its prompt) goes out before the request
+      emit(ev: "input_request", id: id)
+      loop do
+        line = @commands.gets
+        return nil if line.nil?
+
+        command = JSON.parse(line)
+        return command["value"] if command["op"] == "input_reply" && command["id"] == id
+      end
+    end
+
     def execute(id, code)
       exit_code = 0
+      @current = id
+      STDIN_FOR_CELLS.reset
       @running = true
       begin
         value = USER_BINDING.eval(code, "cell-#{id}.rb", 1)
@@ -78,6 +97,7 @@ module KernelBridgeHost
       ensure
         @running = false
       end
+      @current = nil
       end_marker(id)
       emit(ev: "done", id: id, exit_code: exit_code)
     end
@@ -103,6 +123,80 @@ module KernelBridgeHost
            start: cursor_pos - prefix.length, end: cursor_pos)
     end
   end
+
+  # $stdin of every cell. The host's real stdin is /dev/null; reads of $stdin (gets, Kernel#gets,
+  # read, each_line) go to the frontend instead, a line at a time, as a terminal would.
+  class CellInput
+    def initialize
+      reset
+    end
+
+    def reset
+      @buffer = +""
+      @eof = false
+    end
+
+    def gets(*)
+      fill_line
+      return nil if @buffer.empty?
+
+      cut = @buffer.index("\n")
+      cut ? @buffer.slice!(0..cut) : @buffer.slice!(0..)
+    end
+
+    def readline(*)
+      gets || raise(EOFError, "end of file reached")
+    end
+
+    def each_line
+      while (line = gets)
+        yield line
+      end
+    end
+
+    def readlines(*)
+      lines = []
+      each_line { |line| lines << line }
+      lines
+    end
+
+    def read(*)
+      readlines.join
+    end
+
+    def eof?
+      fill_line
+      @buffer.empty?
+    end
+
+    def getc
+      fill_line
+      @buffer.empty? ? nil : @buffer.slice!(0)
+    end
+
+    def tty? = false
+    def isatty = false
+    def fileno = 0
+    def sync = true
+    def sync=(_value); end
+    def set_encoding(*) = self
+    def external_encoding = Encoding::UTF_8
+
+    private
+
+    def fill_line
+      until @eof || @buffer.include?("\n")
+        value = KernelBridgeHost.ask_input
+        if value.nil?
+          @eof = true
+        else
+          @buffer << value << "\n"
+        end
+      end
+    end
+  end
+  STDIN_FOR_CELLS = CellInput.new
+  $stdin = STDIN_FOR_CELLS
 
   # SIGINT stops the running cell (Interrupt is raised where it is), but must not
   # kill an idle host.

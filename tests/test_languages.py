@@ -92,3 +92,39 @@ def test_hello_and_error_through_execute_api(client: Client, sample: Sample) -> 
     body = r.json()
     assert body["exit_code"] not in (0, -1)
     assert sample.error_text in body["stderr"]
+
+
+READS_A_LINE = {
+    "python": "name = input('name? ')\nprint('hi', name)",
+    "ruby": 'print "name? "\nname = gets.chomp\nputs "hi #{name}"',
+    "c": '#include <stdio.h>\nint main(void) { char s[64]; printf("name? ");'
+         ' if (scanf("%63s", s) != 1) return 1; printf("hi %s\\n", s); return 0; }',
+    # (read -p prints its prompt only when stdin is a terminal, as in bash itself)
+    "bash": 'printf "name? "; read name; echo "hi $name"',
+}
+
+
+@pytest.mark.parametrize("lang", sorted(READS_A_LINE))
+def test_waiting_input_with_its_prompt(client: Client, lang: str) -> None:
+    if not available(lang):
+        pytest.skip(f"{lang} toolchain not installed")
+    name = f"in-{uuid.uuid4().hex[:10]}"
+    assert client.post("/session", json={"lang": lang, "name": name}).status_code == 201
+    try:
+        r = client.post(f"/session/{name}", json={"mode": "query", "runId": None,
+                                                   "code": READS_A_LINE[lang]}).json()["result"]
+        while r["status"] == "continued":
+            r = client.post(f"/session/{name}", json={"mode": "continue", "code": "",
+                                                       "runId": r["runId"]}).json()["result"]
+        assert r["status"] == "waiting-input", r
+        assert console_text([r], "stdout") + console_text([r], "stderr") == "name? "
+        r = client.post(f"/session/{name}", json={"mode": "input", "code": "Ada",
+                                                   "runId": r["runId"]}).json()["result"]
+        results = [r]
+        while results[-1]["status"] == "continued":
+            results.append(client.post(f"/session/{name}", json={
+                "mode": "continue", "code": "", "runId": r["runId"]}).json()["result"])
+        assert results[-1]["status"] == "finished"
+        assert console_text(results, "stdout").endswith("hi Ada\n")
+    finally:
+        client.delete(f"/session/{name}")

@@ -280,3 +280,52 @@ class RubyConformance(jupyter_kernel_test.KernelTests):  # type: ignore[misc]
         {"text": "$stdou", "matches": {"$stdout"}},
         {"text": "Intege", "matches": {"Integer"}},
     ]
+
+
+@pytest.mark.skipif(shutil.which("ruby") is None, reason="ruby is not installed")
+def test_ruby_reads_stdin_through_input_requests(kernels: dict[str, Driver]) -> None:
+    if "kb-ruby" not in kernels:
+        km, kc = start_new_kernel(kernel_name="kb-ruby")
+        kernels["kb-ruby"] = Driver(km, kc)
+    kc = kernels["kb-ruby"].kc
+    code = ('print "name? "\nname = gets\nputs "hi #{name.chomp}"\n'
+            "rest = $stdin.read\nputs rest.lines.size\np gets")
+    msg_id = kc.execute(code, allow_stdin=True, stop_on_error=False)
+    answers = ["Ada", "line 1", "line 2", "\x04"]  # then Ctrl-D: end of file
+    prompts_seen_first = []
+    streams: list[str] = []
+    while answers:
+        request = kc.get_stdin_msg(timeout=20)
+        assert request["msg_type"] == "input_request"
+        assert request["parent_header"]["msg_id"] == msg_id
+        # the prompt printed before the read reached the frontend before the request
+        while True:
+            try:
+                msg = kc.get_iopub_msg(timeout=0.2)
+            except queue.Empty:
+                break
+            if msg["msg_type"] == "stream":
+                streams.append(msg["content"]["text"])
+        prompts_seen_first.append("".join(streams))
+        kc.input(answers.pop(0))
+    while True:
+        msg = kc.get_iopub_msg(timeout=20)
+        if msg["msg_type"] == "stream":
+            streams.append(msg["content"]["text"])
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle" \
+                and msg["parent_header"].get("msg_id") == msg_id:
+            break
+    assert prompts_seen_first[0] == "name? "
+    assert "".join(streams) == "name? hi Ada\n2\nnil\n"
+    # a client that allows no stdin: a read is end-of-file at once instead of a hang
+    msg_id = kc.execute("p gets", allow_stdin=False)
+    out = []
+    while True:
+        msg = kc.get_iopub_msg(timeout=20)
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] == "stream":
+            out.append(msg["content"]["text"])
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            break
+    assert "".join(out) == "nil\n"
