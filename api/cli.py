@@ -108,10 +108,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kernel-bridge: {exc}", file=sys.stderr)
             return 2
     if args.command == "kernelspecs":
-        from .kernelspecs_cmd import install
+        from bridge.kernels import install_kernelspecs
 
         prefix = sys.prefix if args.sys_prefix else args.prefix
-        for name, path in install(user=args.user, prefix=prefix):
+        for name, path in install_kernelspecs(user=args.user, prefix=prefix):
             print(f"installed {name} in {path}")
         return 0
     if args.command == "run":

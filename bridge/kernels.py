@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -192,3 +193,23 @@ async def launch(spec: str, confinement: Confinement, sandbox: Sandbox,
         shutil.rmtree(ipc_dir, ignore_errors=True)
         raise KernelStartFailed(f"Kernel {spec!r} failed to start: {exc}") from exc
     return Kernel(km, client, ipc_dir, spec, confinement)
+
+
+def install_kernelspecs(*, user: bool = False, prefix: str | None = None) -> list[tuple[str, str]]:
+    """Install every shipped spec with its interpreter made absolute; returns (name, path)."""
+    ksm = KernelSpecManager()
+    done = []
+    for spec_dir in sorted(SPECS_DIR.iterdir()):
+        if not (spec_dir / "kernel.json").is_file():
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            staged = Path(tmp) / spec_dir.name
+            shutil.copytree(spec_dir, staged)
+            spec = json.loads((staged / "kernel.json").read_text())
+            if spec["argv"][0] in ("python", "python3"):
+                # A Jupyter elsewhere must start our kernels with this environment's Python.
+                spec["argv"][0] = sys.executable
+            (staged / "kernel.json").write_text(json.dumps(spec, indent=2))
+            path = ksm.install_kernel_spec(str(staged), spec_dir.name, user=user, prefix=prefix)
+        done.append((spec_dir.name, path))
+    return done
