@@ -99,14 +99,22 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"kernel-bridge: bad setting: {exc}", file=sys.stderr)
         return 2
+    try:
+        return _dispatch(args, settings)
+    except SandboxUnavailable as exc:  # serve, or run with an embedded bridge
+        print(f"kernel-bridge: {exc}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "serve":
         from .server import run
 
-        try:
-            return run(settings)
-        except SandboxUnavailable as exc:
-            print(f"kernel-bridge: {exc}", file=sys.stderr)
-            return 2
+        return run(settings)
+    if args.command == "run":
+        from .jupyter.run import main as run_notebook
+
+        return run_notebook(args)
     if args.command == "kernelspecs":
         from bridge.kernels import install_kernelspecs
 
@@ -114,22 +122,12 @@ def main(argv: list[str] | None = None) -> int:
         for name, path in install_kernelspecs(user=args.user, prefix=prefix):
             print(f"installed {name} in {path}")
         return 0
-    if args.command == "run":
-        from .jupyter.run import main as run_notebook
-
-        try:
-            return run_notebook(args)
-        except SandboxUnavailable as exc:
-            print(f"kernel-bridge: {exc}", file=sys.stderr)
-            return 2
-    if args.command == "keys":
-        try:
-            return asyncio.run(_keys(settings, args.action, args.json,
-                                     getattr(args, "access_key", "")))
-        except AuthFailed:
-            print(f"kernel-bridge: no keypair {args.access_key!r}", file=sys.stderr)
-            return 2
-    return 2
+    try:
+        return asyncio.run(_keys(settings, args.action, args.json,
+                                 getattr(args, "access_key", "")))
+    except AuthFailed:
+        print(f"kernel-bridge: no keypair {args.access_key!r}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
