@@ -14,7 +14,8 @@
      ├── AuthFailed                missing, unknown, inactive or badly signed credentials
      ├── Forbidden                 the keypair may not do this to that target (a read-only
      │                             folder, a folder it does not own, a mounted folder's path)
-     ├── QuotaExceeded             keypair concurrency reached
+     ├── QuotaExceeded             keypair concurrency reached (or its wait queue is full)
+     │    └── HostBudgetExceeded   the host's memory budget for kernels is spent
      ├── RateLimited               too many executions in the window
      ├── Conflict                  the target's state forbids the call
      │    └── InvalidTransition    a run or session state machine refused a transition
@@ -97,8 +98,24 @@ class Forbidden(BridgeError):
 
 
 class QuotaExceeded(BridgeError):
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"This keypair may run at most {limit} concurrent sessions.")
+    def __init__(self, limit: int, holders: list[str] | None = None, why: str = "") -> None:
+        held = f" Held by: {', '.join(holders)}." if holders else ""
+        super().__init__(f"This keypair may hold at most {limit} kernels at once "
+                         f"(sessions, executions, job and Jupyter kernels, notebook runs)."
+                         f"{held}{' ' + why if why else ''}")
+        self.limit = limit
+        self.holders = holders or []
+
+
+class HostBudgetExceeded(QuotaExceeded):
+    def __init__(self, asked: int, free: int, budget: int) -> None:
+        mib = 1024 * 1024
+        BridgeError.__init__(
+            self, f"The server's memory budget for kernels is spent: this kernel's cap is "
+                  f"{asked // mib} MiB, {free // mib} MiB of {budget // mib} MiB are free. "
+                  "Retry when other kernels have ended.")
+        self.limit = 0
+        self.holders = []
 
 
 class RateLimited(BridgeError):

@@ -29,11 +29,13 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from .admission import Ticket
 from .errors import (
     BridgeError,
     ExecutionNotFound,
     InvalidRequest,
     KernelError,
+    QuotaExceeded,
     RateLimited,
     SessionNotFound,
 )
@@ -220,9 +222,16 @@ class Executions:
         """Accept an execution to run in the background; recorded as pending before return."""
         self.admit(access_key, [req])
         ex = self._new(access_key, req)
-        await self._write(ex, insert=True)
+        # Queued for a place now, so a full queue is a 429 before anything is recorded.
+        ticket = self._reserve(ex, req)
+        try:
+            await self._write(ex, insert=True)
+        except BaseException:
+            if ticket is not None:
+                self.sessions.admission.release(ticket)
+            raise
         self._live[ex.id] = ex
-        task = asyncio.create_task(self._background(ex, req))
+        task = asyncio.create_task(self._background(ex, req, ticket))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return ex
@@ -295,9 +304,10 @@ class Executions:
     def _new(access_key: str, req: ExecutionRequest) -> Execution:
         return Execution(str(uuid.uuid4()), access_key, req.language.name, req.session_id)
 
-    async def _background(self, ex: Execution, req: ExecutionRequest) -> None:
+    async def _background(self, ex: Execution, req: ExecutionRequest,
+                          ticket: Ticket | None) -> None:
         try:
-            await self._execute(ex, req, record_start=True)
+            await self._execute(ex, req, ticket=ticket, record_start=True)
         except BridgeError as exc:
             ex.failed(exc.message)
         except asyncio.CancelledError:
@@ -308,15 +318,44 @@ class Executions:
         await self._write(ex, insert=False)
         self._live.pop(ex.id, None)
 
+    def _reserve(self, ex: Execution, req: ExecutionRequest) -> Ticket | None:
+        """A one-shot's place (granted or queued); None for a named session's execution.
+        Raises QuotaExceeded (the keypair's queue is full), LimitExceeded."""
+        if req.session_id is not None:
+            return None
+        return self.sessions.reserve(ex.access_key, f"execution {ex.id}", wait=True)
+
     async def _execute(self, ex: Execution, req: ExecutionRequest, *,
+                       ticket: Ticket | None = None,
                        record_start: bool = False) -> ExecutionResult:
-        """Run ``req`` and fill in ``ex``. Kernel failures become a failed result; request-level
-        problems (language mismatch, quota) raise."""
+        """Run ``req`` and fill in ``ex``. Kernel failures and a wait for a place that outlasts
+        the timeout become a failed result; request-level problems (language mismatch, a full
+        queue) raise."""
         lang = req.language
+        loop = asyncio.get_running_loop()
+        # One deadline from acceptance: waiting for a place, starting and running all count.
+        deadline = loop.time() + req.timeout
+        if ticket is None:
+            ticket = self._reserve(ex, req)
+        if ticket is not None:
+            waited = time.monotonic()
+            try:
+                await self.sessions.admission.wait(ticket, deadline)
+            except QuotaExceeded as exc:
+                ex.started_at = now_iso()
+                return ex.failed(f"Execution timed out after {req.timeout:g} s waiting for a "
+                                 f"kernel ({time.monotonic() - waited:.1f} s queued): "
+                                 f"{exc.message}", elapsed=0.0)
         ex.status, ex.started_at = ExecStatus.RUNNING, now_iso()
         if record_start:
-            await self.store.execute("UPDATE executions SET status=?, started_at=? WHERE id=?",
-                                     (ex.status.value, ex.started_at, ex.id))
+            try:
+                await self.store.execute(
+                    "UPDATE executions SET status=?, started_at=? WHERE id=?",
+                    (ex.status.value, ex.started_at, ex.id))
+            except BaseException:
+                if ticket is not None:
+                    self.sessions.admission.release(ticket)
+                raise
         scripts = execution_scripts(lang, req.environment, req.stdin)
         try:
             if req.session_id is not None:
@@ -325,16 +364,16 @@ class Executions:
                 # A kernel that cannot take variables per execution is started with them.
                 session = await self.sessions.create(
                     ex.access_key, lang, origin="sandbox", on_timeout="destroy",
-                    counts_for_quota=False,
-                    environ=dict(req.environment) if scripts is None else None)
+                    ticket=ticket, environ=dict(req.environment) if scripts is None else None)
         except KernelError as exc:
             return ex.failed(exc.message)
         before, after = scripts or ("", "")
         try:
             run = self.sessions.new_run(session, "query", req.code,
                                         _program(session, req.code, before, after),
+                                        # what is left of the deadline (a start takes time)
+                                        timeout=max(deadline - loop.time(), 0.001),
                                         # no stdin given: programs read end-of-file
-                                        timeout=req.timeout,
                                         stdin=req.stdin if req.stdin is not None else "")
             await self.sessions.submit(session, run)
             await run.wait()

@@ -21,6 +21,7 @@ import logging
 import time
 from collections import defaultdict
 
+from .admission import Ticket
 from .errors import BridgeError, Conflict, InvalidRequest, JobNotFound, SessionNotFound
 from .jobs import (
     DEFAULT_INTERACTIVE_TTL,
@@ -200,7 +201,7 @@ class JobSessions:
                         max_ttl=max_ttl, interactive_ttl=ittl, environment=dict(environment or {}))
         js.open_deadline = js.started_at + self.open_ttl
         if mode == "dedicated":
-            js.kernel = await self._new_kernel(js, js.id, js.environment, counts_for_quota=True)
+            js.kernel = await self._new_kernel(js, js.id, js.environment)
         try:
             await self._save(js)
         except BaseException:
@@ -304,16 +305,25 @@ class JobSessions:
         try:
             if js.mode == "dedicated":
                 if js.kernel is None or not js.kernel.alive:
-                    js.kernel = await self._new_kernel(js, js.id, js.environment, True)
+                    js.kernel = await self._new_kernel(js, js.id, js.environment)
                 elif (js.kernel.state is SessionState.ERROR or js.kernel.kernel is None
                       or not await js.kernel.kernel.is_alive()):
                     # An earlier job killed it. Asked directly: the bridge may not have
                     # marked the session ERROR yet when the next job starts.
                     await self.sessions.restart(js.kernel)
                 kernel = js.kernel
+                timeout = job.timeout
             else:
-                kernel = await self._new_kernel(js, job.id, job.environment, False)
-            run = self.sessions.query(kernel, job.code, timeout=job.timeout,
+                # A batch job's kernel takes one of the keypair's places like any other; it
+                # waits for one within the job's timeout, which then covers the run too.
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + job.timeout
+                ticket = self.sessions.reserve(js.access_key, f"job {job.id}",
+                                               self._limits(js), wait=True)
+                await self.sessions.admission.wait(ticket, deadline)
+                kernel = await self._new_kernel(js, job.id, job.environment, ticket)
+                timeout = max(deadline - loop.time(), 0.001)
+            run = self.sessions.query(kernel, job.code, timeout=timeout,
                                       stdin=job.stdin or "")
             job.run = run
             await self.sessions.submit(kernel, run)
@@ -341,15 +351,19 @@ class JobSessions:
                 self._batch_running[js.access_key] -= 1
         self._pump(js)
 
-    async def _new_kernel(self, js: JobSession, name: str, environ: dict[str, str],
-                          counts_for_quota: bool) -> Session:
+    def _limits(self, js: JobSession) -> Limits:
         # The job session's own timers end it; the bridge's idle reaper must not come first.
-        limits = Limits(query_timeout_ms=0, max_cpu_credit_ms=0,
-                        mem_kib=self.settings.default_mem_kib,
-                        idle_timeout_s=float((js.max_ttl or 0) + self.open_ttl + 60))
+        return Limits(query_timeout_ms=0, max_cpu_credit_ms=0,
+                      mem_kib=self.settings.default_mem_kib,
+                      idle_timeout_s=float((js.max_ttl or 0) + self.open_ttl + 60))
+
+    async def _new_kernel(self, js: JobSession, name: str, environ: dict[str, str],
+                          ticket: Ticket | None = None) -> Session:
+        """A kernel session admitted now (a dedicated session's: a refusal is the caller's
+        429) or by ``ticket`` (a batch job's, granted after waiting)."""
         return await self.sessions.create(
-            js.access_key, resolve(js.language), name=name, origin=ORIGIN, limits=limits,
-            environ=environ, counts_for_quota=counts_for_quota,
+            js.access_key, resolve(js.language), name=name, origin=ORIGIN,
+            limits=self._limits(js), environ=environ, ticket=ticket,
             # dedicated: a timed-out job restarts the kernel and the session goes on;
             # batch: the job's kernel is thrown away anyway.
             on_timeout="restart" if js.mode == "dedicated" else "destroy")

@@ -27,13 +27,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .console import ConsoleItem, from_message, merge
-from .errors import InvalidTransition, KernelDied
+from .errors import BridgeError, InvalidTransition, KernelDied
 from .messages import OUTPUT_TYPES, Channel, Message
 
 if TYPE_CHECKING:
     from .channels import Channels
 
 KILLED_EXIT_CODE = 130  # Backend.AI's code for a run whose kernel died
+FAILED_EXIT_CODE = 1  # a run whose program could not start (e.g. its batch kernel)
 LIVENESS_INTERVAL = 0.5
 INPUT_SETTLE_S = 0.02
 
@@ -212,6 +213,12 @@ class Run:
             self.emit(["stderr", f"{exc.message}\n"])
             self.exit_code = KILLED_EXIT_CODE
             self._end(RunState.FAILED, Mark("finished", KILLED_EXIT_CODE))
+        except BridgeError as exc:
+            # The program could not go on (a batch kernel refused admission or failed to
+            # start): the run fails and says why; the session's worker goes on.
+            self.emit(["stderr", f"{exc.message}\n"])
+            self.exit_code = FAILED_EXIT_CODE
+            self._end(RunState.FAILED, Mark("finished", FAILED_EXIT_CODE))
         except asyncio.CancelledError:
             self._end(RunState.CANCELLED, Mark("finished", KILLED_EXIT_CODE))
             raise

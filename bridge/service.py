@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from . import batch
+from .admission import Admission
 from .errors import AuthFailed
 from .executions import SCHEMA as EXECUTIONS_SCHEMA
 from .executions import Executions
@@ -53,8 +54,11 @@ class Bridge:
         self.kernelspecs = spec_manager()
         # New sessions that fit take a pre-started kernel (bridge/pool.py), whatever the dialect.
         self.pool = KernelPool(settings, self.start_kernel)
+        # Every kernel a keypair holds, whatever the dialect, is admitted here first.
+        self.admission = Admission(settings.host_memory_budget_bytes,
+                                   lambda key: self.keypairs.get(key).concurrency)
         self.sessions = Sessions(settings, self.store, self.keypairs, self.start_kernel,
-                                 pool=self.pool)
+                                 pool=self.pool, admission=self.admission)
         self.executions = Executions(settings, self.store, self.sessions)
         self.folders = Folders(self.store, settings.folders_dir, now_iso, self._keypair_exists)
         self.folders.in_use = self._mounted_in
@@ -77,8 +81,21 @@ class Bridge:
     def batch_run(self, session: Session, options: dict[str, Any], run_id: str | None) -> Run:
         """A batch run (clean → build → exec) for ``session``. Raises InvalidRequest."""
         opts = batch.BatchOptions.parse(options, session.language)
+
+        async def start_charged(spec: str, confinement: Confinement) -> Kernel:
+            # The bash kernel has its own cgroup with the session's cap: charge it too.
+            ticket = session.ticket
+            if ticket is not None:
+                self.admission.grow(ticket, confinement.mem_bytes)  # HostBudgetExceeded
+            try:
+                return await self.start_kernel(spec, confinement)
+            except BaseException:
+                if ticket is not None:
+                    self.admission.shrink(ticket, confinement.mem_bytes)
+                raise
+
         return self.sessions.new_run(session, "batch", "", batch.program(
-            session, opts, self.start_kernel), run_id=run_id, options=options)
+            session, opts, start_charged), run_id=run_id, options=options)
 
     async def _keypair_exists(self, access_key: str) -> bool:
         # Keys made by `kernel-bridge keys create` while we run are found on a re-read.

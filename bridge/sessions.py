@@ -17,11 +17,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from .admission import Admission, Ticket
 from .channels import Channels
 from .errors import (
     InvalidRequest,
     InvalidTransition,
-    QuotaExceeded,
     RunNotFound,
     SessionNotFound,
 )
@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 # Starts a kernel for a session (spec, confinement) → Kernel: the one launch function.
 KernelFactory = Callable[[str, Confinement], Any]
+# How a refusal names what holds a keypair's places, by the session's origin.
+HOLDER_WORDS = {"backendai": "session", "sandbox": "sandbox session", "jupyter": "jupyter kernel",
+                "jobs": "job session", "notebook": "notebook run"}
 
 
 class KernelSource(Protocol):
@@ -60,10 +63,13 @@ class Sessions:
     """The registry: every live session, by owner. Raises the core's errors, never HTTP ones."""
 
     def __init__(self, settings: Settings, store: Store, keypairs: Keypairs,
-                 start_kernel: KernelFactory, pool: KernelSource | None = None) -> None:
+                 start_kernel: KernelFactory, pool: KernelSource | None = None,
+                 admission: Admission | None = None) -> None:
         self.settings = settings
         self.store = store
         self.keypairs = keypairs
+        self.admission = admission or Admission(
+            settings.host_memory_budget_bytes, lambda key: keypairs.get(key).concurrency)
         self._start_kernel = start_kernel
         self.pool = pool
         self._by_id: dict[str, Session] = {}
@@ -114,44 +120,67 @@ class Sessions:
                      origin: str = "backendai", limits: Limits | None = None,
                      mounts: tuple[Mount, ...] = (), environ: dict[str, str] | None = None,
                      network: bool = False, on_timeout: str = "destroy",
-                     counts_for_quota: bool = True) -> Session:
-        """Start a session with a running kernel. Raises QuotaExceeded, LimitExceeded,
+                     ticket: Ticket | None = None) -> Session:
+        """Start a session with a running kernel, admitted now, or by ``ticket`` (granted by
+        :meth:`reserve` and ``admission.wait``; the session owns it from here, also when it
+        fails to start). Raises QuotaExceeded, HostBudgetExceeded, LimitExceeded,
         KernelStartFailed."""
-        limits = limits or self.default_limits()
-        limits.check(self.settings)
-        kp = self.keypairs.get(access_key)
-        if not kp.is_active:
-            raise InvalidRequest("This keypair is inactive and may not create sessions.")
-        if network and not self.settings.allow_network:
-            raise InvalidRequest("Network access for sessions is disabled on this server.")
-        if counts_for_quota and len(self.all(access_key)) >= kp.concurrency:
-            raise QuotaExceeded(kp.concurrency)
         sid = str(uuid.uuid4())
+        try:
+            limits = limits or self.default_limits()
+            limits.check(self.settings)
+            kp = self.keypairs.get(access_key)
+            if not kp.is_active:
+                raise InvalidRequest("This keypair is inactive and may not create sessions.")
+            if network and not self.settings.allow_network:
+                raise InvalidRequest("Network access for sessions is disabled on this server.")
+            if ticket is None:
+                ticket = self.reserve(access_key, f"{HOLDER_WORDS.get(origin, origin)} "
+                                      f"{name or sid}", limits, wait=False)
+        except BaseException:
+            if ticket is not None:
+                self.admission.release(ticket)
+            raise
         # A pooled kernel brings its own working dir; the session adopts it (_attach_kernel).
         workdir = self.settings.sessions_dir / sid
         session = Session(id=sid, name=name or sid, access_key=access_key, language=language,
                           origin=origin, limits=limits, workdir=workdir, mounts=mounts,
                           environ=dict(environ or {}), network=network, on_timeout=on_timeout)
-        self._by_id[sid] = session  # reserve the quota slot while the kernel starts
-        try:
-            await self._attach_kernel(session, fresh=True)
-        except BaseException:
-            del self._by_id[sid]
-            shutil.rmtree(session.workdir, ignore_errors=True)
-            raise
+        session.ticket = ticket
+        self._by_id[sid] = session
         config = {"limits": limits.__dict__, "mounts": [m.target for m in mounts],
                   "environ": session.environ}
-        await self.store.execute(
-            "INSERT INTO sessions (id, name, access_key, language, origin, state, config,"
-            " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (sid, session.name, access_key, language.name, origin, session.state.value,
-             dumps(config), session.created_at))
+        try:
+            await self._attach_kernel(session, fresh=True)
+            await self.store.execute(
+                "INSERT INTO sessions (id, name, access_key, language, origin, state, config,"
+                " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (sid, session.name, access_key, language.name, origin, session.state.value,
+                 dumps(config), session.created_at))
+        except BaseException:
+            # Nothing half-made stays: not the kernel, not the dir, not the place.
+            del self._by_id[sid]
+            with contextlib.suppress(Exception):
+                await self._stop_kernel(session.kernel, session.channels)
+            shutil.rmtree(session.workdir, ignore_errors=True)
+            self.admission.release(ticket)
+            raise
         session._worker = asyncio.create_task(self._work(session))
         return session
 
+    def reserve(self, access_key: str, label: str, limits: Limits | None = None, *,
+                wait: bool) -> Ticket:
+        """A place and this session's memory cap (see :mod:`bridge.admission`). Raises
+        LimitExceeded, QuotaExceeded, HostBudgetExceeded."""
+        limits = limits or self.default_limits()
+        return self.admission.reserve(access_key, label, limits.mem_kib * 1024, wait=wait)
+
     def default_limits(self) -> Limits:
         t = self.settings.default_query_timeout_ms
-        return Limits(query_timeout_ms=t, max_cpu_credit_ms=t,
+        # Queries always have a deadline: the operator's KB_QUERY_TIMEOUT_S unless the older
+        # KB_DEFAULT_QUERY_TIMEOUT_MS (which also sets the CPU credit) says otherwise.
+        query_ms = t or int(self.settings.query_timeout_s * 1000)
+        return Limits(query_timeout_ms=query_ms, max_cpu_credit_ms=t,
                       mem_kib=self.settings.default_mem_kib,
                       idle_timeout_s=self.settings.idle_timeout_s)
 
@@ -183,8 +212,13 @@ class Sessions:
                 session._queue.get_nowait().cancel(f"Session ended: {reason}.")
             kernels = [(session.kernel, session.channels), *session.extra_kernels.values()]
             session.kernel, session.channels, session.extra_kernels = None, None, {}
-            await asyncio.gather(*(self._stop_kernel(k, c) for k, c in kernels),
-                                 return_exceptions=True)
+            try:
+                await asyncio.gather(*(self._stop_kernel(k, c) for k, c in kernels),
+                                     return_exceptions=True)
+            finally:
+                # The place is free once the kernels are gone, not before.
+                if session.ticket is not None:
+                    self.admission.release(session.ticket)
             shutil.rmtree(session.workdir, ignore_errors=True)
             stats = {"cpu_used": usage.cpu_ms, "mem_max_bytes": usage.mem_max_bytes,
                      "mem_cur_bytes": usage.mem_bytes}
@@ -295,8 +329,9 @@ class Sessions:
     def new_run(self, session: Session, mode: str, code: str, program: Program, *,
                 run_id: str | None = None, options: dict[str, Any] | None = None,
                 timeout: float | None = None, stdin: str | None = None) -> Run:
-        if timeout is None and session.limits.query_timeout_ms:
-            timeout = session.limits.query_timeout_ms / 1000
+        if timeout is None:
+            # No run without a deadline: a run that never ends would hold its place forever.
+            timeout = session.limits.query_timeout_ms / 1000 or self.settings.query_timeout_s
         return Run(run_id=run_id or Run.new_id(), mode=mode, code=code, program=program,
                    options=options or {}, timeout=timeout, stdin=stdin,
                    output_limit=self.settings.output_limit)

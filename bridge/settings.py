@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .admission import parse_budget
 
 
 def _default_data_dir() -> Path:
@@ -41,6 +43,12 @@ class Settings(BaseSettings):
     hard_max_exec_timeout_ms: int = Field(3_600_000, ge=0)
     max_pids: int = Field(256, ge=8)
     default_concurrency: int = Field(5, ge=1)
+    # The sum of running kernels' memory caps (bridge/admission.py): bytes ("12G" too) or a
+    # percentage of the host's RAM.
+    host_memory_budget: str = "75%"
+    # Backend.AI queries (and batch runs) of a session without limits.execTimeout end here; a
+    # session whose run hits it is destroyed, which frees its place.
+    query_timeout_s: float = Field(600.0, gt=0)
     reaper_interval_s: float = Field(1.0, gt=0)
 
     # Job sessions: an open session that never gets a job closes after this long
@@ -51,6 +59,16 @@ class Settings(BaseSettings):
     pool_python: int = Field(2, ge=0)
     # Other languages' pools, e.g. KB_POOL_SIZES='{"javascript": 1}'
     pool_sizes: dict[str, int] = Field(default_factory=dict)
+
+    @field_validator("host_memory_budget")
+    @classmethod
+    def _budget_parses(cls, value: str) -> str:
+        parse_budget(value)  # raises ValueError naming the value
+        return value
+
+    @property
+    def host_memory_budget_bytes(self) -> int:
+        return parse_budget(self.host_memory_budget)
 
     @property
     def db_path(self) -> Path:
