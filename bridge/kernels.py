@@ -27,6 +27,7 @@ from jupyter_client.manager import AsyncKernelManager
 from .cgroups import KernelCgroup
 from .errors import KernelStartFailed
 from .sandbox import Confinement, Sandbox, SandboxProvisioner
+from .wire import harden
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +176,7 @@ async def launch(spec: str, confinement: Confinement, sandbox: Sandbox,
     if kspec.argv and kspec.argv[0] in ("python", "python3"):
         kspec.argv[0] = sys.executable
     km.kernel_id = os.path.basename(ipc_dir)
+    harden(km.context)  # the manager's and its clients' sockets: bounded whatever the kernel sends
     provisioner = SandboxProvisioner(kernel_id=km.kernel_id, kernel_spec=kspec, parent=km)
     provisioner.sandbox = sandbox
     provisioner.confinement = confinement

@@ -26,9 +26,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .channels import RESET
 from .console import ConsoleItem, from_message, merge
 from .errors import BridgeError, InvalidTransition, KernelDied
 from .messages import OUTPUT_TYPES, Channel, Message
+from .wire import RESET_NOTICE
 
 if TYPE_CHECKING:
     from .channels import Channels
@@ -256,6 +258,14 @@ class Run:
         self._records.append(rec)
         self._changed.set()
 
+    def output_room(self) -> int:
+        """Bytes of console this run still keeps (the channel pump drops output past it
+        before decoding it)."""
+        return self.output_limit - self._bytes
+
+    def output_dropped(self, size: int) -> None:
+        self._dropped += size
+
     def emit(self, item: ConsoleItem) -> None:
         value = item[1]
         size = len(value) if isinstance(value, str) else len(str(value))
@@ -282,12 +292,18 @@ class Run:
         finished = asyncio.Event()
         got_reply = False
         got_idle = False
+        lost: set[str] = set()
 
         def sink(channel: Channel, msg: Message) -> None:
             nonlocal got_reply, got_idle
             msg_type = msg["header"].get("msg_type", "")
             content = msg["content"]
-            if channel == "iopub":
+            if msg_type == RESET:
+                # The kernel's message was refused (over the size cap) and what it sent during
+                # the reconnect is lost: say so, and do not wait for what may have been lost.
+                self.emit(["stderr", RESET_NOTICE])
+                lost.add(channel)
+            elif channel == "iopub":
                 if msg_type == "status" and content.get("execution_state") == "idle":
                     got_idle = True
                 elif msg_type in OUTPUT_TYPES:
@@ -302,12 +318,14 @@ class Run:
                     outcome.kernel_exit_code = content["exit_code"]
             elif channel == "stdin" and msg_type == "input_request":
                 self._on_input_request(kernel, content)
-            if got_reply and got_idle:
+            # Both the reply and idle, or one of them when the other's channel lost messages.
+            if ((got_reply or "shell" in lost) and (got_idle or "iopub" in lost)
+                    and (got_reply or got_idle)):
                 finished.set()
 
         content = {"code": code, "silent": False, "store_history": True,
                    "user_expressions": {}, "allow_stdin": allow_stdin, "stop_on_error": False}
-        msg_id = kernel.channels.send("execute_request", content, sink)
+        msg_id = kernel.channels.send("execute_request", content, sink, output=self)
         try:
             while not finished.is_set():
                 try:
