@@ -23,6 +23,31 @@ class MethodNotAllowed(InvalidRequest):
     pass
 
 
+def check_encodable(value: Any, where: str = "body") -> Any:
+    """``value`` (parsed JSON) unchanged, or MalformedBody when a string in it cannot be UTF-8:
+    a lone surrogate from an escape like ``"\\ud800"``. SQLite, the kernels' wire and every
+    client need UTF-8, so such text is refused at the door, in every field of every dialect.
+    """
+    stack: list[tuple[str, Any]] = [(where, value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    raise MalformedBody(
+                        f"{path}: text is not valid Unicode ({exc.reason} at character "
+                        f"{exc.start}); lone surrogates cannot be stored or run.") from None
+        elif isinstance(item, dict):
+            for k, v in item.items():
+                stack.append((f"{path} key", k))
+                stack.append((f"{path}.{k}", v))
+        elif isinstance(item, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in enumerate(item))
+    return value
+
+
 @dataclass(frozen=True)
 class Dialect:
     name: str

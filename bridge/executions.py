@@ -333,8 +333,10 @@ class Executions:
         queue) raise."""
         lang = req.language
         loop = asyncio.get_running_loop()
-        # One deadline from acceptance: waiting for a place, starting and running all count.
-        deadline = loop.time() + req.timeout
+        # The timeout covers the wait for a place and the run (not the kernel's start, which a
+        # cold compiled-language kernel may take seconds for, as before admission existed).
+        accepted = loop.time()
+        deadline = accepted + req.timeout
         if ticket is None:
             ticket = self._reserve(ex, req)
         if ticket is not None:
@@ -346,6 +348,7 @@ class Executions:
                 return ex.failed(f"Execution timed out after {req.timeout:g} s waiting for a "
                                  f"kernel ({time.monotonic() - waited:.1f} s queued): "
                                  f"{exc.message}", elapsed=0.0)
+        run_timeout = max(req.timeout - (loop.time() - accepted), 0.001)
         ex.status, ex.started_at = ExecStatus.RUNNING, now_iso()
         if record_start:
             try:
@@ -371,8 +374,7 @@ class Executions:
         try:
             run = self.sessions.new_run(session, "query", req.code,
                                         _program(session, req.code, before, after),
-                                        # what is left of the deadline (a start takes time)
-                                        timeout=max(deadline - loop.time(), 0.001),
+                                        timeout=run_timeout,
                                         # no stdin given: programs read end-of-file
                                         stdin=req.stdin if req.stdin is not None else "")
             await self.sessions.submit(session, run)

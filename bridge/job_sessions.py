@@ -321,8 +321,8 @@ class JobSessions:
                 ticket = self.sessions.reserve(js.access_key, f"job {job.id}",
                                                self._limits(js), wait=True)
                 await self.sessions.admission.wait(ticket, deadline)
+                timeout = max(deadline - loop.time(), 0.001)  # what the wait left
                 kernel = await self._new_kernel(js, job.id, job.environment, ticket)
-                timeout = max(deadline - loop.time(), 0.001)
             run = self.sessions.query(kernel, job.code, timeout=timeout,
                                       stdin=job.stdin or "")
             job.run = run

@@ -81,6 +81,7 @@ class Kernel:
         self.client.stop_channels()
         await self.manager.restart_kernel(now=True)
         self.client = self.manager.client()
+        harden(self.client.context)
         self.client.start_channels()
         try:
             await self.client.wait_for_ready(timeout=timeout)
@@ -184,7 +185,8 @@ async def launch(spec: str, confinement: Confinement, sandbox: Sandbox,
     client: AsyncKernelClient | None = None
     try:
         await km.start_kernel()
-        client = km.client()
+        client = km.client()  # a context of its own, not the manager's
+        harden(client.context)
         client.start_channels()
         await client.wait_for_ready(timeout=timeout)
     except Exception as exc:
