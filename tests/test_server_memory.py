@@ -121,15 +121,15 @@ def test_iopub_flood_does_not_inflate_the_server(srv: Server, size: int, own: bo
         victim.delete(f"/session/{good}")
 
 
-def test_a_big_print_is_cut_or_reported_never_hangs(srv: Server) -> None:
+def test_a_big_print_is_cut_not_lost(srv: Server) -> None:
     with srv.client() as api:
         name = create(api)
-        t = time.monotonic()
-        # One 20 MB stream message (ipykernel flushes a print whole): over the socket's cap.
+        # A 20 MB print is more than a kernel message may carry: our Python kernel sends its
+        # output in pieces, so the run keeps its output limit's worth, as before the cap.
         results = run_to_end(api, "/session", name, "print('y' * 20_000_000)\nprint('after')")
-        assert time.monotonic() - t < 30
         assert results[-1]["status"] == "finished", results[-1]
-        err = console_text(results, "stderr")
-        assert "connection was reset" in err, err[-300:]
+        out, err = console_text(results, "stdout"), console_text(results, "stderr")
+        assert out == "y" * (4 * 1024 * 1024), len(out)
+        assert "output limit" in err and "connection was reset" not in err, err[-300:]
         assert console_text(run_to_end(api, "/session", name, "print(2)"), "stdout") == "2\n"
         api.delete(f"/session/{name}")
