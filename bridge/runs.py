@@ -30,6 +30,7 @@ from .channels import RESET
 from .console import ConsoleItem, from_message, merge
 from .errors import BridgeError, InvalidTransition, KernelDied
 from .messages import OUTPUT_TYPES, Channel, Message
+from .tasks import spawn
 from .wire import RESET_NOTICE
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ KILLED_EXIT_CODE = 130  # Backend.AI's code for a run whose kernel died
 FAILED_EXIT_CODE = 1  # a run whose program could not start (e.g. its batch kernel)
 LIVENESS_INTERVAL = 0.5
 INPUT_SETTLE_S = 0.02
+RESET_SETTLE_S = 0.2  # after a reset, how long a dying kernel takes to be seen dead
 
 
 class RunState(enum.Enum):
@@ -301,8 +303,9 @@ class Run:
             if msg_type == RESET:
                 # The kernel's message was refused (over the size cap) and what it sent during
                 # the reconnect is lost: say so, and do not wait for what may have been lost.
-                self.emit(["stderr", RESET_NOTICE])
                 lost.add(channel)
+                if len(lost) == 1:  # one notice, and none when the kernel died (resets all)
+                    spawn(self._notice_reset(kernel))
             elif channel == "iopub":
                 if msg_type == "status" and content.get("execution_state") == "idle":
                     got_idle = True
@@ -340,6 +343,11 @@ class Run:
             kernel.channels.release(msg_id)
         self.outcome = outcome
         return outcome
+
+    async def _notice_reset(self, kernel: Liveness) -> None:
+        await asyncio.sleep(RESET_SETTLE_S)
+        if not self.state.terminal and await kernel.is_alive():
+            self.emit(["stderr", RESET_NOTICE])
 
     def _on_input_request(self, kernel: Liveness, content: dict[str, Any]) -> None:
         prompt = str(content.get("prompt", ""))
