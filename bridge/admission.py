@@ -97,17 +97,20 @@ class Admission:
         if mem_bytes > self.budget:
             raise LimitExceeded("maxMem", mem_bytes // 1024, self.budget // 1024)
         ticket = Ticket(access_key, label, mem_bytes)
-        if self._place_free(access_key) and self._memory_free(mem_bytes):
+        if not wait:
+            if not (self._place_free(access_key) and self._memory_free(mem_bytes)):
+                raise self._refusal(ticket)
             self._grant(ticket)
             return ticket
-        if not wait:
-            raise self._refusal(ticket)
+        # Behind whoever waits already: a waiter is never overtaken by a later one.
+        self._waiting.append(ticket)
+        self._pump()
         limit = self._concurrency(access_key)
-        if self.waiting(access_key) >= WAITING_PER_PLACE * limit:
+        if not ticket.granted and self.waiting(access_key) > WAITING_PER_PLACE * limit:
+            self._waiting.remove(ticket)
             raise QuotaExceeded(limit, self.holders(access_key),
                                 f"{self.waiting(access_key)} more are already waiting, "
                                 "the most this keypair may queue.")
-        self._waiting.append(ticket)
         return ticket
 
     async def wait(self, ticket: Ticket, until: float | None) -> None:
