@@ -4,6 +4,7 @@ session usable. Each test starts a server with the settings it needs."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
@@ -30,10 +31,8 @@ def tree_rss(pid: int) -> int:
     except psutil.Error:
         return 0
     for p in procs:
-        try:
+        with contextlib.suppress(psutil.Error):
             total += p.memory_info().rss
-        except psutil.Error:
-            pass
     return total
 
 
