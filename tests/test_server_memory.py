@@ -18,6 +18,7 @@ from typing import Any
 
 import psutil
 import pytest
+import requests
 
 from .support import Client, Server, console_text, run_server, run_to_end
 
@@ -133,3 +134,29 @@ def test_a_big_print_is_cut_not_lost(srv: Server) -> None:
         assert "output limit" in err and "connection was reset" not in err, err[-300:]
         assert console_text(run_to_end(api, "/session", name, "print(2)"), "stdout") == "2\n"
         api.delete(f"/session/{name}")
+
+
+def test_a_jupyter_client_that_does_not_read_cannot_make_the_server_buffer_a_flood(
+        srv: Server) -> None:
+    from .jupyter_support import KernelSocket, execute_request
+
+    r = requests.post(srv.url + "/api/kernels", json={"name": "python3"}, timeout=60,
+                      headers={"Authorization": f"token {srv.secret_key}"})
+    assert r.status_code == 201, r.text
+    kernel_id = r.json()["id"]
+    ws = KernelSocket(srv.url, kernel_id, srv.secret_key)
+    proc = psutil.Process(srv.process.pid)
+    before = peak = proc.memory_info().rss
+    # 40 x 12 MB of output for a client that never reads a frame.
+    ws.send("shell", execute_request(FLOOD.format(size=12 * MB, count=40, own=True)))
+    t = time.monotonic()
+    while time.monotonic() - t < 20:
+        peak = max(peak, proc.memory_info().rss)
+        time.sleep(0.05)
+    grown = (peak - before) / MB
+    print(f"\nnon-reading Jupyter client, 40 x 12 MB flood: server RSS +{grown:.0f} MB")
+    assert grown < 200, grown
+    ws.ws.close()
+    assert requests.get(srv.url + "/", timeout=10).status_code == 200
+    requests.delete(f"{srv.url}/api/kernels/{kernel_id}", timeout=60,
+                    headers={"Authorization": f"token {srv.secret_key}"})
