@@ -192,6 +192,21 @@ def test_sandbox_timeout_covers_feeding_two_million_stdin_lines() -> None:
         body = r.json()
         assert body["exit_code"] == -1 and "timed out after 3 s" in body["stderr"], body
         assert elapsed < 3 + 12, elapsed  # compile (cold kernel) and slack on a busy machine
+        # Python: input() asks for each line through the kernel; the deadline holds there too.
+        t = time.monotonic()
+        body = api.post(EX, json={"code": "n = 0\ntry:\n    while True:\n        input()\n"
+                                          "        n += 1\nexcept EOFError:\n    print(n)",
+                                  "language": "python", "stdin": "1\n" * 2_000_000,
+                                  "timeout": 3}, timeout=120).json()
+        py_elapsed = time.monotonic() - t
+        assert body["exit_code"] == -1 and "timed out after 3 s" in body["stderr"], body
+        assert py_elapsed < 3 + 8, py_elapsed
+        # ... and a program that reads it all at once gets all of it (the kernel survives it).
+        body = api.post(EX, json={"code": "import sys\nprint(sum(1 for _ in sys.stdin))",
+                                  "language": "python", "stdin": "1\n" * 2_000_000,
+                                  "timeout": 60}, timeout=120).json()
+        assert body["stdout"] == "2000000\n", body
+        print(f"python input() loop fed 2M lines, timeout 3 s: answered after {py_elapsed:.2f} s")
 
 
 def test_backendai_queries_end_at_the_server_default_and_free_the_place() -> None:
