@@ -6,9 +6,10 @@ from typing import Any
 
 from tornado.web import Application, RequestHandler
 
+from bridge.health import Health
 from bridge.service import Bridge
 
-from . import openapi
+from . import openapi, ops
 from .backendai import files as backendai_files
 from .backendai import folders as backendai_folders
 from .backendai import handlers as backendai
@@ -17,6 +18,7 @@ from .backendai.errors import BACKENDAI
 from .base import BaseHandler
 from .jobs import handlers as jobs
 from .jupyter import handlers as jupyter
+from .logs import log_request
 from .sandbox import handlers as sandbox
 
 
@@ -55,6 +57,7 @@ def operations() -> list[openapi.Operation]:
 
 def route_table() -> list[tuple[str, type[RequestHandler]]]:
     table: list[tuple[str, type[RequestHandler]]] = [(r"/api/openapi\.json", OpenAPIHandler)]
+    table += ops.routes()
     # Files and folders first: tornado takes the first match, and PREFIX/([^/]+) is a catch-all.
     table += backendai_stream.routes()
     table += backendai_files.routes()
@@ -72,5 +75,7 @@ def make_app(bridge: Bridge, **settings: Any) -> Application:
         [(pattern, handler, kwargs) for pattern, handler in route_table()],
         default_handler_class=NotFoundHandler,
         default_handler_args=kwargs,
+        log_function=log_request,
+        health=Health(bridge),
         **settings,
     )

@@ -16,6 +16,7 @@ from bridge.service import Bridge
 
 from .auth import authenticate
 from .dialect import Dialect, MalformedBody
+from .logs import REQUEST_ID_HEADER, request_id
 
 log = logging.getLogger("kernel_bridge.api")
 M = TypeVar("M", bound=BaseModel)
@@ -33,9 +34,18 @@ class BaseHandler(RequestHandler):
     dialect: ClassVar[Dialect]
     auth_required: ClassVar[bool] = True
     keypair: Keypair
+    quiet: ClassVar[bool] = False  # probes and scrapes: logged only when they fail
+    session_id: str | None = None  # for the access log, once a handler knows its session
+    request_id: str
 
     def initialize(self, bridge: Bridge) -> None:
         self.bridge = bridge
+
+    def set_default_headers(self) -> None:
+        # Called again when an error clears the headers: the id must stay the same.
+        if not hasattr(self, "request_id"):
+            self.request_id = request_id(self.request.headers.get(REQUEST_ID_HEADER))
+        self.set_header(REQUEST_ID_HEADER, self.request_id)
 
     async def prepare(self) -> None:
         if self.auth_required:

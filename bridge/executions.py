@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from . import metrics
 from .errors import (
     BridgeError,
     ExecutionNotFound,
@@ -385,6 +386,8 @@ class Executions:
             await self.sessions.destroy(session, "one-shot-finished")
 
     async def _write(self, ex: Execution, *, insert: bool) -> None:
+        if ex.status in (ExecStatus.COMPLETED, ExecStatus.FAILED):
+            metrics.EXECUTIONS.labels(ex.language, ex.status.value).inc()
         result = dumps(asdict(ex.result)) if ex.result is not None else None
         if insert:
             await self.store.execute(
