@@ -9,7 +9,7 @@ from tornado.web import Application, RequestHandler
 from bridge.health import Health
 from bridge.service import Bridge
 
-from . import openapi, ops
+from . import openapi, ops, webconsole
 from .backendai import files as backendai_files
 from .backendai import folders as backendai_folders
 from .backendai import handlers as backendai
@@ -71,8 +71,10 @@ def route_table() -> list[tuple[str, type[RequestHandler]]]:
 
 def make_app(bridge: Bridge, **settings: Any) -> Application:
     kwargs = {"bridge": bridge}
+    console = [(pattern, handler, {**kwargs, **extra} if issubclass(handler, BaseHandler)
+                else extra) for pattern, handler, extra in webconsole.routes()]
     return Application(
-        [(pattern, handler, kwargs) for pattern, handler in route_table()],
+        console + [(pattern, handler, kwargs) for pattern, handler in route_table()],
         default_handler_class=NotFoundHandler,
         default_handler_args=kwargs,
         log_function=log_request,
