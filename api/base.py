@@ -36,6 +36,7 @@ class BaseHandler(RequestHandler):
     keypair: Keypair
     quiet: ClassVar[bool] = False  # probes and scrapes: logged only when they fail
     session_id: str | None = None  # for the access log, once a handler knows its session
+    error: BaseException | None = None
     request_id: str
 
     def initialize(self, bridge: Bridge) -> None:
@@ -86,6 +87,7 @@ class BaseHandler(RequestHandler):
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc_info = kwargs.get("exc_info")
         exc = exc_info[1] if exc_info else None
+        self.error = exc  # the access log and the refusal metrics read it
         status, code, message = self.dialect.lookup(exc, status_code)
         self.set_status(status)
         self.clear_header("Content-Type")

@@ -90,7 +90,7 @@ def log_request(handler: RequestHandler) -> None:
     }
     metrics.HTTP_REQUESTS.labels(dialect, f"{status // 100}xx").inc()
     metrics.HTTP_SECONDS.labels(dialect).observe(seconds)
-    reason = metrics.REFUSAL_REASONS.get(status)
+    reason = metrics.refusal_reason(status, getattr(handler, "error", None))
     if reason is not None:
         metrics.REFUSALS.labels(dialect, reason).inc()
     level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR

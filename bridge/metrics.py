@@ -28,6 +28,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .errors import AuthFailed, Forbidden, QuotaExceeded, RateLimited
+
 if TYPE_CHECKING:
     from .kernels import Kernel
     from .runs import Run
@@ -77,7 +79,8 @@ POOL_TAKES = Counter(f"{PREFIX}_pool_takes_total", "New sessions that asked the 
                      "kernel: hit (got one) or miss (cold start).", ["language", "result"],
                      registry=REGISTRY)
 REFUSALS = Counter(f"{PREFIX}_refusals_total", "Requests refused: unauthorized (401), forbidden "
-                   "(403), quota (412), rate_limited (429), budget (host memory budget, 503).",
+                   "(403), quota (a keypair's concurrency), rate_limited (429), budget (the "
+                   "host memory budget), unavailable (other 503s).",
                    ["dialect", "reason"], registry=REGISTRY)
 HTTP_REQUESTS = Counter(f"{PREFIX}_http_requests_total", "HTTP requests by dialect and status "
                         "class.", ["dialect", "code"], registry=REGISTRY)
@@ -85,7 +88,29 @@ HTTP_SECONDS = Histogram(f"{PREFIX}_http_request_duration_seconds", "HTTP reques
                          "time by dialect.", ["dialect"], buckets=RUN_BUCKETS, registry=REGISTRY)
 
 REFUSAL_REASONS = {401: "unauthorized", 403: "forbidden", 412: "quota", 429: "rate_limited",
-                   503: "budget"}
+                   503: "unavailable"}
+
+
+def refusal_reason(status: int, error: BaseException | None) -> str | None:
+    """The ``reason`` label of a refused request, or None when it was not a refusal.
+
+    By the core's error where there is one (the host memory budget answers 412, 429 or 503
+    depending on the dialect, and is told apart by its class), else by the status."""
+    if status not in REFUSAL_REASONS:
+        return None
+    if error is not None:
+        for cls in type(error).__mro__:
+            if "Budget" in cls.__name__:
+                return "budget"
+        for cls, reason in _REFUSALS:
+            if isinstance(error, cls):
+                return reason
+    return REFUSAL_REASONS[status]
+
+
+_REFUSALS: tuple[tuple[type[BaseException], str], ...] = (
+    (AuthFailed, "unauthorized"), (Forbidden, "forbidden"), (QuotaExceeded, "quota"),
+    (RateLimited, "rate_limited"))
 
 
 def run_ended(run: Run, language: str, kernel_died: bool, oom: bool) -> None:

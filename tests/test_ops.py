@@ -40,7 +40,8 @@ def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: s
 
 @pytest.fixture(scope="module")
 def ops_server() -> Iterator[Server]:
-    with run_server(log_format="json", pool_python="1") as s:
+    # At most three executions a minute per keypair: the fourth is a refusal to count.
+    with run_server(log_format="json", pool_python="1", rate_limit="3") as s:
         yield s
 
 
@@ -92,15 +93,21 @@ def test_metrics_move_with_a_query_a_one_shot_a_refusal_and_a_timeout(
     r = ops_client.post("/api/v1/execute", json={"language": "python", "timeout": 1,
                                                   "code": "import time; time.sleep(30)"})
     assert r.status_code == 200 and r.json()["exit_code"] == -1, r.text
+    # Another, then one over the rate limit (429).
+    r = ops_client.post("/api/v1/execute", json={"language": "python", "code": "print(3)"})
+    assert r.status_code == 200, r.text
+    r = ops_client.post("/api/v1/execute", json={"language": "python", "code": "print(4)"})
+    assert r.status_code == 429, r.text
 
     after = scrape(url)
     for name, labels, delta in [
-        ("kernel_bridge_executions_total", {"language": "python", "outcome": "completed"}, 1),
+        ("kernel_bridge_executions_total", {"language": "python", "outcome": "completed"}, 2),
+        ("kernel_bridge_refusals_total", {"dialect": "sandbox", "reason": "rate_limited"}, 1),
         ("kernel_bridge_executions_total", {"language": "python", "outcome": "failed"}, 1),
         ("kernel_bridge_refusals_total", {"dialect": "backendai", "reason": "unauthorized"}, 1),
         ("kernel_bridge_timeouts_total", {"mode": "query"}, 1),
         ("kernel_bridge_runs_total", {"mode": "query", "outcome": "exec-timeout"}, 1),
-        ("kernel_bridge_runs_total", {"mode": "query", "outcome": "finished"}, 2),
+        ("kernel_bridge_runs_total", {"mode": "query", "outcome": "finished"}, 3),
     ]:
         got = value(after, name, **labels) - value(before, name, **labels)
         assert got == delta, (name, labels, got)
