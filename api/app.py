@@ -9,7 +9,8 @@ from tornado.web import Application, RequestHandler
 from bridge.health import Health
 from bridge.service import Bridge
 
-from . import openapi, ops, webconsole
+from . import openapi, webconsole
+from . import ops as ops_routes
 from .backendai import files as backendai_files
 from .backendai import folders as backendai_folders
 from .backendai import handlers as backendai
@@ -52,12 +53,13 @@ def operations() -> list[openapi.Operation]:
     ops += jobs.OPERATIONS
     ops += sandbox.OPERATIONS
     ops += jupyter.OPERATIONS
+    ops += ops_routes.OPERATIONS
     return ops
 
 
 def route_table() -> list[tuple[str, type[RequestHandler]]]:
     table: list[tuple[str, type[RequestHandler]]] = [(r"/api/openapi\.json", OpenAPIHandler)]
-    table += ops.routes()
+    table += ops_routes.routes()
     # Files and folders first: tornado takes the first match, and PREFIX/([^/]+) is a catch-all.
     table += backendai_stream.routes()
     table += backendai_files.routes()

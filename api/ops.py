@@ -19,6 +19,7 @@ from .auth import authenticate
 from .backendai.errors import BACKENDAI
 from .base import BaseHandler
 from .dialect import Dialect
+from .openapi import Operation
 
 # Error bodies in the root dialect's shape; "ops" in logs and metrics.
 OPS = Dialect("ops", BACKENDAI.table, BACKENDAI.render, BACKENDAI.content_type)
@@ -72,3 +73,13 @@ class ReadyzHandler(OpsHandler):
 def routes() -> list[tuple[str, type[BaseHandler]]]:
     return [(r"/metrics", MetricsHandler), (r"/healthz", HealthzHandler),
             (r"/readyz", ReadyzHandler)]
+
+
+OPERATIONS = [
+    Operation("GET", "/metrics", "Prometheus metrics (text format; a key per KB_METRICS_AUTH)",
+              "operations", errors=(401,), auth=False),
+    Operation("GET", "/healthz", "Liveness: the process serves", "operations", auth=False),
+    Operation("GET", "/readyz", "Readiness: store, sandbox and warm pool (503 when not ready)",
+              "operations", errors=(503,), auth=False),
+]
+
