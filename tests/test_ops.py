@@ -82,6 +82,16 @@ def test_metrics_move_with_a_query_a_one_shot_a_refusal_and_a_timeout(
                  state="RUNNING") == 1
     assert value(mid, "kernel_bridge_keypair_sessions", access_key=ak) == 1
     assert value(mid, "kernel_bridge_kernel_start_seconds_count", kernelspec="kb-python") >= 1
+    # A kernel that dies under a run.
+    results = run_to_end(ops_client, "/session", "metrics-q", "import os; os._exit(1)")
+    assert results[-1]["exitCode"] == 130, results
+    died = scrape(url)
+    assert value(died, "kernel_bridge_kernel_deaths_total", language="python", cause="exit") == \
+        value(before, "kernel_bridge_kernel_deaths_total", language="python", cause="exit") + 1
+    assert value(died, "kernel_bridge_runs_total", mode="query", outcome="failed") == \
+        value(before, "kernel_bridge_runs_total", mode="query", outcome="failed") + 1
+    assert value(died, "kernel_bridge_sessions", dialect="backendai", language="python",
+                 state="ERROR") == 1
 
     # A one-shot Sandbox execution.
     r = ops_client.post("/api/v1/execute", json={"language": "python", "code": "print(1)"})
