@@ -59,7 +59,8 @@ class PageHandler(StaticFileHandler):
 
     def validate_absolute_path(self, root: str, absolute_path: str) -> str | None:
         # Only the page's own files: not node_modules/, package.json or the editor's source.
-        if Path(absolute_path).name not in SERVED and Path(absolute_path) != STATIC:
+        path = Path(absolute_path)
+        if path != STATIC and (path.parent != STATIC or path.name not in SERVED):
             raise HTTPError(404)
         return super().validate_absolute_path(root, absolute_path)
 

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
@@ -81,6 +82,13 @@ def test_console_sign_in_run_code_and_destroy_a_session(console_server: Server,
     with console_server.client() as api:  # a Backend.AI session, to see it in the table
         assert api.post("/session", json={"lang": "python",
                                           "clientSessionToken": "from-the-api"}).status_code == 201
+
+    # Only the page's own files are served: not the npm tree beside them.
+    for path in ("/console/package.json", "/console/editor-entry.mjs",
+                 "/console/node_modules/codemirror/package.json", "/console/../app.py"):
+        assert requests.get(console_server.url + path, timeout=30).status_code == 404, path
+    for path in ("/console/", "/console/console.js", "/console/editor.js"):
+        assert requests.get(console_server.url + path, timeout=30).status_code == 200, path
 
     browser.get(console_server.url + "/console")
     wait(browser).until(ec.visibility_of_element_located((By.ID, "signin")))
