@@ -130,6 +130,22 @@ def test_metrics_move_with_a_query_a_one_shot_a_refusal_and_a_timeout(
     assert value(after, "kernel_bridge_http_requests_total", dialect="sandbox", code="2xx") >= 2
 
 
+def test_an_oom_kill_is_counted(ops_server: Server, ops_client: Client) -> None:
+    before = scrape(ops_server.url)
+    r = ops_client.post("/session", json={"lang": "python", "clientSessionToken": "oom-kill",
+                                          "limits": {"maxMem": 128 * 1024}})
+    assert r.status_code == 201, r.text
+    results = run_to_end(ops_client, "/session", "oom-kill",
+                         "chunks = [b'x' * (1 << 20) for _ in range(1024)]")
+    assert results[-1]["exitCode"] == 130, results[-1]  # the cgroup's OOM killer ended it
+    assert ops_client.delete("/session/oom-kill").status_code == 200
+    after = scrape(ops_server.url)
+    assert value(after, "kernel_bridge_kernel_deaths_total", language="python", cause="oom") \
+        == value(before, "kernel_bridge_kernel_deaths_total", language="python", cause="oom") + 1
+    assert value(after, "kernel_bridge_oom_kills_total", language="python") >= \
+        value(before, "kernel_bridge_oom_kills_total", language="python") + 1
+
+
 def test_json_access_log_carries_request_ids_and_no_secrets(
         ops_server: Server, ops_client: Client) -> None:
     r = ops_client.post("/session", json={"lang": "python", "clientSessionToken": "logged"},
