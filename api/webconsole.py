@@ -48,6 +48,8 @@ class ConsoleHandler(BaseHandler):
 class PageHandler(StaticFileHandler):
     """The page and its assets; no credentials (the page asks for a key)."""
 
+    dialect = CONSOLE  # for the access log and the HTTP metrics
+
     def set_default_headers(self) -> None:
         if not hasattr(self, "request_id"):
             self.request_id = request_id(self.request.headers.get(REQUEST_ID_HEADER))
