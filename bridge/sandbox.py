@@ -342,7 +342,8 @@ class SandboxProvisioner(LocalProvisioner):
             self.cgroup.ensure(conf.mem_bytes, conf.pids or self.sandbox.default_pids)
         kwargs["preexec_fn"] = self.sandbox.preexec(conf, self.cgroup)
         # A kernel's own stdout is banners ("To connect another client…"), not user output
-        # (that travels on iopub); its stderr stays with the server's log for diagnosis.
+        # (that travels on iopub); its stderr goes to the server's log for diagnosis, line by
+        # line as records (bridge/kernel_logs.py), so a JSON log stays one object per line.
         kwargs["stdout"] = subprocess.DEVNULL
         if self.stderr is not None:  # a restart: the old process's pipe
             self.stderr.close()
