@@ -263,6 +263,10 @@ def test_doctor_fails_with_a_fix_for_each_broken_prerequisite(tmp_path: Path) ->
     assert verdicts(out.stdout)["bubblewrap"] == "FAIL"
     assert "fix: apt-get install bubblewrap" in out.stdout
     assert "NOT safe to serve" in out.stdout
+    # Toolchains are missing too: warnings (the server would offer fewer languages), each with
+    # the package that brings it.
+    assert verdicts(out.stdout)["language c"] == "WARN"
+    assert "fix: apt-get install gcc" in out.stdout
 
     # A data dir other users can read.
     loose = tmp_path / "loose"
