@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import psutil
 
+from . import metrics
 from .errors import HostBudgetExceeded, LimitExceeded, QuotaExceeded
 
 WAITING_PER_PLACE = 4
@@ -83,8 +85,9 @@ class Admission:
     def held(self, access_key: str) -> int:
         return len(self._held.get(access_key, []))
 
-    def waiting(self, access_key: str) -> int:
-        return sum(1 for t in self._waiting if t.access_key == access_key)
+    def waiting(self, access_key: str | None = None) -> int:
+        """Tickets queued for this keypair (all keypairs: None, as the metrics report it)."""
+        return sum(1 for t in self._waiting if access_key in (None, t.access_key))
 
     # -- reserving ------------------------------------------------------------------------------
 
@@ -118,9 +121,11 @@ class Admission:
         refusal raised (QuotaExceeded or HostBudgetExceeded)."""
         if ticket.granted:
             return
+        started = time.monotonic()
         try:
             async with asyncio.timeout_at(until):
                 await ticket._granted.wait()
+            metrics.ADMISSION_WAIT.observe(time.monotonic() - started)
         except TimeoutError:
             if ticket.granted:  # granted in the same instant
                 return
