@@ -166,6 +166,8 @@ class Sessions:
             shutil.rmtree(session.workdir, ignore_errors=True)
             self.admission.release(ticket)
             raise
+        # Idle from now: a slow kernel start (a loaded machine) is not idleness to be reaped.
+        session.last_activity = time.monotonic()
         session._worker = asyncio.create_task(self._work(session))
         return session
 
