@@ -64,3 +64,26 @@ typecheck: venv
 
 clean:
 	rm -rf $(VENV) $(SDK_VENV) *.egg-info .pytest_cache .mypy_cache
+
+# -- Jupyter: a data-science environment for kernels, and a browser for the JupyterLab test -------
+
+# A venv with ipykernel and the usual data-science packages. Serve with it:
+#   KB_PYTHON_ENV=$(CURDIR)/.venv-datascience make run
+DS_VENV := .venv-datascience
+
+$(DS_VENV)/.done:
+	$(PYTHON) -m venv $(DS_VENV)
+	$(DS_VENV)/bin/pip install -q ipykernel numpy pandas matplotlib
+	@touch $@
+
+datascience-env: $(DS_VENV)/.done
+
+# Headless Chromium and its WebDriver (Debian packages) drive JupyterLab in tests/test_jupyterlab.py.
+browser-tools:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } \
+	  || echo "chromium and chromedriver missing: install them (Debian: chromium chromium-driver)"
+
+.PHONY: datascience-env browser-tools
+test: browser-tools datascience-env

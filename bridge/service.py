@@ -46,6 +46,8 @@ class Bridge:
         # files) is masked in kernels should the operator put it under a bound tree.
         self.sandbox = Sandbox(settings.sandbox, hide=(settings.data_dir,),
                                pids=settings.max_pids)
+        if settings.python_env is not None:
+            self.sandbox.add_python_env(settings.python_env)
         self.store = Store(settings.db_path, extra_schema=[*FOLDERS_SCHEMA, *JOBS_SCHEMA,
                                                              *EXECUTIONS_SCHEMA])
         self.keypairs = Keypairs(self.store, settings.default_concurrency)
@@ -65,7 +67,8 @@ class Bridge:
     async def start_kernel(self, spec: str, confinement: Confinement) -> Kernel:
         """The one launch function: every kernel of every dialect starts here."""
         return await launch(spec, confinement, self.sandbox, self.kernelspecs,
-                            self.settings.kernel_start_timeout)
+                            self.settings.kernel_start_timeout,
+                            python=self.settings.python_interpreter)
 
     async def mounts_for(self, access_key: str, specs: list[str]) -> tuple[Mount, ...]:
         """Resolve ``name`` / ``name:alias`` mount specs to this keypair's folders.

@@ -75,8 +75,8 @@ def test_kernelspecs_come_from_kernel_bridge(jupyter: JupyterServer) -> None:
     r = jupyter.get("/api/kernelspecs")
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["default"] == "kb-python"
-    assert {"kb-python", "kb-bash", "kb-c"} <= set(body["kernelspecs"])
+    assert body["default"] == "python3"
+    assert {"python3", "kb-python", "kb-bash", "kb-c"} <= set(body["kernelspecs"])
     logo = body["kernelspecs"]["kb-python"]["resources"]["logo-64x64"]
     png = jupyter.get(logo)
     assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
