@@ -44,6 +44,13 @@ CLIENT_CHANNELS: frozenset[str] = frozenset({"shell", "stdin", "control"})
 # Only these variables of a POSTed env reach the kernel (as Kernel Gateway does): a client must
 # not set PATH, LD_PRELOAD or the like inside the sandbox.
 ENV_PREFIXES = ("KERNEL_", "JPY_")
+# What jupyter_server's GatewayClient adds to every start request: its own launch timeout, and
+# the notebook's directory or path on its host. None means anything inside our sandbox (the
+# kernel's cwd is /home/work), and a kernel asked for with any environment cannot be a
+# pre-started one from the pool (bridge/pool.py): keeping them made every notebook wait for a
+# cold kernel start (2–7 s on a busy machine), during which JupyterLab silently drops a cell that
+# is run (it has no kernel to send it to until the start request answers).
+GATEWAY_ENV = frozenset({"KERNEL_LAUNCH_TIMEOUT", "KERNEL_WORKING_DIR", "JPY_SESSION_NAME"})
 
 
 class NoSuchKernelspec(NotFound):
@@ -189,7 +196,8 @@ class Gateway:
             raise NoSuchKernelspec(name) from None
         if not language.available:
             raise NoSuchKernelspec(name)
-        environ = {k: str(v) for k, v in (env or {}).items() if k.startswith(ENV_PREFIXES)}
+        environ = {k: str(v) for k, v in (env or {}).items()
+                   if k.startswith(ENV_PREFIXES) and k not in GATEWAY_ENV}
         session = await self.sessions.create(access_key, language, origin="jupyter",
                                              environ=environ)
         self._activity[session.id] = Activity(name=name)
