@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     flush_interval: float = Field(2.0, gt=0)  # seconds before an execute call answers `continued`
     output_limit: int = Field(4 * 1024 * 1024, ge=1024)  # bytes of console kept per run
     kernel_start_timeout: float = Field(60.0, gt=0)
+    # SIGTERM: stop accepting, let running runs finish this long, then stop (a second signal
+    # stops at once).
+    shutdown_grace_s: float = Field(30.0, ge=0)
 
     # Session limits (Backend.AI seed 001/002). Zero means "no limit".
     default_query_timeout_ms: int = Field(0, ge=0)
@@ -49,6 +52,12 @@ class Settings(BaseSettings):
 
     # Job sessions: an open session that never gets a job closes after this long
     job_open_ttl_s: float = Field(1800.0, gt=0)
+
+    # Operations: `KB_LOG_FORMAT=json` writes one JSON object per log line. `GET /metrics`
+    # asks for a key when `KB_METRICS_AUTH=on`, or with "auto" when the server listens beyond
+    # loopback; "off" leaves it open (behind a scraper-only network).
+    log_format: Literal["text", "json"] = "text"
+    metrics_auth: Literal["auto", "on", "off"] = "auto"
 
     # Sandbox dialect
     rate_limit: int = Field(100, ge=1)  # executions per keypair per minute
