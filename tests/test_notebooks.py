@@ -69,8 +69,9 @@ def test_run_failing_cell_exits_non_zero_with_its_traceback(tmp_path: Path) -> N
 
 def test_run_against_a_server(server: Server, tmp_path: Path) -> None:
     out = tmp_path / "remote.ipynb"
+    # --api-key=…: a secret may begin with "-", which argparse would take for an option.
     done = kernel_bridge("run", str(EXAMPLE), "-o", str(out), "-p", "day=2", "--url",
-                         server.url, "--api-key", server.secret_key)
+                         server.url, f"--api-key={server.secret_key}")
     assert done.returncode == 0, done.stderr
     assert "5/5" in done.stderr
     nb = json.loads(out.read_text())
