@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     # Jupyter kernels a keypair may hold: one per open notebook or console, and a person keeps
     # several open. Other dialects stay at the keypair's own concurrency (concurrency_for).
     jupyter_concurrency: int = Field(16, ge=1)
+    """Kernels in all a keypair may hold when it starts a Jupyter one (one per open notebook);
+    the other dialects stay at the keypair's own concurrency."""
     reaper_interval_s: float = Field(1.0, gt=0)
 
     # Job sessions: an open session that never gets a job closes after this long
@@ -69,6 +71,9 @@ class Settings(BaseSettings):
     # the packages notebooks import (numpy, pandas, …), bound read-only into every sandbox.
     # Unset: the server's own interpreter (ipykernel and little else).
     python_env: Path | None = None
+    """A venv or conda env with ipykernel (and numpy, pandas, …) that Python kernels run in,
+    bound read-only into every sandbox (`make datascience-env` makes one); unset: the server's
+    own interpreter."""
 
     @field_validator("python_env")
     @classmethod
