@@ -137,3 +137,17 @@ def test_idle_kernel_is_culled_but_not_while_a_cell_runs() -> None:
             assert time.monotonic() < deadline, "idle kernel was never culled"
             time.sleep(0.3)
         assert_jupyter_error(c.get(f"/api/kernels/{kid}"), 404)
+
+
+def test_every_name_of_the_python_kernel_starts_it(client: Client) -> None:
+    """The model echoes the name asked for: JupyterLab saves that name into the notebook."""
+    for name in ("python", "kb-python", None):
+        r = client.post("/api/kernels", json={} if name is None else {"name": name})
+        assert r.status_code == 201, r.text
+        model = r.json()
+        try:
+            assert model["name"] == (name or "python3")
+            assert client.get(f"/api/kernels/{model['id']}").json()["name"] == model["name"]
+            assert client.get(f"/session/{model['id']}").json()["lang"] == "python"
+        finally:
+            client.delete(f"/api/kernels/{model['id']}")
