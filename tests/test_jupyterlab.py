@@ -288,6 +288,11 @@ def test_cell_run_as_the_notebook_opens_is_answered(browser: Browser, lab: Lab,
     request answers it has no kernel to send it to). The server's share of that window must be
     small: a kernel for a notebook comes warm from the pool."""
     write_notebook(lab.root / "early.ipynb", "print('early bird')")
+    # The earlier tests took the pool's kernels; a server at rest has one ready (/readyz).
+    deadline = time.monotonic() + 120
+    while requests.get(kb.url + "/readyz", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline, "the warm pool did not refill"
+        time.sleep(0.2)
     browser.command("docmanager:open", {"path": "early.ipynb"})
     # The moment JupyterLab names the notebook's kernel it has asked for it.
     asked = browser.wait("the kernel asked for", lambda: browser.js(
