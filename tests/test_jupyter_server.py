@@ -78,9 +78,12 @@ def test_kernelspecs_come_from_kernel_bridge(jupyter: JupyterServer) -> None:
     body = r.json()
     assert body["default"] == "python3"
     assert {"python3", "kb-python", "kb-bash", "kb-c"} <= set(body["kernelspecs"])
-    logo = body["kernelspecs"]["kb-python"]["resources"]["logo-64x64"]
-    png = jupyter.get(logo)
-    assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
+    for name in ("python3", "kb-python", "kb-bash", "kb-c"):
+        spec = body["kernelspecs"][name]
+        assert spec["spec"]["display_name"].endswith(" (kernel-bridge)")
+        for size in ("32x32", "64x64"):
+            png = jupyter.get(spec["resources"][f"logo-{size}"])
+            assert png.status_code == 200 and png.content[:4] == b"\x89PNG", (name, size)
 
 
 def test_run_code_through_jupyter_server(jupyter: JupyterServer, server: Server,
