@@ -45,8 +45,6 @@ class Settings(BaseSettings):
     hard_max_exec_timeout_ms: int = Field(3_600_000, ge=0)
     max_pids: int = Field(256, ge=8)
     default_concurrency: int = Field(5, ge=1)
-    # Jupyter kernels a keypair may hold: one per open notebook or console, and a person keeps
-    # several open. Other dialects stay at the keypair's own concurrency (concurrency_for).
     jupyter_concurrency: int = Field(16, ge=1)
     """Kernels in all a keypair may hold when it starts a Jupyter one (one per open notebook);
     the other dialects stay at the keypair's own concurrency."""
@@ -67,9 +65,6 @@ class Settings(BaseSettings):
     # Other languages' pools, e.g. KB_POOL_SIZES='{"javascript": 1}'
     pool_sizes: dict[str, int] = Field(default_factory=dict)
 
-    # The Python environment Python kernels run in: a venv or conda env holding ipykernel and
-    # the packages notebooks import (numpy, pandas, …), bound read-only into every sandbox.
-    # Unset: the server's own interpreter (ipykernel and little else).
     python_env: Path | None = None
     """A venv or conda env with ipykernel (and numpy, pandas, …) that Python kernels run in,
     bound read-only into every sandbox (`make datascience-env` makes one); unset: the server's
