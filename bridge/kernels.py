@@ -177,6 +177,10 @@ async def launch(spec: str, confinement: Confinement, sandbox: Sandbox,
     kspec.interrupt_mode = "message"
     if kspec.argv and kspec.argv[0] in ("python", "python3"):
         kspec.argv[0] = python if python and kspec.language == "python" else sys.executable
+        if python and kspec.language == "python" and "PATH" not in confinement.environ:
+            # `!python`, `!pip list` and subprocesses of a notebook find the same environment.
+            path = f"{Path(python).parent}{os.pathsep}{sandbox.environ(confinement)['PATH']}"
+            confinement = replace(confinement, environ={**confinement.environ, "PATH": path})
     km.kernel_id = os.path.basename(ipc_dir)
     provisioner = SandboxProvisioner(kernel_id=km.kernel_id, kernel_spec=kspec, parent=km)
     provisioner.sandbox = sandbox

@@ -71,6 +71,9 @@ def test_python_kernels_run_in_the_operator_environment(ds_server: Server) -> No
                     "print(pd.DataFrame({'a': [1, 2]})['a'].sum())")
                 assert reply["content"]["status"] == "ok"
                 assert out == f"{env_python}\n3\n"
+                # A shell escape finds the same environment first on PATH.
+                out, reply = sock.run("!python -c 'import sys, numpy; print(sys.prefix)'")
+                assert out.strip() == str(DATASCIENCE_ENV), (out, reply["content"])
                 # Bound read-only: a notebook cannot change the environment under others.
                 out, reply = sock.run(f"open({str(DATASCIENCE_ENV / 'x')!r}, 'w')")
                 assert reply["content"]["status"] == "error"
