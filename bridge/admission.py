@@ -64,6 +64,7 @@ class Ticket:
     access_key: str
     label: str  # what holds the place, as a refusal names it ("session 'abc'")
     mem_bytes: int
+    places: int  # how many kernels the keypair may hold in all, this one counted
     granted: bool = False
     released: bool = False
     _granted: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
@@ -91,24 +92,28 @@ class Admission:
 
     # -- reserving ------------------------------------------------------------------------------
 
-    def reserve(self, access_key: str, label: str, mem_bytes: int, *, wait: bool) -> Ticket:
-        """A ticket, granted now or (``wait``) queued; :meth:`wait` for a queued one.
+    def reserve(self, access_key: str, label: str, mem_bytes: int, *, wait: bool,
+                places: int | None = None) -> Ticket:
+        """A ticket, granted now or (``wait``) queued; :meth:`wait` for a queued one. ``places``:
+        how many kernels in all the keypair may hold counting this one (default: its
+        concurrency; Jupyter kernels get more, see ``Settings.concurrency_for``).
 
         Raises LimitExceeded (a cap above the whole budget), QuotaExceeded (no place, or the
         queue is full), HostBudgetExceeded.
         """
         if mem_bytes > self.budget:
             raise LimitExceeded("maxMem", mem_bytes // 1024, self.budget // 1024)
-        ticket = Ticket(access_key, label, mem_bytes)
+        ticket = Ticket(access_key, label, mem_bytes,
+                        places if places is not None else self._concurrency(access_key))
         if not wait:
-            if not (self._place_free(access_key) and self._memory_free(mem_bytes)):
+            if not (self._place_free(ticket) and self._memory_free(mem_bytes)):
                 raise self._refusal(ticket)
             self._grant(ticket)
             return ticket
         # Behind whoever waits already: a waiter is never overtaken by a later one.
         self._waiting.append(ticket)
         self._pump()
-        limit = self._concurrency(access_key)
+        limit = ticket.places
         if not ticket.granted and self.waiting(access_key) > WAITING_PER_PLACE * limit:
             self._waiting.remove(ticket)
             raise QuotaExceeded(limit, self.holders(access_key),
@@ -163,8 +168,8 @@ class Admission:
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _place_free(self, access_key: str) -> bool:
-        return self.held(access_key) < self._concurrency(access_key)
+    def _place_free(self, ticket: Ticket) -> bool:
+        return self.held(ticket.access_key) < ticket.places
 
     def _memory_free(self, mem_bytes: int) -> bool:
         return self.mem_used + mem_bytes <= self.budget
@@ -176,9 +181,8 @@ class Admission:
         ticket._granted.set()
 
     def _refusal(self, ticket: Ticket) -> QuotaExceeded:
-        if not self._place_free(ticket.access_key):
-            return QuotaExceeded(self._concurrency(ticket.access_key),
-                                 self.holders(ticket.access_key))
+        if not self._place_free(ticket):
+            return QuotaExceeded(ticket.places, self.holders(ticket.access_key))
         return HostBudgetExceeded(ticket.mem_bytes, self.budget - self.mem_used, self.budget)
 
     def _pump(self) -> None:
@@ -187,7 +191,7 @@ class Admission:
         for ticket in list(self._waiting):
             if ticket.access_key in blocked:
                 continue
-            if not self._place_free(ticket.access_key):
+            if not self._place_free(ticket):
                 blocked.add(ticket.access_key)
             elif ticket.mem_bytes and (memory_blocked or not self._memory_free(ticket.mem_bytes)):
                 memory_blocked = True

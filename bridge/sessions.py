@@ -137,7 +137,7 @@ class Sessions:
                 raise InvalidRequest("Network access for sessions is disabled on this server.")
             if ticket is None:
                 ticket = self.reserve(access_key, f"{HOLDER_WORDS.get(origin, origin)} "
-                                      f"{name or sid}", limits, wait=False)
+                                      f"{name or sid}", limits, wait=False, origin=origin)
         except BaseException:
             if ticket is not None:
                 self.admission.release(ticket)
@@ -172,11 +172,14 @@ class Sessions:
         return session
 
     def reserve(self, access_key: str, label: str, limits: Limits | None = None, *,
-                wait: bool) -> Ticket:
-        """A place and this session's memory cap (see :mod:`bridge.admission`). Raises
-        LimitExceeded, QuotaExceeded, HostBudgetExceeded."""
+                wait: bool, origin: str = "backendai") -> Ticket:
+        """A place and this session's memory cap (see :mod:`bridge.admission`); how many
+        places a keypair has depends on the dialect asking (``Settings.concurrency_for``).
+        Raises LimitExceeded, QuotaExceeded, HostBudgetExceeded."""
         limits = limits or self.default_limits()
-        return self.admission.reserve(access_key, label, limits.mem_kib * 1024, wait=wait)
+        places = self.settings.concurrency_for(origin, self.keypairs.get(access_key).concurrency)
+        return self.admission.reserve(access_key, label, limits.mem_kib * 1024, wait=wait,
+                                      places=places)
 
     def default_limits(self) -> Limits:
         t = self.settings.default_query_timeout_ms

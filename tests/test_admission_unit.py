@@ -83,6 +83,16 @@ def test_a_waiter_blocked_on_memory_is_not_starved_by_smaller_ones() -> None:
     assert big.granted and small.granted
 
 
+def test_a_dialect_may_have_more_places_and_still_counts_every_kernel() -> None:
+    a = admission(concurrency=1)
+    a.reserve("k", "session", GiB, wait=False)
+    with pytest.raises(QuotaExceeded, match="at most 1 "):
+        a.reserve("k", "another session", GiB, wait=False)
+    a.reserve("k", "jupyter kernel", GiB, wait=False, places=2)
+    with pytest.raises(QuotaExceeded, match="at most 2 "):
+        a.reserve("k", "jupyter kernel 2", GiB, wait=False, places=2)
+
+
 def test_grow_charges_a_batch_kernel_and_shrink_gives_it_back() -> None:
     a = admission(budget=2 * GiB)
     t = a.reserve("k", "s", GiB, wait=False)

@@ -138,7 +138,9 @@ def test_host_memory_budget_refuses_waits_and_counts_batch_kernels() -> None:
 
 
 def test_concurrency_covers_jupyter_and_job_kernels_and_names_them() -> None:
-    with run_server(default_concurrency="2", pool_python="0") as srv, srv.client() as api:
+    # (Jupyter kernels may go up to KB_JUPYTER_CONCURRENCY in all; here that is 2 as well.)
+    with run_server(default_concurrency="2", jupyter_concurrency="2", pool_python="0") as srv, \
+            srv.client() as api:
         token = {"Authorization": f"token {srv.secret_key}"}
         r = requests.post(srv.url + "/api/kernels", json={"name": "python3"}, headers=token,
                           timeout=60)
