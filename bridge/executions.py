@@ -430,7 +430,8 @@ class Executions:
 
     async def _dispose(self, session: Session) -> None:
         with contextlib.suppress(SessionNotFound):
-            await self.sessions.destroy(session, "one-shot-finished")
+            # Killed, not asked to exit: nothing in it is kept, and its place is wanted.
+            await self.sessions.destroy(session, "one-shot-finished", now=True)
 
     async def _write(self, ex: Execution, *, insert: bool) -> None:
         if ex.status in (ExecStatus.COMPLETED, ExecStatus.FAILED):

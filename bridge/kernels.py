@@ -88,12 +88,13 @@ class Kernel:
         except RuntimeError as exc:
             raise KernelStartFailed(f"Kernel {self.spec} did not come back: {exc}") from exc
 
-    async def shutdown(self) -> None:
-        """Escalating stop (shutdown_request → SIGTERM → SIGKILL), then the sockets' dir."""
+    async def shutdown(self, now: bool = False) -> None:
+        """Escalating stop (shutdown_request → SIGTERM → SIGKILL), then the sockets' dir;
+        ``now``: straight to the kill (a kernel with nothing worth a clean exit)."""
         with contextlib.suppress(Exception):
             self.client.stop_channels()
         try:
-            await asyncio.wait_for(self.manager.shutdown_kernel(now=False), timeout=5)
+            await asyncio.wait_for(self.manager.shutdown_kernel(now=now), timeout=5)
         except Exception:
             with contextlib.suppress(Exception):
                 await self.manager.shutdown_kernel(now=True)

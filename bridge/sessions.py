@@ -206,7 +206,8 @@ class Sessions:
         session.channels = Channels(kernel.client)
         session.channels.start()
 
-    async def destroy(self, session: Session, reason: str = "user-requested") -> Usage:
+    async def destroy(self, session: Session, reason: str = "user-requested", *,
+                      now: bool = False) -> Usage:
         """Stop the session's kernels and remove its working dir; returns its last usage."""
         async with session.lock:
             if not session.alive:
@@ -223,7 +224,7 @@ class Sessions:
                                     session.language.name)
             session.kernel, session.channels, session.extra_kernels = None, None, {}
             try:
-                await asyncio.gather(*(self._stop_kernel(k, c) for k, c in kernels),
+                await asyncio.gather(*(self._stop_kernel(k, c, now) for k, c in kernels),
                                      return_exceptions=True)
             finally:
                 # The place is free once the kernels are gone, not before.
@@ -242,11 +243,12 @@ class Sessions:
         return usage
 
     @staticmethod
-    async def _stop_kernel(kernel: Kernel | None, channels: Channels | None) -> None:
+    async def _stop_kernel(kernel: Kernel | None, channels: Channels | None,
+                           now: bool = False) -> None:
         if channels is not None:
             await channels.stop()
         if kernel is not None:
-            await kernel.shutdown()
+            await kernel.shutdown(now)
 
     async def restart(self, session: Session) -> None:
         """Restart the language kernel: globals gone, age and CPU credit go on, idle resets."""
