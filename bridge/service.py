@@ -18,7 +18,7 @@ from .folders import Folders
 from .gateway import Gateway
 from .job_sessions import JobSessions
 from .jobs import SCHEMA as JOBS_SCHEMA
-from .kernels import Kernel, launch, spec_manager
+from .kernels import Kernel, ipc_root, launch, spec_manager
 from .keypairs import Keypair, Keypairs
 from .pool import KernelPool
 from .runs import Run
@@ -45,7 +45,8 @@ class Bridge:
         # Raises SandboxUnavailable. The data dir (SQLite, keypair secrets, every session's
         # files) is masked in kernels should the operator put it under a bound tree.
         self.sandbox = Sandbox(settings.sandbox, hide=(settings.data_dir,),
-                               pids=settings.max_pids)
+                               pids=settings.max_pids, uid=settings.sandbox_uid)
+        ipc_root()  # refused now, with the reason, rather than at the first kernel
         self.store = Store(settings.db_path, extra_schema=[*FOLDERS_SCHEMA, *JOBS_SCHEMA,
                                                              *EXECUTIONS_SCHEMA])
         self.keypairs = Keypairs(self.store, settings.default_concurrency)
@@ -58,6 +59,7 @@ class Bridge:
         self.executions = Executions(settings, self.store, self.sessions)
         self.folders = Folders(self.store, settings.folders_dir, now_iso, self._keypair_exists)
         self.folders.in_use = self._mounted_in
+        self.folders.own = self.sandbox.own
         self.gateway = Gateway(self.sessions, self.kernelspecs)
         self.jobs = JobSessions(settings, self.store, self.keypairs, self.sessions,
                                 open_ttl=settings.job_open_ttl_s)

@@ -35,10 +35,27 @@ def conf(tmp: Path, **kw: object) -> Confinement:
 
 
 def sh(sandbox: Sandbox, c: Confinement, script: str, cgroup: object = None) -> str:
-    argv = sandbox.wrap(["/bin/bash", "-c", script], c)
-    out = subprocess.run(argv, env=sandbox.environ(c), capture_output=True, text=True,
-                         timeout=60, preexec_fn=sandbox.preexec(c, cgroup))  # type: ignore[arg-type]
+    """Run a bash script the way the provisioner starts a kernel, as the sandbox uid."""
+    sandbox.hand_over(c)
+    launch = sandbox.host_launch(["/bin/bash", "-c", script], c, sandbox.kernel_environ(c))
+    try:
+        out = subprocess.run(launch.argv, executable=launch.executable, env=launch.env,
+                             pass_fds=launch.fds, cwd="/", capture_output=True, text=True,
+                             timeout=60, preexec_fn=sandbox.preexec(c, cgroup))  # type: ignore[arg-type]
+    finally:
+        launch.close()
     return out.stdout
+
+
+def bwrap_options(sandbox: Sandbox, c: Confinement) -> list[str]:
+    """The options bwrap reads from its --args descriptor."""
+    launch = sandbox.host_launch(["x"], c, {})
+    try:
+        fd = int(launch.argv[launch.argv.index("--args") + 1])
+        os.lseek(fd, 0, os.SEEK_SET)
+        return os.read(fd, 1 << 20).decode().split("\0")[:-1]
+    finally:
+        launch.close()
 
 
 def test_unreadable_entries_follow_the_others_bits(tmp_path: Path) -> None:
@@ -79,8 +96,8 @@ def test_argv_network_proc_and_root(tmp_path: Path) -> None:
     assert (tmp_path / "work" / "f").exists()
     # no /sys at all; processes: bwrap's init, bash, ls, grep
     assert out[-2:] == ["0", "4"], out
-    assert "--unshare-net" in sandbox.wrap(["x"], c)
-    assert "--unshare-net" not in sandbox.wrap(["x"], conf(tmp_path, network=True))
+    assert "--unshare-net" in bwrap_options(sandbox, c)
+    assert "--unshare-net" not in bwrap_options(sandbox, conf(tmp_path, network=True))
 
 
 def test_read_only_mounts_are_read_only(tmp_path: Path) -> None:
