@@ -11,13 +11,16 @@ already in force, and with the fixed environment the server gave bwrap: nothing 
 has reached any process yet. Here:
 
 1. the kernel's command and environment (the client's variables merged in) are read from
-   ``FD``, a memfd the server wrote, and every other inherited descriptor is closed; it is applied only by the final ``execve``, after the drop, so loader and
-   shell variables (``LD_PRELOAD``, ``BASH_ENV``, …) act on the unprivileged kernel alone;
+   ``FD``, a memfd the server wrote, and every other inherited descriptor is closed; the
+   environment is applied only by the final ``execve``, after the drop, so loader and shell
+   variables (``LD_PRELOAD``, ``BASH_ENV``, …) act on the unprivileged kernel alone;
 2. the capability bounding set and the ambient set are emptied, supplementary groups cleared,
    and real/effective/saved gid and uid set to the sandbox's: the kernel clears the permitted
    and effective sets on that change; the inheritable set is cleared by hand;
 3. the result is checked from ``/proc/self/status`` and the launch fails closed (exit 126)
-   unless the process is the sandbox uid with no capability in any set and ``no_new_privs``.
+   unless the process is the sandbox uid with no capability in any set and ``no_new_privs``;
+4. the working dir is entered (bwrap, root without CAP_DAC_OVERRIDE, could not: it is the
+   sandbox uid's, 0700).
 
 Standard library only, run with ``-I -S``: no site, no PYTHON* variable, no current directory on
 ``sys.path``, since it runs before the drop.

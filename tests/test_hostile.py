@@ -276,7 +276,7 @@ for k in ("Uid", "Gid", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNew
     out[k] = status[k].split()
 print(json.dumps(out))
 """
-        out, err, _ = run(attacker, name, code)
+        out, _, _ = run(attacker, name, code)
         got = last_json(out)
         expected_errno = {k: EPERM for k in got if k not in
                           ("clone3", "fork_and_threads", "Uid", "Gid", "CapInh", "CapPrm",
