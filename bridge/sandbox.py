@@ -41,7 +41,6 @@ the client's environment, as the server's user (an explicit, unsafe operator cho
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import pwd
@@ -225,9 +224,7 @@ class Sandbox:
         assert self.bwrap is not None
         launch = HostLaunch(["bwrap"], self.bwrap, dict(HOST_ENV))
         try:
-            payload = {"uid": self.uid, "gid": self.gid, "cwd": WORKDIR, "argv": cmd,
-                       "env": dict(kernel_env)}
-            fds = [_memfd("kb-kernel", json.dumps(payload).encode()),
+            fds = [_memfd("kb-kernel", self._launcher_payload(cmd, kernel_env)),
                    _memfd("kb-seccomp", self.seccomp_bpf),
                    _memfd("kb-passwd", self._passwd()), _memfd("kb-group", self._group())]
             launch.fds += fds
@@ -240,6 +237,21 @@ class Sandbox:
         launch.argv += ["--args", str(launch.fds[-1]), "--", LAUNCHER_PYTHON, "-I", "-S",
                         LAUNCHER, str(fds[0])]
         return launch
+
+    def _launcher_payload(self, cmd: list[str], kernel_env: Mapping[str, str]) -> bytes:
+        """What ``kernelspecs/_enter.py`` reads: NUL-separated uid, gid, cwd, argc, argv, then
+        ``NAME=value`` pairs (no JSON: the launcher starts faster without importing it).
+
+        Raises ValueError for a NUL byte anywhere or a variable name that execve cannot carry.
+        """
+        env = [f"{k}={v}" for k, v in kernel_env.items()]
+        if any(not k or "=" in k or "\0" in k or "\0" in v for k, v in kernel_env.items()):
+            raise ValueError("An environment variable name or value cannot be passed to a "
+                             "process (empty, '=' in its name, or a NUL byte).")
+        fields = [str(self.uid), str(self.gid), WORKDIR, str(len(cmd)), *cmd, *env]
+        if any("\0" in f for f in fields):
+            raise ValueError("A NUL byte in the kernel's command.")
+        return "\0".join(fields).encode()
 
     def _passwd(self) -> bytes:
         return (f"root:x:0:0:root:/root:/usr/sbin/nologin\n"
