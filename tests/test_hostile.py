@@ -29,7 +29,7 @@ import psutil
 import pyseccomp
 import pytest
 
-from .support import ROOT, Client, Server, console_text, run_server, run_to_end
+from .support import ROOT, Client, Server, console_text, free_port, run_server, run_to_end
 
 SANDBOX_UID = 60000  # the default of KB_SANDBOX_UID
 ARCH = pyseccomp.system_arch()
@@ -426,9 +426,21 @@ print(open("notes.txt").read().split(), os.listdir("sub"), os.getuid())
         attacker.delete(f"/session/{name}")
 
 
+def test_serve_refuses_an_ipc_root_others_can_enter(tmp_path: Path) -> None:
+    """Whoever made the IPC root first would hold every kernel's key: the server says so and
+    stops (exit 2) instead of using it."""
+    bad = tmp_path / f"kb-ipc-{os.getuid()}"
+    bad.mkdir()
+    bad.chmod(0o777)
+    r = subprocess.run([sys.executable, "-m", "api.cli", "serve", "--data-dir",
+                        str(tmp_path / "data"), "--port", str(free_port())], cwd=ROOT,
+                       env={**os.environ, "TMPDIR": str(tmp_path)}, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2, (r.returncode, r.stderr[-500:])
+    assert f"IPC root {bad} has mode drwxrwxrwx" in r.stderr, r.stderr[-500:]
+
+
 def test_ipc_root_refused_when_not_private(tmp_path: Path) -> None:
-    with run_server(data_dir=tmp_path / "data") as s:  # starts: its own root is private
-        assert s.process.poll() is None
     bad = tmp_path / "kb-ipc"
     bad.mkdir(mode=0o755)
     bad.chmod(0o755)
