@@ -186,9 +186,9 @@ async def launch(spec: str, confinement: Confinement, sandbox: Sandbox,
         raise KernelStartFailed(str(exc)) from exc
     ipc_dir = Path(tempfile.mkdtemp(prefix="k", dir=root))
     confinement = replace(confinement, ipc_dir=ipc_dir)
-    # The connection file stays in the root-owned ipc_dir (the kernel may read it, not replace
-    # it with a link for the server to write through); the sockets go in ``s/``, the one
-    # directory the sandbox uid may write (Sandbox.hand_over).
+    # The connection file stays root's in the root-owned ipc_dir (the kernel may read it, not
+    # rewrite it nor replace it with a link for the server to write through on a restart); the
+    # sockets go in ``s/``, the one directory the sandbox uid may write (Sandbox.hand_over).
     km = AsyncKernelManager(
         kernel_name=spec, kernel_spec_manager=ksm, transport="ipc",
         ip=str(ipc_dir / "s" / "k"), connection_file=str(ipc_dir / "conn.json"),

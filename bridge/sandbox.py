@@ -312,8 +312,9 @@ class Sandbox:
         return [*argv, "--remount-ro", "/"]
 
     def hand_over(self, conf: Confinement, connection_file: Path | None = None) -> None:
-        """Give the sandbox uid what it must write: its working dir, rw folders, its sockets'
-        dir (``<ipc_dir>/s``), and let it read its connection file. Never follows a link."""
+        """Give the sandbox uid what it must write: its working dir, rw folders and its
+        sockets' dir (``<ipc_dir>/s``). Its connection file stays root's, readable: the kernel
+        may read its key, not rewrite what a restart would use. Never follows a link."""
         if not self.enabled:
             return
         targets = [conf.workdir, *(m.host for m in conf.mounts if not m.read_only)]
@@ -323,8 +324,8 @@ class Sandbox:
         sockets = conf.ipc_dir / "s"
         sockets.mkdir(mode=0o700, exist_ok=True)
         self.own(sockets)
-        if connection_file is not None:
-            self.own(connection_file)
+        if connection_file is not None:  # in the root-owned ipc_dir: no link can be planted
+            os.chmod(connection_file, 0o644)
 
     def own(self, path: Path) -> None:
         """chown ``path`` itself (a link is changed, never its target) to the sandbox uid."""

@@ -380,11 +380,23 @@ def test_kernel_processes_never_root_on_the_host(srv: Server, attacker: Client) 
             attacker.delete(f"/session/{name}")
 
 
-def test_proc_1_cmdline_shows_no_host_path(srv: Server, attacker: Client) -> None:
+def test_proc_1_cmdline_shows_no_host_path_and_conn_file_is_read_only(srv: Server, attacker: Client) -> None:
     name = create(attacker)
     try:
-        out, _, _ = run(attacker, name, "import json\n"
-                        "print(json.dumps(open('/proc/1/cmdline').read().split('\\0')))")
+        out, _, _ = run(attacker, name, """
+import json, os
+from ipykernel import get_connection_file
+conn = get_connection_file()
+try:
+    open(conn, "a").close()
+    rewritten = "yes"
+except OSError as exc:
+    rewritten = exc.strerror
+print(rewritten, os.access(conn, os.R_OK), os.access(os.path.dirname(conn), os.W_OK))
+print(json.dumps(open('/proc/1/cmdline').read().split('\\0')))
+""")
+        # The kernel reads its connection file, but cannot rewrite or replace it.
+        assert out.splitlines()[0] == "Permission denied True False", out
         args = [a for a in last_json(out) if a]
         assert args[0] == "bwrap" and "--args" in args, args
         host_paths = [str(srv.data_dir), str(ROOT), sys.prefix, os.path.realpath(sys.prefix),
