@@ -170,6 +170,11 @@ class Sandbox:
         if mode != "off" and self.bwrap is None:
             raise SandboxUnavailable()
         self.enabled = self.bwrap is not None
+        if self.enabled and os.geteuid() != 0:
+            raise SandboxUnavailable(
+                "kernel-bridge confines kernels as root: bubblewrap runs privileged and drops "
+                f"user code to uid {uid}. Start the server as root, or with KB_SANDBOX=off to "
+                "run kernels unconfined as your own user (unsafe).")
         if self.enabled and uid == 0:
             raise SandboxUnavailable("KB_SANDBOX_UID must not be 0: user code never runs as "
                                      "root.")
