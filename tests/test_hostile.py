@@ -344,7 +344,8 @@ def test_keys_of_one_tenant_unreachable_from_another(attacker: Client, victim: C
 
 def test_kernel_processes_never_root_on_the_host(srv: Server, attacker: Client) -> None:
     """Every process of every kernel (python, a process kernel, the batch bash kernel and what
-    user code starts) has a non-zero host uid; only bubblewrap itself is root."""
+    user code starts), seen from the host, is the sandbox uid with no capability in any set;
+    only bubblewrap itself is root (and holds none either)."""
     py = create(attacker)
     langs = ["python"]
     c = None
@@ -366,9 +367,17 @@ def test_kernel_processes_never_root_on_the_host(srv: Server, attacker: Client) 
                     cmd, uids, pname = " ".join(p.cmdline()), p.uids(), p.name()
             except psutil.Error:  # gone (or a zombie) meanwhile
                 continue
-            if pname == "bwrap":
-                continue  # the sandbox tool, on the host side of the wall
+            try:
+                status = Path(f"/proc/{p.pid}/status").read_text()
+            except OSError:
+                continue
+            caps = {k: v.strip() for k, _, v in (line.partition(":") for line in
+                                                  status.splitlines()) if k.startswith("Cap")}
+            if pname == "bwrap":  # the sandbox tool: root, but without any capability left
+                assert caps["CapEff"] == caps["CapPrm"] == "0000000000000000", (cmd, caps)
+                continue
             assert 0 not in uids and uids.real == SANDBOX_UID, (cmd, uids)
+            assert set(caps.values()) == {"0000000000000000"}, (cmd, caps)
             for key in kernels:
                 if key in cmd:
                     kernels[key] += 1
