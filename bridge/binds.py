@@ -129,6 +129,21 @@ def interpreter_paths() -> list[str]:
     return sorted(paths, key=len)
 
 
+def python_env_paths(prefix: Path) -> list[str]:
+    """Host dirs a venv or conda env at ``prefix`` loads from: the env (by the path kernels
+    are started with, and its real path should that differ) and, for a venv, the installation
+    it was made from (pyvenv.cfg's ``home``) when that is not under /usr."""
+    paths = [str(prefix), os.path.realpath(prefix)]
+    cfg = prefix / "pyvenv.cfg"
+    with contextlib.suppress(OSError):
+        for line in cfg.read_text().splitlines():
+            key, _, value = line.partition("=")
+            if key.strip() == "home" and value.strip():
+                paths.append(os.path.realpath(os.path.dirname(value.strip())))
+    out = [p for p in paths if not any(under(p, t) for t in SYSTEM_TREES)]
+    return sorted(dict.fromkeys(out), key=len)
+
+
 def kernel_modules_dir() -> Path:
     import kernelspecs  # our kernel modules may live in a source checkout (editable install)
 

@@ -17,6 +17,7 @@ from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.local_provisioner import LocalProvisioner
 
 from .cgroups import KernelCgroup
+from .kernel_logs import StderrRelay
 from .sandbox import Confinement, HostLaunch, Sandbox
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ class SandboxProvisioner(LocalProvisioner):
     sandbox: Sandbox
     confinement: Confinement
     cgroup: KernelCgroup | None = None
+    stderr: StderrRelay | None = None
     _pending: HostLaunch | None = None
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
@@ -49,8 +51,13 @@ class SandboxProvisioner(LocalProvisioner):
                       else str(conf.workdir))
         kwargs["preexec_fn"] = self.sandbox.preexec(conf, self.cgroup)
         # A kernel's own stdout is banners ("To connect another client…"), not user output
-        # (that travels on iopub); its stderr stays with the server's log for diagnosis.
+        # (that travels on iopub); its stderr goes to the server's log for diagnosis, line by
+        # line as records (bridge/kernel_logs.py), so a JSON log stays one object per line.
         kwargs["stdout"] = subprocess.DEVNULL
+        if self.stderr is not None:  # a restart: the old process's pipe
+            self.stderr.close()
+        self.stderr = StderrRelay(str(self.kernel_id))
+        kwargs["stderr"] = self.stderr.write_fd
         return kwargs
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
@@ -58,6 +65,8 @@ class SandboxProvisioner(LocalProvisioner):
             return await super().launch_kernel(cmd, **kwargs)
         finally:  # the child has its copies (or there is no child)
             self._close_pending()
+            if self.stderr is not None:
+                self.stderr.launched()
 
     def _close_pending(self) -> None:
         if self._pending is not None:
@@ -67,6 +76,9 @@ class SandboxProvisioner(LocalProvisioner):
     async def cleanup(self, restart: bool = False) -> None:
         self._close_pending()
         await super().cleanup(restart=restart)
+        if self.stderr is not None:
+            self.stderr.close()
+            self.stderr = None
         if restart:
             if self.cgroup is not None:  # leftovers must not eat the new kernel's caps
                 self.cgroup.kill()

@@ -60,6 +60,7 @@ from .binds import (
     kernel_modules_dir,
     masks,
     open_parents,
+    python_env_paths,
     toolchain_binds,
     under,
     unreadable_entries,
@@ -203,6 +204,11 @@ class Sandbox:
             log.warning("KB_SANDBOX_UID %d belongs to the host account %r: its processes could "
                         "signal or trace kernels; pick a uid no account uses", uid,
                         self.host_account)
+
+    def add_python_env(self, prefix: Path) -> None:
+        """Show the operator's Python environment (KB_PYTHON_ENV) to kernels, read-only."""
+        have = {b.src for b in self.binds}
+        self.binds += [Bind(p, p) for p in python_env_paths(prefix) if p not in have]
 
     def describe(self) -> str:
         if not self.enabled:
