@@ -453,12 +453,16 @@ def test_serve_refuses_an_ipc_root_others_can_enter(tmp_path: Path) -> None:
     bad = tmp_path / f"kb-ipc-{os.getuid()}"
     bad.mkdir()
     bad.chmod(0o777)
-    r = subprocess.run([sys.executable, "-m", "api.cli", "serve", "--data-dir",
-                        str(tmp_path / "data"), "--port", str(free_port())], cwd=ROOT,
-                       env={**os.environ, "TMPDIR": str(tmp_path)}, capture_output=True,
-                       text=True, timeout=60)
-    assert r.returncode == 2, (r.returncode, r.stderr[-500:])
-    assert f"IPC root {bad} has mode drwxrwxrwx" in r.stderr, r.stderr[-500:]
+    # The start-up checks refuse it; with --unsafe (skip them) the sandbox itself still does.
+    for extra, says in (([], f"IPC root: {bad} has mode 0777"),
+                        (["--unsafe"], f"IPC root {bad} has mode drwxrwxrwx")):
+        r = subprocess.run([sys.executable, "-m", "api.cli", "serve", "--data-dir",
+                            str(tmp_path / "data"), "--port", str(free_port()), *extra],
+                           cwd=ROOT, env={**os.environ, "TMPDIR": str(tmp_path)},
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2, (extra, r.returncode, r.stderr[-500:])
+        assert says in r.stderr, (extra, r.stderr[-500:])
+    assert (bad.stat().st_mode & 0o777) == 0o777  # refused, not silently repaired
 
 
 def test_ipc_root_refused_when_not_private(tmp_path: Path) -> None:
