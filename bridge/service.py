@@ -20,7 +20,7 @@ from .folders import Folders
 from .gateway import Gateway
 from .job_sessions import JobSessions
 from .jobs import SCHEMA as JOBS_SCHEMA
-from .kernels import Kernel, ipc_root, launch, spec_manager
+from .kernels import Kernel, launch, spec_manager
 from .keypairs import Keypair, Keypairs
 from .pool import KernelPool
 from .runs import Run
@@ -48,7 +48,6 @@ class Bridge:
         # files) is masked in kernels should the operator put it under a bound tree.
         self.sandbox = Sandbox(settings.sandbox, hide=(settings.data_dir,),
                                pids=settings.max_pids, uid=settings.sandbox_uid)
-        ipc_root()  # refused now, with the reason, rather than at the first kernel
         if settings.python_env is not None:
             self.sandbox.add_python_env(settings.python_env)
         self.store = Store(settings.db_path, extra_schema=[*FOLDERS_SCHEMA, *JOBS_SCHEMA,

@@ -453,15 +453,31 @@ def test_serve_refuses_an_ipc_root_others_can_enter(tmp_path: Path) -> None:
     bad = tmp_path / f"kb-ipc-{os.getuid()}"
     bad.mkdir()
     bad.chmod(0o777)
-    # The start-up checks refuse it; with --unsafe (skip them) the sandbox itself still does.
-    for extra, says in (([], f"IPC root: {bad} has mode 0777"),
-                        (["--unsafe"], f"IPC root {bad} has mode drwxrwxrwx")):
-        r = subprocess.run([sys.executable, "-m", "api.cli", "serve", "--data-dir",
-                            str(tmp_path / "data"), "--port", str(free_port()), *extra],
-                           cwd=ROOT, env={**os.environ, "TMPDIR": str(tmp_path)},
-                           capture_output=True, text=True, timeout=60)
-        assert r.returncode == 2, (extra, r.returncode, r.stderr[-500:])
-        assert says in r.stderr, (extra, r.stderr[-500:])
+    argv = [sys.executable, "-m", "api.cli", "serve", "--data-dir", str(tmp_path / "data"),
+            "--port", str(free_port())]
+    env = {**os.environ, "TMPDIR": str(tmp_path), "KB_POOL_PYTHON": "0"}
+    r = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, (r.returncode, r.stderr[-500:])
+    assert f"IPC root: {bad} has mode 0777" in r.stderr, r.stderr[-500:]
+    # --unsafe skips the start-up checks; the launch itself still refuses every kernel.
+    port = free_port()
+    proc = subprocess.Popen([*argv[:-1], str(port), "--unsafe"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        for line in iter(proc.stdout.readline, ""):
+            if "listening on" in line:
+                break
+        keys = json.loads(subprocess.run(
+            [sys.executable, "-m", "api.cli", "keys", "create", "--data-dir",
+             str(tmp_path / "data"), "--json"], capture_output=True, text=True, check=True,
+            cwd=ROOT).stdout)
+        with Client(f"http://127.0.0.1:{port}", keys["secret_key"]) as c:
+            r2 = c.post("/session", json={"lang": "python", "name": "refused"})
+        assert r2.status_code == 503 and f"IPC root {bad}" in r2.text, (r2.status_code, r2.text)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
     assert (bad.stat().st_mode & 0o777) == 0o777  # refused, not silently repaired
 
 
