@@ -180,7 +180,7 @@ class Sandbox:
             raise SandboxUnavailable("KB_SANDBOX_UID must not be 0: user code never runs as "
                                      "root.")
         self.uid = self.gid = uid
-        # Raises SeccompUnavailable (a SandboxUnavailable): no filter, no sandbox.
+        # No filter, no sandbox: SandboxUnavailable when libseccomp or its binding is missing.
         self.seccomp_bpf = _seccomp() if self.enabled else b""
         self.default_pids = pids
         self.cgroups = (cgroups or Cgroups.detect()) if self.enabled else Cgroups("none", {})
