@@ -19,7 +19,7 @@ from .base import JupyterHandler
 from .wire import V1, decode_legacy, decode_v1, encode_legacy, encode_v1
 
 log = logging.getLogger("kernel_bridge.api.jupyter")
-MAX_UNREAD_BYTES = 32 * 1024 * 1024
+MAX_UNREAD_BYTES = 16 * 1024 * 1024
 
 
 class ChannelsHandler(WebSocketHandler, JupyterHandler):
