@@ -16,17 +16,16 @@ from bridge.service import Bridge
 
 from .auth import authenticate
 from .dialect import Dialect, MalformedBody
+from .fields import WARNING_HEADER, describe_validation, unknown_fields, warning
 
 log = logging.getLogger("kernel_bridge.api")
 M = TypeVar("M", bound=BaseModel)
 
 
-def describe_validation(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "body"
-        parts.append(f"{where}: {err['msg']}")
-    return "; ".join(parts)
+def allowed_methods(handler: type[RequestHandler]) -> list[str]:
+    """The methods a handler implements (tornado's defaults for the rest answer 405)."""
+    return [m for m in handler.SUPPORTED_METHODS
+            if getattr(handler, m.lower()) is not getattr(RequestHandler, m.lower())]
 
 
 class BaseHandler(RequestHandler):
@@ -59,9 +58,13 @@ class BaseHandler(RequestHandler):
         if data is None:
             data = self.json_object()
         try:
-            return model.model_validate(data)
+            parsed = model.model_validate(data)
         except ValidationError as exc:
-            raise MalformedBody(describe_validation(exc)) from None
+            raise MalformedBody(describe_validation(exc, model)) from None
+        unknown = unknown_fields(parsed)
+        if unknown:  # an open schema: accepted, but the client is told (api/fields.py)
+            self.add_header(WARNING_HEADER, warning(unknown))
+        return parsed
 
     # -- responses --------------------------------------------------------------------------
 
@@ -78,6 +81,8 @@ class BaseHandler(RequestHandler):
         exc = exc_info[1] if exc_info else None
         status, code, message = self.dialect.lookup(exc, status_code)
         self.set_status(status)
+        if status == 405:
+            self.set_header("Allow", ", ".join(allowed_methods(type(self))))
         self.clear_header("Content-Type")
         self.set_header("Content-Type", self.dialect.content_type)
         self.finish(json.dumps(self.dialect.render(status, code, message)))

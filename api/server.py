@@ -36,6 +36,11 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
         print("Created the first keypair (save it; it is shown only once):", flush=True)
         print(json.dumps({"access_key": kp.access_key, "secret_key": kp.secret_key}),
               flush=True)
+    else:
+        # Secrets are shown once, at the first start: say how to get one now.
+        print(f"{len(bridge.keypairs.all())} keypair(s) in {settings.data_dir}. Lost the "
+              "secret key? Make another: kernel-bridge keys create --data-dir "
+              f"{settings.data_dir} --json", flush=True)
     server = HTTPServer(make_app(bridge), xheaders=False, max_body_size=64 * 1024 * 1024)
     sockets = bind(settings.host, settings.port)
     server.add_sockets(sockets)

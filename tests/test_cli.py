@@ -43,4 +43,4 @@ def test_keys_create_and_list(tmp_path: Path) -> None:
 def test_serve_refuses_a_bad_setting(tmp_path: Path) -> None:
     out = kb("serve", "--data-dir", str(tmp_path), env={"KB_FLUSH_INTERVAL": "soon"})
     assert out.returncode == 2
-    assert "flush_interval" in out.stderr
+    assert "KB_FLUSH_INTERVAL='soon'" in out.stderr

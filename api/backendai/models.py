@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -22,6 +22,11 @@ class CreateLimits(Loose):
 
 
 class CreateConfig(Loose):
+    # What backend.ai-client 23.9 sends that a single-machine server has no use for.
+    ignored_fields: ClassVar[frozenset[str]] = frozenset({
+        "resource_opts", "scalingGroup", "scaling_group", "clusterSize", "cluster_size",
+        "mount_map", "preopen_ports", "agentList", "instanceMemory", "instanceCores",
+        "instanceGPUs", "instances"})
     mounts: list[str] | None = None
     environ: dict[str, str] | None = None
     resources: dict[str, Any] | None = None
@@ -31,6 +36,13 @@ class CreateConfig(Loose):
 
 
 class CreateSession(Loose):
+    # What backend.ai-client 23.9 (and older clients) send that this server ignores.
+    ignored_fields: ClassVar[frozenset[str]] = frozenset({
+        "tag", "type", "group", "groupName", "domain", "domainName", "owner_access_key",
+        "enqueueOnly", "maxWaitSeconds", "startupCommand", "starts_at", "startsAt",
+        "bootstrap_script", "bootstrapScript", "dependencies", "callback_url", "callbackURL",
+        "architecture", "clusterSize", "clusterMode", "cluster_size", "cluster_mode",
+        "resources", "resourceOpts", "scalingGroup", "sessionType", "batchTimeout"})
     lang: str | None = None
     image: str | None = None
     clientSessionToken: str | None = Field(None, pattern=NAME_PATTERN, min_length=4,

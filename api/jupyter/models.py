@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -13,6 +13,9 @@ class Loose(BaseModel):
 
 
 class StartKernel(Loose):
+    # jupyter_server's own POST /api/kernels body has these; a gateway has no use for them.
+    ignored_fields: ClassVar[frozenset[str]] = frozenset({"path", "type", "id"})
+
     name: str | None = Field(None, description="kernelspec name; default kb-python")
     env: dict[str, Any] | None = Field(
         None, description="environment for the kernel; only KERNEL_* and JPY_* pass")

@@ -9,8 +9,9 @@ from bridge.executions import DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S
 
 
 class ExecuteRequest(BaseModel):
-    # FastAPI ignores fields it does not know; so do we.
-    model_config = ConfigDict(extra="ignore")
+    # Closed: the seed's request model is complete and no client sends more, so a misspelt field
+    # (`stdn` for `stdin`) is a 422 that names it rather than a silently ignored default.
+    model_config = ConfigDict(extra="forbid")
 
     code: str
     language: str = Field(min_length=1)
