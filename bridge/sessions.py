@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from .channels import Channels
 from .errors import (
+    Conflict,
     InvalidRequest,
     InvalidTransition,
     QuotaExceeded,
@@ -269,6 +270,11 @@ class Sessions:
             raise SessionNotFound(session.name)
         if run.run_id in session.runs:
             raise InvalidTransition(f"run {run.run_id}", "new", "already submitted")
+        waiting = session.current
+        if waiting is not None and waiting.state is RunState.WAITING_INPUT:
+            # Queued behind it, the new run would answer `continued` until someone answers.
+            raise Conflict(f"Run {waiting.run_id} waits for input: answer it (mode 'input' "
+                           "with that runId) or interrupt it before sending another run.")
         session.runs[run.run_id] = run
         session.num_queries += 1
         session.last_activity = time.monotonic()
