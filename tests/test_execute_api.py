@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -86,7 +88,13 @@ def test_malformed_bodies_are_422_and_unsupported_languages_400(api: Client) -> 
 def test_languages_and_info(api: Client) -> None:
     r = api.get(EX + "/languages")
     assert r.status_code == 200
-    assert {"python", "javascript", "go", "ruby", "bash"} <= set(r.json())
+    by_name = {lang["language"]: lang for lang in r.json()}
+    assert {"python", "javascript", "go", "ruby", "bash", "c", "cpp", "java", "rust"} <= set(
+        by_name)
+    assert by_name["python"]["version"] == "{}.{}.{}".format(*sys.version_info[:3])
+    assert "py" in by_name["python"]["aliases"] and "golang" in by_name["go"]["aliases"]
+    for lang in by_name.values():
+        assert re.fullmatch(r"\d+\.\d+(\.\d+)?", lang["version"]), lang
     info = api.get(EX + "/language/python/info").json()
     assert info["language"] == "python" and info["available"] is True
     assert info["file_extension"] == ".py" and info["max_execution_time"] == 300
