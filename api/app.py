@@ -8,7 +8,7 @@ from tornado.web import Application, RequestHandler
 
 from bridge.service import Bridge
 
-from . import openapi
+from . import docs, openapi
 from .backendai import files as backendai_files
 from .backendai import folders as backendai_folders
 from .backendai import handlers as backendai
@@ -79,7 +79,8 @@ def operations() -> list[openapi.Operation]:
 
 
 def route_table() -> list[tuple[str, type[RequestHandler]]]:
-    table: list[tuple[str, type[RequestHandler]]] = [(r"/api/openapi\.json", OpenAPIHandler)]
+    table: list[tuple[str, type[RequestHandler]]] = [(r"/api/openapi\.json", OpenAPIHandler),
+                                                     (r"/api/docs/?", docs.DocsHandler)]
     # Files and folders first: tornado takes the first match, and PREFIX/([^/]+) is a catch-all.
     table += backendai_stream.routes()
     table += backendai_files.routes()
@@ -94,7 +95,7 @@ def route_table() -> list[tuple[str, type[RequestHandler]]]:
 def make_app(bridge: Bridge, **settings: Any) -> Application:
     kwargs = {"bridge": bridge}
     return Application(
-        [(pattern, handler, kwargs) for pattern, handler in route_table()],
+        docs.routes() + [(pattern, handler, kwargs) for pattern, handler in route_table()],
         default_handler_class=NotFoundHandler,
         default_handler_args=kwargs,
         **settings,

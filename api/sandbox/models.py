@@ -98,8 +98,8 @@ class LanguageInfo(BaseModel):
                                           examples=[30])
     max_execution_time: float = Field(description="Largest timeout in seconds.", examples=[300])
     max_memory: str = Field(description="A kernel's memory cap.", examples=["1024m"])
-    max_cpu: float | None = Field(default=None, description="CPU cap (none: kernels share the CPU).",
-                                  examples=[None])
+    max_cpu: float | None = Field(default=None, examples=[None],
+                                  description="CPU cap (none: kernels share the CPU).")
 
 
 class Language(BaseModel):
