@@ -86,7 +86,7 @@ def parser() -> argparse.ArgumentParser:
         prog="kernel-bridge",
         description="A code-execution server: runs code in sandboxed Jupyter kernels and speaks "
                     "the Backend.AI, Sandbox execute, job sessions and Jupyter APIs. Settings "
-                    "come from KB_* environment variables (see `kernel-bridge settings`).",
+                    "come from KB_* environment variables (kernel-bridge settings lists them).",
         epilog="Run 'kernel-bridge COMMAND --help' for a command's options.")
     p.add_argument("--version", action="version", version=f"kernel-bridge {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -123,14 +123,15 @@ def parser() -> argparse.ArgumentParser:
                          ("deactivate", "refuse the keypair everywhere (401); its sessions "
                                         "run on")):
         k = keys_sub.add_parser(action, help=text, description=text[0].upper() + text[1:] + ".")
-        k.add_argument("access_key", metavar="ACCESS_KEY")
+        k.add_argument("access_key", metavar="ACCESS_KEY", help="the keypair's access key")
         _data_dir_option(k)
     conc = keys_sub.add_parser("set-concurrency", help="change how many sessions a keypair may "
                                                        "hold at once",
                                description="Change how many sessions a keypair may hold at "
                                            "once. Running sessions are not stopped.")
-    conc.add_argument("access_key", metavar="ACCESS_KEY")
-    conc.add_argument("concurrency", type=_positive, metavar="N")
+    conc.add_argument("access_key", metavar="ACCESS_KEY", help="the keypair's access key")
+    conc.add_argument("concurrency", type=_positive, metavar="N",
+                      help="sessions it may hold at once (at least 1)")
     _data_dir_option(conc)
 
     specs = sub.add_parser("kernelspecs", help="install the shipped kernels into Jupyter",
@@ -166,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         from .settings_doc import describe_error
 
-        print(f"kernel-bridge: bad setting: {describe_error(exc, _FLAGS)}", file=sys.stderr)
+        given = {f: flag for f, flag in _FLAGS.items() if getattr(args, f, None) is not None}
+        print(f"kernel-bridge: bad setting: {describe_error(exc, given)}", file=sys.stderr)
         return 2
     try:
         return _dispatch(args, settings)
