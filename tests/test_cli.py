@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -97,3 +98,32 @@ def test_settings_command_prints_every_setting() -> None:
     for name in Settings.model_fields:
         assert f"`KB_{name.upper()}`" in out.stdout, name
     assert "| `KB_PORT` | `8002` |" in out.stdout
+
+
+def test_first_start_prints_a_keypair_and_later_starts_a_hint(tmp_path: Path) -> None:
+    from .support import free_port
+
+    def start() -> list[str]:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "api.cli", "serve", "--port", str(free_port()),
+             "--data-dir", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, text=True)
+        assert proc.stdout is not None
+        lines = []
+        try:
+            for line in proc.stdout:
+                lines.append(line)
+                if "listening on" in line:
+                    break
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+            proc.stdout.close()
+        return lines
+
+    first = start()
+    kp = json.loads(next(line for line in first if line.startswith("{")))
+    assert set(kp) == {"access_key", "secret_key"}
+    second = "".join(start())
+    assert kp["secret_key"] not in second and "{" not in second
+    assert f"kernel-bridge keys create --data-dir {tmp_path} --json" in second

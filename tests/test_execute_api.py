@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import shutil
 import sys
 import time
 import uuid
@@ -311,7 +310,6 @@ def test_async_execution_cut_off_by_a_restart_reads_failed(tmp_path: Path) -> No
         assert kept["status"] == "completed" and kept["result"]["stdout"] == "kept\n"
 
 
-@pytest.mark.skipif(not shutil.which("node"), reason="node is not installed")
 def test_javascript_reads_stdin_for_that_execution_only(api: Client) -> None:
     body = run(api, "const lines = require('fs').readFileSync(0, 'utf8').trim().split('\\n');\n"
                     "const [a, b] = lines[0].split(' ').map(Number);\nconsole.log(a + b, lines[1]);",
