@@ -24,7 +24,7 @@ DOCS_DIR := api/docs_assets
 SERVE_DEPS := $(BIN)/.serve toolchains docs-assets kernelspecs
 TEST_DEPS := $(SERVE_DEPS) $(BIN)/.test sdk-venv
 
-.PHONY: run test venv test-venv sdk-venv sandbox-tools toolchains kernelspecs docs-assets bench \
+.PHONY: run test venv serve-venv sdk-venv sandbox-tools toolchains kernelspecs docs-assets bench \
         lint typecheck settings-doc clean
 
 # -- Python environments --------------------------------------------------------------------------
@@ -41,8 +41,9 @@ $(BIN)/.test: $(BIN)/.serve
 	$(BIN)/pip install -q -e '.[test,dev]'
 	@touch $@
 
-venv: $(BIN)/.serve
-test-venv: $(BIN)/.test
+# A developer's venv: serving plus the test and dev tools (what HELPERS and CI expect).
+venv: $(BIN)/.test
+serve-venv: $(BIN)/.serve
 
 # The Backend.AI SDK pins python-dotenv below what pydantic-settings needs, so it lives in a venv
 # of its own; the tests drive it as a real client process.
