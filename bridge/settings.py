@@ -49,6 +49,11 @@ class Settings(BaseSettings):
     `truncated`."""
     kernel_start_timeout: float = Field(60.0, gt=0)
     """Seconds a kernel may take to start."""
+    # SIGTERM: stop accepting, let running runs finish this long, then stop (a second signal
+    # stops at once).
+    shutdown_grace_s: float = Field(30.0, ge=0)
+    """On SIGTERM, seconds running runs may take to finish before the server stops (a second
+    signal stops it at once)."""
 
     # Session limits (Backend.AI seed 001/002). Zero means "no limit".
     default_query_timeout_ms: int = Field(0, ge=0)
