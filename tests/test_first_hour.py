@@ -98,6 +98,15 @@ def test_backendai_lists_unknown_fields_in_a_warning_header(api: Client) -> None
     api.delete(f"/session/{s}")
 
 
+def test_jupyter_lists_unknown_fields_in_a_warning_header(api: Client) -> None:
+    r = api.post("/api/kernels", json={"name": "kb-python", "path": "nb.ipynb", "nmae": "x"})
+    assert r.status_code == 201, r.text
+    assert r.headers["Warning"] == '299 kernel-bridge "Unknown fields ignored: nmae"'
+    assert api.delete(f"/api/kernels/{r.json()['id']}").status_code == 204
+    r = api.post("/api/v1/sessions", json={"mode": "dedicated", "max_tll": 5})
+    assert r.status_code == 400 and "did you mean 'max_ttl'" in r.json()["errors"][0]["message"]
+
+
 # -- input ------------------------------------------------------------------------------------------
 
 def test_input_without_stdin_is_a_short_eof_error(api: Client) -> None:
