@@ -82,7 +82,9 @@ class BaseHandler(RequestHandler):
         status, code, message = self.dialect.lookup(exc, status_code)
         self.set_status(status)
         if status == 405:
-            self.set_header("Allow", ", ".join(allowed_methods(type(self))))
+            allowed = ", ".join(allowed_methods(type(self)))
+            self.set_header("Allow", allowed)
+            message = f"{self.request.method} is not allowed here; allowed: {allowed}."
         self.clear_header("Content-Type")
         self.set_header("Content-Type", self.dialect.content_type)
         self.finish(json.dumps(self.dialect.render(status, code, message)))

@@ -54,7 +54,7 @@ def test_unknown_routes_are_a_generic_404_in_each_dialects_shape(api: Client) ->
 def test_405_carries_allow(api: Client) -> None:
     r = api.get(EX)
     assert r.status_code == 405 and r.headers["Allow"] == "POST"
-    assert set(r.json()) == {"detail"}
+    assert r.json() == {"detail": "GET is not allowed here; allowed: POST."}
     r = api.put("/api/kernels")
     assert r.status_code == 405 and set(r.headers["Allow"].split(", ")) == {"GET", "POST"}
 
