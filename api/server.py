@@ -103,7 +103,9 @@ async def _serve(settings: Settings, sockets: list[socket.socket], signals: Sign
         server = HTTPServer(make_app(bridge), xheaders=False, max_body_size=64 * 1024 * 1024)
         server.add_sockets(sockets)
         port = sockets[0].getsockname()[1]
-        print(f"kernel-bridge listening on http://{settings.host}:{port}", flush=True)
+        url = f"http://{settings.host}:{port}"
+        print(f"kernel-bridge listening on {url} (API docs: {url}/api/docs; Ctrl-C stops it)",
+              flush=True)
         if ready is not None:
             ready.set()
         await signals.stop.wait()
