@@ -141,6 +141,7 @@ class Sessions:
             del self._by_id[sid]
             shutil.rmtree(session.workdir, ignore_errors=True)
             raise
+        session.last_activity = time.monotonic()  # idle from now, not from before the start
         config = {"limits": limits.__dict__, "mounts": [m.target for m in mounts],
                   "environ": session.environ}
         await self.store.execute(
