@@ -380,8 +380,8 @@ class Sessions:
     async def reap(self) -> None:
         now = time.monotonic()
         for s in list(self._by_id.values()):
-            if not s.alive or s.lock.locked():
-                continue
+            if not s.alive or s.lock.locked() or s.kernel is None:
+                continue  # (no kernel yet: still starting, and not idle however long it takes)
             if not s.busy and now - s.last_activity > s.limits.idle_timeout_s:
                 await self._destroy_quietly(s, "idle-timeout")
             elif s.limits.max_cpu_credit_ms and s.usage().cpu_ms > s.limits.max_cpu_credit_ms:
