@@ -21,11 +21,11 @@ SWAGGER_UI_VERSION := 5.35.0
 DOCS_DIR := api/docs_assets
 
 # What `make run` needs before it serves, and what `make test` adds on top.
-SERVE_DEPS := $(BIN)/.serve toolchains docs-assets kernelspecs
-TEST_DEPS := $(SERVE_DEPS) $(BIN)/.test sdk-venv
+SERVE_DEPS := $(BIN)/.serve toolchains docs-assets console kernelspecs
+TEST_DEPS := $(SERVE_DEPS) $(BIN)/.test sdk-venv browser-tools
 
 .PHONY: run test venv serve-venv sdk-venv sandbox-tools toolchains kernelspecs docs-assets bench \
-        lint typecheck settings-doc clean
+        lint typecheck settings-doc clean console browser-tools doctor
 
 # -- Python environments --------------------------------------------------------------------------
 
@@ -92,6 +92,20 @@ $(DOCS_DIR)/swagger-ui-bundle.js:
 	   $(DOCS_DIR).tmp/package/LICENSE $(DOCS_DIR)/
 	rm -rf $(DOCS_DIR).tmp
 
+# The web console's editor (CodeMirror 6 from npm), bundled by esbuild into a static asset the
+# server serves; built here, not at run time, and not committed (api/console/editor.js).
+CONSOLE_DIR := api/console
+$(CONSOLE_DIR)/editor.js: $(CONSOLE_DIR)/package.json $(CONSOLE_DIR)/package-lock.json \
+		$(CONSOLE_DIR)/editor-entry.mjs
+	$(call apt,node:nodejs npm:npm)
+	cd $(CONSOLE_DIR) && npm ci --no-audit --no-fund --loglevel=error && npm run --silent build
+
+console: $(CONSOLE_DIR)/editor.js
+
+# A real browser for the console's (and JupyterLab's) tests: Debian's chromium and its driver.
+browser-tools:
+	$(call apt,chromium:chromium chromedriver:chromium-driver)
+
 # -- what people run --------------------------------------------------------------------------------
 
 run: $(SERVE_DEPS)
@@ -99,6 +113,10 @@ run: $(SERVE_DEPS)
 
 test: $(TEST_DEPS)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Can this machine serve safely? One line per check, with the fix for each failure.
+doctor: $(BIN)/.serve
+	$(BIN)/kernel-bridge doctor
 
 lint: $(BIN)/.test
 	$(BIN)/ruff check .
@@ -118,4 +136,5 @@ bench: $(SERVE_DEPS)
 	$(BIN)/python bench/languages.py
 
 clean:
-	rm -rf $(VENV) $(SDK_VENV) $(DOCS_DIR) *.egg-info .pytest_cache .mypy_cache
+	rm -rf $(VENV) $(SDK_VENV) $(DOCS_DIR) *.egg-info .pytest_cache .mypy_cache \
+	  $(CONSOLE_DIR)/node_modules $(CONSOLE_DIR)/editor.js

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from . import metrics
 from .channels import Channels
 from .errors import (
     Conflict,
@@ -163,6 +164,8 @@ class Sessions:
         kernel: Kernel | None = None
         if fresh and self.pool is not None:
             kernel = await self.pool.take(session.language, session.confinement())
+            metrics.POOL_TAKES.labels(session.language.name,
+                                      "miss" if kernel is None else "hit").inc()
         if kernel is None:
             session.workdir.mkdir(parents=True, mode=0o700, exist_ok=True)
             kernel = await self._start_kernel(session.language.kernelspec,
@@ -185,6 +188,8 @@ class Sessions:
             while not session._queue.empty():
                 session._queue.get_nowait().cancel(f"Session ended: {reason}.")
             kernels = [(session.kernel, session.channels), *session.extra_kernels.values()]
+            metrics.kernels_stopped([k for k, _ in kernels if k is not None],
+                                    session.language.name)
             session.kernel, session.channels, session.extra_kernels = None, None, {}
             await asyncio.gather(*(self._stop_kernel(k, c) for k, c in kernels),
                                  return_exceptions=True)
@@ -335,7 +340,10 @@ class Sessions:
         # Before anything yields: a client told "finished, 130" must find the session in
         # ERROR when it looks next (poll() of a local kernel does not suspend).
         kernel = session.kernel
-        if run.state is RunState.FAILED and kernel is not None and not await kernel.is_alive():
+        died = run.state is RunState.FAILED and kernel is not None and not await kernel.is_alive()
+        metrics.run_ended(run, session.language.name, died,
+                          died and kernel is not None and _oom_killed(kernel))
+        if died:
             session.state = SessionState.ERROR
             session.state_reason = "kernel-died"
             await self.store.execute(
@@ -391,3 +399,8 @@ class Sessions:
 def _remove_children(directory: Path) -> None:
     for child in directory.iterdir():
         shutil.rmtree(child, ignore_errors=True)
+
+
+def _oom_killed(kernel: Kernel) -> bool:
+    cg = kernel.cgroup
+    return cg is not None and cg.oom_kills() > 0

@@ -77,6 +77,14 @@ class Settings(BaseSettings):
     job_open_ttl_s: float = Field(1800.0, gt=0)
     """Seconds a job session that never got a job stays open."""
 
+    # Operations: `KB_LOG_FORMAT=json` writes one JSON object per log line. `GET /metrics`
+    # asks for a key when `KB_METRICS_AUTH=on`, or with "auto" when the server listens beyond
+    # loopback; "off" leaves it open (behind a scraper-only network).
+    log_format: Literal["text", "json"] = "text"
+    """`text`, or `json`: one JSON object per log line."""
+    metrics_auth: Literal["auto", "on", "off"] = "auto"
+    """`GET /metrics` asks for a key: `on`; `auto`: when listening beyond loopback; `off`: never."""
+
     # Sandbox dialect
     rate_limit: int = Field(100, ge=1)
     """Sandbox executions per keypair per minute (a batch counts each item)."""
