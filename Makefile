@@ -22,7 +22,7 @@ DOCS_DIR := api/docs_assets
 
 # What `make run` needs before it serves, and what `make test` adds on top.
 SERVE_DEPS := $(BIN)/.serve toolchains docs-assets console kernelspecs
-TEST_DEPS := $(SERVE_DEPS) $(BIN)/.test sdk-venv browser-tools
+TEST_DEPS := $(SERVE_DEPS) $(BIN)/.test sdk-venv browser-tools datascience-env
 
 .PHONY: run test venv serve-venv sdk-venv sandbox-tools toolchains kernelspecs docs-assets bench \
         lint typecheck settings-doc clean console browser-tools doctor
@@ -136,5 +136,21 @@ bench: $(SERVE_DEPS)
 	$(BIN)/python bench/languages.py
 
 clean:
-	rm -rf $(VENV) $(SDK_VENV) $(DOCS_DIR) *.egg-info .pytest_cache .mypy_cache \
+	rm -rf $(VENV) $(SDK_VENV) .venv-datascience $(DOCS_DIR) *.egg-info .pytest_cache .mypy_cache \
 	  $(CONSOLE_DIR)/node_modules $(CONSOLE_DIR)/editor.js
+
+# -- Jupyter: a data-science environment for kernels ----------------------------------------------
+
+# A venv with ipykernel and the usual data-science packages; tests/test_jupyterlab.py and
+# tests/test_python_env.py run kernels in it. Serve with it:
+#   KB_PYTHON_ENV=$(CURDIR)/.venv-datascience make run
+DS_VENV := .venv-datascience
+
+$(DS_VENV)/.done:
+	$(PYTHON) -m venv $(DS_VENV)
+	$(DS_VENV)/bin/pip install -q ipykernel numpy pandas matplotlib
+	@touch $@
+
+datascience-env: $(DS_VENV)/.done
+
+.PHONY: datascience-env

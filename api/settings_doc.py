@@ -38,6 +38,8 @@ def _default(name: str, info: FieldInfo) -> str:
     value: Any = info.default
     if value is PydanticUndefined and info.default_factory is not None:
         value = info.default_factory()  # type: ignore[call-arg]
+    if value is None:
+        return "unset"
     if isinstance(value, bool):
         return f"`{str(value).lower()}`"
     if isinstance(value, (dict, list)):

@@ -126,9 +126,10 @@ class Sessions:
             raise InvalidRequest("This keypair is inactive and may not create sessions.")
         if network and not self.settings.allow_network:
             raise InvalidRequest("Network access for sessions is disabled on this server.")
+        limit = self.settings.concurrency_for(origin, kp.concurrency)
         held = self.all(access_key)
-        if counts_for_quota and len(held) >= kp.concurrency:
-            raise QuotaExceeded(kp.concurrency, tuple((s.name, s.id, s.origin) for s in held))
+        if counts_for_quota and len(held) >= limit:
+            raise QuotaExceeded(limit, tuple((s.name, s.id, s.origin) for s in held))
         sid = str(uuid.uuid4())
         # A pooled kernel brings its own working dir; the session adopts it (_attach_kernel).
         workdir = self.settings.sessions_dir / sid

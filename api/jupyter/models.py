@@ -16,8 +16,9 @@ class StartKernel(Loose):
     # jupyter_server's own POST /api/kernels body has these; a gateway has no use for them.
     ignored_fields: ClassVar[frozenset[str]] = frozenset({"path", "type", "id"})
 
-    name: str | None = Field(default=None, description="kernelspec name; default kb-python",
-                             examples=["kb-python"])
+    name: str | None = Field(
+        default=None, description="kernelspec name (python3, kb-python, kb-bash, …); default "
+        "python3", examples=["python3"])
     env: dict[str, Any] | None = Field(
         default=None, description="environment for the kernel; only KERNEL_* and JPY_* pass",
         examples=[{"KERNEL_USERNAME": "ada"}])
