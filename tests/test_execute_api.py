@@ -94,8 +94,9 @@ def test_languages_and_info(api: Client) -> None:
     assert "py" in by_name["python"]["aliases"] and "golang" in by_name["go"]["aliases"]
     for lang in by_name.values():
         assert re.fullmatch(r"\d+\.\d+(\.\d+)?", lang["version"]), lang
-    info = api.get(EX + "/language/python/info").json()
+    info = api.get(EX + "/language/py/info").json()
     assert info["language"] == "python" and info["available"] is True
+    assert info["version"] == by_name["python"]["version"] and "py" in info["aliases"]
     assert info["file_extension"] == ".py" and info["max_execution_time"] == 300
     assert info["default_execution_time"] == 30 and info["max_memory"].endswith("m")
     r = api.get(EX + "/language/cobol/info")

@@ -104,15 +104,18 @@ class LanguagesHandler(SandboxHandler):
 
 
 class LanguageInfoHandler(SandboxHandler):
-    def get(self, name: str) -> None:
+    async def get(self, name: str) -> None:
         """One language's limits and whether it is available here. 401, 403, 404."""
         try:
             lang = languages.resolve(name)
         except UnknownLanguage:
             raise NotFound(f"Language {name} not supported") from None
         settings = self.bridge.settings
+        versions = await self.bridge.language_versions if self.bridge.language_versions else {}
         self.send(LanguageInfo(
-            language=lang.name, available=lang.available, toolchain=list(lang.toolchain),
+            language=lang.name, available=lang.available,
+            version=versions.get(lang.name, "unknown"), aliases=list(lang.aliases),
+            toolchain=list(lang.toolchain),
             kernelspec=lang.kernelspec, file_extension=lang.suffix, docker_image=None,
             default_execution_time=DEFAULT_TIMEOUT_S, max_execution_time=MAX_TIMEOUT_S,
             max_memory=f"{settings.default_mem_kib // 1024}m" if settings.default_mem_kib

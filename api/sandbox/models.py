@@ -88,6 +88,10 @@ class LanguageInfo(BaseModel):
     language: str = Field(description="The canonical name.", examples=["python"])
     available: bool = Field(description="whether this server has the language's toolchain",
                             examples=[True])
+    version: str = Field(description="The toolchain's version, measured at start (unknown: "
+                         "not installed).", examples=["3.11.7"])
+    aliases: list[str] = Field(description="Other names this server accepts for it.",
+                               examples=[["python3", "py"]])
     toolchain: list[str] = Field(description="The programs it needs.", examples=[["python3"]])
     kernelspec: str = Field(description="The Jupyter kernelspec that runs it.",
                             examples=["kb-python"])
