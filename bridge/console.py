@@ -20,7 +20,8 @@ _BINARY_MEDIA = ("image/png", "image/jpeg", "image/gif", "image/webp", "applicat
 # A traceback entry (one frame) inside the kernel's own machinery: ipykernel answering input()
 # with end-of-file raises from its internals. Those frames tell the user nothing and show host
 # paths, so they are dropped; the user's own frames stay.
-_KERNEL_FRAME = re.compile(r"^File [^\n]*/(ipykernel|IPython|jupyter_client|comm)/[^\n]*\.py:")
+_KERNEL_FRAME = re.compile(
+    r"^File [^\n]*/(?:site|dist)-packages/(?:ipykernel|IPython|jupyter_client|comm)/[^\n]*\.py:")
 _EOF_TEXT = "EOF when reading a line (no more input: send it as stdin)"
 
 

@@ -202,3 +202,20 @@ def test_sandbox_output_past_the_cap_is_cut_said_and_stopped() -> None:
                 break
             time.sleep(0.1)
         assert st["result"]["truncated"] is True
+
+
+def test_kernel_frames_are_dropped_from_tracebacks_but_user_frames_stay() -> None:
+    from bridge.console import from_message
+
+    tb = ["\x1b[31m---\x1b[0m", "EOFError    Traceback (most recent call last)",
+          "Cell In[1], line 1\n----> 1 x = input()\n",
+          "File \x1b[32m/srv/venv/lib/python3.11/site-packages/ipykernel/kernelbase.py:1571\x1b[0m,"
+          " in Kernel._input_request\n-> 1571 raise EOFError",
+          "File /home/work/comm/helpers.py:3, in read()\n----> 3 return input()",
+          "EOFError: "]
+    [[stream, text]] = from_message("error", {"ename": "EOFError", "evalue": "",
+                                               "traceback": tb})
+    assert stream == "stderr" and "site-packages" not in text and "\x1b" not in text
+    assert "/home/work/comm/helpers.py" in text and "x = input()" in text
+    assert text.rstrip().endswith("EOFError: EOF when reading a line (no more input: send it as "
+                                  "stdin)")
