@@ -66,9 +66,12 @@ define apt
 	  else echo "missing:$$missing (install them, or some languages stay unavailable)"; fi; fi
 endef
 
-# bubblewrap confines every kernel.
+# bubblewrap confines every kernel, libseccomp2 builds its seccomp filter (through pyseccomp).
 sandbox-tools:
 	$(call apt,bwrap:bubblewrap)
+	@ldconfig -p | grep -q libseccomp.so.2 || { [ "$$(id -u)" = 0 ] && \
+	  command -v apt-get >/dev/null && apt-get update -qq && $(APT_GET) libseccomp2; } || \
+	  echo "libseccomp2 missing: install it, or run with KB_SANDBOX=off (unsafe)"
 
 # Compilers and interpreters of the languages in bridge/languages.py (rustc and cargo: Debian's
 # rustc when no rustup toolchain is on PATH).

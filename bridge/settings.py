@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     `off`: unconfined (unsafe)."""
     allow_network: bool = False
     """Let a session that asks (`config.network: true`) use the host network."""
+    # The host uid (and gid) user code runs as; no host account should use it (SECURITY.md).
+    sandbox_uid: int = Field(60000, ge=1, le=2**32 - 2)
+    """The host uid (and gid) kernels run as; no host account should use it."""
 
     # Runs
     flush_interval: float = Field(2.0, gt=0)
