@@ -35,6 +35,9 @@ from . import metrics
 from .errors import HostBudgetExceeded, LimitExceeded, QuotaExceeded
 
 WAITING_PER_PLACE = 4
+# (name, id, origin) of what holds a place: a session's name, id and dialect, or an execution's
+# or a batch job's id twice with "execution" / "job" (QuotaExceeded says how to free each).
+Holder = tuple[str, str, str]
 _BUDGET = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(%|[kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -62,7 +65,7 @@ class Ticket:
     """One admission: a place of ``access_key`` and ``mem_bytes`` of the host budget."""
 
     access_key: str
-    label: str  # what holds the place, as a refusal names it ("session 'abc'")
+    holder: Holder  # what holds the place, as a refusal names it
     mem_bytes: int
     places: int  # how many kernels the keypair may hold in all, this one counted
     granted: bool = False
@@ -80,8 +83,8 @@ class Admission:
 
     # -- what the refusals and tests see -------------------------------------------------------
 
-    def holders(self, access_key: str) -> list[str]:
-        return [t.label for t in self._held.get(access_key, [])]
+    def holders(self, access_key: str) -> tuple[Holder, ...]:
+        return tuple(t.holder for t in self._held.get(access_key, []))
 
     def held(self, access_key: str) -> int:
         return len(self._held.get(access_key, []))
@@ -92,7 +95,7 @@ class Admission:
 
     # -- reserving ------------------------------------------------------------------------------
 
-    def reserve(self, access_key: str, label: str, mem_bytes: int, *, wait: bool,
+    def reserve(self, access_key: str, holder: Holder, mem_bytes: int, *, wait: bool,
                 places: int | None = None) -> Ticket:
         """A ticket, granted now or (``wait``) queued; :meth:`wait` for a queued one. ``places``:
         how many kernels in all the keypair may hold counting this one (default: its
@@ -103,7 +106,7 @@ class Admission:
         """
         if mem_bytes > self.budget:
             raise LimitExceeded("maxMem", mem_bytes // 1024, self.budget // 1024)
-        ticket = Ticket(access_key, label, mem_bytes,
+        ticket = Ticket(access_key, holder, mem_bytes,
                         places if places is not None else self._concurrency(access_key))
         if not wait:
             if not (self._place_free(ticket) and self._memory_free(mem_bytes)):

@@ -104,14 +104,40 @@ class Forbidden(BridgeError):
     pass
 
 
+# How a client frees a place held by a session of each origin (the dialect that made it).
+_HOW_TO_FREE = {
+    "backendai": "DELETE /session/{name}",
+    "sandbox": "DELETE /api/v1/execute/session/{name}",
+    "jobs": "DELETE /api/v1/sessions/{id}/close",
+    "jupyter": "DELETE /api/kernels/{id}",
+    "notebook": "ends with its notebook run",
+    "execution": "ends with its execution",
+    "job": "ends with its job",
+}
+
+
 class QuotaExceeded(BridgeError):
-    def __init__(self, limit: int, holders: list[str] | None = None, why: str = "") -> None:
-        held = f" Held by: {', '.join(holders)}." if holders else ""
-        super().__init__(f"This keypair may hold at most {limit} kernels at once "
-                         f"(sessions, executions, job and Jupyter kernels, notebook runs)."
-                         f"{held}{' ' + why if why else ''}")
+    """``holders``: (name, id, origin) of each kernel holder using one of the keypair's places
+    (a session of a dialect, a one-shot execution, a batch job)."""
+
+    def __init__(self, limit: int, holders: tuple[tuple[str, str, str], ...] = (),
+                 why: str = "") -> None:
+        message = (f"This keypair may run at most {limit} concurrent sessions (every kernel it "
+                   "holds counts: sessions, executions, job and Jupyter kernels, notebook runs).")
+        if holders:
+            held = "; ".join(_holder(*h) for h in holders)
+            message += (f" Held by: {held}. Free a place by closing one, or raise the limit: "
+                        "kernel-bridge keys set-concurrency ACCESS_KEY N.")
+        if why:
+            message += f" {why}"
+        super().__init__(message)
         self.limit = limit
-        self.holders = holders or []
+        self.holders = holders
+
+
+def _holder(name: str, sid: str, origin: str) -> str:
+    free = _HOW_TO_FREE.get(origin, "close it").format(name=name, id=sid)
+    return f"{name} ({origin}: {free})" if name == sid else f"{name} (id {sid}, {origin}: {free})"
 
 
 class HostBudgetExceeded(QuotaExceeded):
@@ -122,7 +148,7 @@ class HostBudgetExceeded(QuotaExceeded):
                   f"{asked // mib} MiB, {free // mib} MiB of {budget // mib} MiB are free. "
                   "Retry when other kernels have ended.")
         self.limit = 0
-        self.holders = []
+        self.holders = ()
 
 
 class RateLimited(BridgeError):

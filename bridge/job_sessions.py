@@ -318,7 +318,7 @@ class JobSessions:
                 # waits for one within the job's timeout, which then covers the run too.
                 loop = asyncio.get_running_loop()
                 deadline = loop.time() + job.timeout
-                ticket = self.sessions.reserve(js.access_key, f"job {job.id}",
+                ticket = self.sessions.reserve(js.access_key, (job.id, job.id, "job"),
                                                self._limits(js), wait=True)
                 await self.sessions.admission.wait(ticket, deadline)
                 timeout = max(deadline - loop.time(), 0.001)  # what the wait left

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from . import metrics
-from .admission import Admission, Ticket
+from .admission import Admission, Holder, Ticket
 from .channels import Channels
 from .errors import (
+    Conflict,
     InvalidRequest,
     InvalidTransition,
     RunNotFound,
@@ -40,9 +41,6 @@ log = logging.getLogger(__name__)
 
 # Starts a kernel for a session (spec, confinement) → Kernel: the one launch function.
 KernelFactory = Callable[[str, Confinement], Any]
-# How a refusal names what holds a keypair's places, by the session's origin.
-HOLDER_WORDS = {"backendai": "session", "sandbox": "sandbox session", "jupyter": "jupyter kernel",
-                "jobs": "job session", "notebook": "notebook run"}
 
 
 class KernelSource(Protocol):
@@ -136,8 +134,8 @@ class Sessions:
             if network and not self.settings.allow_network:
                 raise InvalidRequest("Network access for sessions is disabled on this server.")
             if ticket is None:
-                ticket = self.reserve(access_key, f"{HOLDER_WORDS.get(origin, origin)} "
-                                      f"{name or sid}", limits, wait=False, origin=origin)
+                ticket = self.reserve(access_key, (name or sid, sid, origin), limits,
+                                      wait=False, origin=origin)
         except BaseException:
             if ticket is not None:
                 self.admission.release(ticket)
@@ -171,14 +169,14 @@ class Sessions:
         session._worker = asyncio.create_task(self._work(session))
         return session
 
-    def reserve(self, access_key: str, label: str, limits: Limits | None = None, *,
+    def reserve(self, access_key: str, holder: Holder, limits: Limits | None = None, *,
                 wait: bool, origin: str = "backendai") -> Ticket:
         """A place and this session's memory cap (see :mod:`bridge.admission`); how many
         places a keypair has depends on the dialect asking (``Settings.concurrency_for``).
         Raises LimitExceeded, QuotaExceeded, HostBudgetExceeded."""
         limits = limits or self.default_limits()
         places = self.settings.concurrency_for(origin, self.keypairs.get(access_key).concurrency)
-        return self.admission.reserve(access_key, label, limits.mem_kib * 1024, wait=wait,
+        return self.admission.reserve(access_key, holder, limits.mem_kib * 1024, wait=wait,
                                       places=places)
 
     def default_limits(self) -> Limits:
@@ -314,6 +312,11 @@ class Sessions:
             raise SessionNotFound(session.name)
         if run.run_id in session.runs:
             raise InvalidTransition(f"run {run.run_id}", "new", "already submitted")
+        waiting = session.current
+        if waiting is not None and waiting.state is RunState.WAITING_INPUT:
+            # Queued behind it, the new run would answer `continued` until someone answers.
+            raise Conflict(f"Run {waiting.run_id} waits for input: answer it (mode 'input' "
+                           "with that runId) or interrupt it before sending another run.")
         session.runs[run.run_id] = run
         session.num_queries += 1
         session.last_activity = time.monotonic()
@@ -422,8 +425,8 @@ class Sessions:
     async def reap(self) -> None:
         now = time.monotonic()
         for s in list(self._by_id.values()):
-            if not s.alive or s.lock.locked():
-                continue
+            if not s.alive or s.lock.locked() or s.kernel is None:
+                continue  # (no kernel yet: still starting, and not idle however long it takes)
             if not s.busy and now - s.last_activity > s.limits.idle_timeout_s:
                 await self._destroy_quietly(s, "idle-timeout")
             elif s.limits.max_cpu_credit_ms and s.usage().cpu_ms > s.limits.max_cpu_credit_ms:
