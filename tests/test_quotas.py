@@ -68,7 +68,8 @@ def test_sixteen_800mb_one_shots_use_at_most_concurrency_times_800mb() -> None:
                                               "timeout": 200})
             if r.status_code == 429:
                 refused += 1
-                assert "at most 2 kernels" in r.json()["detail"], r.text
+                assert "at most 2 concurrent" in r.json()["detail"], r.text
+                assert "already waiting" in r.json()["detail"], r.text
                 continue
             assert r.status_code == 200, r.text
             accepted.append(r.json()["execution_id"])
