@@ -81,4 +81,5 @@ def _path_params(path: str) -> list[str]:
 _ERRORS = {400: "Bad request", 401: "Missing or invalid credentials", 403: "Forbidden",
            404: "Not found", 406: "Limits above the server's hard limits",
            409: "Conflicts with the current state", 412: "Quota exceeded",
-           422: "Malformed body", 429: "Rate limit exceeded"}
+           422: "Malformed body", 429: "Rate limit exceeded",
+           507: "No space left (the server's disk is low, or a quota'd dir is full)"}

@@ -25,6 +25,7 @@ from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from jupyter_client.manager import AsyncKernelManager
 
 from .cgroups import KernelCgroup
+from .disk import mount_ipc, unmount_ipc
 from .errors import KernelStartFailed
 from .sandbox import Confinement, Sandbox, SandboxProvisioner
 
@@ -98,6 +99,7 @@ class Kernel:
         release = getattr(self.manager.provisioner, "release_cgroup", None)
         if release is not None:  # normally done by the provisioner's cleanup already
             await release()
+        unmount_ipc(self.ipc_dir)
         shutil.rmtree(self.ipc_dir, ignore_errors=True)
 
     @property
@@ -159,6 +161,7 @@ async def launch(spec: str, confinement: Confinement, sandbox: Sandbox,
     """
     IPC_ROOT.mkdir(mode=0o700, exist_ok=True)
     ipc_dir = Path(tempfile.mkdtemp(prefix="k", dir=IPC_ROOT))
+    mount_ipc(ipc_dir)  # size-capped: the kernel writes here, on the host's disk otherwise
     confinement = replace(confinement, ipc_dir=ipc_dir)
     km = AsyncKernelManager(
         kernel_name=spec, kernel_spec_manager=ksm, transport="ipc",
@@ -167,6 +170,7 @@ async def launch(spec: str, confinement: Confinement, sandbox: Sandbox,
     try:
         kspec = km.kernel_spec
     except NoSuchKernel as exc:
+        unmount_ipc(ipc_dir)
         shutil.rmtree(ipc_dir, ignore_errors=True)
         raise KernelStartFailed(f"No kernelspec {spec!r} installed.") from exc
     assert kspec is not None
@@ -190,6 +194,7 @@ async def launch(spec: str, confinement: Confinement, sandbox: Sandbox,
             client.stop_channels()
         with contextlib.suppress(Exception):
             await km.shutdown_kernel(now=True)
+        unmount_ipc(ipc_dir)
         shutil.rmtree(ipc_dir, ignore_errors=True)
         raise KernelStartFailed(f"Kernel {spec!r} failed to start: {exc}") from exc
     return Kernel(km, client, ipc_dir, spec, confinement)

@@ -10,14 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Protocol
 
 from .channels import Channels
+from .disk import Volumes
 from .errors import (
     InvalidRequest,
     InvalidTransition,
@@ -60,8 +59,10 @@ class Sessions:
     """The registry: every live session, by owner. Raises the core's errors, never HTTP ones."""
 
     def __init__(self, settings: Settings, store: Store, keypairs: Keypairs,
-                 start_kernel: KernelFactory, pool: KernelSource | None = None) -> None:
+                 start_kernel: KernelFactory, pool: KernelSource | None = None,
+                 volumes: Volumes | None = None) -> None:
         self.settings = settings
+        self.volumes = volumes or Volumes(settings)  # working dirs with a disk quota
         self.store = store
         self.keypairs = keypairs
         self._start_kernel = start_kernel
@@ -78,7 +79,7 @@ class Sessions:
         await self.store.execute(
             "UPDATE sessions SET state='TERMINATED', state_reason='server-restarted',"
             " terminated_at=? WHERE state != 'TERMINATED'", (now_iso(),))
-        await asyncio.to_thread(_remove_children, self.settings.sessions_dir)
+        await asyncio.to_thread(self.volumes.sweep_sessions, self.settings.sessions_dir)
         self._reaper = asyncio.create_task(self._reap_forever())
 
     async def stop(self) -> None:
@@ -137,7 +138,7 @@ class Sessions:
             await self._attach_kernel(session, fresh=True)
         except BaseException:
             del self._by_id[sid]
-            shutil.rmtree(session.workdir, ignore_errors=True)
+            await self.volumes.remove(session.workdir)
             raise
         config = {"limits": limits.__dict__, "mounts": [m.target for m in mounts],
                   "environ": session.environ}
@@ -161,7 +162,8 @@ class Sessions:
         if fresh and self.pool is not None:
             kernel = await self.pool.take(session.language, session.confinement())
         if kernel is None:
-            session.workdir.mkdir(parents=True, mode=0o700, exist_ok=True)
+            if not session.workdir.exists():
+                await self.volumes.make_session_dir(session.workdir)
             kernel = await self._start_kernel(session.language.kernelspec,
                                               session.confinement())
         session.workdir = kernel.confinement.workdir
@@ -185,7 +187,7 @@ class Sessions:
             session.kernel, session.channels, session.extra_kernels = None, None, {}
             await asyncio.gather(*(self._stop_kernel(k, c) for k, c in kernels),
                                  return_exceptions=True)
-            shutil.rmtree(session.workdir, ignore_errors=True)
+            await self.volumes.remove(session.workdir)
             stats = {"cpu_used": usage.cpu_ms, "mem_max_bytes": usage.mem_max_bytes,
                      "mem_cur_bytes": usage.mem_bytes}
             await self.store.execute(
@@ -370,8 +372,3 @@ class Sessions:
                 await self._destroy_quietly(s, "idle-timeout")
             elif s.limits.max_cpu_credit_ms and s.usage().cpu_ms > s.limits.max_cpu_credit_ms:
                 await self._destroy_quietly(s, "cpu-credit-exhausted")
-
-
-def _remove_children(directory: Path) -> None:
-    for child in directory.iterdir():
-        shutil.rmtree(child, ignore_errors=True)

@@ -43,6 +43,13 @@ class Settings(BaseSettings):
     default_concurrency: int = Field(5, ge=1)
     reaper_interval_s: float = Field(1.0, gt=0)
 
+    # Disk (bridge/disk.py): each session dir and each folder is a filesystem of this size;
+    # 0 turns quotas off. Below disk_reserve_mb free in the data dir, new work gets 507.
+    session_disk_mb: int = Field(1024, ge=0)
+    session_inodes: int = Field(100_000, ge=1024)
+    folder_disk_mb: int = Field(1024, ge=0)
+    disk_reserve_mb: int = Field(512, ge=0)
+
     # Job sessions: an open session that never gets a job closes after this long
     job_open_ttl_s: float = Field(1800.0, gt=0)
 
