@@ -30,6 +30,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -259,7 +260,13 @@ class Volumes:
                     image.unlink(missing_ok=True)
 
     def mount_folders(self, directory: Path) -> None:
-        """At start: mount each folder's image at its dir (kept if still mounted)."""
+        """At start: mount each folder's image at its dir (kept if still mounted); a folder
+        made without a quota (an older release, or KB_FOLDER_DISK_MB=0) gets one now."""
+        if self.enabled and self.folder_bytes and directory.is_dir():
+            for path in sorted(directory.iterdir()):
+                if (path.is_dir() and not path.name.startswith(".")
+                        and not self.image_of(path).exists()):
+                    self._adopt(path)
         if not self.images.is_dir():
             return
         points = mounted()
@@ -268,7 +275,7 @@ class Volumes:
             if str(image) in live:
                 continue
             path = directory / image.name.removeprefix(f"{directory.name}-").removesuffix(".img")
-            if not path.is_dir():
+            if path.name.startswith(".") or not path.is_dir():
                 image.unlink(missing_ok=True)  # its folder was deleted while we were down
                 continue
             try:
@@ -276,6 +283,34 @@ class Volumes:
                       str(path)])
             except (OSError, subprocess.SubprocessError) as exc:
                 log.error("cannot mount folder image %s: %s", image, exc)
+
+    def _adopt(self, path: Path) -> None:
+        """Move a plain folder dir into an image of its own, or leave it (logged) if it does
+        not fit."""
+        staging = path.parent / f".adopt-{path.name}"
+        try:
+            self._make(staging, self.folder_bytes, journal=True)
+        except (OSError, subprocess.SubprocessError) as exc:
+            log.error("folder %s stays without a quota: %s", path.name, exc)
+            return
+        try:
+            _run(["cp", "-a", "--", f"{path}/.", str(staging)])
+            os.chmod(staging, stat.S_IMODE(os.stat(path).st_mode))
+        except OSError as exc:
+            log.error("folder %s stays without a quota (its files do not fit): %s",
+                      path.name, exc)
+            self._remove(staging)
+            return
+        umount(staging)
+        os.rmdir(staging)
+        os.rename(self.image_of(staging), self.image_of(path))
+        old = path.parent / f".old-{path.name}"
+        os.rename(path, old)
+        path.mkdir(mode=0o755)
+        _run(["mount", "-t", "ext4", "-o", "loop,nosuid,nodev,noatime", str(self.image_of(path)),
+              str(path)])
+        shutil.rmtree(old, ignore_errors=True)
+        log.info("folder %s now has a quota of %d MiB", path.name, self.folder_bytes // MIB)
 
     def unmount_folders(self, directory: Path) -> None:
         """At stop: unmount every folder image of ours (they are mounted again at start)."""

@@ -309,3 +309,21 @@ def test_unknown_signature_methods_are_401(srv: Server) -> None:
             "Content-Type": "application/json"})
         expected = 200 if method == "HMAC-SHA256" else 401
         assert r.status_code == expected, (method, r.status_code, r.text)
+
+
+def test_folder_made_without_quota_gets_one_at_next_start(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with run_server(data, folder_disk_mb="0", pool_python="0") as s, s.client() as c:
+        owner = s.secret_key
+        assert c.post("/folders", json={"name": "old"}).status_code == 201
+        r = c.post("/folders/old/upload", files=[("src", ("a/b.txt", b"before"))])
+        assert r.status_code == 201, r.text
+        (host,) = (data / "vfolders").iterdir()
+        assert not os.path.ismount(host)
+    with run_server(data, folder_disk_mb="64", pool_python="0") as s, s.client(owner) as c:
+        assert os.path.ismount(host)
+        r = c.get("/folders/old/download_single", params={"file": "a/b.txt"})
+        assert r.status_code == 200 and r.content == b"before"
+        name = session(c, config={"mounts": ["old"]})
+        out = sh(c, name, "dd if=/dev/zero of=/home/work/old/fill bs=1M count=100; echo rc=$?")
+        assert "No space left on device" in out and "rc=1" in out, out
