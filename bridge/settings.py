@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     flush_interval: float = Field(2.0, gt=0)  # seconds before an execute call answers `continued`
     output_limit: int = Field(4 * 1024 * 1024, ge=1024)  # bytes of console kept per run
     kernel_start_timeout: float = Field(60.0, gt=0)
+    # SIGTERM: stop accepting, let running runs finish this long, then stop (a second signal
+    # stops at once).
+    shutdown_grace_s: float = Field(30.0, ge=0)
 
     # Session limits (Backend.AI seed 001/002). Zero means "no limit".
     default_query_timeout_ms: int = Field(0, ge=0)
