@@ -109,6 +109,24 @@ except OSError as e:
     assert "refused ENOSPC" in out, out
 
 
+@pytest.mark.parametrize("place", ["/dev/shm", "/tmp"])
+def test_memory_backed_places_are_capped_by_memory(
+        srv: Server, tenants: tuple[Client, Client], place: str) -> None:
+    """/tmp and /dev/shm are tmpfs in the sandbox: their pages count against the kernel's
+    memory cap, so filling them ends the kernel, not the host's disk or memory."""
+    attacker, _ = tenants
+    name = session(attacker, limits={"maxMem": 256 * 1024})
+    free_before = shutil.disk_usage(srv.data_dir).free
+    results = run_to_end(attacker, "/session", name,
+                         f"import subprocess\nsubprocess.run('dd if=/dev/zero of={place}/f "
+                         "bs=1M count=700', shell=True)\nprint('survived')")
+    out = console_text(results, "stdout") + console_text(results, "stderr")
+    assert "survived" not in out or "No space" in out, out
+    assert results[-1]["exitCode"] == 130 or "No space" in out, results[-1]
+    assert free_before - shutil.disk_usage(srv.data_dir).free < 200 * MIB
+    attacker.delete(f"/session/{name}")
+
+
 def test_inode_cap(tmp_path: Path) -> None:
     with run_server(tmp_path / "data", session_inodes="2048", pool_python="0") as s, \
             s.client() as c:
