@@ -53,6 +53,7 @@ MAX_MOUNTS = 5
 # Each folder is a filesystem image and a loop device: a keypair may not make them without end.
 MAX_FOLDERS = 32
 MAX_PENDING_INVITATIONS = 64  # per invitee: another tenant may not flood its invitation list
+INVITATION_COUNT_LIMIT = 10_000  # numFiles of an invitation counts no further
 
 
 @dataclass(frozen=True)
@@ -74,10 +75,11 @@ class Folder:
                     writable=self.permission == "rw", session=False)
 
 
-def count_files(host: Path) -> int:
-    """Regular files under ``host``; links are neither followed nor counted."""
+def count_files(host: Path, limit: int | None = None) -> int:
+    """Regular files under ``host`` (at most ``limit``); links are neither followed nor
+    counted."""
     total, stack = 0, [str(host)]
-    while stack:
+    while stack and (limit is None or total < limit):
         try:
             with os.scandir(stack.pop()) as it:
                 for e in it:
@@ -218,7 +220,9 @@ class Folders:
             out.append({
                 "id": r["id"], "inviter": r["inviter"], "invitee": r["invitee"],
                 "permission": r["permission"], "perm": r["permission"], "state": r["state"],
-                "numFiles": await asyncio.to_thread(count_files, self.root / r["folder_id"]),
+                # Bounded: another tenant's folders must not make this list slow to build.
+                "numFiles": await asyncio.to_thread(count_files, self.root / r["folder_id"],
+                                                    INVITATION_COUNT_LIMIT),
                 "vfolder_id": r["folder_id"], "vfolder_name": r["folder_name"],
                 "created_at": r["created_at"]})
         return out

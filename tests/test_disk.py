@@ -348,3 +348,22 @@ def test_folder_made_without_quota_gets_one_at_next_start(tmp_path: Path) -> Non
         name = session(c, config={"mounts": ["old"]})
         out = sh(c, name, "dd if=/dev/zero of=/home/work/old/fill bs=1M count=100; echo rc=$?")
         assert "No space left on device" in out and "rc=1" in out, out
+
+
+def test_folder_and_invitation_floods_are_capped(srv: Server) -> None:
+    """Each folder is an image and a loop device, each invitation a row the invitee lists:
+    one keypair may not make them without end."""
+    from bridge.folders import MAX_FOLDERS, MAX_PENDING_INVITATIONS
+
+    _, attacker_secret = srv.new_keypair()
+    victim_access, _ = srv.new_keypair()
+    with srv.client(attacker_secret) as attacker:
+        codes = [attacker.post("/folders", json={"name": f"f{i}"}).status_code
+                 for i in range(MAX_FOLDERS + 1)]
+        assert codes == [201] * MAX_FOLDERS + [400], codes
+        invite = {"perm": "ro", "user_ids": [victim_access]}
+        codes = [attacker.post("/folders/f0/invite", json=invite).status_code
+                 for _ in range(MAX_PENDING_INVITATIONS + 1)]
+        assert codes == [201] * MAX_PENDING_INVITATIONS + [409], codes
+        for i in range(MAX_FOLDERS):
+            assert attacker.delete(f"/folders/f{i}").status_code == 204
