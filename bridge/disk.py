@@ -148,6 +148,9 @@ class Volumes:
             self.why_not = "no /dev/loop-control (loop devices unavailable)"
         else:
             self.images.mkdir(mode=0o700, exist_ok=True)
+            for stale in self.images.glob("probe-*"):  # a server died while probing
+                if stale.is_dir():
+                    self._remove(stale)
             probe = self.images / f"probe-{os.getpid()}"
             probe.mkdir(exist_ok=True)
             start = time.monotonic()

@@ -367,3 +367,25 @@ def test_folder_and_invitation_floods_are_capped(srv: Server) -> None:
         assert codes == [201] * MAX_PENDING_INVITATIONS + [409], codes
         for i in range(MAX_FOLDERS):
             assert attacker.delete(f"/folders/f{i}").status_code == 204
+
+
+def test_leftovers_of_a_killed_server_are_swept_at_start(tmp_path: Path) -> None:
+    from bridge.disk import mounted
+
+    data = tmp_path / "data"
+    real = os.path.realpath(data)
+    with run_server(data, pool_python="0") as s, s.client() as c:
+        session(c)
+        ours = [p for p in mounted() if p.startswith(real + "/sessions/")]
+        assert len(ours) == 1
+        ipc = [p for p, (_, src) in mounted().items() if src == f"kb-ipc-{s.process.pid}"]
+        assert ipc
+        s.process.kill()
+        s.process.wait()
+        time.sleep(1)  # bubblewrap's --die-with-parent takes the kernels down
+        assert ours[0] in mounted()  # the killed server could not clean up
+        with run_server(data, pool_python="0"):
+            left = mounted()
+            assert ours[0] not in left and not any(p in left for p in ipc)
+            assert list((data / "disks").glob("sessions-*")) == []
+            assert list((data / "sessions").iterdir()) == []
