@@ -258,6 +258,26 @@ def test_download_streams_counts_headers_and_drops_setuid(
     assert len(tar_bytes) > 300 * 1024  # headers (with long-name records) are most of it
 
 
+def test_big_downloads_stream_without_growing_the_server(
+        crowded: tuple[Server, Client, str]) -> None:
+    s, c, name = crowded
+    run_to_end(c, "/session", name, "with open('big.bin', 'wb') as f:\n"
+                                    "    f.write(bytes(60 * 1024 * 1024))")
+    for route, body in (("download", {"files": ["big.bin"]}),
+                        ("download_single", {"file": "big.bin"})):
+        rss, peak = server_rss(s), 0
+        t0 = time.monotonic()
+        got = 0
+        with c.get(f"/session/{name}/{route}", json=body, stream=True) as r:
+            assert r.status_code == 200, r.text
+            for chunk in r.iter_content(1024 * 1024):
+                got += len(chunk)
+                peak = max(peak, server_rss(s) - rss)
+        print(f"\nFIGURE {route} of 60 MiB: {got} bytes in {time.monotonic() - t0:.2f} s, "
+              f"server RSS peak +{peak / MIB:.1f} MiB")
+        assert got >= 60 * MIB and peak < 30 * MIB
+
+
 def test_download_single_refuses_dirs_and_empty_paths(crowded: tuple[Server, Client, str]
                                                       ) -> None:
     _, c, name = crowded
