@@ -86,6 +86,12 @@ class Sessions:
         await cancel_and_wait(self._reaper)
         await asyncio.gather(*(self.destroy(s, "server-shutdown") for s in self.all()),
                              return_exceptions=True)
+        # Destroys already under way (a timer's, a client's) end before the server does, and
+        # one cut short (its task cancelled by the shutdown) still loses its dir: a mount.
+        for s in list(self._by_id.values()):
+            async with s.lock:
+                if not s.alive and s.id in self._by_id:
+                    await self.volumes.remove(s.workdir)
 
     # -- queries ------------------------------------------------------------------------------
 

@@ -161,6 +161,9 @@ def test_folder_quota(tmp_path: Path) -> None:
         # Through the API too: the full folder refuses an upload with a 507, not a 500.
         r = c.post("/folders/data/upload", files=[("src", ("more.bin", b"x" * 900_000))])
         assert r.status_code == 507 and r.json()["type"].endswith("insufficient-storage"), r.text
+    from bridge.disk import mounted
+
+    assert not [p for p in mounted() if p.startswith(os.path.realpath(data))]  # clean stop
     # The folder outlives the server: its image is mounted again at the next start.
     with run_server(data, folder_disk_mb="64", pool_python="0") as s, s.client(owner) as c:
         r = c.get("/folders/data/download_single", params={"file": "keep"})
