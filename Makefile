@@ -25,11 +25,16 @@ $(SDK_VENV)/bin/python:
 
 sdk-venv: $(SDK_VENV)/bin/python
 
-# bubblewrap confines every kernel; install it where we can (root on Debian).
+# bubblewrap confines every kernel, and mkfs.ext4 (e2fsprogs) makes each session's quota'd
+# filesystem; install them where we can (root on Debian).
 sandbox-tools:
 	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap) \
 	  || echo "bubblewrap missing: install it, or run with KB_SANDBOX=off (unsafe)"; }
+	@PATH="$$PATH:/usr/sbin:/sbin" command -v mkfs.ext4 >/dev/null || { [ "$$(id -u)" = 0 ] && \
+	  command -v apt-get >/dev/null && (apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq e2fsprogs) \
+	  || echo "mkfs.ext4 missing: install e2fsprogs, or run with KB_SESSION_DISK_MB=0 (unsafe)"; }
 
 # Compilers and interpreters the language kernels use; what a Debian machine lacks.
 toolchains: sandbox-tools

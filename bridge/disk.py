@@ -23,6 +23,7 @@ or disk is full" into :class:`DiskFull`, which every dialect answers with 507.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -139,7 +140,7 @@ class Volumes:
         if not self.session_bytes:
             self.why_not = "KB_SESSION_DISK_MB=0"
             return
-        missing = [t for t in ("mkfs.ext4", "mount") if shutil.which(t) is None]
+        missing = [t for t in ("mkfs.ext4", "mount") if _which(t) is None]
         if os.geteuid() != 0:
             self.why_not = "not root (loop mounts need CAP_SYS_ADMIN)"
         elif missing:
@@ -185,10 +186,22 @@ class Volumes:
 
     async def make_session_dir(self, path: Path) -> None:
         """An empty working dir at ``path``, quota'd when quotas are on. Raises DiskFull."""
-        await asyncio.to_thread(self._make_checked, path, self.session_bytes, False)
+        await self._make_async(path, self.session_bytes, False)
 
     async def make_folder_dir(self, path: Path) -> None:
-        await asyncio.to_thread(self._make_checked, path, self.folder_bytes, True)
+        await self._make_async(path, self.folder_bytes, True)
+
+    async def _make_async(self, path: Path, size: int, journal: bool) -> None:
+        made = asyncio.ensure_future(asyncio.to_thread(self._make_checked, path, size, journal))
+        try:
+            await asyncio.shield(made)
+        except asyncio.CancelledError:
+            # The thread mounts regardless (a pool refill cancelled at shutdown): let it end,
+            # then undo it, or the mount would outlive the server.
+            with contextlib.suppress(Exception):
+                await made
+            await self.remove(path)
+            raise
 
     async def remove(self, path: Path) -> None:
         """Unmount and delete a dir made here, with everything in it (idempotent)."""
@@ -327,8 +340,16 @@ class Volumes:
                     log.warning("cannot unmount %s: %s", point, exc)
 
 
+def _which(tool: str) -> str | None:
+    # mkfs lives in /sbin, which a service's PATH may lack.
+    return shutil.which(tool, path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin",
+                                                    "/sbin"]))
+
+
 def _run(argv: list[str]) -> None:
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    argv = [_which(argv[0]) or argv[0], *argv[1:]]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C"})
     if proc.returncode != 0:
         msg = (proc.stderr or proc.stdout).strip()
         if "No space left" in msg:

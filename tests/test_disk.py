@@ -412,3 +412,19 @@ def test_leftovers_of_a_killed_server_are_swept_at_start(tmp_path: Path) -> None
             assert ours[0] not in left and not any(p in left for p in ipc)
             assert list((data / "disks").glob("sessions-*")) == []
             assert list((data / "sessions").iterdir()) == []
+
+
+def test_a_clean_stop_leaves_no_mount_even_mid_refill(tmp_path: Path) -> None:
+    """Stopping while the pool is still making its dirs and starting its kernels: every
+    filesystem made is unmounted and every image deleted (nothing left for the next start)."""
+    import signal
+
+    from bridge.disk import mounted
+
+    data = tmp_path / "data"
+    with run_server(data, pool_python="3") as s:
+        time.sleep(0.5)
+        s.process.send_signal(signal.SIGTERM)
+        assert s.process.wait(timeout=60) == 0
+        assert not [p for p in mounted() if p.startswith(os.path.realpath(data))]
+        assert list((data / "disks").glob("*.img")) == []
