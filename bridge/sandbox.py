@@ -40,6 +40,7 @@ from typing import Any, Literal
 from jupyter_client.provisioning.local_provisioner import LocalProvisioner
 
 from .cgroups import Cgroups, KernelCgroup
+from .kernel_logs import StderrRelay
 
 log = logging.getLogger(__name__)
 
@@ -326,6 +327,7 @@ class SandboxProvisioner(LocalProvisioner):
     sandbox: Sandbox
     confinement: Confinement
     cgroup: KernelCgroup | None = None
+    stderr: StderrRelay | None = None
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         conf = self.confinement
@@ -340,12 +342,27 @@ class SandboxProvisioner(LocalProvisioner):
             self.cgroup.ensure(conf.mem_bytes, conf.pids or self.sandbox.default_pids)
         kwargs["preexec_fn"] = self.sandbox.preexec(conf, self.cgroup)
         # A kernel's own stdout is banners ("To connect another client…"), not user output
-        # (that travels on iopub); its stderr stays with the server's log for diagnosis.
+        # (that travels on iopub); its stderr goes to the server's log for diagnosis, line by
+        # line as records (bridge/kernel_logs.py), so a JSON log stays one object per line.
         kwargs["stdout"] = subprocess.DEVNULL
+        if self.stderr is not None:  # a restart: the old process's pipe
+            self.stderr.close()
+        self.stderr = StderrRelay(str(self.kernel_id))
+        kwargs["stderr"] = self.stderr.write_fd
         return kwargs
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:
+        try:
+            return await super().launch_kernel(cmd, **kwargs)
+        finally:
+            if self.stderr is not None:
+                self.stderr.launched()
 
     async def cleanup(self, restart: bool = False) -> None:
         await super().cleanup(restart=restart)
+        if self.stderr is not None:
+            self.stderr.close()
+            self.stderr = None
         if restart:
             if self.cgroup is not None:  # leftovers must not eat the new kernel's caps
                 self.cgroup.kill()

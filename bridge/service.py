@@ -6,11 +6,12 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import batch
+from . import batch, metrics
 from .disk import Volumes, sweep_ipc
 from .errors import AuthFailed
 from .executions import SCHEMA as EXECUTIONS_SCHEMA
@@ -65,11 +66,19 @@ class Bridge:
         self.gateway = Gateway(self.sessions, self.kernelspecs)
         self.jobs = JobSessions(settings, self.store, self.keypairs, self.sessions,
                                 open_ttl=settings.job_open_ttl_s)
+        metrics.watch(self)
 
     async def start_kernel(self, spec: str, confinement: Confinement) -> Kernel:
         """The one launch function: every kernel of every dialect starts here."""
-        return await launch(spec, confinement, self.sandbox, self.kernelspecs,
-                            self.settings.kernel_start_timeout)
+        started = time.monotonic()
+        try:
+            return await launch(spec, confinement, self.sandbox, self.kernelspecs,
+                                self.settings.kernel_start_timeout)
+        except Exception:
+            metrics.KERNEL_START_FAILURES.labels(spec).inc()
+            raise
+        finally:
+            metrics.KERNEL_STARTS.labels(spec).observe(time.monotonic() - started)
 
     async def mounts_for(self, access_key: str, specs: list[str]) -> tuple[Mount, ...]:
         """Resolve ``name`` / ``name:alias`` mount specs to this keypair's folders.

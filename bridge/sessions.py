@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from . import metrics
 from .channels import Channels
 from .disk import Volumes
 from .errors import (
@@ -167,6 +168,8 @@ class Sessions:
         kernel: Kernel | None = None
         if fresh and self.pool is not None:
             kernel = await self.pool.take(session.language, session.confinement())
+            metrics.POOL_TAKES.labels(session.language.name,
+                                      "miss" if kernel is None else "hit").inc()
         if kernel is None:
             if not session.workdir.exists():
                 await self.volumes.make_session_dir(session.workdir)
@@ -190,6 +193,8 @@ class Sessions:
             while not session._queue.empty():
                 session._queue.get_nowait().cancel(f"Session ended: {reason}.")
             kernels = [(session.kernel, session.channels), *session.extra_kernels.values()]
+            metrics.kernels_stopped([k for k, _ in kernels if k is not None],
+                                    session.language.name)
             session.kernel, session.channels, session.extra_kernels = None, None, {}
             await asyncio.gather(*(self._stop_kernel(k, c) for k, c in kernels),
                                  return_exceptions=True)
@@ -335,7 +340,10 @@ class Sessions:
         # Before anything yields: a client told "finished, 130" must find the session in
         # ERROR when it looks next (poll() of a local kernel does not suspend).
         kernel = session.kernel
-        if run.state is RunState.FAILED and kernel is not None and not await kernel.is_alive():
+        died = run.state is RunState.FAILED and kernel is not None and not await kernel.is_alive()
+        metrics.run_ended(run, session.language.name, died,
+                          died and kernel is not None and _oom_killed(kernel))
+        if died:
             session.state = SessionState.ERROR
             session.state_reason = "kernel-died"
             await self.store.execute(
@@ -386,3 +394,8 @@ class Sessions:
                 await self._destroy_quietly(s, "idle-timeout")
             elif s.limits.max_cpu_credit_ms and s.usage().cpu_ms > s.limits.max_cpu_credit_ms:
                 await self._destroy_quietly(s, "cpu-credit-exhausted")
+
+
+def _oom_killed(kernel: Kernel) -> bool:
+    cg = kernel.cgroup
+    return cg is not None and cg.oom_kills() > 0

@@ -56,6 +56,12 @@ class Settings(BaseSettings):
     # Job sessions: an open session that never gets a job closes after this long
     job_open_ttl_s: float = Field(1800.0, gt=0)
 
+    # Operations: `KB_LOG_FORMAT=json` writes one JSON object per log line. `GET /metrics`
+    # asks for a key when `KB_METRICS_AUTH=on`, or with "auto" when the server listens beyond
+    # loopback; "off" leaves it open (behind a scraper-only network).
+    log_format: Literal["text", "json"] = "text"
+    metrics_auth: Literal["auto", "on", "off"] = "auto"
+
     # Sandbox dialect
     rate_limit: int = Field(100, ge=1)  # executions per keypair per minute
     pool_python: int = Field(2, ge=0)
