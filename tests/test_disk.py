@@ -297,11 +297,12 @@ def test_download_single_refuses_dirs_and_empty_paths(crowded: tuple[Server, Cli
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 160 MiB filesystem for a data dir, so filling it harms nothing else."""
+    """A 640 MiB filesystem for a data dir (serve wants 512 MiB free to start), so filling
+    it harms nothing else."""
     image, mnt = tmp_path / "small.img", tmp_path / "mnt"
     mnt.mkdir()
     with open(image, "wb") as f:
-        f.truncate(160 * MIB)
+        f.truncate(640 * MIB)
     subprocess.run(["mkfs.ext4", "-F", "-q", "-m", "0", str(image)], check=True)
     subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
     try:
