@@ -348,8 +348,11 @@ def _which(tool: str) -> str | None:
 
 def _run(argv: list[str]) -> None:
     argv = [_which(argv[0]) or argv[0], *argv[1:]]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60,
-                          env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C"})
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60,
+                              env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C"})
+    except subprocess.TimeoutExpired:
+        raise OSError(errno.ETIMEDOUT, f"{argv[0]} took over 60 s") from None
     if proc.returncode != 0:
         msg = (proc.stderr or proc.stdout).strip()
         if "No space left" in msg:
