@@ -93,3 +93,20 @@ typecheck: venv
 clean:
 	rm -rf $(VENV) $(SDK_VENV) *.egg-info .pytest_cache .mypy_cache $(CONSOLE_DIR)/node_modules \
 	  $(CONSOLE_DIR)/editor.js
+
+# -- Jupyter: a data-science environment for kernels ----------------------------------------------
+
+# A venv with ipykernel and the usual data-science packages; tests/test_jupyterlab.py and
+# tests/test_python_env.py run kernels in it. Serve with it:
+#   KB_PYTHON_ENV=$(CURDIR)/.venv-datascience make run
+DS_VENV := .venv-datascience
+
+$(DS_VENV)/.done:
+	$(PYTHON) -m venv $(DS_VENV)
+	$(DS_VENV)/bin/pip install -q ipykernel numpy pandas matplotlib
+	@touch $@
+
+datascience-env: $(DS_VENV)/.done
+
+.PHONY: datascience-env
+test: datascience-env

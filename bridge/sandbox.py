@@ -123,6 +123,11 @@ class Sandbox:
             hidden.append(SOURCE_ROOT)
         self.hidden = sorted({os.path.realpath(p) for p in hidden})
 
+    def add_python_env(self, prefix: Path) -> None:
+        """Show the operator's Python environment (KB_PYTHON_ENV) to kernels, read-only."""
+        have = {b.src for b in self.binds}
+        self.binds += [Bind(p, p) for p in python_env_paths(prefix) if p not in have]
+
     def describe(self) -> str:
         if not self.enabled:
             return "OFF (kernels run unconfined, uncapped)"
@@ -309,6 +314,21 @@ def _interpreter_paths() -> list[str]:
             if p != real:
                 paths.add(p)
     return sorted(paths, key=len)
+
+
+def python_env_paths(prefix: Path) -> list[str]:
+    """Host dirs a venv or conda env at ``prefix`` loads from: the env (by the path kernels
+    are started with, and its real path should that differ) and, for a venv, the installation
+    it was made from (pyvenv.cfg's ``home``) when that is not under /usr."""
+    paths = [str(prefix), os.path.realpath(prefix)]
+    cfg = prefix / "pyvenv.cfg"
+    with contextlib.suppress(OSError):
+        for line in cfg.read_text().splitlines():
+            key, _, value = line.partition("=")
+            if key.strip() == "home" and value.strip():
+                paths.append(os.path.realpath(os.path.dirname(value.strip())))
+    out = [p for p in paths if not any(_under(p, t) for t in SYSTEM_TREES)]
+    return sorted(dict.fromkeys(out), key=len)
 
 
 def _kernel_modules_dir() -> Path:

@@ -49,6 +49,8 @@ class Bridge:
         # files) is masked in kernels should the operator put it under a bound tree.
         self.sandbox = Sandbox(settings.sandbox, hide=(settings.data_dir,),
                                pids=settings.max_pids)
+        if settings.python_env is not None:
+            self.sandbox.add_python_env(settings.python_env)
         self.store = Store(settings.db_path, extra_schema=[*FOLDERS_SCHEMA, *JOBS_SCHEMA,
                                                              *EXECUTIONS_SCHEMA])
         self.keypairs = Keypairs(self.store, settings.default_concurrency)
@@ -73,7 +75,8 @@ class Bridge:
         started = time.monotonic()
         try:
             return await launch(spec, confinement, self.sandbox, self.kernelspecs,
-                                self.settings.kernel_start_timeout)
+                                self.settings.kernel_start_timeout,
+                                python=self.settings.python_interpreter)
         except Exception:
             metrics.KERNEL_START_FAILURES.labels(spec).inc()
             raise

@@ -132,8 +132,9 @@ class Sessions:
             raise InvalidRequest("This keypair is inactive and may not create sessions.")
         if network and not self.settings.allow_network:
             raise InvalidRequest("Network access for sessions is disabled on this server.")
-        if counts_for_quota and len(self.all(access_key)) >= kp.concurrency:
-            raise QuotaExceeded(kp.concurrency)
+        limit = self.settings.concurrency_for(origin, kp.concurrency)
+        if counts_for_quota and len(self.all(access_key)) >= limit:
+            raise QuotaExceeded(limit)
         sid = str(uuid.uuid4())
         # A pooled kernel brings its own working dir; the session adopts it (_attach_kernel).
         workdir = self.settings.sessions_dir / sid
