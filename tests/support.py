@@ -114,9 +114,14 @@ def run_server(data_dir: Path | None = None, **env: str) -> Iterator[Server]:
         logf.close()
         if proc.stdout is not None:
             proc.stdout.close()
-        unmount_leftovers(data_dir)
         if tmp is not None:
+            unmount_leftovers(data_dir)
             tmp.cleanup()
+        else:  # the caller's dir: a next server may sweep it (conftest unmounts what is left)
+            USED_DATA_DIRS.add(data_dir)
+
+
+USED_DATA_DIRS: set[Path] = set()
 
 
 def unmount_leftovers(data_dir: Path) -> None:
