@@ -26,12 +26,15 @@ $(SDK_VENV)/bin/python:
 
 sdk-venv: $(SDK_VENV)/bin/python
 
-# bubblewrap confines every kernel, and mkfs.ext4 (e2fsprogs) makes each session's quota'd
-# filesystem; install them where we can (root on Debian).
+# bubblewrap confines every kernel, libseccomp2 builds its seccomp filter (through pyseccomp),
+# mkfs.ext4 (e2fsprogs) makes each session's quota'd filesystem; install them where we can
+# (root on Debian).
 sandbox-tools:
-	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap) \
-	  || echo "bubblewrap missing: install it, or run with KB_SANDBOX=off (unsafe)"; }
+	@{ command -v bwrap >/dev/null && ldconfig -p | grep -q libseccomp.so.2; } || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	   bubblewrap libseccomp2) \
+	  || echo "bubblewrap/libseccomp2 missing: install them, or run with KB_SANDBOX=off (unsafe)"; }
 	@PATH="$$PATH:/usr/sbin:/sbin" command -v mkfs.ext4 >/dev/null || { [ "$$(id -u)" = 0 ] && \
 	  command -v apt-get >/dev/null && (apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq e2fsprogs) \

@@ -48,7 +48,7 @@ class Bridge:
         # Raises SandboxUnavailable. The data dir (SQLite, keypair secrets, every session's
         # files) is masked in kernels should the operator put it under a bound tree.
         self.sandbox = Sandbox(settings.sandbox, hide=(settings.data_dir,),
-                               pids=settings.max_pids)
+                               pids=settings.max_pids, uid=settings.sandbox_uid)
         if settings.python_env is not None:
             self.sandbox.add_python_env(settings.python_env)
         self.store = Store(settings.db_path, extra_schema=[*FOLDERS_SCHEMA, *JOBS_SCHEMA,
@@ -65,6 +65,7 @@ class Bridge:
         self.folders = Folders(self.store, settings.folders_dir, now_iso, self._keypair_exists,
                                self.volumes)
         self.folders.in_use = self._mounted_in
+        self.folders.own = self.sandbox.own
         self.gateway = Gateway(self.sessions, self.kernelspecs)
         self.jobs = JobSessions(settings, self.store, self.keypairs, self.sessions,
                                 open_ttl=settings.job_open_ttl_s)

@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     # "off" runs kernels unconfined (an explicit operator choice, warned about at start).
     sandbox: Literal["auto", "on", "off"] = "auto"
     allow_network: bool = False  # a session gets network only if this is set and it asks
+    # The host uid (and gid) user code runs as; no host account should use it (SECURITY.md).
+    sandbox_uid: int = Field(60000, ge=1, le=2**32 - 2)
 
     # Runs
     flush_interval: float = Field(2.0, gt=0)  # seconds before an execute call answers `continued`
