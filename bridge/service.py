@@ -23,6 +23,7 @@ from .job_sessions import JobSessions
 from .jobs import SCHEMA as JOBS_SCHEMA
 from .kernels import IPC_ROOT, Kernel, launch, spec_manager
 from .keypairs import Keypair, Keypairs
+from .languages import measure_versions
 from .pool import KernelPool
 from .runs import Run
 from .sandbox import Confinement, Mount, Sandbox
@@ -55,6 +56,7 @@ class Bridge:
                                                              *EXECUTIONS_SCHEMA])
         self.keypairs = Keypairs(self.store, settings.default_concurrency)
         self._keypair_watch: asyncio.Task[None] | None = None
+        self.language_versions: asyncio.Task[dict[str, str]] | None = None
         self.kernelspecs = spec_manager()
         # New sessions that fit take a pre-started kernel (bridge/pool.py), whatever the dialect.
         self.volumes = Volumes(settings)  # session dirs and folders with a disk quota
@@ -134,6 +136,8 @@ class Bridge:
         await self.jobs.start()  # after sessions: a reloaded job may start a kernel
         await self.executions.start()  # marks executions cut off by the last stop as failed
         self.pool.start()
+        # Asked once, off the start path: the first GET …/execute/languages awaits it.
+        self.language_versions = asyncio.create_task(measure_versions())
         return Started(first_keypair=first)
 
     def runs_in_flight(self) -> int:
@@ -153,6 +157,7 @@ class Bridge:
 
     async def stop(self) -> None:
         await cancel_and_wait(self._keypair_watch)
+        await cancel_and_wait(self.language_versions)
         await self.jobs.stop()  # records cut-short jobs before their kernels go
         await self.executions.stop()  # likewise for async executions
         await self.sessions.stop()

@@ -31,32 +31,37 @@ log = logging.getLogger("kernel_bridge.api")
 
 
 class ListFiles(_Params):
-    path: str = Field(".", description="a directory under /home/work (or the folder's top)")
-    limit: int = Field(files.MAX_LIST_ENTRIES, ge=1, le=files.MAX_LIST_ENTRIES,
-                       description="entries per page, by name")
-    after: str | None = Field(None, description="page on: the last filename of the previous "
-                                                "page")
+    path: str = Field(default=".", description="a directory under /home/work (or the folder's "
+                      "top)", examples=["."])
+    limit: int = Field(default=files.MAX_LIST_ENTRIES, ge=1, le=files.MAX_LIST_ENTRIES,
+                       description="entries per page, in name order", examples=[100])
+    after: str | None = Field(default=None, description="page on: the last filename of the "
+                              "previous page", examples=["main.py"])
 
 
 class Download(_Params):
-    files: list[str] = Field(..., description=f"at most {downloads.MAX_DOWNLOAD_FILES} paths; "
+    files: list[str] = Field(description=f"at most {downloads.MAX_DOWNLOAD_FILES} paths; "
                              f"{downloads.MAX_DOWNLOAD_BYTES} tar bytes (headers included) and "
-                             f"{downloads.MAX_DOWNLOAD_ENTRIES} entries in all")
+                             f"{downloads.MAX_DOWNLOAD_ENTRIES} entries in all",
+                             examples=[["out.txt"]])
 
 
 class DownloadSingle(_Params):
-    file: str
+    file: str = Field(description="One path under /home/work.", examples=["out.txt"])
 
 
 class Listing(BaseModel):
-    files: str = Field(..., description="a JSON-encoded list of {filename, size, mode, ctime, "
-                                        "mtime, atime}: one page, by name")
-    errors: str
-    abspath: str
-    folder_path: str
-    total: int = Field(..., description="entries in the directory")
-    truncated: bool = Field(..., description="more entries follow: ask again with after=<the "
-                                             "last filename>")
+    files: str = Field(description="a JSON-encoded list of {filename, size, mode, ctime, "
+                                   "mtime, atime}: one page, in name order",
+                       examples=['[{"filename": "main.py", "size": 12, "mode": "-rw-r--r--", '
+                                 '"ctime": 0, "mtime": 0, "atime": 0}]'])
+    errors: str = Field(description="What could not be listed.", examples=[""])
+    abspath: str = Field(description="The listed directory as the kernel sees it.",
+                         examples=["/home/work"])
+    folder_path: str = Field(description="The listed path, as asked.", examples=["."])
+    total: int = Field(description="entries in the directory", examples=[1])
+    truncated: bool = Field(description="more entries follow: ask again with after=<the last "
+                                        "filename>", examples=[False])
 
 
 class FilesHandler(BackendAIHandler):
