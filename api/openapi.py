@@ -114,6 +114,8 @@ _PARAMS = {
     "path": "A directory under /home/work",
     "file": "A file under /home/work",
     "files": "Paths under /home/work (repeatable, at most 5)",
+    "limit": "Entries per page of a listing, in name order (at most 1000)",
+    "after": "Page on: the last filename of the previous page",
     "size": "Items per page (0: all)",
     "index": "Zero-based page",
     "progress": "1: stream NDJSON progress lines, then the result",

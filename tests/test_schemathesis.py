@@ -85,3 +85,13 @@ def test_no_server_errors(case: Any, live: Server) -> None:
     assert response.status_code < 500, (
         f"{case.method} {case.formatted_path} → {response.status_code}: "
         f"{response.text[:500]}\n{case.as_curl_command()}")
+
+
+def test_unknown_field_names_no_header_can_carry(live: Server) -> None:
+    """Found by schemathesis: an unknown field named with a control or non-Latin-1 character
+    went into the Warning header as is, and tornado refused the header (500)."""
+    with live.client() as c:
+        r = c.get("/folders", json={"\u0100": 1, "\x1f": 2, 'a"b': 3})
+        assert r.status_code == 200, r.text
+        assert r.headers["Warning"] == ('299 kernel-bridge "Unknown fields ignored: \\u0100, '
+                                        '\\u001f, a\\"b"')
