@@ -126,9 +126,8 @@ class Volumes:
         self.folder_bytes = settings.folder_disk_mb * MIB
         self.inodes = settings.session_inodes
         self.reserve = settings.disk_reserve_mb * MIB
-        # Until user code runs under its own uid (KB_SANDBOX_UID), kernels are uid 0 without
-        # capabilities, which may write only where it is the owner.
-        self.owner = int(getattr(settings, "sandbox_uid", 0))
+        # User code runs as KB_SANDBOX_UID: it owns the root of every volume it may write.
+        self.owner = settings.sandbox_uid
         self.enabled = False
         self.why_not = "not probed"
         self.cost_s = 0.0  # mkfs + mount of one session volume, measured at start

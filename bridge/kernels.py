@@ -47,16 +47,24 @@ def ipc_root(root: Path = IPC_ROOT) -> Path:
     """
     with contextlib.suppress(FileExistsError):
         root.mkdir(mode=0o700)
-    st = os.lstat(root)
-    problem = ("is not a directory" if not stat.S_ISDIR(st.st_mode)
-               else f"is owned by uid {st.st_uid}, not {os.getuid()}" if st.st_uid != os.getuid()
-               else f"has mode {stat.filemode(st.st_mode)}, not drwx------"
-               if st.st_mode & 0o077 else "")
+    problem = ipc_root_problem(root)
     if problem:
         raise SandboxUnavailable(
             f"The kernels' IPC root {root} {problem}. Someone else may be able to read kernel "
             f"keys there: remove it (`rm -rf {root}`) and start again.")
     return root
+
+
+def ipc_root_problem(root: Path = IPC_ROOT) -> str:
+    """What is wrong with an existing IPC root ("" when it is ours and private)."""
+    st = os.lstat(root)
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a directory"
+    if st.st_uid != os.getuid():
+        return f"is owned by uid {st.st_uid}, not {os.getuid()}"
+    if st.st_mode & 0o077:
+        return f"has mode {stat.filemode(st.st_mode)}, not drwx------"
+    return ""
 
 
 def spec_manager() -> KernelSpecManager:
