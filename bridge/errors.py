@@ -17,6 +17,7 @@
      ├── QuotaExceeded             keypair concurrency reached (or its wait queue is full)
      │    └── HostBudgetExceeded   the host's memory budget for kernels is spent
      ├── RateLimited               too many executions in the window
+     ├── DiskFull                  no space: the server's disk is low, or a quota'd dir is full
      ├── Conflict                  the target's state forbids the call
      │    └── InvalidTransition    a run or session state machine refused a transition
      └── KernelError               the kernel misbehaved
@@ -154,6 +155,10 @@ class HostBudgetExceeded(QuotaExceeded):
 class RateLimited(BridgeError):
     def __init__(self, limit: int) -> None:
         super().__init__(f"Rate limit exceeded: at most {limit} executions per minute.")
+
+
+class DiskFull(BridgeError):
+    pass
 
 
 class Conflict(BridgeError):
