@@ -26,7 +26,10 @@ from jupyter_client.manager import AsyncKernelManager
 
 from .cgroups import KernelCgroup
 from .errors import KernelStartFailed
+from .readiness import wait_ready
 from .sandbox import Confinement, Sandbox, SandboxProvisioner
+from .zygote import Zygotes
+from .zygote_provisioner import ZygoteProvisioner
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +85,7 @@ class Kernel:
         self.client = self.manager.client()
         self.client.start_channels()
         try:
-            await self.client.wait_for_ready(timeout=timeout)
+            await wait_ready(self.client, timeout)
         except RuntimeError as exc:
             raise KernelStartFailed(f"Kernel {self.spec} did not come back: {exc}") from exc
 
@@ -152,8 +155,11 @@ class Kernel:
 
 
 async def launch(spec: str, confinement: Confinement, sandbox: Sandbox,
-                 ksm: KernelSpecManager, timeout: float) -> Kernel:
+                 ksm: KernelSpecManager, timeout: float, zygotes: Zygotes | None = None) -> Kernel:
     """Start a kernel of ``spec`` confined by ``confinement`` and wait until it answers.
+
+    With ``zygotes``, a Python kernel is forked from a pre-imported one (bridge/zygote.py) and
+    anything else, or any failure of that, starts cold.
 
     Raises KernelStartFailed.
     """
@@ -175,7 +181,10 @@ async def launch(spec: str, confinement: Confinement, sandbox: Sandbox,
     if kspec.argv and kspec.argv[0] in ("python", "python3"):
         kspec.argv[0] = sys.executable
     km.kernel_id = os.path.basename(ipc_dir)
-    provisioner = SandboxProvisioner(kernel_id=km.kernel_id, kernel_spec=kspec, parent=km)
+    provisioner = (ZygoteProvisioner if zygotes is not None else SandboxProvisioner)(
+        kernel_id=km.kernel_id, kernel_spec=kspec, parent=km)
+    if isinstance(provisioner, ZygoteProvisioner):
+        provisioner.zygotes = zygotes
     provisioner.sandbox = sandbox
     provisioner.confinement = confinement
     km.provisioner = provisioner
@@ -184,7 +193,7 @@ async def launch(spec: str, confinement: Confinement, sandbox: Sandbox,
         await km.start_kernel()
         client = km.client()
         client.start_channels()
-        await client.wait_for_ready(timeout=timeout)
+        await wait_ready(client, timeout)
     except Exception as exc:
         if client is not None:
             client.stop_channels()

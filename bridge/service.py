@@ -28,6 +28,7 @@ from .sessions import Sessions
 from .settings import Settings
 from .store import Store
 from .tasks import cancel_and_wait, spawn
+from .zygote import Zygotes
 
 log = logging.getLogger(__name__)
 # How often the keypair cache is re-read from SQLite (keys made or deactivated by the CLI).
@@ -51,6 +52,8 @@ class Bridge:
         self.keypairs = Keypairs(self.store, settings.default_concurrency)
         self._keypair_watch: asyncio.Task[None] | None = None
         self.kernelspecs = spec_manager()
+        self.zygotes = (Zygotes(self.sandbox.environ(Confinement(Path("/"), Path("/"))),
+                                settings.zygote_max_forks) if settings.zygote == "on" else None)
         # New sessions that fit take a pre-started kernel (bridge/pool.py), whatever the dialect.
         self.pool = KernelPool(settings, self.start_kernel)
         self.sessions = Sessions(settings, self.store, self.keypairs, self.start_kernel,
@@ -65,7 +68,7 @@ class Bridge:
     async def start_kernel(self, spec: str, confinement: Confinement) -> Kernel:
         """The one launch function: every kernel of every dialect starts here."""
         return await launch(spec, confinement, self.sandbox, self.kernelspecs,
-                            self.settings.kernel_start_timeout)
+                            self.settings.kernel_start_timeout, self.zygotes)
 
     async def mounts_for(self, access_key: str, specs: list[str]) -> tuple[Mount, ...]:
         """Resolve ``name`` / ``name:alias`` mount specs to this keypair's folders.
@@ -111,6 +114,8 @@ class Bridge:
         await self.sessions.start()
         await self.jobs.start()  # after sessions: a reloaded job may start a kernel
         await self.executions.start()  # marks executions cut off by the last stop as failed
+        if self.zygotes is not None:
+            self.zygotes.start()
         self.pool.start()
         return Started(first_keypair=first)
 
@@ -120,4 +125,6 @@ class Bridge:
         await self.executions.stop()  # likewise for async executions
         await self.sessions.stop()
         await self.pool.stop()
+        if self.zygotes is not None:
+            await self.zygotes.close()
         await self.store.close()

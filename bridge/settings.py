@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     flush_interval: float = Field(2.0, gt=0)  # seconds before an execute call answers `continued`
     output_limit: int = Field(4 * 1024 * 1024, ge=1024)  # bytes of console kept per run
     kernel_start_timeout: float = Field(60.0, gt=0)
+    # Python kernels forked from a pre-imported zygote (bridge/zygote.py); "off": cold starts.
+    zygote: Literal["on", "off"] = "on"
+    zygote_max_forks: int = Field(500, ge=1)  # then a fresh zygote (new hash secret, ASLR)
 
     # Session limits (Backend.AI seed 001/002). Zero means "no limit".
     default_query_timeout_ms: int = Field(0, ge=0)

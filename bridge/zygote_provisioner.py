@@ -1,0 +1,285 @@
+"""A kernel provisioner whose Python kernels are forked by the zygote instead of exec'd.
+
+:class:`ZygoteProvisioner` is the sandbox provisioner (same cgroup, caps, environment, restart
+and cleanup rules) with one difference in ``launch_kernel``: when the kernel command is one the
+zygote can fork (:func:`bridge.zygote.forkable`), it
+
+1. starts the kernel's sandbox with a *holder* as its payload — the very ``Sandbox.wrap`` a cold
+   kernel gets, in the kernel's cgroup — and waits until the holder runs (bubblewrap has set up
+   every namespace and mount by then);
+2. hands the zygote a pidfd of the sandbox and its root; the zygote's child joins the cgroups,
+   the namespaces and the root, then forks the kernel inside (``kernelspecs/_zygote.py``);
+3. keeps the kernel's pidfd: ``poll``/``wait``/``send_signal``/``kill`` go through it, and the
+   holder is the kill switch (when it goes, bubblewrap's PID namespace and the kernel go too).
+
+Anything that fails before the kernel exists — no zygote, a dead one, a refused fork — kills the
+holder and whatever entered the cgroup, then starts the kernel cold, as the sandbox provisioner
+would. The server's death takes the holders (``--die-with-parent``) and the zygote
+(``PR_SET_PDEATHSIG``) with it, so no kernel outlives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import select
+import signal
+import subprocess
+from typing import Any
+
+from jupyter_client.connect import KernelConnectionInfo
+
+from .sandbox import KERNEL_MODULES, RLIMIT_AS_SLACK, WORKDIR, SandboxProvisioner
+from .zygote import Zygotes, ZygoteUnavailable, forkable, kernel_package
+
+log = logging.getLogger(__name__)
+
+# The sandbox's payload while a forked kernel lives in it: says it runs, then waits.
+HOLDER = ["/bin/sh", "-c", "echo; exec sleep infinity"]
+HOLDER_ENV = {"PATH": "/usr/bin:/bin"}
+HOLDER_TIMEOUT_S = 10.0
+# A pidfd reads ready once the process has exited; the zygote's exit report follows shortly.
+EXIT_REPORT_WAIT_S = 0.5
+KILLED = -signal.SIGKILL
+LISTEN_POLL_S = 0.002
+LISTEN_TIMEOUT_S = 30.0
+
+
+class ZygoteProvisioner(SandboxProvisioner):
+    zygotes: Zygotes | None = None
+    forked = False  # whether the running kernel came from the zygote
+    _pidfd: int | None = None
+    _holder: asyncio.subprocess.Process | None = None
+    _exit: int | None = None
+
+    @property
+    def has_process(self) -> bool:
+        return self._pidfd is not None or super().has_process
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
+        km = self.parent
+        raw = km.format_kernel_cmd() if km is not None else list(cmd)
+        self.forked = False
+        self._exit = None
+        if self.zygotes is not None and forkable(raw, self.confinement.environ):
+            try:
+                await self._fork(raw, kwargs)
+                self.forked = True
+                return self.connection_info
+            except ZygoteUnavailable as exc:
+                log.info("kernel %s starts cold: %s", self.kernel_id, exc)
+                await self._abandon()
+        return await super().launch_kernel(cmd, **kwargs)
+
+    # -- the forked path ------------------------------------------------------------------------
+
+    async def _fork(self, raw: list[str], kwargs: dict[str, Any]) -> None:
+        assert self.zygotes is not None
+        sandbox, conf = self.sandbox, self.confinement
+        env = dict(kwargs["env"])
+        env.pop("JPY_PARENT_PID", None)  # no parent poller: the holder and cgroup kill govern
+        req: dict[str, Any] = {
+            "module": raw[2], "args": raw[3:], "env": env,
+            "sandboxed": sandbox.enabled,
+            "cwd": WORKDIR if sandbox.enabled else str(conf.workdir),
+            "cgroup_procs": [] if self.cgroup is None else [
+                str(d / "cgroup.procs") for d in dict.fromkeys(self.cgroup.dirs.values())],
+            "rlimit_as": conf.mem_bytes + RLIMIT_AS_SLACK
+            if sandbox.enabled and self.cgroup is None and conf.mem_bytes else 0,
+            "zygote_pythonpath": self.zygotes.pythonpath,
+            "kernel_package": self._package_in_sandbox(),
+        }
+        fds: list[int] = []
+        if sandbox.enabled:
+            fds = await self._start_holder(kwargs)
+        try:
+            pid, pidfd, _z = await self.zygotes.fork(req, fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        self._pidfd = pidfd
+        self.pid = pid
+        self.pgid = pid  # the kernel leads its own session
+        self.cwd = kwargs.get("cwd")
+        await self._listening()
+
+    async def _listening(self) -> None:
+        """Return once the kernel has bound its sockets. A client that connects earlier waits
+        out zmq's reconnect interval and may miss the first iopub status: ~0.3 s per start."""
+        info = self.connection_info
+        if info.get("transport") != "ipc":
+            return
+        paths = [f"{info['ip']}-{info[p]}" for p in
+                 ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")]
+        assert self._pidfd is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LISTEN_TIMEOUT_S
+        while not all(os.path.exists(p) for p in paths):
+            if _exited(self._pidfd) or loop.time() > deadline:
+                return  # the client's wait_for_ready reports it
+            await asyncio.sleep(LISTEN_POLL_S)
+
+    def _package_in_sandbox(self) -> str:
+        pkg = str(kernel_package())
+        if not self.sandbox.enabled:
+            return pkg
+        for b in self.sandbox.binds:
+            if b.src == pkg:
+                return b.dest
+        return pkg if pkg.startswith(tuple(b.src + "/" for b in self.sandbox.binds)) \
+            else f"{KERNEL_MODULES}/{os.path.basename(pkg)}"
+
+    async def _start_holder(self, kwargs: dict[str, Any]) -> list[int]:
+        """The kernel's sandbox with the holder in it → [pidfd, root dir fd] of the sandbox."""
+        argv = self.sandbox.wrap(list(HOLDER), self.confinement)
+        info_r, info_w = os.pipe()
+        try:
+            argv[1:1] = ["--info-fd", str(info_w)]
+            self._holder = await asyncio.create_subprocess_exec(
+                *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=HOLDER_ENV,
+                pass_fds=(info_w,), preexec_fn=kwargs.get("preexec_fn"))
+            os.close(info_w)
+            info_w = -1
+            assert self._holder.stdout is not None
+            async with asyncio.timeout(HOLDER_TIMEOUT_S):
+                line = await self._holder.stdout.readline()
+            if not line:
+                raise ZygoteUnavailable("the sandbox did not start")
+            child = int(json.loads(_read_json(info_r))["child-pid"])
+            pidfd = os.pidfd_open(child)
+            try:
+                root = os.open(f"/proc/{child}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError:
+                os.close(pidfd)
+                raise
+            if _exited(pidfd):  # the pid was reused after the sandbox died: not ours
+                os.close(pidfd)
+                os.close(root)
+                raise ZygoteUnavailable("the sandbox died while starting")
+            return [pidfd, root]
+        except (OSError, ValueError, KeyError, TimeoutError) as exc:
+            raise ZygoteUnavailable(f"the sandbox did not start: {exc}") from exc
+        finally:
+            os.close(info_r)
+            if info_w >= 0:
+                os.close(info_w)
+
+    async def _abandon(self) -> None:
+        """Leave nothing of a forked start that failed: no holder, nothing in the cgroup."""
+        await self._stop_holder()
+        if self._pidfd is not None:
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            os.close(self._pidfd)
+            self._pidfd = None
+        if self.cgroup is not None:
+            self.cgroup.kill()
+        self.pid = None
+
+    async def _stop_holder(self) -> None:
+        holder, self._holder = self._holder, None
+        if holder is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            holder.kill()
+        with contextlib.suppress(Exception):
+            await holder.wait()
+
+    # -- process control ------------------------------------------------------------------------
+
+    async def poll(self) -> int | None:
+        if self._pidfd is None:
+            return self._exit if self.forked else await super().poll()
+        if not _exited(self._pidfd):
+            return None
+        return await self._reaped()
+
+    async def _reaped(self) -> int:
+        assert self.zygotes is not None and self.pid is not None
+        if self._exit is not None:
+            return self._exit
+        code = self.zygotes.exit_status(self.pid)
+        for _ in range(int(EXIT_REPORT_WAIT_S / 0.01)):
+            if code is not None:
+                break
+            await asyncio.sleep(0.01)
+            code = self.zygotes.exit_status(self.pid)
+        self._exit = KILLED if code is None else code
+        return self._exit
+
+    async def wait(self) -> int | None:
+        if self._pidfd is None:
+            return self._exit if self.forked else await super().wait()
+        pidfd = self._pidfd
+        if not _exited(pidfd):
+            loop = asyncio.get_running_loop()
+            gone: asyncio.Future[None] = loop.create_future()
+
+            def exited() -> None:
+                if not gone.done():
+                    gone.set_result(None)
+
+            loop.add_reader(pidfd, exited)
+            try:
+                await gone
+            finally:
+                loop.remove_reader(pidfd)
+        code = await self._reaped()
+        os.close(pidfd)
+        self._pidfd = None
+        return code
+
+    async def send_signal(self, signum: int) -> None:
+        if self._pidfd is None:
+            if not self.forked:
+                await super().send_signal(signum)
+            return
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self._pidfd, signum)
+
+    async def kill(self, restart: bool = False) -> None:
+        if self._pidfd is None and not self.forked:
+            await super().kill(restart=restart)
+            return
+        await self.send_signal(signal.SIGKILL)
+        await self._stop_holder()  # takes the sandbox's PID namespace down with it
+
+    async def terminate(self, restart: bool = False) -> None:
+        if self._pidfd is None and not self.forked:
+            await super().terminate(restart=restart)
+            return
+        await self.send_signal(signal.SIGTERM)
+
+    async def cleanup(self, restart: bool = False) -> None:
+        await self._stop_holder()
+        if self._pidfd is not None:
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            os.close(self._pidfd)
+            self._pidfd = None
+        await super().cleanup(restart=restart)
+
+
+def _exited(pidfd: int) -> bool:
+    ready, _, _ = select.select([pidfd], [], [], 0)
+    return bool(ready)
+
+
+def _read_json(fd: int) -> str:
+    """bubblewrap's --info-fd JSON (written whole before the payload runs)."""
+    os.set_blocking(fd, False)
+    data = b""
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except BlockingIOError:
+            chunk = b""
+        if not chunk:
+            raise ValueError(f"incomplete sandbox info {data!r}")
+        data += chunk
+        with contextlib.suppress(ValueError):
+            json.loads(data)
+            return data.decode()
