@@ -82,7 +82,7 @@ class ZygoteProvisioner(SandboxProvisioner):
         env = dict(kwargs["env"])
         env.pop("JPY_PARENT_PID", None)  # no parent poller: the holder and cgroup kill govern
         req: dict[str, Any] = {
-            "module": raw[2], "args": raw[3:], "env": env,
+            "module": raw[2], "args": raw[3:], "env": env, "cmdline": raw,
             "sandboxed": sandbox.enabled,
             "cwd": WORKDIR if sandbox.enabled else str(conf.workdir),
             "cgroup_procs": [] if self.cgroup is None else [

@@ -183,6 +183,7 @@ def _become_kernel(req: dict[str, Any]) -> None:
         os.environ.clear()
         os.environ.update(env)
         time.tzset()
+        _retitle(req["cmdline"])
         _fix_paths(req, env)
         sys.argv = [req["module"], *req["args"]]
         gc.enable()
@@ -199,6 +200,25 @@ def _become_kernel(req: dict[str, Any]) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
     os._exit(code)
+
+
+def _retitle(argv: list[str]) -> None:
+    """Show the kernel's own command in /proc/<pid>/cmdline (ps, psutil), not the zygote's.
+
+    PR_SET_MM needs CAP_SYS_RESOURCE, which containers often withhold; so, as setproctitle does,
+    the title is written over the zygote's argv and environ strings (contiguous at the top of
+    the stack). Call after the environment was replaced: libc no longer points into them.
+    """
+    with open("/proc/self/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # fields[0] is stat field 3; arg_start..env_end are fields 48..51
+    arg_start, arg_end, _env_start, env_end = (int(x) for x in fields[45:49])
+    room = env_end - arg_start
+    title = " ".join(argv).encode(errors="surrogateescape")[:room - 1]
+    if len(title) < arg_end - arg_start:  # fits the argv area: a NUL-separated argv
+        title = b"\0".join(a.encode(errors="surrogateescape") for a in argv)
+    # Longer: the kernel reads a setproctitle-style title up to its NUL (psutil splits it).
+    ctypes.memmove(arg_start, title + b"\0" * (room - len(title)), room)
 
 
 def _fix_paths(req: dict[str, Any], env: dict[str, str]) -> None:
