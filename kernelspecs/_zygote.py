@@ -262,7 +262,7 @@ def _warm_up() -> int:
 
             app = IPKernelApp.instance()
             argv = ["-f", os.path.join(tmp, "c.json"), "--transport=ipc", f"--ip={tmp}/s",
-                    "--IPCompleter.use_jedi=False"]
+                    "--IPCompleter.use_jedi=False", "--HistoryManager.hist_file=:memory:"]
             app.initialize(argv)  # type: ignore[no-untyped-call]
             with contextlib.suppress(Exception):
                 app.shell.run_cell("1", store_history=False, silent=True)  # type: ignore
