@@ -20,7 +20,7 @@ from .job_sessions import JobSessions
 from .jobs import SCHEMA as JOBS_SCHEMA
 from .kernels import Kernel, launch, spec_manager
 from .keypairs import Keypair, Keypairs
-from .pool import KernelPool
+from .pool import REFILL_DELAY_S, KernelPool
 from .runs import Run
 from .sandbox import Confinement, Mount, Sandbox
 from .session import Session, now_iso
@@ -55,7 +55,8 @@ class Bridge:
         self.zygotes = (Zygotes(self.sandbox.environ(Confinement(Path("/"), Path("/"))),
                                 settings.zygote_max_forks) if settings.zygote == "on" else None)
         # New sessions that fit take a pre-started kernel (bridge/pool.py), whatever the dialect.
-        self.pool = KernelPool(settings, self.start_kernel)
+        self.pool = KernelPool(settings, self.start_kernel,
+                               refill_delay=0.0 if self.zygotes is not None else REFILL_DELAY_S)
         self.sessions = Sessions(settings, self.store, self.keypairs, self.start_kernel,
                                  pool=self.pool)
         self.executions = Executions(settings, self.store, self.sessions)
