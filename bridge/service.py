@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -119,6 +120,21 @@ class Bridge:
             self.zygotes.start()
         self.pool.start()
         return Started(first_keypair=first)
+
+    def runs_in_flight(self) -> int:
+        """Runs executing right now, in every dialect (what a graceful shutdown waits for)."""
+        return sum(1 for s in self.sessions.all() if s.current is not None)
+
+    async def drain(self, grace: float, hurry: asyncio.Event) -> None:
+        """Let running runs finish, up to ``grace`` seconds or until ``hurry`` is set."""
+        deadline = asyncio.get_running_loop().time() + grace
+        while self.runs_in_flight() and not hurry.is_set():
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                log.warning("shutdown grace over with %d runs in flight", self.runs_in_flight())
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(hurry.wait(), timeout=min(0.1, left))
 
     async def stop(self) -> None:
         await cancel_and_wait(self._keypair_watch)

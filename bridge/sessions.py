@@ -312,33 +312,41 @@ class Sessions:
             run = await session._queue.get()
             session.current = run
             try:
-                await run.execute()
+                await self._run_one(session, run)
             finally:
+                # Only once the outcome is stored: a graceful shutdown waits for this.
                 session.current = None
-                session.last_activity = time.monotonic()
-            # Before anything yields: a client told "finished, 130" must find the session in
-            # ERROR when it looks next (poll() of a local kernel does not suspend).
-            kernel = session.kernel
-            if run.state is RunState.FAILED and kernel is not None and not await kernel.is_alive():
-                session.state = SessionState.ERROR
-                session.state_reason = "kernel-died"
-                await self.store.execute(
-                    "UPDATE sessions SET state=?, state_reason=? WHERE id=?",
-                    (session.state.value, session.state_reason, session.id))
+            if run.state is RunState.TIMED_OUT and session.on_timeout == "destroy":
+                return
+
+    async def _run_one(self, session: Session, run: Run) -> None:
+        try:
+            await run.execute()
+        finally:
+            session.last_activity = time.monotonic()
+        # Before anything yields: a client told "finished, 130" must find the session in
+        # ERROR when it looks next (poll() of a local kernel does not suspend).
+        kernel = session.kernel
+        if run.state is RunState.FAILED and kernel is not None and not await kernel.is_alive():
+            session.state = SessionState.ERROR
+            session.state_reason = "kernel-died"
             await self.store.execute(
-                "UPDATE runs SET status=?, exit_code=?, finished_at=? WHERE session_id=? AND"
-                " run_id=?", (run.state.value, run.exit_code, now_iso(), session.id, run.run_id))
-            # Keep only runs a client may still be reading; drop the old finished ones.
-            if len(session.runs) > 64:
-                for rid in [r for r, x in session.runs.items() if x.done][:-32]:
-                    del session.runs[rid]
-            if run.state is RunState.TIMED_OUT:
-                if session.on_timeout == "destroy":
-                    spawn(self._destroy_quietly(session, "exec-timeout"))
-                    return
-                # Inline, not as a task: the next queued run must find the new kernel, not the
-                # old one still busy with the timed-out code.
-                await self._restart_quietly(session)
+                "UPDATE sessions SET state=?, state_reason=? WHERE id=?",
+                (session.state.value, session.state_reason, session.id))
+        await self.store.execute(
+            "UPDATE runs SET status=?, exit_code=?, finished_at=? WHERE session_id=? AND"
+            " run_id=?", (run.state.value, run.exit_code, now_iso(), session.id, run.run_id))
+        # Keep only runs a client may still be reading; drop the old finished ones.
+        if len(session.runs) > 64:
+            for rid in [r for r, x in session.runs.items() if x.done][:-32]:
+                del session.runs[rid]
+        if run.state is RunState.TIMED_OUT:
+            if session.on_timeout == "destroy":
+                spawn(self._destroy_quietly(session, "exec-timeout"))
+                return
+            # Inline, not as a task: the next queued run must find the new kernel, not the
+            # old one still busy with the timed-out code.
+            await self._restart_quietly(session)
 
     async def _destroy_quietly(self, session: Session, reason: str) -> None:
         with contextlib.suppress(SessionNotFound):

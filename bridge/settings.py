@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     # Python kernels forked from a pre-imported zygote (bridge/zygote.py); "off": cold starts.
     zygote: Literal["on", "off"] = "on"
     zygote_max_forks: int = Field(500, ge=1)  # then a fresh zygote (new hash secret, ASLR)
+    # SIGTERM: stop accepting, let running runs finish this long, then stop (a second signal
+    # stops at once).
+    shutdown_grace_s: float = Field(30.0, ge=0)
 
     # Session limits (Backend.AI seed 001/002). Zero means "no limit".
     default_query_timeout_ms: int = Field(0, ge=0)
