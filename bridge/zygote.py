@@ -46,6 +46,7 @@ FORK_TIMEOUT_S = 10.0
 RESTART_BACKOFF_S = 5.0
 GROWTH_LIMIT_BYTES = 48 * 1024 * 1024  # the template's own private growth that retires it
 GROWTH_CHECK_EVERY = 25
+MAX_UNCLAIMED_EXITS = 1024
 
 
 class ZygoteUnavailable(RuntimeError):
@@ -121,6 +122,8 @@ class ZygoteProcess:
     def _message(self, msg: dict[str, Any], fds: list[int]) -> None:
         if "exit" in msg:
             self.exits[int(msg["exit"])] = int(msg["status"])
+            while len(self.exits) > MAX_UNCLAIMED_EXITS:  # kernels nobody polled after a kill
+                del self.exits[next(iter(self.exits))]
         elif msg.get("ready"):
             with contextlib.suppress(OSError):
                 self.baseline = private_bytes(self.pid)

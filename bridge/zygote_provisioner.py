@@ -119,8 +119,10 @@ class ZygoteProvisioner(SandboxProvisioner):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + LISTEN_TIMEOUT_S
         while not all(os.path.exists(p) for p in paths):
-            if _exited(self._pidfd) or loop.time() > deadline:
-                return  # the client's wait_for_ready reports it
+            if _exited(self._pidfd):  # a forked kernel that cannot start: start it cold
+                raise ZygoteUnavailable("the forked kernel exited while starting")
+            if loop.time() > deadline:
+                return  # the client's readiness wait reports it
             await asyncio.sleep(LISTEN_POLL_S)
 
     def _package_in_sandbox(self) -> str:

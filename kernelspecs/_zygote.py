@@ -188,6 +188,9 @@ def _become_kernel(req: dict[str, Any]) -> None:
         sys.argv = [req["module"], *req["args"]]
         gc.enable()
         _reseed()
+        # runpy would reuse a preloaded entry module's loader, which reads the host path of
+        # its source; imported afresh it is found where the sandbox shows our package.
+        sys.modules.pop(req["module"], None)
         runpy.run_module(req["module"], run_name="__main__", alter_sys=True)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
