@@ -52,6 +52,7 @@ test: venv sdk-venv sandbox-tools
 
 bench: venv sandbox-tools
 	$(BIN)/python bench/latency.py
+	$(BIN)/python bench/kernel_start.py
 	$(BIN)/python bench/oneshot.py
 	$(BIN)/python bench/languages.py
 

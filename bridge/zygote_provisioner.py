@@ -80,7 +80,11 @@ class ZygoteProvisioner(SandboxProvisioner):
     async def _fork(self, raw: list[str], kwargs: dict[str, Any]) -> None:
         assert self.zygotes is not None
         sandbox, conf = self.sandbox, self.confinement
-        env = dict(kwargs["env"])
+        # The kernel's own environment (client values included): applied only inside, by the
+        # child, after it dropped its privileges. (With the hostile-tenants launcher the
+        # provisioner's kwargs hold the host-side environment instead.)
+        kernel_environ = getattr(sandbox, "kernel_environ", None)
+        env = dict(kernel_environ(conf) if kernel_environ is not None else kwargs["env"])
         env.pop("JPY_PARENT_PID", None)  # no parent poller: the holder and cgroup kill govern
         req: dict[str, Any] = {
             "module": raw[2], "args": raw[3:], "env": env, "cmdline": raw,
@@ -92,6 +96,11 @@ class ZygoteProvisioner(SandboxProvisioner):
             if sandbox.enabled and self.cgroup is None and conf.mem_bytes else 0,
             "zygote_pythonpath": self.zygotes.pythonpath,
             "kernel_package": self._package_in_sandbox(),
+            # The cold kernel's confinement from the sandbox launcher: its uid and seccomp.
+            "uid": getattr(sandbox, "uid", None) if sandbox.enabled else None,
+            "gid": getattr(sandbox, "gid", None) if sandbox.enabled else None,
+            "seccomp": bytes(getattr(sandbox, "seccomp_bpf", b"") or b"").hex()
+            if sandbox.enabled else "",
         }
         fds: list[int] = []
         if sandbox.enabled:
@@ -137,13 +146,21 @@ class ZygoteProvisioner(SandboxProvisioner):
 
     async def _start_holder(self) -> list[int]:
         """The kernel's sandbox with the holder in it → [pidfd, root dir fd] of the sandbox."""
-        argv = self.sandbox.wrap(list(HOLDER), self.confinement)
+        host_launch = getattr(self.sandbox, "host_launch", None)
+        launch = None
+        if host_launch is not None:  # bwrap's arguments on a descriptor, an in-sandbox launcher
+            launch = host_launch(list(HOLDER), self.confinement, HOLDER_ENV)
+            argv = [launch.executable, *launch.argv[1:]]
+            env, keep = dict(launch.env), list(launch.fds)
+        else:
+            argv = self.sandbox.wrap(list(HOLDER), self.confinement)
+            env, keep = dict(HOLDER_ENV), []
         info_r, info_w = os.pipe()
         try:
             argv[1:1] = ["--info-fd", str(info_w)]
             self._holder = await asyncio.create_subprocess_exec(
                 *self._in_cgroup(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                env=HOLDER_ENV, pass_fds=(info_w,))
+                env=env, pass_fds=(info_w, *keep))
             os.close(info_w)
             info_w = -1
             assert self._holder.stdout is not None
@@ -169,6 +186,8 @@ class ZygoteProvisioner(SandboxProvisioner):
             os.close(info_r)
             if info_w >= 0:
                 os.close(info_w)
+            if launch is not None:  # the child has its copies (or there is no child)
+                launch.close()
 
     def _in_cgroup(self, argv: list[str]) -> list[str]:
         """``argv`` behind a shell that joins the kernel's cgroups and sets its rlimits, then
