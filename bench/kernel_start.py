@@ -37,7 +37,7 @@ from jupyter_client.manager import AsyncKernelManager  # noqa: E402
 from bench.oneshot import cold_once, one_shot  # noqa: E402
 from bridge.kernels import Kernel, launch, spec_manager  # noqa: E402
 from bridge.pool import warm_up  # noqa: E402
-from bridge.sandbox import Confinement, Sandbox  # noqa: E402
+from bridge.sandbox import Confinement, Sandbox, base_environ  # noqa: E402
 from bridge.zygote import Zygotes  # noqa: E402
 from tests.support import run_server  # noqa: E402
 
@@ -133,7 +133,7 @@ async def memory(kernels: list[Kernel]) -> tuple[float, float]:
 
 async def starts_and_memory(args: argparse.Namespace) -> dict[str, float]:
     sandbox = Sandbox("auto", pids=256)
-    zygotes = Zygotes(sandbox.environ(Confinement(Path("/"), Path("/"))), 10_000)
+    zygotes = Zygotes(base_environ({}, sandbox.tool_path), 10_000)
     zygotes.start()
     assert zygotes.current is not None
     await zygotes.current.ready

@@ -23,7 +23,7 @@ from .kernels import Kernel, launch, spec_manager
 from .keypairs import Keypair, Keypairs
 from .pool import REFILL_DELAY_S, KernelPool
 from .runs import Run
-from .sandbox import Confinement, Mount, Sandbox
+from .sandbox import Confinement, Mount, Sandbox, base_environ
 from .session import Session, now_iso
 from .sessions import Sessions
 from .settings import Settings
@@ -53,8 +53,9 @@ class Bridge:
         self.keypairs = Keypairs(self.store, settings.default_concurrency)
         self._keypair_watch: asyncio.Task[None] | None = None
         self.kernelspecs = spec_manager()
-        self.zygotes = (Zygotes(self.sandbox.environ(Confinement(Path("/"), Path("/"))),
-                                settings.zygote_max_forks) if settings.zygote == "on" else None)
+        # The zygote's own environment: a kernel's, without any client's values.
+        self.zygotes = (Zygotes(base_environ({}, self.sandbox.tool_path), settings.zygote_max_forks)
+                        if settings.zygote == "on" else None)
         # New sessions that fit take a pre-started kernel (bridge/pool.py), whatever the dialect.
         self.pool = KernelPool(settings, self.start_kernel,
                                refill_delay=0.0 if self.zygotes is not None else REFILL_DELAY_S)
