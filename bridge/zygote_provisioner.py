@@ -150,8 +150,11 @@ class ZygoteProvisioner(SandboxProvisioner):
         launch = None
         if host_launch is not None:  # bwrap's arguments on a descriptor, an in-sandbox launcher
             launch = host_launch(list(HOLDER), self.confinement, HOLDER_ENV)
-            argv = [launch.executable, *launch.argv[1:]]
+            argv = list(launch.argv)  # argv[0] is "bwrap": the sandbox's pid 1 shows no path
             env, keep = dict(launch.env), list(launch.fds)
+            # The shell below finds that bwrap where the sandbox chose it, and nowhere else.
+            env["PATH"] = os.pathsep.join([os.path.dirname(launch.executable),
+                                           env.get("PATH", "")]).rstrip(os.pathsep)
         else:
             argv = self.sandbox.wrap(list(HOLDER), self.confinement)
             env, keep = dict(HOLDER_ENV), []
