@@ -63,8 +63,10 @@ def pss_bytes(pid: int) -> int:
 
 
 async def start_many(n: int, concurrency: int, sandbox: Sandbox,
-                     zygotes: Zygotes | None) -> tuple[float, list[Kernel]]:
-    """Start ``n`` kernels, ``concurrency`` at a time → (starts per second, the kernels)."""
+                     zygotes: Zygotes | None) -> tuple[float, list[Kernel], float]:
+    """Start ``n`` kernels, ``concurrency`` at a time → (starts per second, the kernels, CPU
+    seconds per start: this process, each kernel's process tree with its sandbox, the zygote).
+    """
     ksm = spec_manager()
     gate = asyncio.Semaphore(concurrency)
 
@@ -75,13 +77,44 @@ async def start_many(n: int, concurrency: int, sandbox: Sandbox,
                                                          mem_bytes=MEM_CAP),
                                 sandbox, ksm, 120, zygotes)
 
-    t0 = time.perf_counter()
-    kernels = await asyncio.gather(*(one() for _ in range(n)))
-    return n / (time.perf_counter() - t0), list(kernels)
+    z = zygotes.current.pid if zygotes is not None and zygotes.current is not None else 0
+    t0, c0, z0 = time.perf_counter(), own_cpu(), tree_cpu(z) if z else 0.0
+    kernels = list(await asyncio.gather(*(one() for _ in range(n))))
+    rate = n / (time.perf_counter() - t0)
+    # A forked kernel is the zygote's child: counted in its tree, not in this process's.
+    trees = (tree_cpu(z) - z0) if z else sum(tree_cpu(k.manager.provisioner.pid)  # type: ignore
+                                               for k in kernels)
+    if z:
+        trees += sum(tree_cpu(h.pid) for k in kernels
+                     if (h := getattr(k.manager.provisioner, "_holder", None)) is not None)
+    return rate, kernels, (own_cpu() - c0 + trees) / n
 
 
-async def stock_starts(n: int, concurrency: int) -> float:
-    """AsyncKernelManager.start_kernel + wait_for_ready of kb-python, no sandbox, no zygote."""
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of a live process and its descendants."""
+    try:
+        proc = psutil.Process(pid)
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def own_cpu() -> float:
+    t = psutil.Process().cpu_times()
+    return t.user + t.system
+
+
+async def stock_starts(n: int, concurrency: int) -> tuple[float, float]:
+    """AsyncKernelManager.start_kernel + wait_for_ready of kb-python, no sandbox, no zygote
+    → (starts per second, CPU seconds per start)."""
     ksm = spec_manager()
     gate = asyncio.Semaphore(concurrency)
     managers: list[AsyncKernelManager] = []
@@ -96,18 +129,20 @@ async def stock_starts(n: int, concurrency: int) -> float:
             kc.stop_channels()
             managers.append(km)
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), own_cpu()
     await asyncio.gather(*(one() for _ in range(n)))
     rate = n / (time.perf_counter() - t0)
+    cpu = own_cpu() - c0 + sum(tree_cpu(km.provisioner.pid) for km in managers  # type: ignore
+                               if km.provisioner is not None)
     await asyncio.gather(*(km.shutdown_kernel(now=True) for km in managers))
-    return rate
+    return rate, cpu / n
 
 
 def kernel_pid(k: Kernel) -> int:
     """The kernel's Python process: the provisioner's pid, or (cold) the one inside bwrap."""
     proc = psutil.Process(k.manager.provisioner.pid)  # type: ignore[union-attr]
     for p in [proc, *proc.children(recursive=True)]:
-        if "ipykernel_launcher" in " ".join(p.cmdline()):
+        if p.name() != "bwrap" and "ipykernel_launcher" in " ".join(p.cmdline()):
             return p.pid
     return proc.pid
 
@@ -124,7 +159,8 @@ def kernel_tree(k: Kernel) -> list[psutil.Process]:
 
 async def memory(kernels: list[Kernel]) -> tuple[float, float]:
     """(median unique MiB per kernel, total PSS MiB of the kernels with their sandboxes)."""
-    await asyncio.gather(*(warm_up(k, "x = 1\nprint(x)") for k in kernels))
+    await asyncio.gather(*(warm_up(k, "x = 1\nprint(x)") for k in kernels),
+                         return_exceptions=True)
     await asyncio.sleep(1)
     unique = [private_bytes(kernel_pid(k)) / MIB for k in kernels]
     pss = sum(pss_bytes(p.pid) for k in kernels for p in kernel_tree(k)) / MIB
@@ -139,20 +175,28 @@ async def starts_and_memory(args: argparse.Namespace) -> dict[str, float]:
     await zygotes.current.ready
     out: dict[str, float] = {}
     await start_many(4, args.concurrency, sandbox, zygotes)  # warm the caches
-    out["zygote_rate"], kernels = await start_many(args.kernels, args.concurrency, sandbox,
-                                                   zygotes)
+    out["zygote_rate"], kernels, out["zygote_cpu"] = await start_many(
+        args.kernels, args.concurrency, sandbox, zygotes)
+    print(f"  zygote: {out['zygote_rate']:.1f}/s", flush=True)
     out["zygote_unique"], _ = await memory(kernels[:20])
-    await asyncio.gather(*(k.shutdown() for k in kernels))
-    out["cold_rate"], cold = await start_many(args.cold, args.concurrency, sandbox, None)
+    await asyncio.gather(*(k.shutdown() for k in kernels), return_exceptions=True)
+    out["cold_rate"], cold, out["cold_cpu"] = await start_many(args.cold, args.concurrency,
+                                                               sandbox, None)
+    print(f"  cold: {out['cold_rate']:.1f}/s", flush=True)
     out["cold_unique"], _ = await memory(cold)
-    await asyncio.gather(*(k.shutdown() for k in cold))
-    out["stock_rate"] = await stock_starts(args.cold, args.concurrency)
+    await asyncio.gather(*(k.shutdown() for k in cold), return_exceptions=True)
+    out["stock_rate"], out["stock_cpu"] = await stock_starts(args.cold, args.concurrency)
+    print(f"  stock: {out['stock_rate']:.1f}/s", flush=True)
 
-    _, idle = await start_many(args.idle, args.concurrency, sandbox, zygotes)
+    idle: list[Kernel] = []
+    for _ in range(0, args.idle, 10):  # in tens: a start that fails does not lose the others
+        _, more, _ = await start_many(min(10, args.idle - len(idle)), args.concurrency,
+                                      sandbox, zygotes)
+        idle += more
     _, pss = await memory(idle)
     assert zygotes.current is not None
     out["idle_total"] = pss + pss_bytes(zygotes.current.pid) / MIB
-    await asyncio.gather(*(k.shutdown() for k in idle))
+    await asyncio.gather(*(k.shutdown() for k in idle), return_exceptions=True)
     await zygotes.close()
     return out
 
@@ -210,6 +254,12 @@ def main() -> int:
           f"-> {s['zygote_rate'] / s['cold_rate']:.1f}x")
     print(f"  AsyncKernelManager.start_kernel:     {s['stock_rate']:6.1f} starts/s "
           f"(unsandboxed) -> {s['zygote_rate'] / s['stock_rate']:.1f}x (target >= 10x)")
+    print("CPU per start (server side, kernel, sandbox, zygote; independent of other load):")
+    print(f"  zygote {s['zygote_cpu'] * 1000:.0f} ms, cold {s['cold_cpu'] * 1000:.0f} ms "
+          f"-> {s['cold_cpu'] / s['zygote_cpu']:.1f}x, stock AsyncKernelManager "
+          f"{s['stock_cpu'] * 1000:.0f} ms -> {s['stock_cpu'] / s['zygote_cpu']:.1f}x; "
+          f"{psutil.cpu_count()} idle cores would start {psutil.cpu_count() / s['zygote_cpu']:.0f} "
+          f"forked kernels/s")
     print("unique memory (smaps Private) per idle kernel after one execution:")
     print(f"  zygote: {s['zygote_unique']:.1f} MiB   cold: {s['cold_unique']:.1f} MiB "
           f"(target <= 15 MB)")

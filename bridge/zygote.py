@@ -155,8 +155,13 @@ class ZygoteProcess:
         self.replies.clear()
         if not self.closed.done():
             self.closed.set_result(None)
-        with contextlib.suppress(Exception):
-            self.proc.wait(timeout=1)
+        self._reap()
+
+    def _reap(self, tries: int = 100) -> None:
+        """Reap the exited zygote without blocking the loop (it exits just after its socket
+        closes)."""
+        if self.proc.poll() is None and tries > 0:
+            asyncio.get_running_loop().call_later(0.05, self._reap, tries - 1)
 
     @property
     def alive(self) -> bool:

@@ -53,7 +53,7 @@ class ZygoteProvisioner(SandboxProvisioner):
     zygotes: Zygotes | None = None
     forked = False  # whether the running kernel came from the zygote
     _pidfd: int | None = None
-    _holder: asyncio.subprocess.Process | None = None
+    _holder: subprocess.Popen[bytes] | None = None
     _exit: int | None = None
 
     @property
@@ -161,14 +161,17 @@ class ZygoteProvisioner(SandboxProvisioner):
         info_r, info_w = os.pipe()
         try:
             argv[1:1] = ["--info-fd", str(info_w)]
-            self._holder = await asyncio.create_subprocess_exec(
-                *self._in_cgroup(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            # Popen, not asyncio's subprocess: without a preexec_fn it spawns with vfork, and
+            # asyncio's child watcher would keep a thread per holder for the kernel's life.
+            self._holder = subprocess.Popen(
+                self._in_cgroup(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                 env=env, pass_fds=(info_w, *keep))
             os.close(info_w)
             info_w = -1
             assert self._holder.stdout is not None
             async with asyncio.timeout(HOLDER_TIMEOUT_S):
-                line = await self._holder.stdout.readline()
+                line = await _read_line(self._holder.stdout.fileno())
+            self._holder.stdout.close()
             if not line:
                 raise ZygoteUnavailable("the sandbox did not start")
             child = int(json.loads(_read_json(info_r))["child-pid"])
@@ -222,8 +225,13 @@ class ZygoteProvisioner(SandboxProvisioner):
             return
         with contextlib.suppress(ProcessLookupError):
             holder.kill()
-        with contextlib.suppress(Exception):
-            await holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
+        for _ in range(200):  # bwrap exits at once on SIGKILL; reap it without a thread
+            if holder.poll() is not None:
+                return
+            await asyncio.sleep(0.01)
+        log.warning("the sandbox holder of kernel %s did not exit", self.kernel_id)
 
     # -- process control ------------------------------------------------------------------------
 
@@ -252,18 +260,7 @@ class ZygoteProvisioner(SandboxProvisioner):
             return self._exit if self.forked else await super().wait()
         pidfd = self._pidfd
         if not _exited(pidfd):
-            loop = asyncio.get_running_loop()
-            gone: asyncio.Future[None] = loop.create_future()
-
-            def exited() -> None:
-                if not gone.done():
-                    gone.set_result(None)
-
-            loop.add_reader(pidfd, exited)
-            try:
-                await gone
-            finally:
-                loop.remove_reader(pidfd)
+            await _readable(pidfd)
         code = await self._reaped()
         os.close(pidfd)
         self._pidfd = None
@@ -303,6 +300,35 @@ class ZygoteProvisioner(SandboxProvisioner):
 def _exited(pidfd: int) -> bool:
     ready, _, _ = select.select([pidfd], [], [], 0)
     return bool(ready)
+
+
+async def _readable(fd: int) -> None:
+    """Wait until ``fd`` (a pipe, a pidfd) reads ready, on the event loop."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, wake)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
+
+
+async def _read_line(fd: int) -> bytes:
+    """One line from a pipe, read on the event loop; b"" at end-of-file."""
+    os.set_blocking(fd, False)
+    data = b""
+    while not data.endswith(b"\n"):
+        await _readable(fd)
+        chunk = os.read(fd, 256)
+        if not chunk:
+            return b""
+        data += chunk
+    return data
 
 
 def _read_json(fd: int) -> str:

@@ -196,3 +196,25 @@ def test_only_plain_python_kernels_in_a_plain_environment_are_forked() -> None:
     assert not forkable(cmd, {"PYTHONHASHSEED": "0"})
     assert not forkable(["/usr/bin/node", "-m", "ipykernel_launcher"], {})
     assert not forkable([sys.executable, "-m", "some_other_kernel"], {})
+
+
+def test_zygote_recycled_after_max_forks_and_its_kernels_live_on() -> None:
+    with run_server(zygote="on", zygote_max_forks="2", pool_python="0") as s, s.client() as api:
+        first = zygote_of(s)
+        names = [create(api) for _ in range(2)]
+        assert all(probe(api, n)["ppid"] == 0 for n in names)
+        third = create(api)  # past max_forks: a fresh zygote forks it
+        assert probe(api, third)["ppid"] == 0
+        zygotes = [p for p in psutil.Process(s.process.pid).children()
+                   if "kernelspecs._zygote" in " ".join(p.cmdline())]
+        assert first.pid in {z.pid for z in zygotes} and len(zygotes) == 2
+        # The retired zygote still reaps its kernels; they keep working.
+        assert probe(api, names[0])["ppid"] == 0
+        for n in names:
+            api.delete(f"/session/{n}")
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and first.is_running() and \
+                first.status() != psutil.STATUS_ZOMBIE:
+            time.sleep(0.2)
+        assert not first.is_running() or first.status() == psutil.STATUS_ZOMBIE  # it left
+        api.delete(f"/session/{third}")
