@@ -298,8 +298,9 @@ class ZygoteProvisioner(SandboxProvisioner):
 
 
 def _exited(pidfd: int) -> bool:
-    ready, _, _ = select.select([pidfd], [], [], 0)
-    return bool(ready)
+    poller = select.poll()  # not select(): a busy server's descriptors pass 1024
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 async def _readable(fd: int) -> None:
