@@ -19,12 +19,14 @@ import sys
 
 from tornado.httpserver import HTTPServer
 
+from bridge import doctor
 from bridge.datadir import DataDirLock
 from bridge.errors import StartupRefused
 from bridge.service import Bridge
 from bridge.settings import Settings
 
 from .app import make_app
+from .logs import configure as configure_logging
 
 log = logging.getLogger("kernel_bridge")
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -123,12 +125,35 @@ def bind(host: str, port: int) -> list[socket.socket]:
         raise PortInUse(host, port, reason or str(exc)) from None
 
 
-def run(settings: Settings) -> int:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def run(settings: Settings, unsafe: bool = False) -> int:
+    configure_logging(settings.log_format)
+    if not preflight(settings, unsafe):
+        return 2
     try:
         asyncio.run(serve(settings))
     except StartupRefused as exc:
         print(f"kernel-bridge: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def preflight(settings: Settings, unsafe: bool) -> bool:
+    """``kernel-bridge doctor``'s checks (toolchain versions aside): False means do not start."""
+    report = doctor.run(settings, versions=False)
+    for check in report.checks:
+        if check.verdict in ("warn", "skip"):
+            log.warning("doctor: %s: %s%s", check.name, check.detail,
+                        f" (fix: {check.fix})" if check.fix else "")
+    failed = report.failures()
+    if not failed:
+        return True
+    for check in failed:
+        print(f"kernel-bridge: {check.name}: {check.detail}\n  fix: {check.fix}",
+              file=sys.stderr, flush=True)
+    if unsafe:
+        log.warning("UNSAFE: starting despite %d failed check(s) (--unsafe)", len(failed))
+        return True
+    print("kernel-bridge: refusing to start (run `kernel-bridge doctor`; --unsafe starts "
+          "anyway, --no-sandbox runs kernels unconfined)", file=sys.stderr, flush=True)
+    return False
+

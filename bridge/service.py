@@ -6,11 +6,12 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import batch
+from . import batch, metrics
 from .errors import AuthFailed
 from .executions import SCHEMA as EXECUTIONS_SCHEMA
 from .executions import Executions
@@ -48,6 +49,8 @@ class Bridge:
         # files) is masked in kernels should the operator put it under a bound tree.
         self.sandbox = Sandbox(settings.sandbox, hide=(settings.data_dir,),
                                pids=settings.max_pids)
+        if settings.python_env is not None:
+            self.sandbox.add_python_env(settings.python_env)
         self.store = Store(settings.db_path, extra_schema=[*FOLDERS_SCHEMA, *JOBS_SCHEMA,
                                                              *EXECUTIONS_SCHEMA])
         self.keypairs = Keypairs(self.store, settings.default_concurrency)
@@ -67,11 +70,20 @@ class Bridge:
         self.gateway = Gateway(self.sessions, self.kernelspecs)
         self.jobs = JobSessions(settings, self.store, self.keypairs, self.sessions,
                                 open_ttl=settings.job_open_ttl_s)
+        metrics.watch(self)
 
     async def start_kernel(self, spec: str, confinement: Confinement) -> Kernel:
         """The one launch function: every kernel of every dialect starts here."""
-        return await launch(spec, confinement, self.sandbox, self.kernelspecs,
-                            self.settings.kernel_start_timeout, self.zygotes)
+        started = time.monotonic()
+        try:
+            return await launch(spec, confinement, self.sandbox, self.kernelspecs,
+                                self.settings.kernel_start_timeout,
+                                python=self.settings.python_interpreter, zygotes=self.zygotes)
+        except Exception:
+            metrics.KERNEL_START_FAILURES.labels(spec).inc()
+            raise
+        finally:
+            metrics.KERNEL_STARTS.labels(spec).observe(time.monotonic() - started)
 
     async def mounts_for(self, access_key: str, specs: list[str]) -> tuple[Mount, ...]:
         """Resolve ``name`` / ``name:alias`` mount specs to this keypair's folders.

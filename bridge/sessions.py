@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from . import metrics
 from .channels import Channels
 from .errors import (
     InvalidRequest,
@@ -124,8 +125,9 @@ class Sessions:
             raise InvalidRequest("This keypair is inactive and may not create sessions.")
         if network and not self.settings.allow_network:
             raise InvalidRequest("Network access for sessions is disabled on this server.")
-        if counts_for_quota and len(self.all(access_key)) >= kp.concurrency:
-            raise QuotaExceeded(kp.concurrency)
+        limit = self.settings.concurrency_for(origin, kp.concurrency)
+        if counts_for_quota and len(self.all(access_key)) >= limit:
+            raise QuotaExceeded(limit)
         sid = str(uuid.uuid4())
         # A pooled kernel brings its own working dir; the session adopts it (_attach_kernel).
         workdir = self.settings.sessions_dir / sid
@@ -160,6 +162,8 @@ class Sessions:
         kernel: Kernel | None = None
         if fresh and self.pool is not None:
             kernel = await self.pool.take(session.language, session.confinement())
+            metrics.POOL_TAKES.labels(session.language.name,
+                                      "miss" if kernel is None else "hit").inc()
         if kernel is None:
             session.workdir.mkdir(parents=True, mode=0o700, exist_ok=True)
             kernel = await self._start_kernel(session.language.kernelspec,
@@ -182,6 +186,8 @@ class Sessions:
             while not session._queue.empty():
                 session._queue.get_nowait().cancel(f"Session ended: {reason}.")
             kernels = [(session.kernel, session.channels), *session.extra_kernels.values()]
+            metrics.kernels_stopped([k for k, _ in kernels if k is not None],
+                                    session.language.name)
             session.kernel, session.channels, session.extra_kernels = None, None, {}
             await asyncio.gather(*(self._stop_kernel(k, c) for k, c in kernels),
                                  return_exceptions=True)
@@ -327,7 +333,10 @@ class Sessions:
         # Before anything yields: a client told "finished, 130" must find the session in
         # ERROR when it looks next (poll() of a local kernel does not suspend).
         kernel = session.kernel
-        if run.state is RunState.FAILED and kernel is not None and not await kernel.is_alive():
+        died = run.state is RunState.FAILED and kernel is not None and not await kernel.is_alive()
+        metrics.run_ended(run, session.language.name, died,
+                          died and kernel is not None and _oom_killed(kernel))
+        if died:
             session.state = SessionState.ERROR
             session.state_reason = "kernel-died"
             await self.store.execute(
@@ -383,3 +392,8 @@ class Sessions:
 def _remove_children(directory: Path) -> None:
     for child in directory.iterdir():
         shutil.rmtree(child, ignore_errors=True)
+
+
+def _oom_killed(kernel: Kernel) -> bool:
+    cg = kernel.cgroup
+    return cg is not None and cg.oom_kills() > 0

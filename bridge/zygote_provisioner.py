@@ -69,11 +69,15 @@ class ZygoteProvisioner(SandboxProvisioner):
             try:
                 await self._fork(raw, kwargs)
                 self.forked = True
+                stderr = getattr(self, "stderr", None)
+                if stderr is not None:  # the kernel has its copy of the relay's pipe
+                    stderr.launched()
                 return self.connection_info
             except ZygoteUnavailable as exc:
                 log.info("kernel %s starts cold: %s", self.kernel_id, exc)
                 await self._abandon()
-        return await super().launch_kernel(cmd, **kwargs)
+        info: KernelConnectionInfo = await super().launch_kernel(cmd, **kwargs)
+        return info
 
     # -- the forked path ------------------------------------------------------------------------
 
@@ -105,8 +109,12 @@ class ZygoteProvisioner(SandboxProvisioner):
         fds: list[int] = []
         if sandbox.enabled:
             fds = await self._start_holder()
+        # The kernel's stderr: the relay's pipe when the provisioner has one, else the server's.
+        err = kwargs.get("stderr")
+        relay = [err] if isinstance(err, int) and err >= 0 else []
+        req["stderr"] = bool(relay)
         try:
-            pid, pidfd, _z = await self.zygotes.fork(req, fds)
+            pid, pidfd, _z = await self.zygotes.fork(req, [*fds, *relay])
         finally:
             for fd in fds:
                 os.close(fd)

@@ -365,10 +365,13 @@ class Zygote:
             raise RuntimeError("zygote is not single-threaded; refusing to fork")
         req["zygote"] = self.pid
         self.forks += 1
+        stderr = fds[-1] if req.get("stderr") and fds else -1
         if not req.get("sandboxed"):
             pid = os.fork()
             if pid == 0:
                 self._after_fork()
+                if stderr >= 0:
+                    os.dup2(stderr, 2)
                 for procs in req.get("cgroup_procs", []):
                     with open(procs, "w") as f:
                         f.write(str(os.getpid()))
@@ -382,6 +385,8 @@ class Zygote:
             try:
                 os.close(r)
                 self._after_fork()
+                if stderr >= 0:
+                    os.dup2(stderr, 2)  # before the sandbox: the kernel keeps it as its fd 2
                 _enter_sandbox(req, holder, root)
                 kernel = os.fork()
                 if kernel == 0:
