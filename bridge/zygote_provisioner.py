@@ -90,8 +90,10 @@ class ZygoteProvisioner(SandboxProvisioner):
         kernel_environ = getattr(sandbox, "kernel_environ", None)
         env = dict(kernel_environ(conf) if kernel_environ is not None else kwargs["env"])
         env.pop("JPY_PARENT_PID", None)  # no parent poller: the holder and cgroup kill govern
+        # What holds client values goes in a memfd that only the kernel reads (_payload).
+        payload = {"env": env, "args": raw[3:], "cmdline": raw}
         req: dict[str, Any] = {
-            "module": raw[2], "args": raw[3:], "env": env, "cmdline": raw,
+            "module": raw[2],
             "sandboxed": sandbox.enabled,
             "cwd": WORKDIR if sandbox.enabled else str(conf.workdir),
             "cgroup_procs": [] if self.cgroup is None else [
@@ -112,9 +114,11 @@ class ZygoteProvisioner(SandboxProvisioner):
         # The kernel's stderr: the relay's pipe when the provisioner has one, else the server's.
         err = kwargs.get("stderr")
         relay = [err] if isinstance(err, int) and err >= 0 else []
-        req["stderr"] = bool(relay)
         try:
-            pid, pidfd, _z = await self.zygotes.fork(req, [*fds, *relay])
+            fds.append(_memfd(json.dumps(payload).encode()))
+            req["fds"] = [*(["holder", "root"] if sandbox.enabled else []),
+                          *(["stderr"] if relay else []), "payload"]
+            pid, pidfd, _z = await self.zygotes.fork(req, [*fds[:-1], *relay, fds[-1]])
         finally:
             for fd in fds:
                 os.close(fd)
@@ -303,6 +307,20 @@ class ZygoteProvisioner(SandboxProvisioner):
             os.close(self._pidfd)
             self._pidfd = None
         await super().cleanup(restart=restart)
+
+
+def _memfd(data: bytes) -> int:
+    """An in-memory file holding ``data``, positioned at its start."""
+    fd = os.memfd_create("kb-kernel", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _exited(pidfd: int) -> bool:

@@ -154,10 +154,23 @@ def _enter_sandbox(req: dict[str, Any], holder: int, root: int) -> None:
     os.close(holder)
 
 
-def _become_kernel(req: dict[str, Any]) -> None:
+def _read_payload(fd: int) -> dict[str, Any]:
+    """The kernel's own part of the request (its environment, client values included, and
+    argv), from the memfd the server wrote: read only here, in the kernel, so no tenant's
+    values ever sit in the zygote's memory, which every later kernel starts from."""
+    chunks = []
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+    os.close(fd)
+    payload: dict[str, Any] = json.loads(b"".join(chunks))
+    return payload
+
+
+def _become_kernel(req: dict[str, Any], payload_fd: int) -> None:
     """Runs in the kernel process: confine, take the kernel's identity, run its module."""
     code = 0
     try:
+        req = {**req, **_read_payload(payload_fd)}
         os.setsid()  # bwrap --new-session: no TIOCSTI into anyone's terminal
         null = os.open("/dev/null", os.O_RDWR)
         os.dup2(null, 0)
@@ -365,7 +378,9 @@ class Zygote:
             raise RuntimeError("zygote is not single-threaded; refusing to fork")
         req["zygote"] = self.pid
         self.forks += 1
-        stderr = fds[-1] if req.get("stderr") and fds else -1
+        # Descriptors by name: [holder, root] when sandboxed, [stderr], then the payload.
+        named = dict(zip(req["fds"], fds, strict=True))
+        stderr, payload = named.get("stderr", -1), named["payload"]
         if not req.get("sandboxed"):
             pid = os.fork()
             if pid == 0:
@@ -375,10 +390,10 @@ class Zygote:
                 for procs in req.get("cgroup_procs", []):
                     with open(procs, "w") as f:
                         f.write(str(os.getpid()))
-                _become_kernel(req)
+                _become_kernel(req, payload)
             self.children.add(pid)
             return pid
-        holder, root = fds[0], fds[1]
+        holder, root = named["holder"], named["root"]
         r, w = os.pipe()
         mid = os.fork()
         if mid == 0:  # joins the sandbox, forks the kernel into its PID namespace, exits
@@ -391,7 +406,7 @@ class Zygote:
                 kernel = os.fork()
                 if kernel == 0:
                     os.close(w)
-                    _become_kernel(req)
+                    _become_kernel(req, payload)
                 os.write(w, str(kernel).encode())
                 os._exit(0)
             except BaseException:

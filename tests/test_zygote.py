@@ -7,6 +7,7 @@ init (1).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -218,3 +219,52 @@ def test_zygote_recycled_after_max_forks_and_its_kernels_live_on() -> None:
             time.sleep(0.2)
         assert not first.is_running() or first.status() == psutil.STATUS_ZOMBIE  # it left
         api.delete(f"/session/{third}")
+
+
+# The probe must not hold the value it looks for: it gets the first half and a digest of the
+# second, and reports a place where the first half is followed by the second.
+SCAN = """
+import hashlib
+head, digest = {head!r}.encode(), {digest!r}
+found = False
+with open("/proc/self/maps") as maps, open("/proc/self/mem", "rb", 0) as mem:
+    for line in maps:
+        addr, perms = line.split()[:2]
+        if not perms.startswith("r"):
+            continue
+        lo, hi = (int(x, 16) for x in addr.split("-"))
+        try:
+            mem.seek(lo)
+            data = mem.read(hi - lo)
+        except (OSError, ValueError, OverflowError):
+            continue
+        at = data.find(head)
+        while at >= 0 and not found:
+            tail = data[at + len(head):at + 2 * len(head)]
+            found = hashlib.sha256(tail).hexdigest() == digest
+            at = data.find(head, at + 1)
+print("FOUND" if found else "clean")
+"""
+
+
+def scan(secret: str) -> str:
+    half = len(secret) // 2
+    head, tail = secret[:half], secret[half:2 * half]
+    return SCAN.format(head=head, digest=hashlib.sha256(tail.encode()).hexdigest())
+
+
+def test_no_tenant_value_reaches_a_later_kernels_memory(srv: Server, api: Client) -> None:
+    """Another tenant's environment goes to its own kernel only: the zygote never reads it,
+    so no later kernel (forked from the zygote's memory) can find it in its own memory."""
+    secret = uuid.uuid4().hex + uuid.uuid4().hex
+    first = create(api, config={"environ": {"TENANT_SECRET": secret}})
+    assert probe(api, first)["ppid"] == 0
+    later = create(api)
+    assert probe(api, later)["ppid"] == 0
+    out = console_text(run_to_end(api, "/session", later, scan(secret)), "stdout")
+    assert out.strip() == "clean", out
+    # The probe finds what is there: the first kernel sees its own variable.
+    out = console_text(run_to_end(api, "/session", first, scan(secret)), "stdout")
+    assert out.strip() == "FOUND", out
+    api.delete(f"/session/{first}")
+    api.delete(f"/session/{later}")
