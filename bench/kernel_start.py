@@ -75,7 +75,8 @@ async def start_many(n: int, concurrency: int, sandbox: Sandbox,
             wd = Path(tempfile.mkdtemp(prefix="kb-bench-"))
             return await launch("kb-python", Confinement(workdir=wd, ipc_dir=wd,
                                                          mem_bytes=MEM_CAP),
-                                sandbox, ksm, 120, zygotes)
+                                sandbox, ksm, 120,
+                                zygotes=None if zygotes is None else {zygotes.python: zygotes})
 
     z = zygotes.current.pid if zygotes is not None and zygotes.current is not None else 0
     t0, c0, z0 = time.perf_counter(), own_cpu(), tree_cpu(z) if z else 0.0

@@ -16,6 +16,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -156,14 +157,15 @@ class Kernel:
 
 async def launch(spec: str, confinement: Confinement, sandbox: Sandbox,
                  ksm: KernelSpecManager, timeout: float, python: str | None = None,
-                 zygotes: Zygotes | None = None) -> Kernel:
+                 zygotes: Mapping[str, Zygotes] | None = None) -> Kernel:
     """Start a kernel of ``spec`` confined by ``confinement`` and wait until it answers.
 
     ``python``: the interpreter of the operator's Python environment (KB_PYTHON_ENV) for
     kernels whose language is Python; our own kernels (bash, compiled, JavaScript, Ruby) are
     modules of this package and always run on the server's interpreter.
-    With ``zygotes``, a kernel the zygote can fork (bridge/zygote.py) is forked from a
-    pre-imported one; anything else, or any failure of that, starts cold.
+    With ``zygotes`` (a zygote line per interpreter), a kernel a zygote can fork
+    (bridge/zygote.py) is forked from a pre-imported one; anything else, or any failure of
+    that, starts cold.
     Raises KernelStartFailed.
     """
     IPC_ROOT.mkdir(mode=0o700, exist_ok=True)
@@ -191,7 +193,7 @@ async def launch(spec: str, confinement: Confinement, sandbox: Sandbox,
     provisioner = (ZygoteProvisioner if zygotes is not None else SandboxProvisioner)(
         kernel_id=km.kernel_id, kernel_spec=kspec, parent=km)
     if isinstance(provisioner, ZygoteProvisioner):
-        provisioner.zygotes = zygotes
+        provisioner.zygote_lines = zygotes
     provisioner.sandbox = sandbox
     provisioner.confinement = confinement
     km.provisioner = provisioner

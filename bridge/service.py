@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from .sessions import Sessions
 from .settings import Settings
 from .store import Store
 from .tasks import cancel_and_wait, spawn
-from .zygote import Zygotes
+from .zygote import for_interpreters as zygote_lines
 
 log = logging.getLogger(__name__)
 # How often the keypair cache is re-read from SQLite (keys made or deactivated by the CLI).
@@ -57,7 +58,9 @@ class Bridge:
         self._keypair_watch: asyncio.Task[None] | None = None
         self.kernelspecs = spec_manager()
         # The zygote's own environment: a kernel's, without any client's values.
-        self.zygotes = (Zygotes(base_environ({}, self.sandbox.tool_path), settings.zygote_max_forks)
+        pythons = [sys.executable, settings.python_interpreter or sys.executable]
+        self.zygotes = (zygote_lines(base_environ({}, self.sandbox.tool_path),
+                                     settings.zygote_max_forks, pythons)
                         if settings.zygote == "on" else None)
         # New sessions that fit take a pre-started kernel (bridge/pool.py), whatever the dialect.
         self.pool = KernelPool(settings, self.start_kernel,
@@ -129,8 +132,8 @@ class Bridge:
         await self.sessions.start()
         await self.jobs.start()  # after sessions: a reloaded job may start a kernel
         await self.executions.start()  # marks executions cut off by the last stop as failed
-        if self.zygotes is not None:
-            self.zygotes.start()
+        for line in (self.zygotes or {}).values():
+            line.start()
         self.pool.start()
         return Started(first_keypair=first)
 
@@ -155,6 +158,5 @@ class Bridge:
         await self.executions.stop()  # likewise for async executions
         await self.sessions.stop()
         await self.pool.stop()
-        if self.zygotes is not None:
-            await self.zygotes.close()
+        await asyncio.gather(*(line.close() for line in (self.zygotes or {}).values()))
         await self.store.close()

@@ -53,15 +53,29 @@ class ZygoteUnavailable(RuntimeError):
     """No zygote can fork this kernel now; start it cold."""
 
 
+def for_interpreters(env: Mapping[str, str], max_forks: int,
+                     pythons: list[str]) -> dict[str, Zygotes]:
+    """A zygote line per interpreter kernels start with: the server's own, and an operator's
+    Python environment when our kernel package can be put on its path without the server's
+    site-packages (a checkout): a foreign interpreter must not import the server's packages."""
+    pkg_parent = str(kernel_package().parent)
+    lines = {}
+    for python in dict.fromkeys(pythons):
+        if python == sys.executable or pkg_parent not in site.getsitepackages():
+            lines[python] = Zygotes(env, max_forks, python)
+    return lines
+
+
 def kernel_package() -> Path:
     import kernelspecs  # a source checkout or site-packages
 
     return Path(next(iter(kernelspecs.__path__))).resolve()
 
 
-def forkable(cmd: list[str], environ: Mapping[str, str]) -> bool:
-    """Whether the zygote can stand in for ``cmd`` run in a client environment ``environ``."""
-    if len(cmd) < 3 or cmd[0] != sys.executable or cmd[1] != "-m" or cmd[2] not in FORKABLE:
+def forkable(cmd: list[str], environ: Mapping[str, str], python: str = sys.executable) -> bool:
+    """Whether a zygote running ``python`` can stand in for ``cmd`` run in a client
+    environment ``environ``."""
+    if len(cmd) < 3 or cmd[0] != python or cmd[1] != "-m" or cmd[2] not in FORKABLE:
         return False
     return not any(k.upper().startswith(INTERPRETER_ENV) for k in environ)
 
@@ -85,11 +99,11 @@ def _kill(pidfd: int) -> None:
 class ZygoteProcess:
     """One running zygote: its process, its socket and what it told us."""
 
-    def __init__(self, env: Mapping[str, str]) -> None:
+    def __init__(self, env: Mapping[str, str], python: str) -> None:
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "kernelspecs._zygote", "--control", str(theirs.fileno())],
+                [python, "-m", "kernelspecs._zygote", "--control", str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),), env=dict(env), cwd="/", stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, start_new_session=True)
         finally:
@@ -216,7 +230,9 @@ class ZygoteProcess:
 class Zygotes:
     """The server's zygotes: forks kernels, knows their exit codes, recycles and restarts."""
 
-    def __init__(self, env: Mapping[str, str], max_forks: int) -> None:
+    def __init__(self, env: Mapping[str, str], max_forks: int,
+                 python: str = sys.executable) -> None:
+        self.python = python  # one zygote line per interpreter (KB_PYTHON_ENV has its own)
         pkg_parent = str(kernel_package().parent)
         # Our kernel package for the template: a checkout is not a site dir (and kernels see it
         # elsewhere: the child puts the kernel's own PYTHONPATH in place of this one).
@@ -236,7 +252,7 @@ class Zygotes:
     def _spawn(self) -> ZygoteProcess | None:
         self._last_start = time.monotonic()
         try:
-            self.current = ZygoteProcess(self.env)
+            self.current = ZygoteProcess(self.env, self.python)
         except OSError as exc:
             log.warning("cannot start the zygote (%s); kernels start cold", exc)
             self.current = None

@@ -29,6 +29,7 @@ import select
 import shlex
 import signal
 import subprocess
+from collections.abc import Mapping
 from typing import Any
 
 from jupyter_client.connect import KernelConnectionInfo
@@ -50,7 +51,8 @@ LISTEN_TIMEOUT_S = 30.0
 
 
 class ZygoteProvisioner(SandboxProvisioner):
-    zygotes: Zygotes | None = None
+    zygote_lines: Mapping[str, Zygotes] | None = None  # per interpreter
+    zygotes: Zygotes | None = None  # the line of the running kernel's interpreter
     forked = False  # whether the running kernel came from the zygote
     _pidfd: int | None = None
     _holder: subprocess.Popen[bytes] | None = None
@@ -65,7 +67,9 @@ class ZygoteProvisioner(SandboxProvisioner):
         raw = km.format_kernel_cmd() if km is not None else list(cmd)
         self.forked = False
         self._exit = None
-        if self.zygotes is not None and forkable(raw, self.confinement.environ):
+        self.zygotes = (self.zygote_lines or {}).get(raw[0]) if raw else None
+        if self.zygotes is not None and forkable(raw, self.confinement.environ,
+                                                 self.zygotes.python):
             try:
                 await self._fork(raw, kwargs)
                 self.forked = True
