@@ -22,7 +22,7 @@ import pytest
 
 from bridge.zygote import forkable
 
-from .support import Client, Server, console_text, run_server, run_to_end
+from .support import ROOT, Client, Server, console_text, run_server, run_to_end
 
 PROBE = """
 import json, os, random, uuid
@@ -268,3 +268,27 @@ def test_no_tenant_value_reaches_a_later_kernels_memory(srv: Server, api: Client
     assert out.strip() == "FOUND", out
     api.delete(f"/session/{first}")
     api.delete(f"/session/{later}")
+
+
+def test_python_env_kernels_fork_from_their_own_zygote_and_numpy_differs() -> None:
+    """KB_PYTHON_ENV (an environment with numpy): Python kernels come from a zygote of that
+    interpreter, and numpy's global RNG differs across fresh kernels like random's."""
+    env = ROOT / ".venv-datascience"
+    assert (env / "bin" / "python").exists(), "run `make datascience-env`"
+    with run_server(zygote="on", pool_python="0", python_env=str(env)) as s, s.client() as api:
+        def one(_: int) -> dict[str, Any]:
+            name = create(api)
+            try:
+                return probe(api, name)
+            finally:
+                api.delete(f"/session/{name}")
+
+        with ThreadPoolExecutor(4) as pool:
+            probes = list(pool.map(one, range(20)))
+        assert all(p["ppid"] == 0 for p in probes), [p["ppid"] for p in probes]
+        assert all(p["numpy"] is not None for p in probes)  # the environment's numpy
+        assert len({p["numpy"] for p in probes}) == 20
+        assert len({p["random"] for p in probes}) == 20
+        zygotes = [p for p in psutil.Process(s.process.pid).children()
+                   if "kernelspecs._zygote" in " ".join(p.cmdline())]
+        assert any(str(env) in z.cmdline()[0] for z in zygotes), [z.cmdline() for z in zygotes]
