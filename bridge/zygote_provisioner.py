@@ -162,18 +162,23 @@ class ZygoteProvisioner(SandboxProvisioner):
 
     async def _start_holder(self) -> list[int]:
         """The kernel's sandbox with the holder in it → [pidfd, root dir fd] of the sandbox."""
+        # Two sandbox APIs: the launcher's (bwrap's arguments on a descriptor, the uid drop in
+        # the sandbox) and the plain wrapper; whichever this server's sandbox offers.
         host_launch = getattr(self.sandbox, "host_launch", None)
+        wrap = getattr(self.sandbox, "wrap", None)
         launch = None
-        if host_launch is not None:  # bwrap's arguments on a descriptor, an in-sandbox launcher
+        if host_launch is not None:
             launch = host_launch(list(HOLDER), self.confinement, HOLDER_ENV)
             argv = list(launch.argv)  # argv[0] is "bwrap": the sandbox's pid 1 shows no path
             env, keep = dict(launch.env), list(launch.fds)
             # The shell below finds that bwrap where the sandbox chose it, and nowhere else.
             env["PATH"] = os.pathsep.join([os.path.dirname(launch.executable),
                                            env.get("PATH", "")]).rstrip(os.pathsep)
-        else:
-            argv = self.sandbox.wrap(list(HOLDER), self.confinement)
+        elif wrap is not None:
+            argv = wrap(list(HOLDER), self.confinement)
             env, keep = dict(HOLDER_ENV), []
+        else:
+            raise ZygoteUnavailable("this sandbox cannot start a holder")
         info_r, info_w = os.pipe()
         try:
             argv[1:1] = ["--info-fd", str(info_w)]
