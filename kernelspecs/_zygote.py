@@ -59,6 +59,7 @@ CLONE_NEWNET = 0x40000000
 SANDBOX_NAMESPACES = (CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWPID
                       | CLONE_NEWNET)
 PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
 PR_SET_CHILD_SUBREAPER = 36
@@ -107,6 +108,9 @@ def confine(req: dict[str, Any]) -> None:
     data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable × 2 words: all zero
     _check(_libc.syscall(SYS_CAPSET, header, data), "capset")
     _prctl(PR_SET_NO_NEW_PRIVS, 1)
+    # A uid change leaves a process undumpable (its /proc files root's: no /proc/self/fd,
+    # environ, mem for its own user); the cold kernel's execve made it dumpable again.
+    _prctl(PR_SET_DUMPABLE, 1)
     if req.get("seccomp"):
         _install_filter(bytes.fromhex(req["seccomp"]))
     _verify(req)
