@@ -97,6 +97,7 @@ class ExecutionResult:
     execution_time: float  # seconds the code ran (kernel round trips included)
     language: str
     session_id: str | None
+    truncated: bool = False  # output passed KB_OUTPUT_LIMIT: cut, and the run interrupted
 
 
 @dataclass
@@ -359,7 +360,8 @@ class Executions:
         if run.state is RunState.FINISHED and run.exit_code is not None:
             ex.status, ex.completed_at = ExecStatus.COMPLETED, now_iso()
             ex.result = ExecutionResult(ex.id, stdout, run.text("stderr"), run.exit_code,
-                                        round(elapsed, 4), ex.language, ex.session_id)
+                                        round(elapsed, 4), ex.language, ex.session_id,
+                                        run.truncated)
             return ex.result
         if run.state is RunState.TIMED_OUT:
             reason = f"Execution timed out after {req.timeout:g} s."
@@ -370,7 +372,8 @@ class Executions:
         result = ex.failed(reason, stdout, elapsed)
         # Keep what the program itself wrote to stderr before the reason.
         ex.result = result = ExecutionResult(**{**asdict(result),
-                                                "stderr": run.text("stderr") + result.stderr})
+                                                "stderr": run.text("stderr") + result.stderr,
+                                                "truncated": run.truncated})
         return result
 
     async def _named_session(self, access_key: str, name: str, lang: Language) -> Session:

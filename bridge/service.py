@@ -23,6 +23,7 @@ from .job_sessions import JobSessions
 from .jobs import SCHEMA as JOBS_SCHEMA
 from .kernels import Kernel, launch, spec_manager
 from .keypairs import Keypair, Keypairs
+from .languages import measure_versions
 from .pool import REFILL_DELAY_S, KernelPool
 from .runs import Run
 from .sandbox import Confinement, Mount, Sandbox, base_environ
@@ -49,13 +50,14 @@ class Bridge:
         # Raises SandboxUnavailable. The data dir (SQLite, keypair secrets, every session's
         # files) is masked in kernels should the operator put it under a bound tree.
         self.sandbox = Sandbox(settings.sandbox, hide=(settings.data_dir,),
-                               pids=settings.max_pids)
+                               pids=settings.max_pids, uid=settings.sandbox_uid)
         if settings.python_env is not None:
             self.sandbox.add_python_env(settings.python_env)
         self.store = Store(settings.db_path, extra_schema=[*FOLDERS_SCHEMA, *JOBS_SCHEMA,
                                                              *EXECUTIONS_SCHEMA])
         self.keypairs = Keypairs(self.store, settings.default_concurrency)
         self._keypair_watch: asyncio.Task[None] | None = None
+        self.language_versions: asyncio.Task[dict[str, str]] | None = None
         self.kernelspecs = spec_manager()
         # The zygote's own environment: a kernel's, without any client's values.
         pythons = [sys.executable, settings.python_interpreter or sys.executable]
@@ -70,6 +72,7 @@ class Bridge:
         self.executions = Executions(settings, self.store, self.sessions)
         self.folders = Folders(self.store, settings.folders_dir, now_iso, self._keypair_exists)
         self.folders.in_use = self._mounted_in
+        self.folders.own = self.sandbox.own
         self.gateway = Gateway(self.sessions, self.kernelspecs)
         self.jobs = JobSessions(settings, self.store, self.keypairs, self.sessions,
                                 open_ttl=settings.job_open_ttl_s)
@@ -135,6 +138,8 @@ class Bridge:
         for line in (self.zygotes or {}).values():
             line.start()
         self.pool.start()
+        # Asked once, off the start path: the first GET …/execute/languages awaits it.
+        self.language_versions = asyncio.create_task(measure_versions())
         return Started(first_keypair=first)
 
     def runs_in_flight(self) -> int:
@@ -154,6 +159,7 @@ class Bridge:
 
     async def stop(self) -> None:
         await cancel_and_wait(self._keypair_watch)
+        await cancel_and_wait(self.language_versions)
         await self.jobs.stop()  # records cut-short jobs before their kernels go
         await self.executions.stop()  # likewise for async executions
         await self.sessions.stop()

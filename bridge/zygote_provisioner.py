@@ -34,7 +34,8 @@ from typing import Any
 
 from jupyter_client.connect import KernelConnectionInfo
 
-from .sandbox import KERNEL_MODULES, RLIMIT_AS_SLACK, WORKDIR, SandboxProvisioner
+from .provisioner import SandboxProvisioner
+from .sandbox import KERNEL_MODULES, RLIMIT_AS_SLACK, WORKDIR
 from .zygote import Zygotes, ZygoteUnavailable, forkable, kernel_package
 
 log = logging.getLogger(__name__)
