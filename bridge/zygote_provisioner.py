@@ -90,10 +90,8 @@ class ZygoteProvisioner(SandboxProvisioner):
         assert self.zygotes is not None
         sandbox, conf = self.sandbox, self.confinement
         # The kernel's own environment (client values included): applied only inside, by the
-        # child, after it dropped its privileges. (With the hostile-tenants launcher the
-        # provisioner's kwargs hold the host-side environment instead.)
-        kernel_environ = getattr(sandbox, "kernel_environ", None)
-        env = dict(kernel_environ(conf) if kernel_environ is not None else kwargs["env"])
+        # kernel, after it dropped its privileges (the provisioner's kwargs hold the host's).
+        env = sandbox.kernel_environ(conf)
         env.pop("JPY_PARENT_PID", None)  # no parent poller: the holder and cgroup kill govern
         # What holds client values goes in a memfd that only the kernel reads (_payload).
         payload = {"env": env, "args": raw[3:], "cmdline": raw}
@@ -108,10 +106,8 @@ class ZygoteProvisioner(SandboxProvisioner):
             "zygote_pythonpath": self.zygotes.pythonpath,
             "kernel_package": self._package_in_sandbox(),
             # The cold kernel's confinement from the sandbox launcher: its uid and seccomp.
-            "uid": getattr(sandbox, "uid", None) if sandbox.enabled else None,
-            "gid": getattr(sandbox, "gid", None) if sandbox.enabled else None,
-            "seccomp": bytes(getattr(sandbox, "seccomp_bpf", b"") or b"").hex()
-            if sandbox.enabled else "",
+            "uid": sandbox.uid, "gid": sandbox.gid,
+            "seccomp": sandbox.seccomp_bpf.hex() if sandbox.enabled else "",
         }
         fds: list[int] = []
         if sandbox.enabled:
@@ -163,23 +159,12 @@ class ZygoteProvisioner(SandboxProvisioner):
 
     async def _start_holder(self) -> list[int]:
         """The kernel's sandbox with the holder in it → [pidfd, root dir fd] of the sandbox."""
-        # Two sandbox APIs: the launcher's (bwrap's arguments on a descriptor, the uid drop in
-        # the sandbox) and the plain wrapper; whichever this server's sandbox offers.
-        host_launch = getattr(self.sandbox, "host_launch", None)
-        wrap = getattr(self.sandbox, "wrap", None)
-        launch = None
-        if host_launch is not None:
-            launch = host_launch(list(HOLDER), self.confinement, HOLDER_ENV)
-            argv = list(launch.argv)  # argv[0] is "bwrap": the sandbox's pid 1 shows no path
-            env, keep = dict(launch.env), list(launch.fds)
-            # The shell below finds that bwrap where the sandbox chose it, and nowhere else.
-            env["PATH"] = os.pathsep.join([os.path.dirname(launch.executable),
-                                           env.get("PATH", "")]).rstrip(os.pathsep)
-        elif wrap is not None:
-            argv = wrap(list(HOLDER), self.confinement)
-            env, keep = dict(HOLDER_ENV), []
-        else:
-            raise ZygoteUnavailable("this sandbox cannot start a holder")
+        launch = self.sandbox.host_launch(list(HOLDER), self.confinement, HOLDER_ENV)
+        argv = list(launch.argv)  # argv[0] is "bwrap": the sandbox's pid 1 shows no path
+        env, keep = dict(launch.env), list(launch.fds)
+        # The shell below finds that bwrap where the sandbox chose it, and nowhere else.
+        env["PATH"] = os.pathsep.join([os.path.dirname(launch.executable),
+                                       env.get("PATH", "")]).rstrip(os.pathsep)
         info_r, info_w = os.pipe()
         try:
             argv[1:1] = ["--info-fd", str(info_w)]
@@ -214,8 +199,7 @@ class ZygoteProvisioner(SandboxProvisioner):
             os.close(info_r)
             if info_w >= 0:
                 os.close(info_w)
-            if launch is not None:  # the child has its copies (or there is no child)
-                launch.close()
+            launch.close()  # the child has its copies (or there is no child)
 
     def _in_cgroup(self, argv: list[str]) -> list[str]:
         """``argv`` behind a shell that joins the kernel's cgroups and sets its rlimits, then

@@ -45,8 +45,8 @@ from typing import Any
 
 # Modules a kernel of ours runs with ``-m``; only these are forked (others start cold).
 KERNEL_MODULES = ("ipykernel_launcher", "kernelspecs.bash_kernel", "kernelspecs.compiled_kernel")
-PRELOAD = ("zmq", "tornado.ioloop", "IPython", "jupyter_client.session", "ipykernel.kernelapp",
-           "ipykernel.ipkernel", "ipykernel.zmqshell", "kernelspecs._kernel",
+PRELOAD = ("kernelspecs._enter", "zmq", "tornado.ioloop", "IPython", "jupyter_client.session",
+           "ipykernel.kernelapp", "ipykernel.ipkernel", "ipykernel.zmqshell", "kernelspecs._kernel",
            "kernelspecs.bash_kernel", "kernelspecs.compiled_kernel")
 MAX_MSG = 1 << 20
 
@@ -60,15 +60,9 @@ SANDBOX_NAMESPACES = (CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIP
                       | CLONE_NEWNET)
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
-PR_CAPBSET_DROP = 24
-PR_SET_NO_NEW_PRIVS = 38
 PR_SET_CHILD_SUBREAPER = 36
-PR_CAP_AMBIENT = 47
-PR_CAP_AMBIENT_CLEAR_ALL = 4
 PR_SET_SECCOMP = 22
 SECCOMP_MODE_FILTER = 2
-LINUX_CAPABILITY_VERSION_3 = 0x20080522
-SYS_CAPSET = 126  # x86_64
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -87,33 +81,24 @@ def _prctl(option: int, arg: int = 0) -> None:
 
 
 def confine(req: dict[str, Any]) -> None:
-    """Drop every privilege the kernel must not have, as a cold kernel's sandbox does: no
-    capability in any set, ``no_new_privs``, the sandbox uid/gid when the server runs kernels
-    under one, and the server's seccomp filter (BPF compiled by the server) last.
-
-    The one place a forked kernel is confined after it entered its sandbox (the hostile-tenants
-    launcher's own drop replaces the capability and uid steps when it lands).
+    """Drop every privilege, exactly as the sandbox launcher does for a cold kernel (its own
+    functions: the sandbox uid and gid, no capability in any set, ``no_new_privs``), then the
+    server's seccomp filter, which bubblewrap installs for a cold kernel, and the launcher's
+    fail-closed check. The one place a forked kernel is confined after entering its sandbox.
     """
-    with open("/proc/sys/kernel/cap_last_cap") as f:
-        last = int(f.read())
-    for cap in range(last + 1):
-        _prctl(PR_CAPBSET_DROP, cap)
-    _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
-    if req.get("uid") is not None:
-        uid, gid = int(req["uid"]), int(req["gid"])
-        os.setgroups([])
-        os.setresgid(gid, gid, gid)
-        os.setresuid(uid, uid, uid)
-    header = (ctypes.c_uint32 * 2)(LINUX_CAPABILITY_VERSION_3, 0)
-    data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable × 2 words: all zero
-    _check(_libc.syscall(SYS_CAPSET, header, data), "capset")
-    _prctl(PR_SET_NO_NEW_PRIVS, 1)
+    from ._enter import drop_privileges, verify
+
+    uid, gid = int(req["uid"]), int(req["gid"])
+    drop_privileges(uid, gid)
     # A uid change leaves a process undumpable (its /proc files root's: no /proc/self/fd,
     # environ, mem for its own user); the cold kernel's execve made it dumpable again.
     _prctl(PR_SET_DUMPABLE, 1)
     if req.get("seccomp"):
         _install_filter(bytes.fromhex(req["seccomp"]))
-    _verify(req)
+    verify(uid, gid)
+    with open("/proc/self/status") as f:
+        if "Seccomp:\t2" not in f.read() and req.get("seccomp"):
+            raise RuntimeError("no seccomp filter")
 
 
 def _install_filter(bpf: bytes) -> None:
@@ -126,21 +111,6 @@ def _install_filter(bpf: bytes) -> None:
     fprog = SockFprog(len(bpf) // 8, ctypes.addressof(prog))
     _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0),
            "seccomp")
-
-
-def _verify(req: dict[str, Any]) -> None:
-    """Fail closed unless the drop really happened."""
-    with open("/proc/self/status") as f:
-        status = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
-    for key in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
-        if int(status.get(key, "1"), 16) != 0:
-            raise RuntimeError(f"{key} is {status.get(key)}")
-    if status.get("NoNewPrivs", "0").strip() != "1":
-        raise RuntimeError("no_new_privs is not set")
-    if req.get("uid") is not None and status.get("Uid", "").split() != [str(req["uid"])] * 4:
-        raise RuntimeError(f"uid is {status.get('Uid')!r}")
-    if req.get("seccomp") and status.get("Seccomp", "0").strip() != "2":
-        raise RuntimeError("no seccomp filter")
 
 
 def _enter_sandbox(req: dict[str, Any], holder: int, root: int) -> None:
