@@ -4,15 +4,19 @@
 and cleanup rules) with one difference in ``launch_kernel``: when the kernel command is one the
 zygote can fork (:func:`bridge.zygote.forkable`), it
 
-1. starts the kernel's sandbox with a *holder* as its payload — the very ``Sandbox.wrap`` a cold
-   kernel gets, in the kernel's cgroup — and waits until the holder runs (bubblewrap has set up
-   every namespace and mount by then);
-2. hands the zygote a pidfd of the sandbox and its root; the zygote's child joins the cgroups,
-   the namespaces and the root, then forks the kernel inside (``kernelspecs/_zygote.py``);
+1. starts the kernel's sandbox with a *holder* as its payload — the very
+   ``Sandbox.host_launch`` a cold kernel gets (bubblewrap, the launcher dropping to the sandbox
+   uid), in the kernel's cgroups — and waits until the holder runs (every namespace and mount is
+   set up by then);
+2. hands the zygote a pidfd of the sandbox and its root, and a memfd with what holds client
+   values (environment, argv) that only the kernel reads; the zygote's child joins the cgroups,
+   the namespaces and the root, forks the kernel inside, which confines itself with the
+   launcher's own functions plus the seccomp filter (``kernelspecs/_zygote.py``);
 3. keeps the kernel's pidfd: ``poll``/``wait``/``send_signal``/``kill`` go through it, and the
    holder is the kill switch (when it goes, bubblewrap's PID namespace and the kernel go too).
 
-Anything that fails before the kernel exists — no zygote, a dead one, a refused fork — kills the
+Anything that fails before the kernel listens — no zygote, a dead one, a refused fork, a forked
+kernel that exits while starting — kills the
 holder and whatever entered the cgroup, then starts the kernel cold, as the sandbox provisioner
 would. The server's death takes the holders (``--die-with-parent``) and the zygote
 (``PR_SET_PDEATHSIG``) with it, so no kernel outlives it.
@@ -74,9 +78,8 @@ class ZygoteProvisioner(SandboxProvisioner):
             try:
                 await self._fork(raw, kwargs)
                 self.forked = True
-                stderr = getattr(self, "stderr", None)
-                if stderr is not None:  # the kernel has its copy of the relay's pipe
-                    stderr.launched()
+                if self.stderr is not None:  # the kernel has its copy of the relay's pipe
+                    self.stderr.launched()
                 return self.connection_info
             except ZygoteUnavailable as exc:
                 log.info("kernel %s starts cold: %s", self.kernel_id, exc)
