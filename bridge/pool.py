@@ -39,7 +39,7 @@ WarmUp = Callable[[Kernel, str], Awaitable[None]]
 PARALLEL_STARTS = 2  # kernel starts are CPU-bound; more than the cores only adds contention
 # A refill waits this long first, so a cold start (a CPU-heavy second or so) does not compete with
 # the execution that just took a kernel, which typically needs a few milliseconds. A kernel forked
-# by the zygote costs ~50 ms of CPU: its pool refills at once (bridge/service.py).
+# by the zygote costs ~50 ms of CPU: its pool refills sooner (bridge/service.py).
 REFILL_DELAY_S = 0.15
 WARMUP_TIMEOUT_S = 10.0
 # A kernel's first execution pays for lazy imports and caches (ipykernel: ~15 ms more than the
