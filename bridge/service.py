@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import batch, metrics
+from .disk import Volumes, sweep_ipc
 from .errors import AuthFailed
 from .executions import SCHEMA as EXECUTIONS_SCHEMA
 from .executions import Executions
@@ -21,7 +22,7 @@ from .folders import Folders
 from .gateway import Gateway
 from .job_sessions import JobSessions
 from .jobs import SCHEMA as JOBS_SCHEMA
-from .kernels import Kernel, launch, spec_manager
+from .kernels import IPC_ROOT, Kernel, launch, spec_manager
 from .keypairs import Keypair, Keypairs
 from .languages import measure_versions
 from .pool import REFILL_DELAY_S, KernelPool
@@ -68,12 +69,15 @@ class Bridge:
                                      settings.zygote_max_forks, pythons)
                         if settings.zygote == "on" else None)
         # New sessions that fit take a pre-started kernel (bridge/pool.py), whatever the dialect.
+        self.volumes = Volumes(settings)  # session dirs and folders with a disk quota
         refill = ZYGOTE_REFILL_DELAY_S if self.zygotes else REFILL_DELAY_S
-        self.pool = KernelPool(settings, self.start_kernel, refill_delay=refill)
+        self.pool = KernelPool(settings, self.start_kernel, volumes=self.volumes,
+                               refill_delay=refill)
         self.sessions = Sessions(settings, self.store, self.keypairs, self.start_kernel,
-                                 pool=self.pool)
+                                 pool=self.pool, volumes=self.volumes)
         self.executions = Executions(settings, self.store, self.sessions)
-        self.folders = Folders(self.store, settings.folders_dir, now_iso, self._keypair_exists)
+        self.folders = Folders(self.store, settings.folders_dir, now_iso, self._keypair_exists,
+                               self.volumes)
         self.folders.in_use = self._mounted_in
         self.folders.own = self.sandbox.own
         self.gateway = Gateway(self.sessions, self.kernelspecs)
@@ -127,6 +131,11 @@ class Bridge:
         os.chmod(self.settings.data_dir, 0o700)
         self.settings.sessions_dir.mkdir(exist_ok=True)
         self.settings.folders_dir.mkdir(exist_ok=True)
+        await asyncio.to_thread(self.volumes.probe)
+        self.volumes.require(self.sandbox.enabled)  # Raises QuotaUnavailable
+        log.info("%s", self.volumes.describe())
+        await asyncio.to_thread(self.volumes.mount_folders, self.settings.folders_dir)
+        await asyncio.to_thread(sweep_ipc, IPC_ROOT)
         # Kernel cgroups left empty by a server that died (its kernels died with it).
         self.sandbox.cgroups.sweep()
         await self.store.open()
@@ -168,4 +177,5 @@ class Bridge:
         await self.sessions.stop()
         await self.pool.stop()
         await asyncio.gather(*(line.close() for line in (self.zygotes or {}).values()))
+        await asyncio.to_thread(self.volumes.unmount_folders, self.settings.folders_dir)
         await self.store.close()
