@@ -8,7 +8,7 @@ from tornado.web import Application, RequestHandler
 
 from bridge.service import Bridge
 
-from . import openapi
+from . import openapi, sse
 from .backendai import files as backendai_files
 from .backendai import folders as backendai_folders
 from .backendai import handlers as backendai
@@ -50,6 +50,7 @@ def operations() -> list[openapi.Operation]:
     ops += jobs.OPERATIONS
     ops += sandbox.OPERATIONS
     ops += jupyter.OPERATIONS
+    ops += sse.OPERATIONS
     return ops
 
 
@@ -57,6 +58,7 @@ def route_table() -> list[tuple[str, type[RequestHandler]]]:
     table: list[tuple[str, type[RequestHandler]]] = [(r"/api/openapi\.json", OpenAPIHandler)]
     # Files and folders first: tornado takes the first match, and PREFIX/([^/]+) is a catch-all.
     table += backendai_stream.routes()
+    table += sse.routes()
     table += backendai_files.routes()
     table += backendai_folders.routes()
     table += jupyter.routes()

@@ -11,6 +11,8 @@ from typing import Any
 
 from . import batch
 from .errors import AuthFailed
+from .events import SCHEMA as EVENTS_SCHEMA
+from .events import EventLog, run_key
 from .executions import SCHEMA as EXECUTIONS_SCHEMA
 from .executions import Executions
 from .folders import SCHEMA as FOLDERS_SCHEMA
@@ -47,7 +49,8 @@ class Bridge:
         self.sandbox = Sandbox(settings.sandbox, hide=(settings.data_dir,),
                                pids=settings.max_pids)
         self.store = Store(settings.db_path, extra_schema=[*FOLDERS_SCHEMA, *JOBS_SCHEMA,
-                                                             *EXECUTIONS_SCHEMA])
+                                                             *EXECUTIONS_SCHEMA, *EVENTS_SCHEMA])
+        self.events = EventLog(self.store)
         self.keypairs = Keypairs(self.store, settings.default_concurrency)
         self._keypair_watch: asyncio.Task[None] | None = None
         self.kernelspecs = spec_manager()
@@ -55,7 +58,9 @@ class Bridge:
         self.pool = KernelPool(settings, self.start_kernel)
         self.sessions = Sessions(settings, self.store, self.keypairs, self.start_kernel,
                                  pool=self.pool)
-        self.executions = Executions(settings, self.store, self.sessions)
+        self.sessions.on_submit.append(self._stream_run)
+        self.executions = Executions(settings, self.store, self.sessions, events=self.events,
+                                     start_kernel=self.start_kernel)
         self.folders = Folders(self.store, settings.folders_dir, now_iso, self._keypair_exists)
         self.folders.in_use = self._mounted_in
         self.gateway = Gateway(self.sessions, self.kernelspecs)
@@ -79,6 +84,12 @@ class Bridge:
         opts = batch.BatchOptions.parse(options, session.language)
         return self.sessions.new_run(session, "batch", "", batch.program(
             session, opts, self.start_kernel), run_id=run_id, options=options)
+
+    def _stream_run(self, session: Session, run: Run) -> None:
+        # Backend.AI runs get an event stream of their own; executions and jobs name theirs.
+        if session.origin == "backendai":
+            self.events.follow(run, run_key(session.id, run.run_id), session.access_key,
+                               owner=session.id, name=session.name)
 
     async def _keypair_exists(self, access_key: str) -> bool:
         # Keys made by `kernel-bridge keys create` while we run are found on a re-read.
@@ -108,6 +119,7 @@ class Bridge:
         if not self.keypairs.all():
             first = await self.keypairs.create()
         self._keypair_watch = spawn(self.keypairs.watch(KEYPAIR_RELOAD_S))
+        await self.events.start()  # before the records whose streams it ends
         await self.sessions.start()
         await self.jobs.start()  # after sessions: a reloaded job may start a kernel
         await self.executions.start()  # marks executions cut off by the last stop as failed
@@ -119,5 +131,6 @@ class Bridge:
         await self.jobs.stop()  # records cut-short jobs before their kernels go
         await self.executions.stop()  # likewise for async executions
         await self.sessions.stop()
+        await self.events.stop()
         await self.pool.stop()
         await self.store.close()

@@ -69,6 +69,7 @@ class Sessions:
         self._by_id: dict[str, Session] = {}
         self._reaper: asyncio.Task[None] | None = None
         self.on_terminated: list[Callable[[Session], Any]] = []
+        self.on_submit: list[Callable[[Session, Run], Any]] = []  # e.g. event streams
 
     # -- lifecycle of the registry ----------------------------------------------------------
 
@@ -269,6 +270,8 @@ class Sessions:
         if run.run_id in session.runs:
             raise InvalidTransition(f"run {run.run_id}", "new", "already submitted")
         session.runs[run.run_id] = run
+        for hook in self.on_submit:
+            hook(session, run)
         session.num_queries += 1
         session.last_activity = time.monotonic()
         # Queue first: the kernel starts on the code while the record is written, and the
