@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 MAX_EVENTS = 10_000
 MAX_BYTES = 2 * 1024 * 1024
 FLUSH_S = 0.05  # writer batching: at most this late in the table
-MERGE_LIMIT = 64 * 1024  # output merged into one event up to this many characters
+MERGE_LIMIT = 64 * 1024  # characters of output in one event (merged up to, split beyond)
 PAGE = 256  # rows a reader fetches at a time
 POLL_S = 1.0  # a waiting reader looks again at least this often (writers in other processes)
 RETENTION = timedelta(days=1)
@@ -101,10 +101,8 @@ class Stream:
     def add(self, event: str, data: dict[str, Any]) -> None:
         if self.ended:
             return
-        last = self._pending[-1] if self._pending else None
-        if (event in ("stdout", "stderr") and last is not None and last[1] == event
-                and len(last[2]["text"]) < MERGE_LIMIT):
-            last[2] = {"text": last[2]["text"] + data["text"]}
+        if event in ("stdout", "stderr"):
+            self._add_output(event, data["text"])
         else:
             self._pending.append([self._next, event, data])
             self._next += 1
@@ -113,6 +111,18 @@ class Stream:
             self._wake.set()  # at once: a reader waits for the end
         elif len(self._pending) == 1:
             self._wake.set()
+
+    def _add_output(self, event: str, text: str) -> None:
+        # Into the last pending event of the same stream while it has room, then into new
+        # events of at most MERGE_LIMIT characters each.
+        last = self._pending[-1] if self._pending else None
+        if last is not None and last[1] == event and len(last[2]["text"]) < MERGE_LIMIT:
+            room = MERGE_LIMIT - len(last[2]["text"])
+            last[2] = {"text": last[2]["text"] + text[:room]}
+            text = text[room:]
+        for start in range(0, len(text), MERGE_LIMIT):
+            self._pending.append([self._next, event, {"text": text[start:start + MERGE_LIMIT]}])
+            self._next += 1
 
     def observe(self, event: str, data: dict[str, Any]) -> None:
         """A :data:`bridge.runs.Observer` that ends the stream when the run ends."""
@@ -284,7 +294,9 @@ class EventLog:
                 yield _gap(last, rows[0]["id"])
             elif not rows:
                 head = await self.store.fetchone(
-                    "SELECT first_id, last_id FROM event_streams WHERE key=?", (key,))
+                    "SELECT first_id, last_id, ended FROM event_streams WHERE key=?", (key,))
+                if head is not None and head["ended"] and last >= head["last_id"]:
+                    return  # resumed after the end: there is nothing more
                 if head is not None and head["first_id"] > last + 1 and head["last_id"] > last:
                     yield _gap(last, head["first_id"])
                     last = head["first_id"] - 1

@@ -65,7 +65,7 @@ class Bridge:
         self.folders.in_use = self._mounted_in
         self.gateway = Gateway(self.sessions, self.kernelspecs)
         self.jobs = JobSessions(settings, self.store, self.keypairs, self.sessions,
-                                open_ttl=settings.job_open_ttl_s)
+                                open_ttl=settings.job_open_ttl_s, events=self.events)
 
     async def start_kernel(self, spec: str, confinement: Confinement) -> Kernel:
         """The one launch function: every kernel of every dialect starts here."""
