@@ -159,7 +159,7 @@ def _unchunk(body: bytes) -> bytes:
 def test_beyond_the_bound_a_gap(client: Client) -> None:
     # 3 MiB of output: more than a stream keeps (2 MiB). A reader from the start is told.
     code = "import sys\nfor i in range(3 * 1024):\n    sys.stdout.write('%1023d\\n' % i)\n"
-    want = "".join("%1023d\n" % i for i in range(3 * 1024))
+    want = "".join(f"{i:1023d}\n" for i in range(3 * 1024))
     eid = submit(client, code, timeout=120)
     wait_done(client, eid)  # a reader that comes late
     events = read_events(client, f"/api/v1/execute/{eid}/events")
