@@ -54,6 +54,7 @@ bench: venv sandbox-tools
 	$(BIN)/python bench/latency.py
 	$(BIN)/python bench/oneshot.py
 	$(BIN)/python bench/languages.py
+	$(BIN)/python bench/testcases.py
 
 lint: venv
 	$(BIN)/ruff check .
