@@ -12,15 +12,25 @@ the other's copy is dropped).  The least recently used entries beyond
 The cache lives under the working dir (``.kb-build``), so it goes with the
 session: a restart of the kernel keeps it, a new session starts empty.  It is
 the user's own dir: a user can only tamper with builds of their own code.
+
+Batch builds (the ``"*"`` defaults) build in the working dir itself, so they
+are cached by a stamp instead: ``python3 -m kernelspecs.buildcache --inputs
+'*.c' --outputs main -- COMMAND`` runs COMMAND unless the inputs (names and
+contents) and the command are those of the last successful build and its
+outputs are still exactly what that build left.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import fnmatch
 import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Final
@@ -95,3 +105,58 @@ class BuildCache:
 def default_cache() -> BuildCache:
     """The cache of the working dir the kernel (or runner) was started in."""
     return BuildCache(Path.cwd() / CACHE_DIR)
+
+
+def _files(root: Path, patterns: list[str]) -> dict[str, str]:
+    """Files under ``root`` (hidden dirs skipped) whose name matches: relative path → hash."""
+    found: dict[str, str] = {}
+    for here, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in names:
+            if any(fnmatch.fnmatch(name, p) for p in patterns):
+                path = Path(here) / name
+                if path.is_file() and not path.is_symlink():
+                    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+                    found[str(path.relative_to(root))] = digest
+    return found
+
+
+def stamped_build(command: str, inputs: list[str], outputs: list[str],
+                  root: Path | None = None) -> int:
+    """Run ``command`` (bash) unless the last successful build of the same inputs left
+    outputs that are still there, unchanged. Returns the exit code."""
+    root = root or Path.cwd()
+    key = hashlib.sha256(command.encode()).hexdigest()[:16]
+    stamp = root / CACHE_DIR / f"batch-{key}.json"
+    sources = hashlib.sha256(json.dumps(sorted(_files(root, inputs).items())).encode())
+    want = sources.hexdigest()
+    try:
+        last = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        last = {}
+    if last.get("inputs") == want and last.get("outputs") and \
+            _files(root, outputs) == last["outputs"]:
+        print("kernel-bridge: sources unchanged; the last build is reused", file=sys.stderr)
+        return 0
+    code = subprocess.call(["bash", "-c", command], cwd=root)
+    if code == 0:
+        with contextlib.suppress(OSError):
+            stamp.parent.mkdir(mode=0o700, exist_ok=True)
+            stamp.write_text(json.dumps({"inputs": want, "outputs": _files(root, outputs)}))
+    else:
+        with contextlib.suppress(OSError):
+            stamp.unlink()
+    return code
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python3 -m kernelspecs.buildcache")
+    parser.add_argument("--inputs", nargs="+", required=True, help="source name patterns")
+    parser.add_argument("--outputs", nargs="+", required=True, help="product name patterns")
+    parser.add_argument("command", help="the build command (bash), after --")
+    args = parser.parse_args(argv)
+    sys.exit(stamped_build(args.command, args.inputs, args.outputs))
+
+
+if __name__ == "__main__":
+    main()

@@ -114,3 +114,30 @@ def test_backendai_c_session_compiles_once(client: Client) -> None:
     assert "unused2" in console_text(results, "stderr")
     assert console_text(results, "stdout") != first_out
     client.delete(f"{prefix}/cached-c")
+
+
+def test_backendai_batch_build_reused_while_sources_unchanged(client: Client) -> None:
+    r = client.post("/session", json={"lang": "c", "name": "cached-batch"})
+    assert r.status_code == 201, r.text
+    source = b'#include <stdio.h>\nint main(void){ int unused; puts("v1"); return 0; }\n'
+
+    def upload(data: bytes) -> None:
+        r = client.post("/session/cached-batch/upload", files=[("src", ("main.c", data))])
+        assert r.status_code == 204, r.text
+
+    def batch() -> tuple[str, str]:
+        results = run_to_end(client, "/session", "cached-batch", "", mode="batch",
+                             options={"build": "*", "exec": "*"})
+        marks = [(x["status"], x["exitCode"]) for x in results if x["status"] != "continued"]
+        assert marks == [("build-finished", 0), ("finished", 0)], results
+        return console_text(results, "stdout"), console_text(results, "stderr")
+
+    upload(source)
+    out, err = batch()
+    assert out == "v1\n" and "unused" in err  # compiled (with -Wall's warning)
+    out, err = batch()
+    assert out == "v1\n" and "unused" not in err and "reused" in err  # not compiled again
+    upload(source.replace(b"v1", b"v2"))
+    out, err = batch()
+    assert out == "v2\n" and "unused" in err  # a changed source is built
+    client.delete("/session/cached-batch")
