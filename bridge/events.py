@@ -94,6 +94,7 @@ class Stream:
         self._pending: list[list[Any]] = []  # [id, event, data] not yet written
         self._bytes = 0  # data bytes in the table
         self._wake = asyncio.Event()
+        self._urgent = asyncio.Event()  # set by the end
         self.ended = False
         self.replaced = False  # a new stream took the key: what is pending is dropped
         self._task = asyncio.create_task(self._write_forever())
@@ -108,7 +109,8 @@ class Stream:
             self._next += 1
         if event == "end":
             self.ended = True
-            self._wake.set()  # at once: a reader waits for the end
+            self._urgent.set()  # at once: a reader (or the caller of end()) waits for it
+            self._wake.set()
         elif len(self._pending) == 1:
             self._wake.set()
 
@@ -146,7 +148,11 @@ class Stream:
         while True:
             await self._wake.wait()
             if not self.ended:
-                await asyncio.sleep(FLUSH_S)  # let a burst gather into one transaction
+                # Let a burst gather into one transaction; the end cuts the wait short (a
+                # synchronous caller is answered once its end is in the table).
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(FLUSH_S):
+                        await self._urgent.wait()
             self._wake.clear()
             batch, self._pending = self._pending, []
             if batch and not self.replaced:

@@ -258,3 +258,19 @@ def test_async_and_named_session_reuse_the_build(client: Client) -> None:
     cached = [[d.get("cached") for _, e, d in events(client, i)
                if d.get("status") == "build-finished"] for i in ids]
     assert cached == [[False], [True]]
+
+
+@pytest.mark.parametrize(("language", "code"), [
+    ("javascript", "const [a, b] = require('fs').readFileSync(0, 'utf8').trim().split(/\\s+/)"
+                   ".map(Number);\nconsole.log(a + b);"),
+    ("ruby", "a, b = $stdin.read.split.map(&:to_i)\nputs a + b"),
+    ("bash", "read a b\necho $((a + b))"),
+])
+def test_other_interpreted_languages(client: Client, language: str, code: str) -> None:
+    needs(language)
+    cases = [{"stdin": "2 3\n", "expected_output": "5"}, {"stdin": "2 3\n", "expected_output": "6"},
+             {"stdin": "40 2\n"}]
+    body = judge(client, language, code, cases)
+    assert [r["status"] for r in body["test_results"]] == ["accepted", "wrong_answer", "ok"]
+    assert body["test_results"][2]["stdout"] == "42\n"
+    assert all(r["memory_kb"] > 0 for r in body["test_results"])
