@@ -7,7 +7,8 @@ HOST ?= 127.0.0.1
 PORT ?= 8002
 PYTEST_ARGS ?=
 
-.PHONY: run test venv sdk-venv sandbox-tools toolchains kernelspecs bench lint typecheck clean
+.PHONY: run test venv sdk-venv sandbox-tools toolchains kernelspecs bench lint typecheck clean \
+	console browser-tools doctor
 
 $(BIN)/kernel-bridge: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,14 +42,36 @@ toolchains: sandbox-tools
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
 
+# The web console's editor (CodeMirror 6 from npm), bundled by esbuild into a static asset the
+# server serves; built here, not at run time, and not committed (api/console/editor.js).
+CONSOLE_DIR := api/console
+$(CONSOLE_DIR)/editor.js: $(CONSOLE_DIR)/package.json $(CONSOLE_DIR)/package-lock.json \
+		$(CONSOLE_DIR)/editor-entry.mjs
+	@command -v npm >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm; }
+	cd $(CONSOLE_DIR) && npm ci --no-audit --no-fund --loglevel=error && npm run --silent build
+
+console: $(CONSOLE_DIR)/editor.js
+
+# A real browser for the console's (and JupyterLab's) tests: Debian's chromium and its driver.
+browser-tools:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } \
+	  || echo "chromium and chromedriver missing: install them (Debian: chromium chromium-driver)"
+
 kernelspecs: venv
 	$(BIN)/kernel-bridge kernelspecs install --sys-prefix
 
-run: venv sandbox-tools kernelspecs
+run: venv sandbox-tools kernelspecs console
 	$(BIN)/kernel-bridge serve --host $(HOST) --port $(PORT)
 
-test: venv sdk-venv sandbox-tools
+test: venv sdk-venv sandbox-tools console browser-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Can this machine serve safely? One line per check, with the fix for each failure.
+doctor: venv
+	$(BIN)/kernel-bridge doctor
 
 bench: venv sandbox-tools
 	$(BIN)/python bench/latency.py
@@ -64,4 +87,22 @@ typecheck: venv
 	$(BIN)/mypy --strict kernelspecs
 
 clean:
-	rm -rf $(VENV) $(SDK_VENV) *.egg-info .pytest_cache .mypy_cache
+	rm -rf $(VENV) $(SDK_VENV) *.egg-info .pytest_cache .mypy_cache $(CONSOLE_DIR)/node_modules \
+	  $(CONSOLE_DIR)/editor.js
+
+# -- Jupyter: a data-science environment for kernels ----------------------------------------------
+
+# A venv with ipykernel and the usual data-science packages; tests/test_jupyterlab.py and
+# tests/test_python_env.py run kernels in it. Serve with it:
+#   KB_PYTHON_ENV=$(CURDIR)/.venv-datascience make run
+DS_VENV := .venv-datascience
+
+$(DS_VENV)/.done:
+	$(PYTHON) -m venv $(DS_VENV)
+	$(DS_VENV)/bin/pip install -q ipykernel numpy pandas matplotlib
+	@touch $@
+
+datascience-env: $(DS_VENV)/.done
+
+.PHONY: datascience-env
+test: datascience-env

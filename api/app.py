@@ -6,9 +6,11 @@ from typing import Any
 
 from tornado.web import Application, RequestHandler
 
+from bridge.health import Health
 from bridge.service import Bridge
 
-from . import openapi, sse
+from . import openapi, sse, webconsole
+from . import ops as ops_routes
 from .backendai import files as backendai_files
 from .backendai import folders as backendai_folders
 from .backendai import handlers as backendai
@@ -17,6 +19,7 @@ from .backendai.errors import BACKENDAI
 from .base import BaseHandler
 from .jobs import handlers as jobs
 from .jupyter import handlers as jupyter
+from .logs import log_request
 from .sandbox import handlers as sandbox
 
 
@@ -51,11 +54,13 @@ def operations() -> list[openapi.Operation]:
     ops += sandbox.OPERATIONS
     ops += jupyter.OPERATIONS
     ops += sse.OPERATIONS
+    ops += ops_routes.OPERATIONS
     return ops
 
 
 def route_table() -> list[tuple[str, type[RequestHandler]]]:
     table: list[tuple[str, type[RequestHandler]]] = [(r"/api/openapi\.json", OpenAPIHandler)]
+    table += ops_routes.routes()
     # Files and folders first: tornado takes the first match, and PREFIX/([^/]+) is a catch-all.
     table += backendai_stream.routes()
     table += sse.routes()
@@ -70,9 +75,13 @@ def route_table() -> list[tuple[str, type[RequestHandler]]]:
 
 def make_app(bridge: Bridge, **settings: Any) -> Application:
     kwargs = {"bridge": bridge}
+    console = [(pattern, handler, {**kwargs, **extra} if issubclass(handler, BaseHandler)
+                else extra) for pattern, handler, extra in webconsole.routes()]
     return Application(
-        [(pattern, handler, kwargs) for pattern, handler in route_table()],
+        console + [(pattern, handler, kwargs) for pattern, handler in route_table()],
         default_handler_class=NotFoundHandler,
         default_handler_args=kwargs,
+        log_function=log_request,
+        health=Health(bridge),
         **settings,
     )

@@ -16,6 +16,7 @@ from bridge.service import Bridge
 
 from .auth import authenticate
 from .dialect import Dialect, MalformedBody
+from .logs import REQUEST_ID_HEADER, request_id
 
 log = logging.getLogger("kernel_bridge.api")
 M = TypeVar("M", bound=BaseModel)
@@ -33,9 +34,19 @@ class BaseHandler(RequestHandler):
     dialect: ClassVar[Dialect]
     auth_required: ClassVar[bool] = True
     keypair: Keypair
+    quiet: ClassVar[bool] = False  # probes and scrapes: logged only when they fail
+    session_id: str | None = None  # for the access log, once a handler knows its session
+    error: BaseException | None = None
+    request_id: str
 
     def initialize(self, bridge: Bridge) -> None:
         self.bridge = bridge
+
+    def set_default_headers(self) -> None:
+        # Called again when an error clears the headers: the id must stay the same.
+        if not hasattr(self, "request_id"):
+            self.request_id = request_id(self.request.headers.get(REQUEST_ID_HEADER))
+        self.set_header(REQUEST_ID_HEADER, self.request_id)
 
     async def prepare(self) -> None:
         if self.auth_required:
@@ -76,6 +87,7 @@ class BaseHandler(RequestHandler):
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc_info = kwargs.get("exc_info")
         exc = exc_info[1] if exc_info else None
+        self.error = exc  # the access log and the refusal metrics read it
         status, code, message = self.dialect.lookup(exc, status_code)
         self.set_status(status)
         self.clear_header("Content-Type")

@@ -1,4 +1,4 @@
-"""The ``kernel-bridge`` command: serve, keys, kernelspecs, run."""
+"""The ``kernel-bridge`` command: serve, doctor, keys, kernelspecs, run."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
 
 
 async def _keys(settings: Settings, action: str, as_json: bool, access_key: str = "") -> int:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # it holds secrets
     store = Store(settings.db_path)
     await store.open()
     try:
@@ -70,6 +70,10 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", type=Path)
     serve.add_argument("--no-sandbox", action="store_true",
                        help="run kernels unconfined (unsafe; for machines without bubblewrap)")
+    serve.add_argument("--unsafe", action="store_true",
+                       help="start even when a `doctor` check fails (each is printed)")
+    doctor = sub.add_parser("doctor", help="check that this machine can run the server safely")
+    doctor.add_argument("--data-dir", type=Path)
 
     keys = sub.add_parser("keys", help="manage keypairs")
     keys_sub = keys.add_subparsers(dest="action", required=True)
@@ -110,7 +114,17 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "serve":
         from .server import run
 
-        return run(settings)
+        return run(settings, unsafe=args.unsafe)
+    if args.command == "doctor":
+        from bridge import doctor
+
+        report = doctor.run(settings)
+        for check in report.checks:
+            print(check.line())
+        verdict = "safe to serve" if report.safe else \
+            f"NOT safe to serve: {len(report.failures())} check(s) failed"
+        print(f"{verdict} ({report.seconds:.2f} s)")
+        return 0 if report.safe else 1
     if args.command == "run":
         from .jupyter.run import main as run_notebook
 

@@ -21,6 +21,9 @@
      └── KernelError               the kernel misbehaved
           ├── KernelStartFailed
           └── KernelDied
+
+    StartupRefused                 the server cannot start (data dir in use, port busy): one
+                                   line for the operator, never a traceback
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ class BridgeError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+class StartupRefused(Exception):
+    """Why ``serve`` will not start, in one line. Not a BridgeError: no request caused it."""
 
 
 class NotFound(BridgeError):

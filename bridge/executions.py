@@ -24,12 +24,12 @@ import logging
 import time
 import uuid
 from collections import defaultdict, deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from . import outcomes, testcases
+from . import metrics, outcomes, testcases
 from .batch import StartKernel, bash_kernel
 from .errors import (
     BridgeError,
@@ -230,11 +230,14 @@ class Executions:
 
     # -- the three ways in ------------------------------------------------------------------------
 
-    async def run(self, access_key: str, req: ExecutionRequest) -> ExecutionResult:
-        """Run one execution to its end. Raises InvalidRequest, RateLimited, QuotaExceeded."""
+    async def run(self, access_key: str, req: ExecutionRequest,
+                  observe: Callable[[Run], None] | None = None) -> ExecutionResult:
+        """Run one execution to its end. Raises InvalidRequest, RateLimited, QuotaExceeded.
+
+        ``observe`` is handed the run as it is queued (the web console streams its output)."""
         self.admit(access_key, [req])
         ex = self._new(access_key, req)
-        result = await self._execute(ex, req)
+        result = await self._execute(ex, req, observe=observe)
         await self._write(ex, insert=True)
         return result
 
@@ -335,7 +338,8 @@ class Executions:
         self._live.pop(ex.id, None)
 
     async def _execute(self, ex: Execution, req: ExecutionRequest, *,
-                       record_start: bool = False) -> ExecutionResult:
+                       record_start: bool = False,
+                       observe: Callable[[Run], None] | None = None) -> ExecutionResult:
         """Run ``req`` and fill in ``ex``. Kernel failures become a failed result; request-level
         problems (language mismatch, quota) raise."""
         lang = req.language
@@ -362,6 +366,8 @@ class Executions:
             run = self._new_run(session, ex, req, scripts, judged)
             ooms = outcomes.oom_kills(session)
             await self.sessions.submit(session, run)
+            if observe is not None:
+                observe(run)
             await run.wait()
             ooms = outcomes.oom_kills(session) - ooms
         finally:
@@ -464,6 +470,8 @@ class Executions:
             await self.sessions.destroy(session, "one-shot-finished")
 
     async def _write(self, ex: Execution, *, insert: bool) -> None:
+        if ex.status in (ExecStatus.COMPLETED, ExecStatus.FAILED):
+            metrics.EXECUTIONS.labels(ex.language, ex.status.value).inc()
         result = dumps(asdict(ex.result)) if ex.result is not None else None
         if self.events is not None and ex.status in (ExecStatus.COMPLETED, ExecStatus.FAILED):
             await self.events.end(execution_key(ex.id), ex.access_key, end_event(ex),

@@ -35,13 +35,22 @@ from .sessions import Sessions
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SPEC = "kb-python"
-# Names other Jupyters give the same kernels; a notebook saved elsewhere says "python3".
+# Names other Jupyters give the Python kernel. Almost every notebook carries "python3"; it is
+# listed (and the default) so a notebook opened through us keeps its kernelspec when saved:
+# JupyterLab writes back the name of the kernel it runs, and an ordinary Jupyter has no kb-python.
 SPEC_ALIASES = {"python3": "kb-python", "python": "kb-python"}
+DEFAULT_SPEC = "python3"
 CLIENT_CHANNELS: frozenset[str] = frozenset({"shell", "stdin", "control"})
 # Only these variables of a POSTed env reach the kernel (as Kernel Gateway does): a client must
 # not set PATH, LD_PRELOAD or the like inside the sandbox.
 ENV_PREFIXES = ("KERNEL_", "JPY_")
+# What jupyter_server's GatewayClient adds to every start request: its own launch timeout, and
+# the notebook's directory or path on its host. None means anything inside our sandbox (the
+# kernel's cwd is /home/work), and a kernel asked for with any environment cannot be a
+# pre-started one from the pool (bridge/pool.py): keeping them made every notebook wait for a
+# cold kernel start (2–7 s on a busy machine), during which JupyterLab silently drops a cell that
+# is run (it has no kernel to send it to until the start request answers).
+GATEWAY_ENV = frozenset({"KERNEL_LAUNCH_TIMEOUT", "KERNEL_WORKING_DIR", "JPY_SESSION_NAME"})
 
 
 class NoSuchKernelspec(NotFound):
@@ -126,7 +135,8 @@ class Gateway:
     # -- kernelspecs -----------------------------------------------------------------------
 
     def kernelspecs(self) -> dict[str, dict[str, Any]]:
-        """Every shipped kernelspec whose toolchain is installed, as Jupyter's spec models."""
+        """Every shipped kernelspec whose toolchain is installed, as Jupyter's spec models, and
+        the Python kernel again under each of its aliases."""
         # Read once: the gateway polls this, and neither spec files nor toolchains change while
         # the server runs.
         if self._specs is None:
@@ -135,18 +145,23 @@ class Gateway:
                 if lang.available:
                     with contextlib.suppress(NoSuchKernel):
                         specs[lang.kernelspec] = self._spec_model(lang.kernelspec)
+            for alias, spec in SPEC_ALIASES.items():
+                if spec in specs:
+                    specs[alias] = self._spec_model(spec, alias)
             self._specs = specs
         return self._specs
 
     def kernelspec(self, name: str) -> dict[str, Any]:
         """One spec model. Raises NoSuchKernelspec."""
-        spec = SPEC_ALIASES.get(name, name)
-        if spec not in self.kernelspecs():
+        model = self.kernelspecs().get(name)
+        if model is None:
             raise NoSuchKernelspec(name)
-        return self._spec_model(spec)
+        return model
 
-    def _spec_model(self, name: str) -> dict[str, Any]:
-        ks = self.ksm.get_kernel_spec(name)
+    def _spec_model(self, spec_name: str, name: str | None = None) -> dict[str, Any]:
+        """The model of kernelspec ``spec_name``, listed as ``name`` (an alias) if given."""
+        name = name or spec_name
+        ks = self.ksm.get_kernel_spec(spec_name)
         resources = {p.stem: f"/kernelspecs/{name}/{p.name}"
                      for p in sorted(Path(ks.resource_dir).iterdir())
                      if p.name.startswith("logo-")}
@@ -157,9 +172,9 @@ class Gateway:
     def resource(self, name: str, resource: str) -> Path:
         """A file of a kernelspec's directory (its logos). Raises NoSuchKernelspec, UnsafePath,
         NotFound."""
-        spec = SPEC_ALIASES.get(name, name)
-        if spec not in self.kernelspecs():
+        if name not in self.kernelspecs():
             raise NoSuchKernelspec(name)
+        spec = SPEC_ALIASES.get(name, name)
         base = Path(self.ksm.get_kernel_spec(spec).resource_dir).resolve()
         path = (base / resource).resolve()
         if base not in path.parents:
@@ -181,7 +196,8 @@ class Gateway:
             raise NoSuchKernelspec(name) from None
         if not language.available:
             raise NoSuchKernelspec(name)
-        environ = {k: str(v) for k, v in (env or {}).items() if k.startswith(ENV_PREFIXES)}
+        environ = {k: str(v) for k, v in (env or {}).items()
+                   if k.startswith(ENV_PREFIXES) and k not in GATEWAY_ENV}
         session = await self.sessions.create(access_key, language, origin="jupyter",
                                              environ=environ)
         self._activity[session.id] = Activity(name=name)
@@ -211,13 +227,21 @@ class Gateway:
                 "connections": len(act.relays) if act is not None else 0}
 
     async def restart(self, session: Session) -> None:
+        """A requested restart. Open connections see ``starting`` and then ``idle``, never
+        ``restarting``: that state means the kernel died and is being auto-restarted, and
+        JupyterLab answers it with a "kernel appears to have died" dialog (jupyter_server and
+        Kernel Gateway send nothing of their own on a requested restart)."""
         act = self._activity_of(session)
-        for relay in list(act.relays):
-            relay.status("restarting")
         self._release(session, act)
         act.execution_state = "starting"
-        await self.sessions.restart(session)
-        act.execution_state = "idle"
+        for relay in list(act.relays):
+            relay.status("starting")
+        try:
+            await self.sessions.restart(session)
+        finally:
+            act.execution_state = "idle" if session.kernel is not None else "dead"
+            for relay in list(act.relays):
+                relay.status(act.execution_state)
 
     # -- relays ----------------------------------------------------------------------------
 
@@ -306,7 +330,7 @@ class Relay:
         getattr(self._client, f"{channel}_channel").send(wire)
 
     def status(self, state: str) -> None:
-        """A synthesized iopub status, as Jupyter Server sends around a restart."""
+        """A synthesized iopub status, for what the kernel itself cannot say (a restart)."""
         if self._client is not None:
             msg = self._client.session.msg("status", {"execution_state": state})
             msg["channel"] = "iopub"

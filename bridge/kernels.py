@@ -152,9 +152,12 @@ class Kernel:
 
 
 async def launch(spec: str, confinement: Confinement, sandbox: Sandbox,
-                 ksm: KernelSpecManager, timeout: float) -> Kernel:
+                 ksm: KernelSpecManager, timeout: float, python: str | None = None) -> Kernel:
     """Start a kernel of ``spec`` confined by ``confinement`` and wait until it answers.
 
+    ``python``: the interpreter of the operator's Python environment (KB_PYTHON_ENV) for
+    kernels whose language is Python; our own kernels (bash, compiled, JavaScript, Ruby) are
+    modules of this package and always run on the server's interpreter.
     Raises KernelStartFailed.
     """
     IPC_ROOT.mkdir(mode=0o700, exist_ok=True)
@@ -173,7 +176,11 @@ async def launch(spec: str, confinement: Confinement, sandbox: Sandbox,
     # A SIGINT to the process group would kill bwrap itself (feasibility.md §5).
     kspec.interrupt_mode = "message"
     if kspec.argv and kspec.argv[0] in ("python", "python3"):
-        kspec.argv[0] = sys.executable
+        kspec.argv[0] = python if python and kspec.language == "python" else sys.executable
+        if python and kspec.language == "python" and "PATH" not in confinement.environ:
+            # `!python`, `!pip list` and subprocesses of a notebook find the same environment.
+            path = f"{Path(python).parent}{os.pathsep}{sandbox.environ(confinement)['PATH']}"
+            confinement = replace(confinement, environ={**confinement.environ, "PATH": path})
     km.kernel_id = os.path.basename(ipc_dir)
     provisioner = SandboxProvisioner(kernel_id=km.kernel_id, kernel_spec=kspec, parent=km)
     provisioner.sandbox = sandbox

@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from . import metrics
 from .kernels import Kernel
 from .languages import LANGUAGES, Language
 from .sandbox import Confinement
@@ -145,6 +146,7 @@ class KernelPool:
             return
         stock = self._stock.setdefault(language.name, deque())
         while len(stock) < self.size(language):
+            metrics.POOL_REFILLS.labels(language.name).inc()
             stock.append(asyncio.create_task(self._start_one(language, delay),
                                              name=f"pool-{language.name}"))
 

@@ -40,6 +40,7 @@ from typing import Any, Literal
 from jupyter_client.provisioning.local_provisioner import LocalProvisioner
 
 from .cgroups import Cgroups, KernelCgroup
+from .kernel_logs import StderrRelay
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,11 @@ class Sandbox:
         if (SOURCE_ROOT / "pyproject.toml").exists():  # a checkout, not site-packages
             hidden.append(SOURCE_ROOT)
         self.hidden = sorted({os.path.realpath(p) for p in hidden})
+
+    def add_python_env(self, prefix: Path) -> None:
+        """Show the operator's Python environment (KB_PYTHON_ENV) to kernels, read-only."""
+        have = {b.src for b in self.binds}
+        self.binds += [Bind(p, p) for p in python_env_paths(prefix) if p not in have]
 
     def describe(self) -> str:
         if not self.enabled:
@@ -310,6 +316,21 @@ def _interpreter_paths() -> list[str]:
     return sorted(paths, key=len)
 
 
+def python_env_paths(prefix: Path) -> list[str]:
+    """Host dirs a venv or conda env at ``prefix`` loads from: the env (by the path kernels
+    are started with, and its real path should that differ) and, for a venv, the installation
+    it was made from (pyvenv.cfg's ``home``) when that is not under /usr."""
+    paths = [str(prefix), os.path.realpath(prefix)]
+    cfg = prefix / "pyvenv.cfg"
+    with contextlib.suppress(OSError):
+        for line in cfg.read_text().splitlines():
+            key, _, value = line.partition("=")
+            if key.strip() == "home" and value.strip():
+                paths.append(os.path.realpath(os.path.dirname(value.strip())))
+    out = [p for p in paths if not any(_under(p, t) for t in SYSTEM_TREES)]
+    return sorted(dict.fromkeys(out), key=len)
+
+
 def _kernel_modules_dir() -> Path:
     import kernelspecs  # our kernel modules may live in a source checkout (editable install)
 
@@ -326,6 +347,7 @@ class SandboxProvisioner(LocalProvisioner):
     sandbox: Sandbox
     confinement: Confinement
     cgroup: KernelCgroup | None = None
+    stderr: StderrRelay | None = None
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         conf = self.confinement
@@ -340,12 +362,27 @@ class SandboxProvisioner(LocalProvisioner):
             self.cgroup.ensure(conf.mem_bytes, conf.pids or self.sandbox.default_pids)
         kwargs["preexec_fn"] = self.sandbox.preexec(conf, self.cgroup)
         # A kernel's own stdout is banners ("To connect another client…"), not user output
-        # (that travels on iopub); its stderr stays with the server's log for diagnosis.
+        # (that travels on iopub); its stderr goes to the server's log for diagnosis, line by
+        # line as records (bridge/kernel_logs.py), so a JSON log stays one object per line.
         kwargs["stdout"] = subprocess.DEVNULL
+        if self.stderr is not None:  # a restart: the old process's pipe
+            self.stderr.close()
+        self.stderr = StderrRelay(str(self.kernel_id))
+        kwargs["stderr"] = self.stderr.write_fd
         return kwargs
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:
+        try:
+            return await super().launch_kernel(cmd, **kwargs)
+        finally:
+            if self.stderr is not None:
+                self.stderr.launched()
 
     async def cleanup(self, restart: bool = False) -> None:
         await super().cleanup(restart=restart)
+        if self.stderr is not None:
+            self.stderr.close()
+            self.stderr = None
         if restart:
             if self.cgroup is not None:  # leftovers must not eat the new kernel's caps
                 self.cgroup.kill()

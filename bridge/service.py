@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import batch
+from . import batch, metrics
 from .errors import AuthFailed
 from .events import SCHEMA as EVENTS_SCHEMA
 from .events import EventLog, run_key
@@ -48,6 +50,8 @@ class Bridge:
         # files) is masked in kernels should the operator put it under a bound tree.
         self.sandbox = Sandbox(settings.sandbox, hide=(settings.data_dir,),
                                pids=settings.max_pids)
+        if settings.python_env is not None:
+            self.sandbox.add_python_env(settings.python_env)
         self.store = Store(settings.db_path, extra_schema=[*FOLDERS_SCHEMA, *JOBS_SCHEMA,
                                                              *EXECUTIONS_SCHEMA, *EVENTS_SCHEMA])
         self.events = EventLog(self.store)
@@ -66,11 +70,20 @@ class Bridge:
         self.gateway = Gateway(self.sessions, self.kernelspecs)
         self.jobs = JobSessions(settings, self.store, self.keypairs, self.sessions,
                                 open_ttl=settings.job_open_ttl_s, events=self.events)
+        metrics.watch(self)
 
     async def start_kernel(self, spec: str, confinement: Confinement) -> Kernel:
         """The one launch function: every kernel of every dialect starts here."""
-        return await launch(spec, confinement, self.sandbox, self.kernelspecs,
-                            self.settings.kernel_start_timeout)
+        started = time.monotonic()
+        try:
+            return await launch(spec, confinement, self.sandbox, self.kernelspecs,
+                                self.settings.kernel_start_timeout,
+                                python=self.settings.python_interpreter)
+        except Exception:
+            metrics.KERNEL_START_FAILURES.labels(spec).inc()
+            raise
+        finally:
+            metrics.KERNEL_STARTS.labels(spec).observe(time.monotonic() - started)
 
     async def mounts_for(self, access_key: str, specs: list[str]) -> tuple[Mount, ...]:
         """Resolve ``name`` / ``name:alias`` mount specs to this keypair's folders.
@@ -125,6 +138,21 @@ class Bridge:
         await self.executions.start()  # marks executions cut off by the last stop as failed
         self.pool.start()
         return Started(first_keypair=first)
+
+    def runs_in_flight(self) -> int:
+        """Runs executing right now, in every dialect (what a graceful shutdown waits for)."""
+        return sum(1 for s in self.sessions.all() if s.current is not None)
+
+    async def drain(self, grace: float, hurry: asyncio.Event) -> None:
+        """Let running runs finish, up to ``grace`` seconds or until ``hurry`` is set."""
+        deadline = asyncio.get_running_loop().time() + grace
+        while self.runs_in_flight() and not hurry.is_set():
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                log.warning("shutdown grace over with %d runs in flight", self.runs_in_flight())
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(hurry.wait(), timeout=min(0.1, left))
 
     async def stop(self) -> None:
         await cancel_and_wait(self._keypair_watch)

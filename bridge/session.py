@@ -90,6 +90,11 @@ class Session:
         return self.state is not SessionState.TERMINATED
 
     @property
+    def queued(self) -> int:
+        """Runs waiting for the kernel (the current one not counted)."""
+        return self._queue.qsize()
+
+    @property
     def busy(self) -> bool:
         return self.current is not None or not self._queue.empty() or self.holds > 0
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from . import metrics
 from .channels import Channels
 from .errors import (
     InvalidRequest,
@@ -125,8 +126,9 @@ class Sessions:
             raise InvalidRequest("This keypair is inactive and may not create sessions.")
         if network and not self.settings.allow_network:
             raise InvalidRequest("Network access for sessions is disabled on this server.")
-        if counts_for_quota and len(self.all(access_key)) >= kp.concurrency:
-            raise QuotaExceeded(kp.concurrency)
+        limit = self.settings.concurrency_for(origin, kp.concurrency)
+        if counts_for_quota and len(self.all(access_key)) >= limit:
+            raise QuotaExceeded(limit)
         sid = str(uuid.uuid4())
         # A pooled kernel brings its own working dir; the session adopts it (_attach_kernel).
         workdir = self.settings.sessions_dir / sid
@@ -161,6 +163,8 @@ class Sessions:
         kernel: Kernel | None = None
         if fresh and self.pool is not None:
             kernel = await self.pool.take(session.language, session.confinement())
+            metrics.POOL_TAKES.labels(session.language.name,
+                                      "miss" if kernel is None else "hit").inc()
         if kernel is None:
             session.workdir.mkdir(parents=True, mode=0o700, exist_ok=True)
             kernel = await self._start_kernel(session.language.kernelspec,
@@ -183,6 +187,8 @@ class Sessions:
             while not session._queue.empty():
                 session._queue.get_nowait().cancel(f"Session ended: {reason}.")
             kernels = [(session.kernel, session.channels), *session.extra_kernels.values()]
+            metrics.kernels_stopped([k for k, _ in kernels if k is not None],
+                                    session.language.name)
             session.kernel, session.channels, session.extra_kernels = None, None, {}
             await asyncio.gather(*(self._stop_kernel(k, c) for k, c in kernels),
                                  return_exceptions=True)
@@ -315,33 +321,44 @@ class Sessions:
             run = await session._queue.get()
             session.current = run
             try:
-                await run.execute()
+                await self._run_one(session, run)
             finally:
+                # Only once the outcome is stored: a graceful shutdown waits for this.
                 session.current = None
-                session.last_activity = time.monotonic()
-            # Before anything yields: a client told "finished, 130" must find the session in
-            # ERROR when it looks next (poll() of a local kernel does not suspend).
-            kernel = session.kernel
-            if run.state is RunState.FAILED and kernel is not None and not await kernel.is_alive():
-                session.state = SessionState.ERROR
-                session.state_reason = "kernel-died"
-                await self.store.execute(
-                    "UPDATE sessions SET state=?, state_reason=? WHERE id=?",
-                    (session.state.value, session.state_reason, session.id))
+            if run.state is RunState.TIMED_OUT and session.on_timeout == "destroy":
+                return
+
+    async def _run_one(self, session: Session, run: Run) -> None:
+        try:
+            await run.execute()
+        finally:
+            session.last_activity = time.monotonic()
+        # Before anything yields: a client told "finished, 130" must find the session in
+        # ERROR when it looks next (poll() of a local kernel does not suspend).
+        kernel = session.kernel
+        died = run.state is RunState.FAILED and kernel is not None and not await kernel.is_alive()
+        metrics.run_ended(run, session.language.name, died,
+                          died and kernel is not None and _oom_killed(kernel))
+        if died:
+            session.state = SessionState.ERROR
+            session.state_reason = "kernel-died"
             await self.store.execute(
-                "UPDATE runs SET status=?, exit_code=?, finished_at=? WHERE session_id=? AND"
-                " run_id=?", (run.state.value, run.exit_code, now_iso(), session.id, run.run_id))
-            # Keep only runs a client may still be reading; drop the old finished ones.
-            if len(session.runs) > 64:
-                for rid in [r for r, x in session.runs.items() if x.done][:-32]:
-                    del session.runs[rid]
-            if run.state is RunState.TIMED_OUT:
-                if session.on_timeout == "destroy":
-                    spawn(self._destroy_quietly(session, "exec-timeout"))
-                    return
-                # Inline, not as a task: the next queued run must find the new kernel, not the
-                # old one still busy with the timed-out code.
-                await self._restart_quietly(session)
+                "UPDATE sessions SET state=?, state_reason=? WHERE id=?",
+                (session.state.value, session.state_reason, session.id))
+        await self.store.execute(
+            "UPDATE runs SET status=?, exit_code=?, finished_at=? WHERE session_id=? AND"
+            " run_id=?", (run.state.value, run.exit_code, now_iso(), session.id, run.run_id))
+        # Keep only runs a client may still be reading; drop the old finished ones.
+        if len(session.runs) > 64:
+            for rid in [r for r, x in session.runs.items() if x.done][:-32]:
+                del session.runs[rid]
+        if run.state is RunState.TIMED_OUT:
+            if session.on_timeout == "destroy":
+                spawn(self._destroy_quietly(session, "exec-timeout"))
+                return
+            # Inline, not as a task: the next queued run must find the new kernel, not the
+            # old one still busy with the timed-out code.
+            await self._restart_quietly(session)
 
     async def _destroy_quietly(self, session: Session, reason: str) -> None:
         with contextlib.suppress(SessionNotFound):
@@ -378,3 +395,8 @@ class Sessions:
 def _remove_children(directory: Path) -> None:
     for child in directory.iterdir():
         shutil.rmtree(child, ignore_errors=True)
+
+
+def _oom_killed(kernel: Kernel) -> bool:
+    cg = kernel.cgroup
+    return cg is not None and cg.oom_kills() > 0

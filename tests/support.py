@@ -76,7 +76,8 @@ def run_server(data_dir: Path | None = None, **env: str) -> Iterator[Server]:
     port = free_port()
     log_path = data_dir.parent / f"server-{port}.log"
     data_dir.parent.mkdir(parents=True, exist_ok=True)
-    environ = {**os.environ, "KB_FLUSH_INTERVAL": "2", **{f"KB_{k.upper()}": v
+    # A short shutdown grace: tests end servers with runs still going.
+    environ = {**os.environ, "KB_FLUSH_INTERVAL": "2", "KB_SHUTDOWN_GRACE_S": "2", **{f"KB_{k.upper()}": v
                                                           for k, v in env.items()}}
     logf = open(log_path, "w")  # noqa: SIM115 - closed in finally
     proc = subprocess.Popen(

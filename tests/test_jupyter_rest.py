@@ -33,19 +33,28 @@ def test_kernelspecs(client: Client) -> None:
     r = client.get("/api/kernelspecs")
     assert r.status_code == 200
     body = r.json()
-    assert body["default"] == "kb-python"
+    # python3 is what almost every notebook names; listed, so a notebook keeps it when saved.
+    assert body["default"] == "python3"
     specs = body["kernelspecs"]
-    assert {"kb-python", "kb-bash", "kb-c"} <= set(specs)
+    assert {"python3", "python", "kb-python", "kb-bash", "kb-c"} <= set(specs)
+    assert specs["python3"]["spec"] == specs["python"]["spec"] == specs["kb-python"]["spec"]
     for name, model in specs.items():
         assert model["name"] == name
-        assert model["spec"]["display_name"] and model["spec"]["language"]
+        assert model["spec"]["display_name"].endswith(" (kernel-bridge)"), model
+        assert model["spec"]["language"]
         assert model["spec"]["interrupt_mode"] == "message"
+        # Every kernel has both logos, served by the resources route.
+        assert set(model["resources"]) >= {"logo-32x32", "logo-64x64"}, name
+        for url in (model["resources"]["logo-32x32"], model["resources"]["logo-64x64"]):
+            assert url.startswith(f"/kernelspecs/{name}/")
+            logo = client.get(url)
+            assert logo.status_code == 200 and logo.content[:4] == b"\x89PNG", url
     # Only languages whose toolchain is here are offered.
     for name, tool in (("kb-go", "go"), ("kb-rust", "rustc"), ("kb-ruby", "ruby")):
         assert (name in specs) == bool(shutil.which(tool))
     one = client.get("/api/kernelspecs/kb-c")
     assert one.status_code == 200 and one.json()["spec"]["language"] == "c"
-    assert client.get("/api/kernelspecs/python3").json()["name"] == "kb-python"
+    assert client.get("/api/kernelspecs/python3").json()["name"] == "python3"
     assert_jupyter_error(client.get("/api/kernelspecs/cobol"), 404)
 
 
@@ -128,3 +137,17 @@ def test_idle_kernel_is_culled_but_not_while_a_cell_runs() -> None:
             assert time.monotonic() < deadline, "idle kernel was never culled"
             time.sleep(0.3)
         assert_jupyter_error(c.get(f"/api/kernels/{kid}"), 404)
+
+
+def test_every_name_of_the_python_kernel_starts_it(client: Client) -> None:
+    """The model echoes the name asked for: JupyterLab saves that name into the notebook."""
+    for name in ("python", "kb-python", None):
+        r = client.post("/api/kernels", json={} if name is None else {"name": name})
+        assert r.status_code == 201, r.text
+        model = r.json()
+        try:
+            assert model["name"] == (name or "python3")
+            assert client.get(f"/api/kernels/{model['id']}").json()["name"] == model["name"]
+            assert client.get(f"/session/{model['id']}").json()["lang"] == "python"
+        finally:
+            client.delete(f"/api/kernels/{model['id']}")

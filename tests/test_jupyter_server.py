@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import nbformat
 import pytest
 import requests
 
@@ -75,11 +76,14 @@ def test_kernelspecs_come_from_kernel_bridge(jupyter: JupyterServer) -> None:
     r = jupyter.get("/api/kernelspecs")
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["default"] == "kb-python"
-    assert {"kb-python", "kb-bash", "kb-c"} <= set(body["kernelspecs"])
-    logo = body["kernelspecs"]["kb-python"]["resources"]["logo-64x64"]
-    png = jupyter.get(logo)
-    assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
+    assert body["default"] == "python3"
+    assert {"python3", "kb-python", "kb-bash", "kb-c"} <= set(body["kernelspecs"])
+    for name in ("python3", "kb-python", "kb-bash", "kb-c"):
+        spec = body["kernelspecs"][name]
+        assert spec["spec"]["display_name"].endswith(" (kernel-bridge)")
+        for size in ("32x32", "64x64"):
+            png = jupyter.get(spec["resources"][f"logo-{size}"])
+            assert png.status_code == 200 and png.content[:4] == b"\x89PNG", (name, size)
 
 
 def test_run_code_through_jupyter_server(jupyter: JupyterServer, server: Server,
@@ -111,3 +115,47 @@ def test_run_code_through_jupyter_server(jupyter: JupyterServer, server: Server,
                                params={"token": jupyter.token}, timeout=60)
     assert gone.status_code == 204
     assert kid not in {k["id"] for k in client.get("/api/kernels").json()}
+
+
+def test_python3_notebook_opens_runs_and_keeps_its_kernelspec(jupyter: JupyterServer,
+                                                               client: Client) -> None:
+    """What JupyterLab does with a notebook written by an ordinary Jupyter: a session for the
+    notebook's kernelspec ``python3``, code over jupyter_server's socket, and the kernelspec it
+    writes back on save taken from the kernel's name and that name's spec."""
+    params = {"token": jupyter.token}
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("print(sum(range(10)))")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)",
+                                 "language": "python"}
+    put = requests.put(f"{jupyter.url}/api/contents/nb.ipynb", params=params, timeout=60,
+                       json={"type": "notebook", "format": "json", "content": nb})
+    assert put.status_code in (200, 201), put.text
+    r = requests.post(f"{jupyter.url}/api/sessions", params=params, timeout=60,
+                      json={"path": "nb.ipynb", "type": "notebook", "name": "nb.ipynb",
+                            "kernel": {"name": "python3"}})
+    assert r.status_code == 201, r.text
+    kernel = r.json()["kernel"]
+    try:
+        assert kernel["name"] == "python3"
+        assert {"id": kernel["id"], "name": "python3"}.items() <= {
+            k["id"]: k for k in client.get("/api/kernels").json()}[kernel["id"]].items()
+        sock = KernelSocket(jupyter.url, kernel["id"], jupyter.token)
+        try:
+            out, reply = sock.run(nb.cells[0].source)
+            assert reply["content"]["status"] == "ok" and out == "45\n"
+        finally:
+            sock.close()
+        # JupyterLab saves {"name": kernel.name, "display_name": specs[kernel.name]…}.
+        specs = jupyter.get("/api/kernelspecs").json()["kernelspecs"]
+        spec = specs[kernel["name"]]["spec"]
+        nb.metadata["kernelspec"] = {"name": kernel["name"],
+                                     "display_name": spec["display_name"],
+                                     "language": spec["language"]}
+        requests.put(f"{jupyter.url}/api/contents/nb.ipynb", params=params, timeout=60,
+                     json={"type": "notebook", "format": "json", "content": nb})
+        saved = jupyter.get("/api/contents/nb.ipynb").json()["content"]
+        assert saved["metadata"]["kernelspec"] == {
+            "name": "python3", "display_name": "Python 3 (kernel-bridge)", "language": "python"}
+    finally:
+        requests.delete(f"{jupyter.url}/api/sessions/{r.json()['id']}", params=params,
+                        timeout=60)

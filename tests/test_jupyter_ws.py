@@ -100,25 +100,64 @@ def test_interrupt_stops_a_running_cell(server: Server, client: Client, kernel: 
         sock.close()
 
 
-def test_restart_clears_state_and_keeps_the_socket(server: Server, client: Client,
-                                                   kernel: str) -> None:
+def statuses_until_idle(sock: KernelSocket, timeout: float = 30) -> list[str]:
+    """Execution states the socket receives up to the first ``idle`` after a ``starting``."""
+    states: list[str] = []
+    deadline = time.monotonic() + timeout
+    while not ("starting" in states and states[-1] == "idle"):
+        assert time.monotonic() < deadline, states
+        msg = sock.recv()
+        if msg["msg_type"] == "status":
+            states.append(msg["content"]["execution_state"])
+    return states
+
+
+def test_requested_restart_says_starting_never_restarting(server: Server, client: Client,
+                                                         kernel: str) -> None:
+    """``restarting`` means "the kernel died and is being restarted": JupyterLab answers it
+    with a "kernel appears to have died" dialog. A restart the client asked for is not that."""
     sock = KernelSocket(server.url, kernel, server.secret_key, v1=True)
     try:
         sock.run("before_restart = 1")
         r = client.post(f"/api/kernels/{kernel}/restart")
         assert r.status_code == 200, r.text
         assert r.json()["id"] == kernel and r.json()["execution_state"] == "idle"
-        # The open connection heard about it, as from Jupyter Server.
-        states = []
-        while "restarting" not in states:
-            msg = sock.recv()
-            if msg["msg_type"] == "status":
-                states.append(msg["content"]["execution_state"])
-        out, reply = sock.run("print('before_restart' in globals())")
+        states = statuses_until_idle(sock)
+        assert "restarting" not in states, states
+        # The connection lives on, on the new kernel, and nothing later says restarting.
+        msg_id = sock.send("shell", execute_request("print('before_restart' in globals())"))
+        iopub, reply = sock.until_done(msg_id)
         assert reply["content"]["status"] == "ok"
-        assert out == "False\n"
+        assert [m["content"]["text"] for m in iopub if m["msg_type"] == "stream"] == ["False\n"]
+        assert all(m["content"]["execution_state"] != "restarting"
+                   for m in iopub if m["msg_type"] == "status")
     finally:
         sock.close()
+
+
+@pytest.mark.parametrize("v1", [False, True], ids=["legacy", "v1"])
+def test_execute_sent_at_once_on_a_new_kernel_is_answered(server: Server, client: Client,
+                                                          v1: bool) -> None:
+    """What JupyterLab does when a cell is run as a notebook opens: start a kernel, open the
+    socket, send at once (no waiting for a status or a kernel_info reply)."""
+    r = client.post("/api/kernels", json={"name": "python3"})
+    assert r.status_code == 201, r.text
+    kid = r.json()["id"]
+    try:
+        sock = KernelSocket(server.url, kid, server.secret_key, v1=v1)
+        try:
+            first = sock.send("shell", execute_request("print('first cell')"))
+            info = sock.send("shell", request("kernel_info_request", {}))
+            iopub, reply = sock.until_done(first, timeout=30)
+            assert reply["content"]["status"] == "ok"
+            assert [m["content"]["text"] for m in iopub
+                    if m["msg_type"] == "stream"] == ["first cell\n"]
+            _iopub, info_reply = sock.until_done(info, timeout=30)
+            assert info_reply["content"]["language_info"]["name"] == "python"
+        finally:
+            sock.close()
+    finally:
+        client.delete(f"/api/kernels/{kid}")
 
 
 def test_bad_frames_are_dropped_and_the_connection_lives(server: Server, kernel: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +69,9 @@ def test_run_failing_cell_exits_non_zero_with_its_traceback(tmp_path: Path) -> N
 
 def test_run_against_a_server(server: Server, tmp_path: Path) -> None:
     out = tmp_path / "remote.ipynb"
+    # --api-key=…: a secret may begin with "-", which argparse would take for an option.
     done = kernel_bridge("run", str(EXAMPLE), "-o", str(out), "-p", "day=2", "--url",
-                         server.url, "--api-key", server.secret_key)
+                         server.url, f"--api-key={server.secret_key}")
     assert done.returncode == 0, done.stderr
     assert "5/5" in done.stderr
     nb = json.loads(out.read_text())
@@ -115,3 +117,46 @@ def test_execute_api_bad_input(client: Client) -> None:
     r = client.post("/api/v1/notebooks/execute",
                     json={"notebook": notebook("1"), "session_id": "no-such-session"})
     assert r.status_code == 404
+
+
+def test_execute_api_takes_a_bare_ipynb_with_query_parameters(client: Client,
+                                                               tmp_path: Path) -> None:
+    """``curl --data-binary @nb.ipynb '…/notebooks/execute?x=40&name=abc'``: the file as it is
+    on disk, parameters in the query string, each a Python literal where it parses."""
+    nb = notebook("x = 1\nname = 'nobody'\nflags = None", "print(x + 2, name, flags)",
+                  tags={0: ["parameters"]})
+    raw = json.dumps(nb, indent=1).encode()  # as Jupyter writes it
+    r = client.post("/api/v1/notebooks/execute?x=40&name=abc&flags=[1,%20True]", data=raw,
+                    headers={"Content-Type": "application/x-ipynb+json"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["status"] == "completed", body
+    cells = body["notebook"]["cells"]
+    assert cells[1]["metadata"]["tags"] == ["injected-parameters"]
+    assert cells[1]["source"] == "# Parameters\nx = 40\nname = 'abc'\nflags = [1, True]"
+    assert stdout_of(cells[2]) == "42 abc [1, True]\n"
+    assert body["notebook"]["metadata"]["kernelspec"]["name"] == "python3"
+    # The wrapped form takes query parameters too, over its own.
+    r = client.post("/api/v1/notebooks/execute?x=5",
+                    json={"notebook": nb, "parameters": {"x": 3, "name": "z"}})
+    assert stdout_of(r.json()["notebook"]["cells"][2]) == "7 z None\n"
+    # A file that is not a notebook is a 400 in the dialect's shape, not a 500.
+    for junk in (b"", b"not json", b'{"cells": "nope", "nbformat": 4}'):
+        r = client.post("/api/v1/notebooks/execute?x=1", data=junk)
+        assert r.status_code == 400, (junk, r.text)
+        assert set(r.json()) == {"message", "reason"}
+
+    # And with curl itself, exactly as the README shows it (its default form Content-Type).
+    path = tmp_path / "nb.ipynb"
+    path.write_bytes(raw)
+    started = time.monotonic()
+    done = subprocess.run(
+        ["curl", "-sS", "--fail-with-body", "-H", f"X-API-Key: {client.headers['X-API-Key']}",
+         "--data-binary", f"@{path}", f"{client.base}/api/v1/notebooks/execute?x=40"],
+        capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - started
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = json.loads(done.stdout)
+    assert out["status"] == "completed"
+    assert stdout_of(out["notebook"]["cells"][2]) == "42 nobody None\n"
+    print(f"curl notebook execute: {elapsed * 1000:.0f} ms")

@@ -46,7 +46,9 @@ class BackendAIHandler(BaseHandler):
         await super().prepare()
 
     def session(self, ident: str) -> Session:
-        return self.bridge.sessions.get(self.keypair.access_key, ident)
+        s = self.bridge.sessions.get(self.keypair.access_key, ident)
+        self.session_id = s.id
+        return s
 
 
 class HelloHandler(BackendAIHandler):

@@ -13,8 +13,11 @@ class JupyterHandler(BaseHandler):
 
     def kernel(self, kernel_id: str) -> Session:
         """The keypair's kernel (session) by id. Raises SessionNotFound."""
-        return self.bridge.gateway.get(self.keypair.access_key, kernel_id)
+        s = self.bridge.gateway.get(self.keypair.access_key, kernel_id)
+        self.session_id = s.id
+        return s
 
     def set_default_headers(self) -> None:
+        super().set_default_headers()
         # Jupyter Server never lets a proxy cache API answers; the gateway polls them.
         self.set_header("Cache-Control", "no-store")

@@ -11,6 +11,7 @@ import mimetypes
 from typing import Any
 
 from bridge import __version__
+from bridge.gateway import DEFAULT_SPEC
 
 from ..base import BaseHandler
 from ..openapi import Operation
@@ -31,7 +32,7 @@ class ApiHandler(JupyterHandler):
 class KernelspecsHandler(JupyterHandler):
     def get(self) -> None:
         """Kernelspecs whose toolchain is installed."""
-        self.send({"default": "kb-python", "kernelspecs": self.bridge.gateway.kernelspecs()})
+        self.send({"default": DEFAULT_SPEC, "kernelspecs": self.bridge.gateway.kernelspecs()})
 
 
 class KernelspecHandler(JupyterHandler):

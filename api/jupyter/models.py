@@ -13,7 +13,8 @@ class Loose(BaseModel):
 
 
 class StartKernel(Loose):
-    name: str | None = Field(None, description="kernelspec name; default kb-python")
+    name: str | None = Field(
+        None, description="kernelspec name (python3, kb-python, kb-bash, …); default python3")
     env: dict[str, Any] | None = Field(
         None, description="environment for the kernel; only KERNEL_* and JPY_* pass")
 

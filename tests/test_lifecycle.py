@@ -1,0 +1,86 @@
+"""Start-up and shutdown discipline: one owner per data dir, a busy port in one line, SIGTERM
+drains running runs, a second signal stops at once."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .support import ROOT, free_port, run_server
+
+
+def serve(data_dir: Path, port: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "api.cli", "serve", "--port", str(port), "--data-dir",
+         str(data_dir)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+def test_second_server_on_a_data_dir_in_use_refuses_and_changes_nothing() -> None:
+    with run_server() as srv:
+        c = srv.client()
+        assert c.post("/session", json={"lang": "python", "name": "first"}).status_code == 201
+        r = c.post("/session/first", json={"mode": "query", "code": "x = 41\nopen('f.txt', 'w').write('kept')", "runId": None})
+        assert r.json()["result"]["status"] == "finished"
+
+        started = time.monotonic()
+        out = serve(srv.data_dir, free_port())
+        assert out.returncode == 2
+        assert time.monotonic() - started < 15
+        lines = out.stderr.strip().splitlines()
+        assert lines == [f"kernel-bridge: data dir {srv.data_dir} in use by pid {srv.process.pid}"]
+
+        # The first server's session, variables and files are untouched.
+        r = c.post("/session/first", json={"mode": "query", "code": "print(x + 1, open('f.txt').read())", "runId": None})
+        assert r.json()["result"]["console"] == [["stdout", "42 kept\n"]]
+        assert c.get("/session/first").status_code == 200
+
+
+def test_busy_port_is_one_line(tmp_path: Path) -> None:
+    with run_server() as srv:
+        out = serve(tmp_path / "other", srv.port)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        f"kernel-bridge: cannot listen on 127.0.0.1:{srv.port}: the port is in use"]
+    assert not (tmp_path / "other" / "kernel-bridge.sqlite3").exists()
+
+
+def _run_status(data_dir: Path, run_id: str) -> str:
+    with sqlite3.connect(data_dir / "kernel-bridge.sqlite3") as db:
+        row = db.execute("SELECT status FROM runs WHERE run_id=?", (run_id,)).fetchone()
+    return str(row[0])
+
+
+def test_sigterm_lets_a_running_run_finish(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with run_server(data, shutdown_grace_s="30", flush_interval="0.5") as srv:
+        c = srv.client()
+        assert c.post("/session", json={"lang": "python", "name": "drain"}).status_code == 201
+        r = c.post("/session/drain", json={"mode": "query", "code": "import time; time.sleep(3)", "runId": "slow"})
+        assert r.json()["result"]["status"] == "continued"
+        sent = time.monotonic()
+        srv.process.send_signal(signal.SIGTERM)
+        srv.process.wait(timeout=30)
+        took = time.monotonic() - sent
+    assert srv.process.returncode == 0
+    assert _run_status(data, "slow") == "finished"
+    assert 1.5 < took < 25  # waited for the run (about 2.5 s left), not the whole grace
+
+
+def test_a_second_signal_stops_at_once(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with run_server(data, shutdown_grace_s="60", flush_interval="0.5") as srv:
+        c = srv.client()
+        assert c.post("/session", json={"lang": "python", "name": "drain"}).status_code == 201
+        r = c.post("/session/drain", json={"mode": "query", "code": "import time; time.sleep(120)", "runId": "long"})
+        assert r.json()["result"]["status"] == "continued"
+        sent = time.monotonic()
+        srv.process.send_signal(signal.SIGTERM)
+        time.sleep(1)
+        assert srv.process.poll() is None  # draining
+        srv.process.send_signal(signal.SIGTERM)
+        srv.process.wait(timeout=30)
+        assert time.monotonic() - sent < 20
