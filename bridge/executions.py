@@ -310,6 +310,7 @@ class Executions:
             if req.test_cases is not None:
                 # The runner gives the cases their environment and stdin itself.
                 testcases.check(list(req.test_cases), self.settings.default_mem_kib // 1024)
+                execution_scripts(lang, req.environment, None)  # the names, still
                 continue
             scripts = execution_scripts(lang, req.environment, req.stdin)
             if scripts is None and req.session_id is not None:
