@@ -97,6 +97,7 @@ class Stream:
         self._urgent = asyncio.Event()  # set by the end
         self.ended = False
         self.replaced = False  # a new stream took the key: what is pending is dropped
+        self._created = False  # its row is in the table
         self._task = asyncio.create_task(self._write_forever())
 
     def add(self, event: str, data: dict[str, Any]) -> None:
@@ -140,11 +141,8 @@ class Stream:
         await asyncio.shield(self._task)
 
     async def _write_forever(self) -> None:
-        await self.log.store.transaction([
-            ("DELETE FROM events WHERE key=?", (self.key,)),
-            ("INSERT OR REPLACE INTO event_streams (key, access_key, owner, name, run_id,"
-             " created_at) VALUES (?, ?, ?, ?, ?, ?)", self._row),
-        ])
+        # The stream's row is written with its first events, in one transaction (a short run
+        # costs one trip to the store); until then a reader waits as for a stream not begun.
         while True:
             await self._wake.wait()
             if not self.ended:
@@ -174,6 +172,12 @@ class Stream:
             ("INSERT INTO events (key, id, event, data) VALUES (?, ?, ?, ?)", r) for r in rows]
         statements.append(("UPDATE event_streams SET last_id=?, ended=? WHERE key=?",
                            (last, int(self.ended), self.key)))
+        if not self._created:
+            statements[:0] = [
+                ("DELETE FROM events WHERE key=?", (self.key,)),
+                ("INSERT OR REPLACE INTO event_streams (key, access_key, owner, name, run_id,"
+                 " created_at) VALUES (?, ?, ?, ?, ?, ?)", self._row)]
+            self._created = True
         await self.log.store.transaction(statements)
         if last > self.log.max_events or self._bytes > self.log.max_bytes:
             await self._trim(last)
