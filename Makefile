@@ -1,4 +1,13 @@
-# kernel-bridge: `make run` starts the server on its embedded defaults, `make test` runs the tests.
+# kernel-bridge: every install step lives here; `.ci/run` only calls make targets.
+#
+#   make run        install what serving needs (no test or dev tools) and every language's
+#                   toolchain, then serve on 127.0.0.1:8002 (blocks; Ctrl-C stops it)
+#   make test       everything CI does on a fresh Debian machine: the above, plus the test and dev
+#                   extras, the Backend.AI SDK venv, then pytest
+#   make lint typecheck
+#
+# Installs are stamp files, so a second `make run` starts at once. To add a step, write a target
+# that makes a stamp (or checks for a command) and list it in SERVE_DEPS or TEST_DEPS.
 PYTHON ?= python3
 VENV := .venv
 SDK_VENV := .venv-sdk
@@ -6,17 +15,35 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8002
 PYTEST_ARGS ?=
+APT_GET := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
+# swagger-ui-dist from the npm registry, copied into the package (the network is closed at run time)
+SWAGGER_UI_VERSION := 5.35.0
+DOCS_DIR := api/docs_assets
 
-.PHONY: run test venv sdk-venv sandbox-tools toolchains kernelspecs bench lint typecheck clean \
-	console browser-tools doctor
+# What `make run` needs before it serves, and what `make test` adds on top.
+SERVE_DEPS := $(BIN)/.serve toolchains docs-assets console kernelspecs
+TEST_DEPS := $(SERVE_DEPS) $(BIN)/.test sdk-venv browser-tools datascience-env
 
-$(BIN)/kernel-bridge: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+.PHONY: run test venv serve-venv sdk-venv sandbox-tools toolchains kernelspecs docs-assets bench \
+        lint typecheck settings-doc clean console browser-tools doctor
+
+# -- Python environments --------------------------------------------------------------------------
+
+# Serving: the package and its runtime dependencies only.
+$(BIN)/.serve: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e .
+	@touch $@
+
+# Tests and checks: the same venv plus the test and dev extras.
+$(BIN)/.test: $(BIN)/.serve
 	$(BIN)/pip install -q -e '.[test,dev]'
 	@touch $@
 
-venv: $(BIN)/kernel-bridge
+# A developer's venv: serving plus the test and dev tools (what HELPERS and CI expect).
+venv: $(BIN)/.test
+serve-venv: $(BIN)/.serve
 
 # The Backend.AI SDK pins python-dotenv below what pydantic-settings needs, so it lives in a venv
 # of its own; the tests drive it as a real client process.
@@ -26,69 +53,95 @@ $(SDK_VENV)/bin/python:
 
 sdk-venv: $(SDK_VENV)/bin/python
 
-# bubblewrap confines every kernel; install it where we can (root on Debian).
-sandbox-tools:
-	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap) \
-	  || echo "bubblewrap missing: install it, or run with KB_SANDBOX=off (unsafe)"; }
+# -- system packages --------------------------------------------------------------------------------
 
-# Compilers and interpreters the language kernels use; what a Debian machine lacks.
+# apt-get install what is missing, as root on Debian; elsewhere say what to install.
+# $(call apt,COMMAND:PACKAGE ...)
+define apt
+	@missing=""; for pair in $(1); do \
+	  command -v "$${pair%%:*}" >/dev/null || missing="$$missing $${pair#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && $(APT_GET) $$missing; \
+	  else echo "missing:$$missing (install them, or some languages stay unavailable)"; fi; fi
+endef
+
+# bubblewrap confines every kernel, libseccomp2 builds its seccomp filter (through pyseccomp).
+sandbox-tools:
+	$(call apt,bwrap:bubblewrap)
+	@ldconfig -p | grep -q libseccomp.so.2 || { [ "$$(id -u)" = 0 ] && \
+	  command -v apt-get >/dev/null && apt-get update -qq && $(APT_GET) libseccomp2; } || \
+	  echo "libseccomp2 missing: install it, or run with KB_SANDBOX=off (unsafe)"
+
+# Compilers and interpreters of the languages in bridge/languages.py (rustc and cargo: Debian's
+# rustc when no rustup toolchain is on PATH).
 toolchains: sandbox-tools
-	@missing=""; command -v go >/dev/null || missing="$$missing golang-go"; \
-	command -v ruby >/dev/null || missing="$$missing ruby"; \
-	command -v node >/dev/null || missing="$$missing nodejs"; \
-	command -v javac >/dev/null || missing="$$missing default-jdk-headless"; \
-	command -v g++ >/dev/null || missing="$$missing g++"; \
-	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
+	$(call apt,go:golang-go ruby:ruby node:nodejs javac:default-jdk-headless \
+	  g++:g++ gcc:gcc make:make rustc:rustc)
+
+kernelspecs: $(BIN)/.serve
+	$(BIN)/kernel-bridge kernelspecs install --sys-prefix >/dev/null
+
+# The /api/docs page: swagger-ui-dist's files, copied into the package once.
+docs-assets: $(DOCS_DIR)/swagger-ui-bundle.js
+
+$(DOCS_DIR)/swagger-ui-bundle.js:
+	$(call apt,npm:npm)
+	rm -rf $(DOCS_DIR).tmp && mkdir -p $(DOCS_DIR).tmp
+	cd $(DOCS_DIR).tmp && npm pack -q swagger-ui-dist@$(SWAGGER_UI_VERSION) >/dev/null \
+	  && tar xzf swagger-ui-dist-$(SWAGGER_UI_VERSION).tgz
+	mkdir -p $(DOCS_DIR)
+	cp $(DOCS_DIR).tmp/package/swagger-ui-bundle.js $(DOCS_DIR).tmp/package/swagger-ui.css \
+	   $(DOCS_DIR).tmp/package/LICENSE $(DOCS_DIR)/
+	rm -rf $(DOCS_DIR).tmp
 
 # The web console's editor (CodeMirror 6 from npm), bundled by esbuild into a static asset the
 # server serves; built here, not at run time, and not committed (api/console/editor.js).
 CONSOLE_DIR := api/console
 $(CONSOLE_DIR)/editor.js: $(CONSOLE_DIR)/package.json $(CONSOLE_DIR)/package-lock.json \
 		$(CONSOLE_DIR)/editor-entry.mjs
-	@command -v npm >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm; }
+	$(call apt,node:nodejs npm:npm)
 	cd $(CONSOLE_DIR) && npm ci --no-audit --no-fund --loglevel=error && npm run --silent build
 
 console: $(CONSOLE_DIR)/editor.js
 
 # A real browser for the console's (and JupyterLab's) tests: Debian's chromium and its driver.
 browser-tools:
-	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
-	  [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } \
-	  || echo "chromium and chromedriver missing: install them (Debian: chromium chromium-driver)"
+	$(call apt,chromium:chromium chromedriver:chromium-driver)
 
-kernelspecs: venv
-	$(BIN)/kernel-bridge kernelspecs install --sys-prefix
+# -- what people run --------------------------------------------------------------------------------
 
-run: venv sandbox-tools kernelspecs console
+run: $(SERVE_DEPS)
 	$(BIN)/kernel-bridge serve --host $(HOST) --port $(PORT)
 
-test: venv sdk-venv sandbox-tools console browser-tools
+test: $(TEST_DEPS)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Can this machine serve safely? One line per check, with the fix for each failure.
-doctor: venv
+doctor: $(BIN)/.serve
 	$(BIN)/kernel-bridge doctor
 
-bench: venv sandbox-tools
+lint: $(BIN)/.test
+	$(BIN)/ruff check .
+
+typecheck: $(BIN)/.test
+	$(BIN)/mypy
+	$(BIN)/mypy --strict kernelspecs
+
+# The README's settings table, generated from bridge/settings.py (tests/test_settings_doc.py
+# fails when the README drifts from the model).
+settings-doc: $(BIN)/.serve
+	$(BIN)/python -m api.settings_doc --write README.md
+
+bench: $(SERVE_DEPS)
 	$(BIN)/python bench/latency.py
 	$(BIN)/python bench/oneshot.py
 	$(BIN)/python bench/languages.py
 	$(BIN)/python bench/testcases.py
 
-lint: venv
-	$(BIN)/ruff check .
-
-typecheck: venv
-	$(BIN)/mypy
-	$(BIN)/mypy --strict kernelspecs
-
 clean:
-	rm -rf $(VENV) $(SDK_VENV) *.egg-info .pytest_cache .mypy_cache $(CONSOLE_DIR)/node_modules \
-	  $(CONSOLE_DIR)/editor.js
+	rm -rf $(VENV) $(SDK_VENV) .venv-datascience $(DOCS_DIR) *.egg-info .pytest_cache .mypy_cache \
+	  $(CONSOLE_DIR)/node_modules $(CONSOLE_DIR)/editor.js
 
 # -- Jupyter: a data-science environment for kernels ----------------------------------------------
 
@@ -105,4 +158,3 @@ $(DS_VENV)/.done:
 datascience-env: $(DS_VENV)/.done
 
 .PHONY: datascience-env
-test: datascience-env

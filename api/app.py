@@ -9,7 +9,7 @@ from tornado.web import Application, RequestHandler
 from bridge.health import Health
 from bridge.service import Bridge
 
-from . import openapi, sse, webconsole
+from . import docs, openapi, sse, webconsole
 from . import ops as ops_routes
 from .backendai import files as backendai_files
 from .backendai import folders as backendai_folders
@@ -17,22 +17,47 @@ from .backendai import handlers as backendai
 from .backendai import stream as backendai_stream
 from .backendai.errors import BACKENDAI
 from .base import BaseHandler
+from .dialect import RouteNotFound
 from .jobs import handlers as jobs
+from .jobs.errors import IBM
 from .jupyter import handlers as jupyter
+from .jupyter.errors import JUPYTER
 from .logs import log_request
 from .sandbox import handlers as sandbox
+from .sandbox.errors import SANDBOX
 
 
 class NotFoundHandler(BaseHandler):
-    """Unknown routes: a JSON 404 (Backend.AI's shape, the dialect of the root)."""
+    """Unknown routes outside the other dialects' prefixes: Backend.AI's shape (the root's)."""
 
     dialect = BACKENDAI
     auth_required = False
 
-    def prepare(self) -> None:  # type: ignore[override]
-        from tornado.web import HTTPError
+    async def prepare(self) -> None:
+        raise RouteNotFound(self.request.method or "GET", self.request.path)
 
-        raise HTTPError(404, f"No route for {self.request.method} {self.request.path}")
+
+# Unknown routes under a dialect's prefix answer in that dialect's shape; listed after every
+# real route, so tornado reaches them only when nothing else matched.
+class SandboxNotFound(NotFoundHandler):
+    dialect = SANDBOX
+
+
+class JobsNotFound(NotFoundHandler):
+    dialect = IBM
+
+
+class JupyterNotFound(NotFoundHandler):
+    dialect = JUPYTER
+
+
+NOT_FOUND: list[tuple[str, type[RequestHandler]]] = [
+    (r"/api/v1/(?:sessions|jobs)(?:/.*)?", JobsNotFound),
+    (r"/v1/sessions(?:/.*)?", JobsNotFound),
+    (r"/api/v1/notebooks(?:/.*)?", JupyterNotFound),
+    (r"/api/v1(?:/.*)?", SandboxNotFound),  # FastAPI's {"detail": "Not Found"}, as Nadoo
+    (r"/api(?:/.*)?", JupyterNotFound),
+]
 
 
 class OpenAPIHandler(BaseHandler):
@@ -59,7 +84,8 @@ def operations() -> list[openapi.Operation]:
 
 
 def route_table() -> list[tuple[str, type[RequestHandler]]]:
-    table: list[tuple[str, type[RequestHandler]]] = [(r"/api/openapi\.json", OpenAPIHandler)]
+    table: list[tuple[str, type[RequestHandler]]] = [(r"/api/openapi\.json", OpenAPIHandler),
+                                                     (r"/api/docs/?", docs.DocsHandler)]
     table += ops_routes.routes()
     # Files and folders first: tornado takes the first match, and PREFIX/([^/]+) is a catch-all.
     table += backendai_stream.routes()
@@ -70,7 +96,7 @@ def route_table() -> list[tuple[str, type[RequestHandler]]]:
     table += jobs.routes()
     table += sandbox.routes()
     table += backendai.routes()
-    return table
+    return table + NOT_FOUND
 
 
 def make_app(bridge: Bridge, **settings: Any) -> Application:
@@ -78,7 +104,8 @@ def make_app(bridge: Bridge, **settings: Any) -> Application:
     console = [(pattern, handler, {**kwargs, **extra} if issubclass(handler, BaseHandler)
                 else extra) for pattern, handler, extra in webconsole.routes()]
     return Application(
-        console + [(pattern, handler, kwargs) for pattern, handler in route_table()],
+        docs.routes() + console
+        + [(pattern, handler, kwargs) for pattern, handler in route_table()],
         default_handler_class=NotFoundHandler,
         default_handler_args=kwargs,
         log_function=log_request,

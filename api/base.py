@@ -16,18 +16,17 @@ from bridge.service import Bridge
 
 from .auth import authenticate
 from .dialect import Dialect, MalformedBody
+from .fields import WARNING_HEADER, describe_validation, unknown_fields, warning
 from .logs import REQUEST_ID_HEADER, request_id
 
 log = logging.getLogger("kernel_bridge.api")
 M = TypeVar("M", bound=BaseModel)
 
 
-def describe_validation(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "body"
-        parts.append(f"{where}: {err['msg']}")
-    return "; ".join(parts)
+def allowed_methods(handler: type[RequestHandler]) -> list[str]:
+    """The methods a handler implements (tornado's defaults for the rest answer 405)."""
+    return [m for m in handler.SUPPORTED_METHODS
+            if getattr(handler, m.lower()) is not getattr(RequestHandler, m.lower())]
 
 
 class BaseHandler(RequestHandler):
@@ -70,9 +69,13 @@ class BaseHandler(RequestHandler):
         if data is None:
             data = self.json_object()
         try:
-            return model.model_validate(data)
+            parsed = model.model_validate(data)
         except ValidationError as exc:
-            raise MalformedBody(describe_validation(exc)) from None
+            raise MalformedBody(describe_validation(exc, model)) from None
+        unknown = unknown_fields(parsed)
+        if unknown:  # an open schema: accepted, but the client is told (api/fields.py)
+            self.add_header(WARNING_HEADER, warning(unknown))
+        return parsed
 
     # -- responses --------------------------------------------------------------------------
 
@@ -90,6 +93,10 @@ class BaseHandler(RequestHandler):
         self.error = exc  # the access log and the refusal metrics read it
         status, code, message = self.dialect.lookup(exc, status_code)
         self.set_status(status)
+        if status == 405:
+            allowed = ", ".join(allowed_methods(type(self)))
+            self.set_header("Allow", allowed)
+            message = f"{self.request.method} is not allowed here; allowed: {allowed}."
         self.clear_header("Content-Type")
         self.set_header("Content-Type", self.dialect.content_type)
         self.finish(json.dumps(self.dialect.render(status, code, message)))

@@ -1,4 +1,4 @@
-"""The ``kernel-bridge`` command: serve, doctor, keys, kernelspecs, run."""
+"""The ``kernel-bridge`` command: serve, doctor, keys, kernelspecs, settings, run."""
 
 from __future__ import annotations
 
@@ -11,16 +11,20 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from bridge import __version__
 from bridge.errors import AuthFailed
 from bridge.keypairs import Keypairs
 from bridge.sandbox import SandboxUnavailable
 from bridge.settings import Settings
 from bridge.store import Store
 
+# Options that set a Settings field, by field name: settings errors name the flag the user gave.
+_FLAGS = {"host": "--host", "port": "--port", "data_dir": "--data-dir"}
+
 
 def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
     overrides: dict[str, Any] = dict(extra)
-    for name in ("host", "port", "data_dir"):
+    for name in _FLAGS:
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
@@ -29,7 +33,8 @@ def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
     return Settings(**overrides)
 
 
-async def _keys(settings: Settings, action: str, as_json: bool, access_key: str = "") -> int:
+async def _keys(settings: Settings, args: argparse.Namespace) -> int:
+    action, as_json = args.action, getattr(args, "json", False)
     settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # it holds secrets
     store = Store(settings.db_path)
     await store.open()
@@ -37,10 +42,13 @@ async def _keys(settings: Settings, action: str, as_json: bool, access_key: str 
         keypairs = Keypairs(store, settings.default_concurrency)
         await keypairs.load()
         if action in ("activate", "deactivate"):
-            await keypairs.set_active(access_key, action == "activate")
-            print(f"{access_key}: {'active' if action == 'activate' else 'inactive'}")
+            await keypairs.set_active(args.access_key, action == "activate")
+            print(f"{args.access_key}: {'active' if action == 'activate' else 'inactive'}")
+        elif action == "set-concurrency":
+            await keypairs.set_concurrency(args.access_key, args.concurrency)
+            print(f"{args.access_key}: concurrency={args.concurrency}")
         elif action == "create":
-            kp = await keypairs.create()
+            kp = await keypairs.create(args.concurrency)
             if as_json:
                 print(json.dumps({"access_key": kp.access_key, "secret_key": kp.secret_key}))
             else:
@@ -60,36 +68,93 @@ async def _keys(settings: Settings, action: str, as_json: bool, access_key: str 
     return 0
 
 
+def _positive(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _data_dir_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", type=Path, metavar="DIR",
+                   help="database, session dirs and folders (default: $KB_DATA_DIR, else "
+                        "~/.local/share/kernel-bridge)")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kernel-bridge", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(
+        prog="kernel-bridge",
+        description="A code-execution server: runs code in sandboxed Jupyter kernels and speaks "
+                    "the Backend.AI, Sandbox execute, job sessions and Jupyter APIs. Settings "
+                    "come from KB_* environment variables (kernel-bridge settings lists them).",
+        epilog="Run 'kernel-bridge COMMAND --help' for a command's options.")
+    p.add_argument("--version", action="version", version=f"kernel-bridge {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = sub.add_parser("serve", help="start the server")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
-    serve.add_argument("--data-dir", type=Path)
+    serve = sub.add_parser(
+        "serve", help="start the server (blocks until Ctrl-C)",
+        description="Start the server. On an empty data dir it creates a keypair and prints it "
+                    "once; later starts print how to make another.")
+    serve.add_argument("--host", help="address to listen on (default: $KB_HOST, else 127.0.0.1)")
+    serve.add_argument("--port", type=int,
+                       help="TCP port to listen on (default: $KB_PORT, else 8002)")
+    _data_dir_option(serve)
     serve.add_argument("--no-sandbox", action="store_true",
-                       help="run kernels unconfined (unsafe; for machines without bubblewrap)")
+                       help="run kernels unconfined (unsafe; for machines without bubblewrap; "
+                            "same as KB_SANDBOX=off)")
     serve.add_argument("--unsafe", action="store_true",
-                       help="start even when a `doctor` check fails (each is printed)")
-    doctor = sub.add_parser("doctor", help="check that this machine can run the server safely")
-    doctor.add_argument("--data-dir", type=Path)
+                       help="start even when a doctor check fails (each is printed)")
+    doctor = sub.add_parser("doctor", help="check that this machine can run the server safely",
+                            description="One line per check; exit 0 only when the server can "
+                                        "run safely.")
+    _data_dir_option(doctor)
 
-    keys = sub.add_parser("keys", help="manage keypairs")
-    keys_sub = keys.add_subparsers(dest="action", required=True)
-    for action in ("create", "list", "activate", "deactivate"):
-        k = keys_sub.add_parser(action)
-        k.add_argument("--data-dir", type=Path)
-        k.add_argument("--json", action="store_true")
-        if action in ("activate", "deactivate"):
-            k.add_argument("access_key")
-    specs = sub.add_parser("kernelspecs", help="install the shipped kernels into Jupyter")
-    specs_sub = specs.add_subparsers(dest="action", required=True)
-    inst = specs_sub.add_parser("install")
+    keys = sub.add_parser("keys", help="manage keypairs (create, list, activate, concurrency)",
+                          description="Manage the keypairs that clients authenticate with. A "
+                                      "running server sees changes within 5 seconds.")
+    keys_sub = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = keys_sub.add_parser("create", help="make a keypair and print it (shown once)",
+                                 description="Make a keypair and print its access and secret "
+                                             "keys. The secret is not shown again.")
+    create.add_argument("--concurrency", type=_positive, metavar="N",
+                        help="sessions it may hold at once (default: $KB_DEFAULT_CONCURRENCY, "
+                             "else 5)")
+    listing = keys_sub.add_parser("list", help="list keypairs (no secrets)",
+                                  description="List keypairs: access key, active, concurrency, "
+                                              "queries run. Secrets are never listed.")
+    for k in (create, listing):
+        _data_dir_option(k)
+        k.add_argument("--json", action="store_true", help="print JSON")
+    for action, text in (("activate", "let a deactivated keypair authenticate again"),
+                         ("deactivate", "refuse the keypair everywhere (401); its sessions "
+                                        "run on")):
+        k = keys_sub.add_parser(action, help=text, description=text[0].upper() + text[1:] + ".")
+        k.add_argument("access_key", metavar="ACCESS_KEY", help="the keypair's access key")
+        _data_dir_option(k)
+    conc = keys_sub.add_parser("set-concurrency", help="change how many sessions a keypair may "
+                                                       "hold at once",
+                               description="Change how many sessions a keypair may hold at "
+                                           "once. Running sessions are not stopped.")
+    conc.add_argument("access_key", metavar="ACCESS_KEY", help="the keypair's access key")
+    conc.add_argument("concurrency", type=_positive, metavar="N",
+                      help="sessions it may hold at once (at least 1)")
+    _data_dir_option(conc)
+
+    specs = sub.add_parser("kernelspecs", help="install the shipped kernels into Jupyter",
+                           description="Install kernel-bridge's kernels into a Jupyter, so "
+                                       "JupyterLab users get the same kernels.")
+    specs_sub = specs.add_subparsers(dest="action", required=True, metavar="ACTION")
+    inst = specs_sub.add_parser("install", help="write the kernelspecs",
+                                description="Write the kernelspecs (default: --user).")
     where = inst.add_mutually_exclusive_group()
     where.add_argument("--user", action="store_true", help="into ~/.local/share/jupyter")
     where.add_argument("--sys-prefix", action="store_true", help="into this environment")
     where.add_argument("--prefix", help="into PREFIX/share/jupyter")
+
+    settings = sub.add_parser("settings", help="list the KB_* settings and their defaults",
+                              description="List every KB_* setting with its default.")
+    settings.add_argument("--markdown", action="store_true",
+                          help="as the README's Markdown table (the default output)")
     from .jupyter.run import add_parser as add_run_parser
 
     add_run_parser(sub)
@@ -98,10 +163,18 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "settings":
+        from .settings_doc import markdown_table
+
+        sys.stdout.write(markdown_table())
+        return 0
     try:
         settings = settings_from(args)
     except ValidationError as exc:
-        print(f"kernel-bridge: bad setting: {exc}", file=sys.stderr)
+        from .settings_doc import describe_error
+
+        given = {f: flag for f, flag in _FLAGS.items() if getattr(args, f, None) is not None}
+        print(f"kernel-bridge: bad setting: {describe_error(exc, given)}", file=sys.stderr)
         return 2
     try:
         return _dispatch(args, settings)
@@ -137,8 +210,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             print(f"installed {name} in {path}")
         return 0
     try:
-        return asyncio.run(_keys(settings, args.action, args.json,
-                                 getattr(args, "access_key", "")))
+        return asyncio.run(_keys(settings, args))
     except AuthFailed:
         print(f"kernel-bridge: no keypair {args.access_key!r}", file=sys.stderr)
         return 2

@@ -10,7 +10,7 @@ from typing import Any
 
 from tornado.web import HTTPError
 
-from bridge.errors import BridgeError, InvalidRequest
+from bridge.errors import BridgeError, InvalidRequest, NotFound
 
 Body = dict[str, Any] | list[Any]
 
@@ -21,6 +21,14 @@ class MalformedBody(InvalidRequest):
 
 class MethodNotAllowed(InvalidRequest):
     pass
+
+
+class RouteNotFound(NotFound):
+    """No route has this path: every dialect's generic 404, never one about a missing kernel."""
+
+    def __init__(self, method: str, path: str) -> None:
+        super().__init__(f"No route for {method} {path}. The API is described at "
+                         "/api/openapi.json and /api/docs.")
 
 
 @dataclass(frozen=True)

@@ -95,12 +95,19 @@ async def _serve(settings: Settings, sockets: list[socket.socket], signals: Sign
             print("Created the first keypair (save it; it is shown only once):", flush=True)
             print(json.dumps({"access_key": kp.access_key, "secret_key": kp.secret_key}),
                   flush=True)
+        else:
+            # Secrets are shown once, at the first start: say how to get one now.
+            print(f"{len(bridge.keypairs.all())} keypair(s) in {settings.data_dir}. Lost the "
+                  "secret key? Make another: kernel-bridge keys create --data-dir "
+                  f"{settings.data_dir} --json", flush=True)
         if signals.stop.is_set():  # a signal arrived during start-up
             return
         server = HTTPServer(make_app(bridge), xheaders=False, max_body_size=64 * 1024 * 1024)
         server.add_sockets(sockets)
         port = sockets[0].getsockname()[1]
-        print(f"kernel-bridge listening on http://{settings.host}:{port}", flush=True)
+        url = f"http://{settings.host}:{port}"
+        print(f"kernel-bridge listening on {url} (API docs: {url}/api/docs; Ctrl-C stops it)",
+              flush=True)
         if ready is not None:
             ready.set()
         await signals.stop.wait()

@@ -81,7 +81,7 @@ async def bash_kernel(session: Session, start_kernel: StartKernel) -> Liveness:
             raise InvalidRequest("The session ended while its batch kernel was starting.")
         found = session.extra_kernels[EXTRA_KERNEL] = (kernel, channels)
     kernel, channels = found
-    return Liveness(channels, kernel.is_alive)
+    return Liveness(channels, kernel.is_alive, kernel.interrupt)
 
 
 def program(session: Session, options: BatchOptions, start_kernel: StartKernel) -> Program:

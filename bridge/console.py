@@ -17,8 +17,25 @@ _TEXT_MEDIA = ("image/svg+xml", "application/json", "text/markdown", "text/latex
 _BINARY_MEDIA = ("image/png", "image/jpeg", "image/gif", "image/webp", "application/pdf")
 
 
+# A traceback entry (one frame) inside the kernel's own machinery: ipykernel answering input()
+# with end-of-file raises from its internals. Those frames tell the user nothing and show host
+# paths, so they are dropped; the user's own frames stay.
+_KERNEL_FRAME = re.compile(
+    r"^File [^\n]*/(?:site|dist)-packages/(?:ipykernel|IPython|jupyter_client|comm)/[^\n]*\.py:")
+_EOF_TEXT = "EOF when reading a line (no more input: send it as stdin)"
+
+
 def strip_ansi(text: str) -> str:
     return _ANSI.sub("", text)
+
+
+def _traceback(content: dict[str, Any]) -> str:
+    entries = [strip_ansi(line) for line in content.get("traceback") or []]
+    entries = [e for e in entries if not _KERNEL_FRAME.match(e.lstrip())]
+    if content.get("ename") == "EOFError" and not content.get("evalue") and entries \
+            and entries[-1].rstrip() == "EOFError:":
+        entries[-1] = f"EOFError: {_EOF_TEXT}"
+    return "\n".join(entries)
 
 
 def from_message(msg_type: str, content: dict[str, Any]) -> list[ConsoleItem]:
@@ -28,7 +45,7 @@ def from_message(msg_type: str, content: dict[str, Any]) -> list[ConsoleItem]:
         return [[name, str(content.get("text", ""))]]
     if msg_type == "error":
         tb = content.get("traceback") or []
-        text = "\n".join(strip_ansi(line) for line in tb) if tb else (
+        text = _traceback(content) if tb else (
             f"{content.get('ename', 'Error')}: {content.get('evalue', '')}")
         if content.get("ename") == "ExitCode" and not tb:
             return []  # a process kernel's non-zero exit: the exit code says it, not the console

@@ -103,9 +103,32 @@ class Forbidden(BridgeError):
     pass
 
 
+# How a client frees a place held by a session of each origin (the dialect that made it).
+_HOW_TO_FREE = {
+    "backendai": "DELETE /session/{name}",
+    "sandbox": "DELETE /api/v1/execute/session/{name}",
+    "jobs": "DELETE /api/v1/sessions/{id}/close",
+    "jupyter": "DELETE /api/kernels/{id}",
+    "notebook": "ends with its notebook run",
+}
+
+
 class QuotaExceeded(BridgeError):
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"This keypair may run at most {limit} concurrent sessions.")
+    """``holders``: (name, id, origin) of each session that holds one of the keypair's places."""
+
+    def __init__(self, limit: int, holders: tuple[tuple[str, str, str], ...] = ()) -> None:
+        message = f"This keypair may run at most {limit} concurrent sessions."
+        if holders:
+            held = "; ".join(_holder(*h) for h in holders)
+            message += (f" Held by: {held}. Free a place by closing one, or raise the limit: "
+                        "kernel-bridge keys set-concurrency ACCESS_KEY N.")
+        super().__init__(message)
+        self.holders = holders
+
+
+def _holder(name: str, sid: str, origin: str) -> str:
+    free = _HOW_TO_FREE.get(origin, "close it").format(name=name, id=sid)
+    return f"{name} ({origin}: {free})" if name == sid else f"{name} (id {sid}, {origin}: {free})"
 
 
 class RateLimited(BridgeError):

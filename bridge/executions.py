@@ -100,6 +100,7 @@ class ExecutionResult:
     execution_time: float  # seconds the code ran (kernel round trips included)
     language: str
     session_id: str | None
+    truncated: bool = False  # output passed KB_OUTPUT_LIMIT: cut, and the run interrupted
     reason: str = outcomes.COMPLETED  # why it ended (bridge.outcomes)
     signal: int | None = None
     compile_stdout: str | None = None  # compiled languages only
@@ -421,6 +422,7 @@ class Executions:
             ex.result = ExecutionResult(
                 ex.id, build.get("stdout", ""), build.get("stderr", ""),
                 int(build.get("exit_code", 0)), round(elapsed, 4), ex.language, ex.session_id,
+                run.truncated,
                 reason=outcomes.COMPILE_ERROR if build.get("exit_code") else outcomes.COMPLETED,
                 signal=build.get("signal"),
                 compile_stdout=build.get("stdout", "") if compiled else None,
@@ -433,7 +435,7 @@ class Executions:
             ex.status, ex.completed_at = ExecStatus.COMPLETED, now_iso()
             ex.result = ExecutionResult(
                 ex.id, stdout, outcomes.run_stderr(run), run.exit_code, round(elapsed, 4),
-                ex.language, ex.session_id, reason=end.reason, signal=end.signal,
+                ex.language, ex.session_id, run.truncated, reason=end.reason, signal=end.signal,
                 compile_stdout=outcome.compile_stdout if outcome else None,
                 compile_stderr=outcome.compile_stderr if outcome else None)
             return ex.result
@@ -449,6 +451,7 @@ class Executions:
         # Keep what the program itself wrote to stderr before the reason.
         ex.result = result = ExecutionResult(**{
             **asdict(result), "stderr": run.text("stderr") + result.stderr, "signal": end.signal,
+            "truncated": run.truncated,
             "test_results": judged.fill(len(req.test_cases or ()), reason) if judged else None})
         return result
 

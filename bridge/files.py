@@ -7,6 +7,10 @@ absolute paths elsewhere are refused before anything is opened. The disk is then
 component at a time with ``O_NOFOLLOW`` relative to the previous directory's descriptor, so a
 symbolic link is never followed (user code may plant one pointing anywhere on the host) and a
 link swapped in while we walk is refused too. Everything blocking runs in a worker thread.
+
+What the server writes (directories and files of an upload) takes the owner of the directory it
+is written into: the sandbox uid in a session's working dir or a folder (which the sandbox owns),
+so user code can change or remove uploads; root's where the sandbox is off.
 """
 
 from __future__ import annotations
@@ -108,6 +112,7 @@ def _open_dir(root: Path, parts: Sequence[str], *, create: bool = False) -> Iter
                     raise NotFound(f"No such file or directory: {shown!r}.") from None
                 os.mkdir(name, 0o755, dir_fd=fd)
                 nfd = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                _inherit_owner(nfd, fd)
             except OSError as exc:
                 if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                     raise _refusal(fd, name, shown) from None
@@ -156,8 +161,18 @@ def _write_all(targets: list[tuple[Path, tuple[str, ...], str, bytes]]) -> None:
                 if exc.errno == errno.ELOOP:
                     raise UnsafePath(shown, "it is a symbolic link") from None
                 raise
+            _inherit_owner(fd, dfd)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+
+
+def _inherit_owner(fd: int, parent_fd: int) -> None:
+    """Give what ``fd`` names the owner of its parent directory (both held open: no path, no
+    link to follow)."""
+    parent = os.fstat(parent_fd)
+    st = os.fstat(fd)
+    if (st.st_uid, st.st_gid) != (parent.st_uid, parent.st_gid):
+        os.fchown(fd, parent.st_uid, parent.st_gid)
 
 
 def _entry(name: str, st: os.stat_result) -> dict[str, Any]:

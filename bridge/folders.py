@@ -74,7 +74,8 @@ def count_files(host: Path) -> int:
 
 
 class Folders:
-    """The folder registry. ``in_use(host)`` names a live session that mounts ``host``."""
+    """The folder registry. ``in_use(host)`` names a live session that mounts ``host``;
+    ``own(host)`` hands a new folder's directory to the sandbox uid (what user code runs as)."""
 
     def __init__(self, store: Store, root: Path, now: Callable[[], str],
                  keypair_exists: Callable[[str], Awaitable[bool]]) -> None:
@@ -83,6 +84,7 @@ class Folders:
         self._now = now
         self._keypair_exists = keypair_exists
         self.in_use: Callable[[Path], str | None] = lambda host: None
+        self.own: Callable[[Path], None] = lambda host: None
 
     def _folder(self, row: dict[str, Any], permission: str) -> Folder:
         return Folder(row["id"], row["name"], row["owner"], row["created"], permission,
@@ -114,6 +116,7 @@ class Folders:
         fid = uuid.uuid4().hex
         host = self.root / fid
         await asyncio.to_thread(host.mkdir, 0o755, True)
+        await asyncio.to_thread(self.own, host)  # uploads then inherit it (bridge/files.py)
         created = self._now()
         await self.store.execute(
             "INSERT INTO vfolders (id, name, owner, created) VALUES (?, ?, ?, ?)",

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -26,13 +27,35 @@ from jupyter_client.manager import AsyncKernelManager
 
 from .cgroups import KernelCgroup
 from .errors import KernelStartFailed
-from .sandbox import Confinement, Sandbox, SandboxProvisioner
+from .provisioner import SandboxProvisioner
+from .sandbox import Confinement, Sandbox, SandboxUnavailable
 
 log = logging.getLogger(__name__)
 
 SPECS_DIR = Path(__file__).resolve().parent.parent / "kernelspecs" / "specs"
 # sun_path is 108 bytes; a short private root keeps every socket path well under it.
 IPC_ROOT = Path(tempfile.gettempdir()) / f"kb-ipc-{os.getuid()}"
+
+
+def ipc_root(root: Path = IPC_ROOT) -> Path:
+    """The private parent of every kernel's sockets and connection file (which holds the key
+    that signs its messages), created 0700. Refused, never repaired, when it is a link, someone
+    else's, or open to group or others: whoever made it first would hold every kernel.
+
+    Raises SandboxUnavailable.
+    """
+    with contextlib.suppress(FileExistsError):
+        root.mkdir(mode=0o700)
+    st = os.lstat(root)
+    problem = ("is not a directory" if not stat.S_ISDIR(st.st_mode)
+               else f"is owned by uid {st.st_uid}, not {os.getuid()}" if st.st_uid != os.getuid()
+               else f"has mode {stat.filemode(st.st_mode)}, not drwx------"
+               if st.st_mode & 0o077 else "")
+    if problem:
+        raise SandboxUnavailable(
+            f"The kernels' IPC root {root} {problem}. Someone else may be able to read kernel "
+            f"keys there: remove it (`rm -rf {root}`) and start again.")
+    return root
 
 
 def spec_manager() -> KernelSpecManager:
@@ -160,12 +183,18 @@ async def launch(spec: str, confinement: Confinement, sandbox: Sandbox,
     modules of this package and always run on the server's interpreter.
     Raises KernelStartFailed.
     """
-    IPC_ROOT.mkdir(mode=0o700, exist_ok=True)
-    ipc_dir = Path(tempfile.mkdtemp(prefix="k", dir=IPC_ROOT))
+    try:
+        root = ipc_root()
+    except SandboxUnavailable as exc:
+        raise KernelStartFailed(str(exc)) from exc
+    ipc_dir = Path(tempfile.mkdtemp(prefix="k", dir=root))
     confinement = replace(confinement, ipc_dir=ipc_dir)
+    # The connection file stays root's in the root-owned ipc_dir (the kernel may read it, not
+    # rewrite it nor replace it with a link for the server to write through on a restart); the
+    # sockets go in ``s/``, the one directory the sandbox uid may write (Sandbox.hand_over).
     km = AsyncKernelManager(
         kernel_name=spec, kernel_spec_manager=ksm, transport="ipc",
-        ip=str(ipc_dir / "s"), connection_file=str(ipc_dir / "conn.json"),
+        ip=str(ipc_dir / "s" / "k"), connection_file=str(ipc_dir / "conn.json"),
     )
     try:
         kspec = km.kernel_spec
@@ -179,7 +208,7 @@ async def launch(spec: str, confinement: Confinement, sandbox: Sandbox,
         kspec.argv[0] = python if python and kspec.language == "python" else sys.executable
         if python and kspec.language == "python" and "PATH" not in confinement.environ:
             # `!python`, `!pip list` and subprocesses of a notebook find the same environment.
-            path = f"{Path(python).parent}{os.pathsep}{sandbox.environ(confinement)['PATH']}"
+            path = f"{Path(python).parent}{os.pathsep}{sandbox.kernel_environ(confinement)['PATH']}"
             confinement = replace(confinement, environ={**confinement.environ, "PATH": path})
     km.kernel_id = os.path.basename(ipc_dir)
     provisioner = SandboxProvisioner(kernel_id=km.kernel_id, kernel_spec=kspec, parent=km)

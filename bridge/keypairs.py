@@ -6,12 +6,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import re
 import secrets
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from .errors import AuthFailed
 from .store import Store
+
+# Access keys are "AKIA" and 16 upper-case hex digits (create() below); secrets never look so.
+ACCESS_KEY = re.compile(r"AKIA[0-9A-F]{16}")
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,13 @@ class Keypairs:
         )
         self._remember(replace(kp, is_active=active))
 
+    async def set_concurrency(self, access_key: str, concurrency: int) -> None:
+        """How many sessions the keypair may hold at once. Raises AuthFailed (unknown key)."""
+        kp = self.get(access_key)
+        await self._store.execute(
+            "UPDATE keypairs SET concurrency=? WHERE access_key=?", (concurrency, access_key))
+        self._remember(replace(kp, concurrency=concurrency))
+
     def all(self) -> list[Keypair]:
         return sorted(self._by_access.values(), key=lambda k: k.created)
 
@@ -119,6 +130,10 @@ class Keypairs:
         """The active keypair whose secret is ``secret``. Raises AuthFailed."""
         access = self._by_hash.get(_hash(secret))
         if access is None:
+            if ACCESS_KEY.fullmatch(secret):  # a shape, not a lookup: nothing to enumerate
+                raise AuthFailed("Invalid API key: this looks like an access key; send the "
+                                 "secret key (the access key only names the keypair in "
+                                 "Backend.AI request signatures).")
             raise AuthFailed("Invalid API key.")
         kp = self._by_access[access]
         # compare_digest keeps the check constant-time once the hash matched

@@ -7,9 +7,11 @@ toolchain binaries that must exist, and the batch-mode defaults used for ``"*"``
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shlex
 import shutil
+import sys
 from dataclasses import dataclass
 
 from .errors import UnknownLanguage
@@ -25,7 +27,7 @@ class Language:
     build: str = ""  # the "*" build command ("" = nothing to build)
     exec: str = ""  # the "*" exec command
     clean: str = ""  # the "*" clean command: do-nothing by default (seed 002)
-    version_cmd: tuple[str, ...] = ()
+    version_cmd: tuple[str, ...] = ()  # prints the toolchain's version (see measure_versions)
     # How one execution gets its own environment variables (and stdin, where the kernel's stdin
     # is not a real stream) in a kernel that keeps state: a key of _EXECUTION_SCRIPTS, or "" when
     # the kernel cannot take them per execution and must be started with them.
@@ -57,11 +59,11 @@ LANGUAGES: tuple[Language, ...] = (
     Language(
         "python", "kb-python", ".py", ("python3",), ("python3", "py", "ipython"),
         build="if [ -f setup.py ] || [ -f pyproject.toml ]; then pip install --user -e .; fi",
-        exec="python3 main.py", per_execution="python",
+        exec="python3 main.py", per_execution="python", version_cmd=("python3", "--version"),
     ),
     Language(
         "javascript", "kb-javascript", ".js", ("node",), ("js", "node", "nodejs"),
-        exec="node main.js", per_execution="javascript",
+        exec="node main.js", per_execution="javascript", version_cmd=("node", "--version"),
     ),
     Language(
         "c", "kb-c", ".c", ("gcc",), ("gcc",),
@@ -69,7 +71,7 @@ LANGUAGES: tuple[Language, ...] = (
                                          ' "${srcs[@]}" -pthread -lm -lrt -ldl',
                                          "'*.c' '*.h'", "main")),
         exec="./main",
-        clean="if [ -f Makefile ]; then make clean; fi",
+        clean="if [ -f Makefile ]; then make clean; fi", version_cmd=("gcc", "-dumpfullversion"),
     ),
     Language(
         "cpp", "kb-cpp", ".cpp", ("g++",), ("c++", "cxx", "g++"),
@@ -78,13 +80,13 @@ LANGUAGES: tuple[Language, ...] = (
             + ' && g++ -Wall -std=c++17 -o ./main "${srcs[@]}" -pthread -lm -lrt -ldl',
             "'*.cpp' '*.cc' '*.cxx' '*.h' '*.hpp'", "main")),
         exec="./main",
-        clean="if [ -f Makefile ]; then make clean; fi",
+        clean="if [ -f Makefile ]; then make clean; fi", version_cmd=("g++", "-dumpfullversion"),
     ),
     Language(
         "go", "kb-go", ".go", ("go",), ("golang",),
         build=_MAKE_FIRST.format(_cached("GO111MODULE=off go build -o ./main $(ls *.go)",
                                          "'*.go'", "main")),
-        exec="./main",
+        exec="./main", version_cmd=("go", "version"),
     ),
     Language(
         "rust", "kb-rust", ".rs", ("rustc",), ("rs",),
@@ -92,20 +94,22 @@ LANGUAGES: tuple[Language, ...] = (
             "if [ -f Cargo.toml ]; then cargo build --offline; else "
             + _cached("rustc -o ./main main.rs", "'*.rs'", "main") + "; fi"),
         exec="if [ -f Cargo.toml ]; then cargo run --offline -q; else ./main; fi",
+        version_cmd=("rustc", "--version"),
     ),
     Language(
         "java", "kb-java", ".java", ("javac", "java"), (),
         build=_MAKE_FIRST.format(_cached("javac -d . $(find . -name '*.java' -not -path './.*')",
                                          "'*.java'", "'*.class'")),
         exec="if [ -f main/Main.class ]; then java main.Main; else java Main; fi",
+        version_cmd=("javac", "-version"),
     ),
     Language(
         "ruby", "kb-ruby", ".rb", ("ruby",), ("rb",),
-        exec="ruby main.rb", per_execution="ruby",
+        exec="ruby main.rb", per_execution="ruby", version_cmd=("ruby", "--version"),
     ),
     Language(
         "bash", "kb-bash", ".sh", ("bash",), ("sh", "shell"),
-        exec="bash main.sh", per_execution="bash",
+        exec="bash main.sh", per_execution="bash", version_cmd=("bash", "--version"),
     ),
 )
 
@@ -132,3 +136,30 @@ def resolve(name_or_image: str) -> Language:
     if lang is None:
         raise UnknownLanguage(name_or_image, names())
     return lang
+
+
+_VERSION = re.compile(r"\d+\.\d+(?:\.\d+)?")
+VERSION_TIMEOUT_S = 10.0
+
+
+async def _version(lang: Language) -> str:
+    argv = list(lang.version_cmd)
+    if lang.name == "python":
+        argv[0] = sys.executable  # kernels run on the server's interpreter
+    try:
+        # Niced: asked while the server starts its first kernels, which should not wait on a JVM.
+        proc = await asyncio.create_subprocess_exec(
+            "nice", "-n", "19", *argv, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT)
+        async with asyncio.timeout(VERSION_TIMEOUT_S):
+            out, _ = await proc.communicate()
+    except (OSError, TimeoutError):
+        return "unknown"
+    found = _VERSION.search(out.decode(errors="replace"))
+    return found.group(0) if found else "unknown"
+
+
+async def measure_versions() -> dict[str, str]:
+    """Each available language's toolchain version ("3.11.7"), asking one toolchain at a time."""
+    return {lang.name: await _version(lang)
+            for lang in LANGUAGES if lang.available and lang.version_cmd}

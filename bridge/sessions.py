@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from . import metrics
 from .channels import Channels
 from .errors import (
+    Conflict,
     InvalidRequest,
     InvalidTransition,
     QuotaExceeded,
@@ -127,8 +128,9 @@ class Sessions:
         if network and not self.settings.allow_network:
             raise InvalidRequest("Network access for sessions is disabled on this server.")
         limit = self.settings.concurrency_for(origin, kp.concurrency)
-        if counts_for_quota and len(self.all(access_key)) >= limit:
-            raise QuotaExceeded(limit)
+        held = self.all(access_key)
+        if counts_for_quota and len(held) >= limit:
+            raise QuotaExceeded(limit, tuple((s.name, s.id, s.origin) for s in held))
         sid = str(uuid.uuid4())
         # A pooled kernel brings its own working dir; the session adopts it (_attach_kernel).
         workdir = self.settings.sessions_dir / sid
@@ -142,6 +144,7 @@ class Sessions:
             del self._by_id[sid]
             shutil.rmtree(session.workdir, ignore_errors=True)
             raise
+        session.last_activity = time.monotonic()  # idle from now, not from before the start
         config = {"limits": limits.__dict__, "mounts": [m.target for m in mounts],
                   "environ": session.environ}
         await self.store.execute(
@@ -275,6 +278,11 @@ class Sessions:
             raise SessionNotFound(session.name)
         if run.run_id in session.runs:
             raise InvalidTransition(f"run {run.run_id}", "new", "already submitted")
+        waiting = session.current
+        if waiting is not None and waiting.state is RunState.WAITING_INPUT:
+            # Queued behind it, the new run would answer `continued` until someone answers.
+            raise Conflict(f"Run {waiting.run_id} waits for input: answer it (mode 'input' "
+                           "with that runId) or interrupt it before sending another run.")
         session.runs[run.run_id] = run
         for hook in self.on_submit:
             hook(session, run)
@@ -384,8 +392,8 @@ class Sessions:
     async def reap(self) -> None:
         now = time.monotonic()
         for s in list(self._by_id.values()):
-            if not s.alive or s.lock.locked():
-                continue
+            if not s.alive or s.lock.locked() or s.kernel is None:
+                continue  # (no kernel yet: still starting, and not idle however long it takes)
             if not s.busy and now - s.last_activity > s.limits.idle_timeout_s:
                 await self._destroy_quietly(s, "idle-timeout")
             elif s.limits.max_cpu_credit_ms and s.usage().cpu_ms > s.limits.max_cpu_credit_ms:

@@ -15,55 +15,90 @@ def _default_data_dir() -> Path:
 
 
 class Settings(BaseSettings):
-    """Embedded defaults serve one machine; every field can be set as ``KB_<NAME>``."""
+    """Embedded defaults serve one machine; every field can be set as ``KB_<NAME>``.
 
-    model_config = SettingsConfigDict(env_prefix="KB_", extra="ignore", frozen=True)
+    Each field's docstring is its description: ``kernel-bridge settings --markdown`` prints the
+    README's table of settings from them.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="KB_", extra="ignore", frozen=True,
+                                      use_attribute_docstrings=True)
 
     host: str = "127.0.0.1"
+    """Address the server listens on."""
     port: int = Field(8002, ge=0, le=65535)
+    """TCP port the server listens on."""
     data_dir: Path = Field(default_factory=_default_data_dir)
+    """SQLite database, session working dirs and virtual folders (default
+    `~/.local/share/kernel-bridge`)."""
     server_name: str = "kernel-bridge"
+    """This server's name (the job sessions' `backend_name`)."""
 
     # Sandbox: "auto" uses bubblewrap when present and refuses to start without it;
     # "off" runs kernels unconfined (an explicit operator choice, warned about at start).
     sandbox: Literal["auto", "on", "off"] = "auto"
-    allow_network: bool = False  # a session gets network only if this is set and it asks
+    """`auto`/`on`: kernels run in bubblewrap, and the server refuses to start without it;
+    `off`: unconfined (unsafe)."""
+    allow_network: bool = False
+    """Let a session that asks (`config.network: true`) use the host network."""
+    # The host uid (and gid) user code runs as; no host account should use it (SECURITY.md).
+    sandbox_uid: int = Field(60000, ge=1, le=2**32 - 2)
+    """The host uid (and gid) kernels run as; no host account should use it."""
 
     # Runs
-    flush_interval: float = Field(2.0, gt=0)  # seconds before an execute call answers `continued`
-    output_limit: int = Field(4 * 1024 * 1024, ge=1024)  # bytes of console kept per run
+    flush_interval: float = Field(2.0, gt=0)
+    """Seconds before a Backend.AI execute call answers `continued` with the output so far."""
+    output_limit: int = Field(4 * 1024 * 1024, ge=1024)
+    """Bytes of output kept per run; past it the run is interrupted and the result says
+    `truncated`."""
     kernel_start_timeout: float = Field(60.0, gt=0)
+    """Seconds a kernel may take to start."""
     # SIGTERM: stop accepting, let running runs finish this long, then stop (a second signal
     # stops at once).
     shutdown_grace_s: float = Field(30.0, ge=0)
+    """On SIGTERM, seconds running runs may take to finish before the server stops (a second
+    signal stops it at once)."""
 
     # Session limits (Backend.AI seed 001/002). Zero means "no limit".
     default_query_timeout_ms: int = Field(0, ge=0)
+    """A session's query timeout and CPU credit when the create names none (0: none)."""
     default_mem_kib: int = Field(1024 * 1024, ge=0)
+    """A kernel's memory cap in KiB when the create names none (0: none)."""
     idle_timeout_s: float = Field(600.0, gt=0)
+    """Seconds without a run before a session is destroyed."""
     hard_max_mem_kib: int = Field(8 * 1024 * 1024, ge=0)
+    """The most memory (KiB) a create may ask for; more is 406 (0: no limit)."""
     hard_max_exec_timeout_ms: int = Field(3_600_000, ge=0)
+    """The longest execTimeout (ms) a create may ask for; more is 406 (0: no limit)."""
     max_pids: int = Field(256, ge=8)
+    """Processes and threads a kernel's cgroup may hold."""
     default_concurrency: int = Field(5, ge=1)
+    """Concurrent sessions of a new keypair (`keys create --concurrency N` overrides it)."""
     jupyter_concurrency: int = Field(16, ge=1)
     """Kernels in all a keypair may hold when it starts a Jupyter one (one per open notebook);
     the other dialects stay at the keypair's own concurrency."""
     reaper_interval_s: float = Field(1.0, gt=0)
+    """Seconds between checks for idle and expired sessions."""
 
     # Job sessions: an open session that never gets a job closes after this long
     job_open_ttl_s: float = Field(1800.0, gt=0)
+    """Seconds a job session that never got a job stays open."""
 
     # Operations: `KB_LOG_FORMAT=json` writes one JSON object per log line. `GET /metrics`
     # asks for a key when `KB_METRICS_AUTH=on`, or with "auto" when the server listens beyond
     # loopback; "off" leaves it open (behind a scraper-only network).
     log_format: Literal["text", "json"] = "text"
+    """`text`, or `json`: one JSON object per log line."""
     metrics_auth: Literal["auto", "on", "off"] = "auto"
+    """`GET /metrics` asks for a key: `on`; `auto`: when listening beyond loopback; `off`: never."""
 
     # Sandbox dialect
-    rate_limit: int = Field(100, ge=1)  # executions per keypair per minute
+    rate_limit: int = Field(100, ge=1)
+    """Sandbox executions per keypair per minute (a batch counts each item)."""
     pool_python: int = Field(2, ge=0)
-    # Other languages' pools, e.g. KB_POOL_SIZES='{"javascript": 1}'
+    """Warm Python kernels kept ready for one-shot executions."""
     pool_sizes: dict[str, int] = Field(default_factory=dict)
+    """Warm kernels of other languages, as JSON: `{"javascript": 1}`."""
 
     python_env: Path | None = None
     """A venv or conda env with ipykernel (and numpy, pandas, …) that Python kernels run in,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import shutil
+import re
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,7 +17,8 @@ from .support import Client, Server, run_server
 
 EX = "/api/v1/execute"
 FIELDS = {"execution_id", "stdout", "stderr", "exit_code", "execution_time", "language",
-          "session_id", "reason", "signal", "compile_stdout", "compile_stderr", "test_results"}
+          "session_id", "truncated", "reason", "signal", "compile_stdout", "compile_stderr",
+          "test_results"}
 
 
 @pytest.fixture(scope="module")
@@ -86,9 +88,16 @@ def test_malformed_bodies_are_422_and_unsupported_languages_400(api: Client) -> 
 def test_languages_and_info(api: Client) -> None:
     r = api.get(EX + "/languages")
     assert r.status_code == 200
-    assert {"python", "javascript", "go", "ruby", "bash"} <= set(r.json())
-    info = api.get(EX + "/language/python/info").json()
+    by_name = {lang["language"]: lang for lang in r.json()}
+    assert {"python", "javascript", "go", "ruby", "bash", "c", "cpp", "java", "rust"} <= set(
+        by_name)
+    assert by_name["python"]["version"] == "{}.{}.{}".format(*sys.version_info[:3])
+    assert "py" in by_name["python"]["aliases"] and "golang" in by_name["go"]["aliases"]
+    for lang in by_name.values():
+        assert re.fullmatch(r"\d+\.\d+(\.\d+)?", lang["version"]), lang
+    info = api.get(EX + "/language/py/info").json()
     assert info["language"] == "python" and info["available"] is True
+    assert info["version"] == by_name["python"]["version"] and "py" in info["aliases"]
     assert info["file_extension"] == ".py" and info["max_execution_time"] == 300
     assert info["default_execution_time"] == 30 and info["max_memory"].endswith("m")
     r = api.get(EX + "/language/cobol/info")
@@ -116,8 +125,9 @@ def test_result_fields_stdin_and_exit_codes(api: Client) -> None:
     assert run(api, "echo out; echo err >&2; exit 4", "bash") | {"execution_id": None,
                                                                   "execution_time": 0} == {
         "execution_id": None, "execution_time": 0, "stdout": "out\n", "stderr": "err\n",
-        "exit_code": 4, "language": "bash", "session_id": None, "reason": "runtime_error",
-        "signal": None, "compile_stdout": None, "compile_stderr": None, "test_results": None}
+        "exit_code": 4, "language": "bash", "session_id": None, "truncated": False,
+        "reason": "runtime_error", "signal": None, "compile_stdout": None,
+        "compile_stderr": None, "test_results": None}
 
 
 def test_timeout_gives_minus_one_and_keeps_output(api: Client) -> None:
@@ -304,7 +314,6 @@ def test_async_execution_cut_off_by_a_restart_reads_failed(tmp_path: Path) -> No
         assert kept["status"] == "completed" and kept["result"]["stdout"] == "kept\n"
 
 
-@pytest.mark.skipif(not shutil.which("node"), reason="node is not installed")
 def test_javascript_reads_stdin_for_that_execution_only(api: Client) -> None:
     body = run(api, "const lines = require('fs').readFileSync(0, 'utf8').trim().split('\\n');\n"
                     "const [a, b] = lines[0].split(' ').map(Number);\nconsole.log(a + b, lines[1]);",

@@ -123,16 +123,18 @@ def test_other_keypairs_kernels_are_invisible(server: Server, client: Client) ->
 
 def test_idle_kernel_is_culled_but_not_while_a_cell_runs() -> None:
     # GatewayClient takes a kernel missing from GET /api/kernels for culled.
-    with run_server(idle_timeout_s="3", reaper_interval_s="0.3") as srv, srv.client() as c:
+    # Idle 6 s: long enough that a loaded machine connects the socket before the cull, shorter
+    # than the cell, so a cell that runs is what keeps the kernel.
+    with run_server(idle_timeout_s="6", reaper_interval_s="0.3") as srv, srv.client() as c:
         kid = c.post("/api/kernels", json={"name": "python3"}).json()["id"]
         sock = KernelSocket(srv.url, kid, srv.secret_key)
         try:
-            out, reply = sock.run("import time\ntime.sleep(5)\nprint('slept')", timeout=20)
+            out, reply = sock.run("import time\ntime.sleep(8)\nprint('slept')", timeout=30)
             assert out == "slept\n", reply
             assert kid in {k["id"] for k in c.get("/api/kernels").json()}
         finally:
             sock.close()
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 25
         while kid in {k["id"] for k in c.get("/api/kernels").json()}:
             assert time.monotonic() < deadline, "idle kernel was never culled"
             time.sleep(0.3)

@@ -15,16 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from bridge.binds import Bind, toolchain_binds, unreadable_entries
 from bridge.cgroups import Cgroups, _mounts, _own_paths
-from bridge.sandbox import (
-    RLIMIT_AS_SLACK,
-    Bind,
-    Confinement,
-    Sandbox,
-    base_environ,
-    toolchain_binds,
-    unreadable_entries,
-)
+from bridge.sandbox import HOST_ENV, RLIMIT_AS_SLACK, Confinement, Sandbox, base_environ
 
 
 def conf(tmp: Path, **kw: object) -> Confinement:
@@ -35,10 +28,27 @@ def conf(tmp: Path, **kw: object) -> Confinement:
 
 
 def sh(sandbox: Sandbox, c: Confinement, script: str, cgroup: object = None) -> str:
-    argv = sandbox.wrap(["/bin/bash", "-c", script], c)
-    out = subprocess.run(argv, env=sandbox.environ(c), capture_output=True, text=True,
-                         timeout=60, preexec_fn=sandbox.preexec(c, cgroup))  # type: ignore[arg-type]
+    """Run a bash script the way the provisioner starts a kernel, as the sandbox uid."""
+    sandbox.hand_over(c)
+    launch = sandbox.host_launch(["/bin/bash", "-c", script], c, sandbox.kernel_environ(c))
+    try:
+        out = subprocess.run(launch.argv, executable=launch.executable, env=launch.env,
+                             pass_fds=launch.fds, cwd="/", capture_output=True, text=True,
+                             timeout=60, preexec_fn=sandbox.preexec(c, cgroup))  # type: ignore[arg-type]
+    finally:
+        launch.close()
     return out.stdout
+
+
+def bwrap_options(sandbox: Sandbox, c: Confinement) -> list[str]:
+    """The options bwrap reads from its --args descriptor."""
+    launch = sandbox.host_launch(["x"], c, {})
+    try:
+        fd = int(launch.argv[launch.argv.index("--args") + 1])
+        os.lseek(fd, 0, os.SEEK_SET)
+        return os.read(fd, 1 << 20).decode().split("\0")[:-1]
+    finally:
+        launch.close()
 
 
 def test_unreadable_entries_follow_the_others_bits(tmp_path: Path) -> None:
@@ -79,8 +89,8 @@ def test_argv_network_proc_and_root(tmp_path: Path) -> None:
     assert (tmp_path / "work" / "f").exists()
     # no /sys at all; processes: bwrap's init, bash, ls, grep
     assert out[-2:] == ["0", "4"], out
-    assert "--unshare-net" in sandbox.wrap(["x"], c)
-    assert "--unshare-net" not in sandbox.wrap(["x"], conf(tmp_path, network=True))
+    assert "--unshare-net" in bwrap_options(sandbox, c)
+    assert "--unshare-net" not in bwrap_options(sandbox, conf(tmp_path, network=True))
 
 
 def test_read_only_mounts_are_read_only(tmp_path: Path) -> None:
@@ -114,6 +124,27 @@ def test_toolchains_outside_usr_bound_without_their_homes(tmp_path: Path) -> Non
     # Only the toolchain dirs the language table needs: no dotfiles of root's home.
     visible = set(out.split()[1:])
     assert visible <= {".rustup", ".pyenv"}, visible
+
+
+def test_host_side_gets_nothing_of_the_client(tmp_path: Path) -> None:
+    """bwrap's environment and argv are the fixed ones, whatever the client asked for; the
+    variables arrive inside, after the drop to the sandbox uid."""
+    hostile = {"LD_PRELOAD": "/x/evil.so", "BASH_ENV": "/x/evil.sh", "PYTHONPATH": "/x/py",
+               "MARK": "inside"}
+    sandbox = Sandbox("auto")
+    c = conf(tmp_path, environ=hostile)
+    launch = sandbox.host_launch(["/bin/true"], c, sandbox.kernel_environ(c))
+    try:
+        assert launch.env == dict(HOST_ENV)
+        assert not any("/x/" in a for a in launch.argv), launch.argv
+    finally:
+        launch.close()
+    assert not any("/x/" in a for a in bwrap_options(sandbox, c))
+    out = sh(sandbox, c, "echo $MARK $BASH_ENV; id -u; grep -E '^(Cap[a-zA-Z]+|NoNewPrivs|Seccomp):' "
+                         "/proc/self/status | awk '{print $2}' | sort -u | tr '\\n' ' '")
+    lines = out.splitlines()
+    assert lines[0] == "inside /x/evil.sh" and lines[1] == str(sandbox.uid), out
+    assert lines[2].split() == ["0000000000000000", "1", "2"], out  # no caps, nnp, filter
 
 
 def test_environ_from_scratch() -> None:

@@ -20,8 +20,9 @@ TABLE: dict[type[BaseException], tuple[int, str]] = {
     e.LimitExceeded: (406, "not-acceptable"),
     e.AuthFailed: (401, "auth-failed"),
     e.Forbidden: (403, "forbidden"),
-    e.SessionNotFound: (404, "kernel-not-found"),
+    # A bare 404 takes the first slug listed for it: the generic one.
     e.NotFound: (404, "generic-not-found"),
+    e.SessionNotFound: (404, "kernel-not-found"),
     MethodNotAllowed: (405, "method-not-allowed"),
     e.Conflict: (409, "generic-conflict"),
     e.QuotaExceeded: (412, "quota-exceeded"),

@@ -25,23 +25,28 @@ class _Params(BaseModel):
 
 
 class ListFiles(_Params):
-    path: str = Field(".", description="a directory under /home/work (or the folder's top)")
+    path: str = Field(default=".", description="a directory under /home/work (or the folder's "
+                      "top)", examples=["."])
 
 
 class Download(_Params):
-    files: list[str] = Field(..., description=f"at most {files.MAX_DOWNLOAD_FILES} paths")
+    files: list[str] = Field(description=f"at most {files.MAX_DOWNLOAD_FILES} paths",
+                             examples=[["out.txt"]])
 
 
 class DownloadSingle(_Params):
-    file: str
+    file: str = Field(description="One path under /home/work.", examples=["out.txt"])
 
 
 class Listing(BaseModel):
-    files: str = Field(..., description="a JSON-encoded list of {filename, size, mode, ctime, "
-                                        "mtime, atime}")
-    errors: str
-    abspath: str
-    folder_path: str
+    files: str = Field(description="a JSON-encoded list of {filename, size, mode, ctime, "
+                                   "mtime, atime}",
+                       examples=['[{"filename": "main.py", "size": 12, "mode": "-rw-r--r--", '
+                                 '"ctime": 0, "mtime": 0, "atime": 0}]'])
+    errors: str = Field(description="What could not be listed.", examples=[""])
+    abspath: str = Field(description="The listed directory as the kernel sees it.",
+                         examples=["/home/work"])
+    folder_path: str = Field(description="The listed path, as asked.", examples=["."])
 
 
 class FilesHandler(BackendAIHandler):

@@ -21,7 +21,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -39,25 +39,34 @@ class _Body(BaseModel):
 
 
 class CreateFolder(_Body):
-    name: str = Field(..., min_length=1, max_length=64)
+    # What backend.ai-client sends that a local folder store has no use for.
+    ignored_fields: ClassVar[frozenset[str]] = frozenset({
+        "host", "usage_mode", "permission", "quota", "group", "unmanaged_path", "cloneable",
+        "type"})
+
+    name: str = Field(min_length=1, max_length=64, description="The folder's name.",
+                      examples=["data"])
 
 
 class DeleteById(_Body):
-    id: str
+    id: str = Field(description="The folder's id.", examples=["f1e2d3c4b5a6"])
 
 
 class Paging(_Body):
-    size: int = Field(0, ge=0, description="items per page; 0 or absent: all")
-    index: int = Field(0, ge=0, description="zero-based page")
+    size: int = Field(default=0, ge=0, description="items per page; 0 or absent: all",
+                      examples=[20])
+    index: int = Field(default=0, ge=0, description="zero-based page", examples=[0])
 
 
 class Invite(_Body):
-    perm: Literal["ro", "rw"] = "rw"
-    user_ids: list[str] = Field(..., min_length=1, description="access keys to invite")
+    perm: Literal["ro", "rw"] = Field(default="rw", description="ro: read-only; rw: "
+                                      "read-write.", examples=["ro"])
+    user_ids: list[str] = Field(min_length=1, description="access keys to invite",
+                                examples=[["AKIA0123456789ABCDEF"]])
 
 
 class InvitationRef(_Body):
-    inv_id: str
+    inv_id: str = Field(description="The invitation's id.", examples=["a1b2c3d4"])
 
 
 class FolderHandler(FilesHandler):

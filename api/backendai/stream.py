@@ -21,7 +21,7 @@ from bridge.runs import Run
 from bridge.session import Session
 from bridge.tasks import spawn
 
-from ..base import describe_validation
+from ..fields import describe_validation
 from .handlers import BackendAIHandler
 from .models import Execute
 

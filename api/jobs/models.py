@@ -18,6 +18,7 @@ from bridge.jobs import (
 )
 
 MAX_INT32 = 2**31 - 1
+AT = "2026-12-01T00:00:00Z"  # an example timestamp
 
 
 class Strict(BaseModel):
@@ -27,57 +28,81 @@ class Strict(BaseModel):
 
 class CreateSession(Strict):
     mode: Literal["batch", "dedicated"] = Field(
-        "dedicated", description="dedicated: one kernel, jobs in order, state kept; batch: "
-                                 "jobs in parallel, each on a fresh kernel")
-    max_ttl: StrictInt = Field(DEFAULT_MAX_TTL, ge=1, le=MAX_INT32,
-                               description="seconds from the first job's start to closing")
+        default="dedicated", description="dedicated: one kernel, jobs in order, state kept; "
+                                         "batch: jobs in parallel, each on a fresh kernel",
+        examples=["dedicated"])
+    max_ttl: StrictInt = Field(default=DEFAULT_MAX_TTL, ge=1, le=MAX_INT32,
+                               description="seconds from the first job's start to closing",
+                               examples=[3600])
     interactive_ttl: StrictInt | None = Field(
-        None, ge=1, le=MAX_INT32, description="seconds without a job before the session goes "
-                                              "inactive (default 60 dedicated, 1 batch)")
-    language: StrictStr = "python"
+        default=None, ge=1, le=MAX_INT32, description="seconds without a job before the "
+        "session goes inactive (default 60 dedicated, 1 batch)", examples=[60])
+    language: StrictStr = Field(default="python", description="Language of the session's "
+                                "kernels.", examples=["python"])
     environment: dict[StrictStr, StrictStr] | None = Field(
-        None, description="environment variables of a dedicated session's kernel")
+        default=None, description="environment variables of a dedicated session's kernel",
+        examples=[{"MODE": "test"}])
     # IBM clients name their backend and instance; this server is the only backend there is.
-    backend: StrictStr | None = None
-    backend_name: StrictStr | None = None
-    instance: StrictStr | None = None
+    backend: StrictStr | None = Field(default=None, description="Accepted and ignored: this "
+                                      "server is the backend.", examples=[None])
+    backend_name: StrictStr | None = Field(default=None, description="Accepted and ignored.",
+                                           examples=[None])
+    instance: StrictStr | None = Field(default=None, description="Accepted and ignored.",
+                                       examples=[None])
 
 
 class UpdateSession(Strict):
-    accepting_jobs: StrictBool
+    accepting_jobs: StrictBool = Field(description="false: the session closes once its queue "
+                                       "drains.", examples=[False])
 
 
 class CreateJob(Strict):
-    code: StrictStr
-    stdin: StrictStr | None = None
-    environment: dict[StrictStr, StrictStr] | None = None
-    timeout: StrictInt | StrictFloat = Field(DEFAULT_JOB_TIMEOUT, gt=0, le=MAX_JOB_TIMEOUT)
-    language: StrictStr | None = Field(None, description="if given, the session's language")
+    code: StrictStr = Field(description="The program to run.", examples=["print(6 * 7)"])
+    stdin: StrictStr | None = Field(default=None, description="Input for the program.",
+                                    examples=["3\n"])
+    environment: dict[StrictStr, StrictStr] | None = Field(
+        default=None, description="Environment variables for this job.",
+        examples=[{"GREETING": "hi"}])
+    timeout: StrictInt | StrictFloat = Field(default=DEFAULT_JOB_TIMEOUT, gt=0,
+                                             le=MAX_JOB_TIMEOUT, description="Seconds before "
+                                             "the job is stopped and fails.", examples=[30])
+    language: StrictStr | None = Field(default=None, description="if given, the session's "
+                                       "language", examples=["python"])
 
 
 class Transition(BaseModel):
-    status: str
-    timestamp: str
+    status: str = Field(description="The state entered.", examples=["active"])
+    timestamp: str = Field(description="When (ISO 8601, UTC).",
+                           examples=[AT])
 
 
 class SessionOut(BaseModel):
-    id: str
-    backend_name: str
-    started_at: str | None
-    activated_at: str | None
-    closed_at: str | None
-    last_job_started: str | None
-    last_job_completed: str | None
-    interactive_ttl: int | None
-    max_ttl: int | None
-    active_ttl: int | None
-    state: Literal["open", "active", "inactive", "closed"]
-    state_reason: str
-    accepting_jobs: bool
-    mode: Literal["batch", "dedicated"]
-    timestamps: list[Transition]
-    user_id: str
-    elapsed_time: float | None
+    id: str = Field(description="The session's id.",
+                    examples=["3f2b8c1e-0d4a-4e5b-9c6d-7e8f9a0b1c2d"])
+    backend_name: str = Field(description="This server's name (KB_SERVER_NAME).",
+                              examples=["kernel-bridge"])
+    started_at: str | None = Field(description="Created.", examples=[AT])
+    activated_at: str | None = Field(description="First job started.", examples=[AT])
+    closed_at: str | None = Field(description="Closed.", examples=[None])
+    last_job_started: str | None = Field(description="Last job started.", examples=[AT])
+    last_job_completed: str | None = Field(description="Last job ended.", examples=[AT])
+    interactive_ttl: int | None = Field(description="Seconds without a job before inactive.",
+                                        examples=[60])
+    max_ttl: int | None = Field(description="Seconds from activation to closing.",
+                                examples=[28800])
+    active_ttl: int | None = Field(description="Seconds left before max_ttl closes it.",
+                                   examples=[28000])
+    state: Literal["open", "active", "inactive", "closed"] = Field(
+        description="open → active ⇄ inactive → closed.", examples=["active"])
+    state_reason: str = Field(description="Why it is in this state.", examples=[""])
+    accepting_jobs: bool = Field(description="Takes new jobs.", examples=[True])
+    mode: Literal["batch", "dedicated"] = Field(description="batch or dedicated.",
+                                                examples=["dedicated"])
+    timestamps: list[Transition] = Field(description="Every state transition.")
+    user_id: str = Field(description="The owning keypair's access key.",
+                         examples=["AKIA0123456789ABCDEF"])
+    elapsed_time: float | None = Field(description="Seconds spent running jobs.",
+                                       examples=[1.5])
 
     @classmethod
     def of(cls, js: JobSession, backend_name: str) -> SessionOut:
@@ -96,19 +121,23 @@ class SessionOut(BaseModel):
 
 
 class JobOut(BaseModel):
-    id: str
-    execution_id: str
-    session_id: str
-    status: Literal["queued", "running", "completed", "failed", "cancelled"]
-    stdout: str
-    stderr: str
-    exit_code: int | None
-    execution_time: float | None
-    language: str
-    timeout: float
-    created_at: str | None
-    started_at: str | None
-    completed_at: str | None
+    id: str = Field(description="The job's id.", examples=["9a8b7c6d-5e4f-4a3b-2c1d-0e9f8a7b6c5d"])
+    execution_id: str = Field(description="The same id, as the Sandbox dialect names it.",
+                              examples=["9a8b7c6d-5e4f-4a3b-2c1d-0e9f8a7b6c5d"])
+    session_id: str = Field(description="Its session's id.",
+                            examples=["3f2b8c1e-0d4a-4e5b-9c6d-7e8f9a0b1c2d"])
+    status: Literal["queued", "running", "completed", "failed", "cancelled"] = Field(
+        description="queued, running, completed, failed or cancelled.", examples=["completed"])
+    stdout: str = Field(description="Output so far.", examples=["42\n"])
+    stderr: str = Field(description="Errors so far.", examples=[""])
+    exit_code: int | None = Field(description="Once ended; -1 if it failed or timed out.",
+                                  examples=[0])
+    execution_time: float | None = Field(description="Seconds it ran.", examples=[0.02])
+    language: str = Field(description="Language.", examples=["python"])
+    timeout: float = Field(description="Seconds allowed.", examples=[30])
+    created_at: str | None = Field(description="Submitted.", examples=[AT])
+    started_at: str | None = Field(description="Started.", examples=[AT])
+    completed_at: str | None = Field(description="Ended.", examples=[AT])
 
     @classmethod
     def of(cls, job: Job) -> JobOut:
@@ -121,15 +150,15 @@ class JobOut(BaseModel):
 
 
 class Paging(BaseModel):
-    pages: int
-    count: int
+    pages: int = Field(description="Pages at this size.", examples=[1])
+    count: int = Field(description="Items in all.", examples=[3])
 
 
 class SessionList(BaseModel):
-    sessions: list[SessionOut]
-    paging: Paging
+    sessions: list[SessionOut] = Field(description="This page's sessions.")
+    paging: Paging = Field(description="Page count and total.")
 
 
 class JobList(BaseModel):
-    jobs: list[JobOut]
-    paging: Paging
+    jobs: list[JobOut] = Field(description="This page's jobs.")
+    paging: Paging = Field(description="Page count and total.")

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 def add_parser(sub: Any) -> None:
     run = sub.add_parser("run", help="execute a notebook (embedded, or on a server with --url)")
-    run.add_argument("notebook", type=Path)
+    run.add_argument("notebook", type=Path, help="the .ipynb file to execute")
     run.add_argument("-o", "--output", help="where to write the executed notebook ('-' for "
                      "stdout; default NOTEBOOK.executed.ipynb)")
     run.add_argument("-p", "--parameter", action="append", default=[], metavar="NAME=VALUE",
@@ -40,10 +40,10 @@ def add_parser(sub: Any) -> None:
     run.add_argument("--url", help="a running kernel-bridge, e.g. http://127.0.0.1:8002")
     run.add_argument("--api-key", default=os.environ.get("KB_API_KEY"),
                      help="the secret key for --url (default: $KB_API_KEY)")
-    run.add_argument("--timeout", type=float, help="seconds per cell")
+    run.add_argument("--timeout", type=float, help="seconds per cell (default: no limit)")
     run.add_argument("--allow-errors", action="store_true", help="keep going after a cell error")
     run.add_argument("--language", help="override the notebook's kernelspec")
-    run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     run.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
 
 

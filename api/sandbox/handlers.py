@@ -22,7 +22,9 @@ from .models import (
     ExecuteRequest,
     ExecuteResponse,
     ExecutionStatus,
+    Language,
     LanguageInfo,
+    LanguageList,
     Message,
 )
 
@@ -96,21 +98,28 @@ class BatchHandler(SandboxHandler):
 
 
 class LanguagesHandler(SandboxHandler):
-    def get(self) -> None:
-        """The languages this server can run now (their toolchains are installed). 401, 403."""
-        self.send([lang.name for lang in languages.LANGUAGES if lang.available])
+    async def get(self) -> None:
+        """The languages this server can run now (their toolchains are installed), Piston-style:
+        name, toolchain version (measured at start), aliases. 401, 403."""
+        versions = await self.bridge.language_versions if self.bridge.language_versions else {}
+        self.send([Language(language=lang.name, version=versions.get(lang.name, "unknown"),
+                            aliases=list(lang.aliases)).model_dump()
+                   for lang in languages.LANGUAGES if lang.available])
 
 
 class LanguageInfoHandler(SandboxHandler):
-    def get(self, name: str) -> None:
+    async def get(self, name: str) -> None:
         """One language's limits and whether it is available here. 401, 403, 404."""
         try:
             lang = languages.resolve(name)
         except UnknownLanguage:
             raise NotFound(f"Language {name} not supported") from None
         settings = self.bridge.settings
+        versions = await self.bridge.language_versions if self.bridge.language_versions else {}
         self.send(LanguageInfo(
-            language=lang.name, available=lang.available, toolchain=list(lang.toolchain),
+            language=lang.name, available=lang.available,
+            version=versions.get(lang.name, "unknown"), aliases=list(lang.aliases),
+            toolchain=list(lang.toolchain),
             kernelspec=lang.kernelspec, file_extension=lang.suffix, docker_image=None,
             default_execution_time=DEFAULT_TIMEOUT_S, max_execution_time=MAX_TIMEOUT_S,
             max_memory=f"{settings.default_mem_kib // 1024}m" if settings.default_mem_kib
@@ -134,8 +143,8 @@ OPERATIONS = [
               response=ExecutionStatus, errors=(401, 403, 404)),
     Operation("POST", PREFIX + "/batch", "Up to 10 executions, in order", "sandbox",
               BatchRequest, BatchResponse, 200, _E),
-    Operation("GET", PREFIX + "/languages", "Languages available on this server", "sandbox",
-              errors=(401, 403)),
+    Operation("GET", PREFIX + "/languages", "Languages available on this server, with versions "
+              "and aliases", "sandbox", response=LanguageList, errors=(401, 403)),
     Operation("GET", PREFIX + "/language/{language}/info", "A language's limits", "sandbox",
               response=LanguageInfo, errors=(401, 403, 404)),
     Operation("DELETE", PREFIX + "/session/{session_id}", "End a named session", "sandbox",
