@@ -114,9 +114,15 @@ _ERRORS = {"400": {"description": "Bad Last-Event-ID"}, "401": {"description": "
            "invalid credentials"}, "404": {"description": "Not found (or another keypair's)"}}
 
 
+_PATH_PARAMS = {"execution_id": "The execution's id.", "job_id": "The job's id.",
+                "id": "The session's name or UUID (ended sessions too).",
+                "runId": "The run's id (runId of the execute call)."}
+
+
 def _operation(path: str, summary: str, tag: str) -> Operation:
     params = [{"name": p.strip("{}"), "in": "path", "required": True,
-               "schema": {"type": "string"}} for p in path.split("/") if p.startswith("{")]
+               "schema": {"type": "string"}, "description": _PATH_PARAMS[p.strip("{}")]}
+              for p in path.split("/") if p.startswith("{")]
     params += [{"name": "Last-Event-ID", "in": "header", "required": False,
                 "schema": {"type": "integer"}, "description": "resume after this event id"},
                {"name": "last_event_id", "in": "query", "required": False,

@@ -12,32 +12,44 @@ from bridge.executions import DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S
 class TestCase(BaseModel):
     """One input to judge the program on; it runs in a fresh process under its own limits."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", title="SandboxTestCase")
     __test__ = False  # not a pytest class, whatever its name
 
-    stdin: str = Field("", description="the program's standard input")
+    stdin: str = Field("", description="The program's standard input for this case.",
+                       examples=["2 3\n"])
     expected_output: str | None = Field(
-        None, description="compared with stdout after trimming trailing whitespace of each "
-        "line (and trailing empty lines); omitted: the case is 'ok' when it runs cleanly")
+        None, description="Compared with stdout after trimming trailing whitespace of each "
+        "line (and trailing empty lines); omitted: the case is 'ok' when it runs cleanly.",
+        examples=["5\n"])
     timeout: float = Field(testcases.DEFAULT_CASE_TIMEOUT_S, gt=0,
                            le=testcases.MAX_CASE_TIMEOUT_S,
-                           description="seconds of CPU time of the case's process tree (a "
-                           "wall-clock guard of 3x + 1 s ends one that sleeps)")
+                           description="Seconds of CPU time of the case's process tree (a "
+                           "wall-clock guard of 3x + 1 s ends one that sleeps).", examples=[2])
     memory_mb: int = Field(testcases.DEFAULT_MEMORY_MB, ge=testcases.MIN_MEMORY_MB,
-                           description="peak resident memory of the case's process tree, MiB")
+                           description="Peak resident memory of the case's process tree, MiB.",
+                           examples=[64])
 
 
 class TestResult(BaseModel):
+    """How one test case went."""
+
+    model_config = ConfigDict(title="SandboxTestResult")
+    __test__ = False
+
     status: str = Field(description="accepted, wrong_answer, time_limit_exceeded, "
                         "memory_limit_exceeded, runtime_error, compile_error, or ok (ran "
-                        "cleanly, no expected output given)")
-    stdout: str
-    stderr: str
-    exit_code: int | None = Field(description="the process's exit code (128 + n after signal "
-                                  "n); null when the case did not run")
-    signal: int | None = Field(None, description="the signal that ended the process, if any")
-    time_ms: int = Field(description="CPU time (user + system) of the case's process tree")
-    memory_kb: int = Field(description="peak resident memory of the case's process tree")
+                        "cleanly, no expected output given).", examples=["accepted"])
+    stdout: str = Field(description="What the case's process wrote to stdout.",
+                        examples=["5\n"])
+    stderr: str = Field(description="What it wrote to stderr.", examples=[""])
+    exit_code: int | None = Field(description="The process's exit code (128 + n after signal "
+                                  "n); null when the case did not run.", examples=[0])
+    signal: int | None = Field(None, description="The signal that ended the process, if any.",
+                               examples=[None])
+    time_ms: int = Field(description="CPU time (user + system) of the case's process tree.",
+                         examples=[2])
+    memory_kb: int = Field(description="Peak resident memory of the case's process tree.",
+                           examples=[1340])
 
 
 class ExecuteRequest(BaseModel):
