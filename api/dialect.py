@@ -10,6 +10,7 @@ from typing import Any
 
 from tornado.web import HTTPError
 
+from bridge.disk import disk_full
 from bridge.errors import BridgeError, InvalidRequest, NotFound
 
 Body = dict[str, Any] | list[Any]
@@ -44,6 +45,8 @@ class Dialect:
             code = exc.status_code
             message = exc.log_message or exc.reason or HTTPStatus(code).phrase
             return code, self._code_for_status(code), message
+        # No space (the server's disk, SQLite's file, a quota'd dir), wherever it was hit: 507.
+        exc = disk_full(exc) or exc
         if exc is not None:
             for cls in type(exc).__mro__:
                 if cls in self.table:

@@ -16,6 +16,7 @@
      │                             folder, a folder it does not own, a mounted folder's path)
      ├── QuotaExceeded             keypair concurrency reached
      ├── RateLimited               too many executions in the window
+     ├── DiskFull                  no space: the server's disk is low, or a quota'd dir is full
      ├── Conflict                  the target's state forbids the call
      │    └── InvalidTransition    a run or session state machine refused a transition
      └── KernelError               the kernel misbehaved
@@ -134,6 +135,10 @@ def _holder(name: str, sid: str, origin: str) -> str:
 class RateLimited(BridgeError):
     def __init__(self, limit: int) -> None:
         super().__init__(f"Rate limit exceeded: at most {limit} executions per minute.")
+
+
+class DiskFull(BridgeError):
+    pass
 
 
 class Conflict(BridgeError):

@@ -26,6 +26,7 @@ from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from jupyter_client.manager import AsyncKernelManager
 
 from .cgroups import KernelCgroup
+from .disk import mount_ipc, unmount_ipc
 from .errors import KernelStartFailed
 from .provisioner import SandboxProvisioner
 from .sandbox import Confinement, Sandbox, SandboxUnavailable
@@ -46,16 +47,24 @@ def ipc_root(root: Path = IPC_ROOT) -> Path:
     """
     with contextlib.suppress(FileExistsError):
         root.mkdir(mode=0o700)
-    st = os.lstat(root)
-    problem = ("is not a directory" if not stat.S_ISDIR(st.st_mode)
-               else f"is owned by uid {st.st_uid}, not {os.getuid()}" if st.st_uid != os.getuid()
-               else f"has mode {stat.filemode(st.st_mode)}, not drwx------"
-               if st.st_mode & 0o077 else "")
+    problem = ipc_root_problem(root)
     if problem:
         raise SandboxUnavailable(
             f"The kernels' IPC root {root} {problem}. Someone else may be able to read kernel "
             f"keys there: remove it (`rm -rf {root}`) and start again.")
     return root
+
+
+def ipc_root_problem(root: Path = IPC_ROOT) -> str:
+    """What is wrong with an existing IPC root ("" when it is ours and private)."""
+    st = os.lstat(root)
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a directory"
+    if st.st_uid != os.getuid():
+        return f"is owned by uid {st.st_uid}, not {os.getuid()}"
+    if st.st_mode & 0o077:
+        return f"has mode {stat.filemode(st.st_mode)}, not drwx------"
+    return ""
 
 
 def spec_manager() -> KernelSpecManager:
@@ -121,6 +130,7 @@ class Kernel:
         release = getattr(self.manager.provisioner, "release_cgroup", None)
         if release is not None:  # normally done by the provisioner's cleanup already
             await release()
+        unmount_ipc(self.ipc_dir)
         shutil.rmtree(self.ipc_dir, ignore_errors=True)
 
     @property
@@ -188,6 +198,7 @@ async def launch(spec: str, confinement: Confinement, sandbox: Sandbox,
     except SandboxUnavailable as exc:
         raise KernelStartFailed(str(exc)) from exc
     ipc_dir = Path(tempfile.mkdtemp(prefix="k", dir=root))
+    mount_ipc(ipc_dir)  # size-capped: the kernel writes here, on the host's disk otherwise
     confinement = replace(confinement, ipc_dir=ipc_dir)
     # The connection file stays root's in the root-owned ipc_dir (the kernel may read it, not
     # rewrite it nor replace it with a link for the server to write through on a restart); the
@@ -199,6 +210,7 @@ async def launch(spec: str, confinement: Confinement, sandbox: Sandbox,
     try:
         kspec = km.kernel_spec
     except NoSuchKernel as exc:
+        unmount_ipc(ipc_dir)
         shutil.rmtree(ipc_dir, ignore_errors=True)
         raise KernelStartFailed(f"No kernelspec {spec!r} installed.") from exc
     assert kspec is not None
@@ -226,6 +238,7 @@ async def launch(spec: str, confinement: Confinement, sandbox: Sandbox,
             client.stop_channels()
         with contextlib.suppress(Exception):
             await km.shutdown_kernel(now=True)
+        unmount_ipc(ipc_dir)
         shutil.rmtree(ipc_dir, ignore_errors=True)
         raise KernelStartFailed(f"Kernel {spec!r} failed to start: {exc}") from exc
     return Kernel(km, client, ipc_dir, spec, confinement)

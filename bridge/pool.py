@@ -18,13 +18,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from . import metrics
+from .disk import Volumes
 from .kernels import Kernel
 from .languages import LANGUAGES, Language
 from .sandbox import Confinement
@@ -51,8 +51,10 @@ DRAIN_WAIT_S = 10.0  # at shutdown, how long starts in flight may take before th
 class KernelPool:
     """Pre-started kernels per language. ``start()`` fills it, ``stop()`` drains it."""
 
-    def __init__(self, settings: Settings, launch: Launch, warm: WarmUp | None = None) -> None:
+    def __init__(self, settings: Settings, launch: Launch, warm: WarmUp | None = None,
+                 volumes: Volumes | None = None) -> None:
         self.settings = settings
+        self.volumes = volumes or Volumes(settings)
         self._launch = launch
         self._warm = warm or warm_up
         self._stock: dict[str, deque[asyncio.Task[Kernel]]] = {}
@@ -155,11 +157,11 @@ class KernelPool:
             await asyncio.sleep(delay)
         async with self._starts:
             workdir = self.settings.sessions_dir / f"pool-{uuid.uuid4()}"
-            workdir.mkdir(parents=True, mode=0o700)
+            await self.volumes.make_session_dir(workdir)  # mkfs + mount: off the hot path
             try:
                 kernel = await self._launch(language.kernelspec, self.template(workdir))
             except BaseException:
-                shutil.rmtree(workdir, ignore_errors=True)
+                await self.volumes.remove(workdir)
                 raise
             code = WARMUP_CODE.get(language.name)
             if code is not None:
@@ -174,11 +176,10 @@ class KernelPool:
         if not task.cancelled() and task.exception() is None:
             spawn(self._discard(task.result()))
 
-    @staticmethod
-    async def _discard(kernel: Kernel) -> None:
+    async def _discard(self, kernel: Kernel) -> None:
         with contextlib.suppress(Exception):
             await kernel.shutdown()
-        shutil.rmtree(kernel.confinement.workdir, ignore_errors=True)
+        await self.volumes.remove(kernel.confinement.workdir)
 
 
 async def warm_up(kernel: Kernel, code: str) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from . import batch, metrics
+from .disk import Volumes, sweep_ipc
 from .errors import AuthFailed
 from .events import SCHEMA as EVENTS_SCHEMA
 from .events import EventLog, run_key
@@ -22,7 +23,7 @@ from .folders import Folders
 from .gateway import Gateway
 from .job_sessions import JobSessions
 from .jobs import SCHEMA as JOBS_SCHEMA
-from .kernels import Kernel, launch, spec_manager
+from .kernels import IPC_ROOT, Kernel, launch, spec_manager
 from .keypairs import Keypair, Keypairs
 from .languages import measure_versions
 from .pool import KernelPool
@@ -61,13 +62,15 @@ class Bridge:
         self.language_versions: asyncio.Task[dict[str, str]] | None = None
         self.kernelspecs = spec_manager()
         # New sessions that fit take a pre-started kernel (bridge/pool.py), whatever the dialect.
-        self.pool = KernelPool(settings, self.start_kernel)
+        self.volumes = Volumes(settings)  # session dirs and folders with a disk quota
+        self.pool = KernelPool(settings, self.start_kernel, volumes=self.volumes)
         self.sessions = Sessions(settings, self.store, self.keypairs, self.start_kernel,
-                                 pool=self.pool)
+                                 pool=self.pool, volumes=self.volumes)
         self.sessions.on_submit.append(self._stream_run)
         self.executions = Executions(settings, self.store, self.sessions, events=self.events,
                                      start_kernel=self.start_kernel)
-        self.folders = Folders(self.store, settings.folders_dir, now_iso, self._keypair_exists)
+        self.folders = Folders(self.store, settings.folders_dir, now_iso, self._keypair_exists,
+                               self.volumes)
         self.folders.in_use = self._mounted_in
         self.folders.own = self.sandbox.own
         self.gateway = Gateway(self.sessions, self.kernelspecs)
@@ -127,6 +130,11 @@ class Bridge:
         os.chmod(self.settings.data_dir, 0o700)
         self.settings.sessions_dir.mkdir(exist_ok=True)
         self.settings.folders_dir.mkdir(exist_ok=True)
+        await asyncio.to_thread(self.volumes.probe)
+        self.volumes.require(self.sandbox.enabled)  # Raises QuotaUnavailable
+        log.info("%s", self.volumes.describe())
+        await asyncio.to_thread(self.volumes.mount_folders, self.settings.folders_dir)
+        await asyncio.to_thread(sweep_ipc, IPC_ROOT)
         # Kernel cgroups left empty by a server that died (its kernels died with it).
         self.sandbox.cgroups.sweep()
         await self.store.open()
@@ -167,4 +175,5 @@ class Bridge:
         await self.sessions.stop()
         await self.events.stop()
         await self.pool.stop()
+        await asyncio.to_thread(self.volumes.unmount_folders, self.settings.folders_dir)
         await self.store.close()

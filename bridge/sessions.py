@@ -10,15 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Protocol
 
 from . import metrics
 from .channels import Channels
+from .disk import Volumes
 from .errors import (
     Conflict,
     InvalidRequest,
@@ -62,8 +61,10 @@ class Sessions:
     """The registry: every live session, by owner. Raises the core's errors, never HTTP ones."""
 
     def __init__(self, settings: Settings, store: Store, keypairs: Keypairs,
-                 start_kernel: KernelFactory, pool: KernelSource | None = None) -> None:
+                 start_kernel: KernelFactory, pool: KernelSource | None = None,
+                 volumes: Volumes | None = None) -> None:
         self.settings = settings
+        self.volumes = volumes or Volumes(settings)  # working dirs with a disk quota
         self.store = store
         self.keypairs = keypairs
         self._start_kernel = start_kernel
@@ -81,13 +82,19 @@ class Sessions:
         await self.store.execute(
             "UPDATE sessions SET state='TERMINATED', state_reason='server-restarted',"
             " terminated_at=? WHERE state != 'TERMINATED'", (now_iso(),))
-        await asyncio.to_thread(_remove_children, self.settings.sessions_dir)
+        await asyncio.to_thread(self.volumes.sweep_sessions, self.settings.sessions_dir)
         self._reaper = asyncio.create_task(self._reap_forever())
 
     async def stop(self) -> None:
         await cancel_and_wait(self._reaper)
         await asyncio.gather(*(self.destroy(s, "server-shutdown") for s in self.all()),
                              return_exceptions=True)
+        # Destroys already under way (a timer's, a client's) end before the server does, and
+        # one cut short (its task cancelled by the shutdown) still loses its dir: a mount.
+        for s in list(self._by_id.values()):
+            async with s.lock:
+                if not s.alive and s.id in self._by_id:
+                    await self.volumes.remove(s.workdir)
 
     # -- queries ------------------------------------------------------------------------------
 
@@ -142,7 +149,7 @@ class Sessions:
             await self._attach_kernel(session, fresh=True)
         except BaseException:
             del self._by_id[sid]
-            shutil.rmtree(session.workdir, ignore_errors=True)
+            await self.volumes.remove(session.workdir)
             raise
         session.last_activity = time.monotonic()  # idle from now, not from before the start
         config = {"limits": limits.__dict__, "mounts": [m.target for m in mounts],
@@ -169,7 +176,8 @@ class Sessions:
             metrics.POOL_TAKES.labels(session.language.name,
                                       "miss" if kernel is None else "hit").inc()
         if kernel is None:
-            session.workdir.mkdir(parents=True, mode=0o700, exist_ok=True)
+            if not session.workdir.exists():
+                await self.volumes.make_session_dir(session.workdir)
             kernel = await self._start_kernel(session.language.kernelspec,
                                               session.confinement())
         session.workdir = kernel.confinement.workdir
@@ -195,7 +203,7 @@ class Sessions:
             session.kernel, session.channels, session.extra_kernels = None, None, {}
             await asyncio.gather(*(self._stop_kernel(k, c) for k, c in kernels),
                                  return_exceptions=True)
-            shutil.rmtree(session.workdir, ignore_errors=True)
+            await self.volumes.remove(session.workdir)
             stats = {"cpu_used": usage.cpu_ms, "mem_max_bytes": usage.mem_max_bytes,
                      "mem_cur_bytes": usage.mem_bytes}
             await self.store.execute(
@@ -398,11 +406,6 @@ class Sessions:
                 await self._destroy_quietly(s, "idle-timeout")
             elif s.limits.max_cpu_credit_ms and s.usage().cpu_ms > s.limits.max_cpu_credit_ms:
                 await self._destroy_quietly(s, "cpu-credit-exhausted")
-
-
-def _remove_children(directory: Path) -> None:
-    for child in directory.iterdir():
-        shutil.rmtree(child, ignore_errors=True)
 
 
 def _oom_killed(kernel: Kernel) -> bool:

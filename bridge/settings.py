@@ -80,6 +80,17 @@ class Settings(BaseSettings):
     reaper_interval_s: float = Field(1.0, gt=0)
     """Seconds between checks for idle and expired sessions."""
 
+    # Disk (bridge/disk.py)
+    session_disk_mb: int = Field(1024, ge=0)
+    """Each session's /home/work is a filesystem of this many MiB (a sparse, loop-mounted ext4
+    image): past it, ENOSPC inside. 0: no disk quota (refused in the sandbox unless set so)."""
+    session_inodes: int = Field(100_000, ge=1024)
+    """Files and dirs a session (or a folder) may hold: its filesystem's inode count."""
+    folder_disk_mb: int = Field(1024, ge=0)
+    """Each virtual folder is a filesystem of this many MiB. 0: folders without a quota."""
+    disk_reserve_mb: int = Field(512, ge=0)
+    """Below this much free space in the data dir, new sessions and folders get 507."""
+
     # Job sessions: an open session that never gets a job closes after this long
     job_open_ttl_s: float = Field(1800.0, gt=0)
     """Seconds a job session that never got a job stays open."""

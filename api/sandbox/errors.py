@@ -27,6 +27,7 @@ TABLE: dict[type[BaseException], tuple[int, str]] = {
     e.QuotaExceeded: (429, "quota-exceeded"),
     e.RateLimited: (429, "rate-limited"),
     e.KernelError: (503, "kernel-unavailable"),
+    e.DiskFull: (507, "insufficient-storage"),
     e.BridgeError: (400, "bad-request"),
     Exception: (500, "internal-error"),
 }
