@@ -17,6 +17,7 @@ import stat
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -29,7 +30,10 @@ from .cgroups import KernelCgroup
 from .disk import mount_ipc, unmount_ipc
 from .errors import KernelStartFailed
 from .provisioner import SandboxProvisioner
+from .readiness import wait_ready
 from .sandbox import Confinement, Sandbox, SandboxUnavailable
+from .zygote import Zygotes
+from .zygote_provisioner import ZygoteProvisioner
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +118,7 @@ class Kernel:
         self.client = self.manager.client()
         self.client.start_channels()
         try:
-            await self.client.wait_for_ready(timeout=timeout)
+            await wait_ready(self.client, timeout)
         except RuntimeError as exc:
             raise KernelStartFailed(f"Kernel {self.spec} did not come back: {exc}") from exc
 
@@ -185,12 +189,16 @@ class Kernel:
 
 
 async def launch(spec: str, confinement: Confinement, sandbox: Sandbox,
-                 ksm: KernelSpecManager, timeout: float, python: str | None = None) -> Kernel:
+                 ksm: KernelSpecManager, timeout: float, python: str | None = None,
+                 zygotes: Mapping[str, Zygotes] | None = None) -> Kernel:
     """Start a kernel of ``spec`` confined by ``confinement`` and wait until it answers.
 
     ``python``: the interpreter of the operator's Python environment (KB_PYTHON_ENV) for
     kernels whose language is Python; our own kernels (bash, compiled, JavaScript, Ruby) are
     modules of this package and always run on the server's interpreter.
+    With ``zygotes`` (a zygote line per interpreter), a kernel a zygote can fork
+    (bridge/zygote.py) is forked from a pre-imported one; anything else, or any failure of
+    that, starts cold.
     Raises KernelStartFailed.
     """
     try:
@@ -223,7 +231,10 @@ async def launch(spec: str, confinement: Confinement, sandbox: Sandbox,
             path = f"{Path(python).parent}{os.pathsep}{sandbox.kernel_environ(confinement)['PATH']}"
             confinement = replace(confinement, environ={**confinement.environ, "PATH": path})
     km.kernel_id = os.path.basename(ipc_dir)
-    provisioner = SandboxProvisioner(kernel_id=km.kernel_id, kernel_spec=kspec, parent=km)
+    provisioner = (ZygoteProvisioner if zygotes is not None else SandboxProvisioner)(
+        kernel_id=km.kernel_id, kernel_spec=kspec, parent=km)
+    if isinstance(provisioner, ZygoteProvisioner):
+        provisioner.zygote_lines = zygotes
     provisioner.sandbox = sandbox
     provisioner.confinement = confinement
     km.provisioner = provisioner
@@ -232,7 +243,7 @@ async def launch(spec: str, confinement: Confinement, sandbox: Sandbox,
         await km.start_kernel()
         client = km.client()
         client.start_channels()
-        await client.wait_for_ready(timeout=timeout)
+        await wait_ready(client, timeout)
     except Exception as exc:
         if client is not None:
             client.stop_channels()

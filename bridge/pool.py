@@ -37,8 +37,9 @@ Launch = Callable[[str, Confinement], Awaitable[Kernel]]
 WarmUp = Callable[[Kernel, str], Awaitable[None]]
 
 PARALLEL_STARTS = 2  # kernel starts are CPU-bound; more than the cores only adds contention
-# A refill waits this long first, so the start (a CPU-heavy second or so) does not compete with
-# the execution that just took a kernel, which typically needs a few milliseconds.
+# A refill waits this long first, so a cold start (a CPU-heavy second or so) does not compete with
+# the execution that just took a kernel, which typically needs a few milliseconds. A kernel forked
+# by the zygote costs ~50 ms of CPU: its pool refills sooner (bridge/service.py).
 REFILL_DELAY_S = 0.15
 WARMUP_TIMEOUT_S = 10.0
 # A kernel's first execution pays for lazy imports and caches (ipykernel: ~15 ms more than the
@@ -52,9 +53,10 @@ class KernelPool:
     """Pre-started kernels per language. ``start()`` fills it, ``stop()`` drains it."""
 
     def __init__(self, settings: Settings, launch: Launch, warm: WarmUp | None = None,
-                 volumes: Volumes | None = None) -> None:
+                 volumes: Volumes | None = None, refill_delay: float = REFILL_DELAY_S) -> None:
         self.settings = settings
         self.volumes = volumes or Volumes(settings)
+        self.refill_delay = refill_delay
         self._launch = launch
         self._warm = warm or warm_up
         self._stock: dict[str, deque[asyncio.Task[Kernel]]] = {}
@@ -118,7 +120,7 @@ class KernelPool:
         stock = self._stock.get(language.name)
         while stock:
             task = self._claim(stock)
-            self._refill(language, REFILL_DELAY_S)
+            self._refill(language, self.refill_delay)
             try:
                 kernel = await asyncio.shield(task)
             except asyncio.CancelledError:

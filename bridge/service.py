@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,18 +27,22 @@ from .jobs import SCHEMA as JOBS_SCHEMA
 from .kernels import IPC_ROOT, Kernel, launch, spec_manager
 from .keypairs import Keypair, Keypairs
 from .languages import measure_versions
-from .pool import KernelPool
+from .pool import REFILL_DELAY_S, KernelPool
 from .runs import Run
-from .sandbox import Confinement, Mount, Sandbox
+from .sandbox import Confinement, Mount, Sandbox, base_environ
 from .session import Session, now_iso
 from .sessions import Sessions
 from .settings import Settings
 from .store import Store
 from .tasks import cancel_and_wait, spawn
+from .zygote import for_interpreters as zygote_lines
 
 log = logging.getLogger(__name__)
 # How often the keypair cache is re-read from SQLite (keys made or deactivated by the CLI).
 KEYPAIR_RELOAD_S = 5.0
+# A forked kernel is ~50 ms of CPU: the pool refills once the execution that took a kernel has
+# had the CPU for its own few milliseconds (at once, the refill slowed that execution by ~40%).
+ZYGOTE_REFILL_DELAY_S = 0.05
 
 
 @dataclass
@@ -61,9 +66,16 @@ class Bridge:
         self._keypair_watch: asyncio.Task[None] | None = None
         self.language_versions: asyncio.Task[dict[str, str]] | None = None
         self.kernelspecs = spec_manager()
+        # The zygote's own environment: a kernel's, without any client's values.
+        pythons = [sys.executable, settings.python_interpreter or sys.executable]
+        self.zygotes = (zygote_lines(base_environ({}, self.sandbox.tool_path),
+                                     settings.zygote_max_forks, pythons)
+                        if settings.zygote == "on" else None)
         # New sessions that fit take a pre-started kernel (bridge/pool.py), whatever the dialect.
         self.volumes = Volumes(settings)  # session dirs and folders with a disk quota
-        self.pool = KernelPool(settings, self.start_kernel, volumes=self.volumes)
+        refill = ZYGOTE_REFILL_DELAY_S if self.zygotes else REFILL_DELAY_S
+        self.pool = KernelPool(settings, self.start_kernel, volumes=self.volumes,
+                               refill_delay=refill)
         self.sessions = Sessions(settings, self.store, self.keypairs, self.start_kernel,
                                  pool=self.pool, volumes=self.volumes)
         self.sessions.on_submit.append(self._stream_run)
@@ -84,7 +96,7 @@ class Bridge:
         try:
             return await launch(spec, confinement, self.sandbox, self.kernelspecs,
                                 self.settings.kernel_start_timeout,
-                                python=self.settings.python_interpreter)
+                                python=self.settings.python_interpreter, zygotes=self.zygotes)
         except Exception:
             metrics.KERNEL_START_FAILURES.labels(spec).inc()
             raise
@@ -147,6 +159,8 @@ class Bridge:
         await self.sessions.start()
         await self.jobs.start()  # after sessions: a reloaded job may start a kernel
         await self.executions.start()  # marks executions cut off by the last stop as failed
+        for line in (self.zygotes or {}).values():
+            line.start()
         self.pool.start()
         # Asked once, off the start path: the first GET …/execute/languages awaits it.
         self.language_versions = asyncio.create_task(measure_versions())
@@ -175,5 +189,6 @@ class Bridge:
         await self.sessions.stop()
         await self.events.stop()
         await self.pool.stop()
+        await asyncio.gather(*(line.close() for line in (self.zygotes or {}).values()))
         await asyncio.to_thread(self.volumes.unmount_folders, self.settings.folders_dir)
         await self.store.close()

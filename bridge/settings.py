@@ -53,6 +53,12 @@ class Settings(BaseSettings):
     `truncated`."""
     kernel_start_timeout: float = Field(60.0, gt=0)
     """Seconds a kernel may take to start."""
+    zygote: Literal["on", "off"] = "on"
+    """Python kernels (kb-python, bash, compiled languages) forked from a pre-imported zygote
+    into the same sandbox a cold kernel gets (bridge/zygote.py); "off": every kernel cold."""
+    zygote_max_forks: int = Field(500, ge=1)
+    """Forks after which a fresh zygote takes over (its kernels share one hash secret and
+    address layout)."""
     # SIGTERM: stop accepting, let running runs finish this long, then stop (a second signal
     # stops at once).
     shutdown_grace_s: float = Field(30.0, ge=0)
