@@ -139,6 +139,7 @@ bench: $(SERVE_DEPS)
 	$(BIN)/python bench/kernel_start.py
 	$(BIN)/python bench/oneshot.py
 	$(BIN)/python bench/languages.py
+	$(BIN)/python bench/testcases.py
 
 clean:
 	rm -rf $(VENV) $(SDK_VENV) .venv-datascience $(DOCS_DIR) *.egg-info .pytest_cache .mypy_cache \

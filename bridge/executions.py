@@ -29,8 +29,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from . import metrics
+from . import metrics, outcomes, testcases
 from .admission import Ticket
+from .batch import StartKernel, bash_kernel
 from .errors import (
     BridgeError,
     ExecutionNotFound,
@@ -40,9 +41,10 @@ from .errors import (
     RateLimited,
     SessionNotFound,
 )
+from .events import EventLog, execution_key
 from .execution_scripts import execution_scripts
-from .languages import Language
-from .runs import Program, Run, RunState
+from .languages import Language, resolve
+from .runs import Liveness, Program, Run, RunState
 from .session import Session, SessionState, now_iso
 from .sessions import Sessions
 from .settings import Settings
@@ -88,6 +90,7 @@ class ExecutionRequest:
     environment: Mapping[str, str] = field(default_factory=dict)
     timeout: float = DEFAULT_TIMEOUT_S
     session_id: str | None = None
+    test_cases: tuple[testcases.TestCase, ...] | None = None  # judge mode (bridge.testcases)
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,11 @@ class ExecutionResult:
     language: str
     session_id: str | None
     truncated: bool = False  # output passed KB_OUTPUT_LIMIT: cut, and the run interrupted
+    reason: str = outcomes.COMPLETED  # why it ended (bridge.outcomes)
+    signal: int | None = None
+    compile_stdout: str | None = None  # compiled languages only
+    compile_stderr: str | None = None
+    test_results: list[dict[str, Any]] | None = None  # one per test case, in order
 
 
 @dataclass
@@ -117,12 +125,22 @@ class Execution:
     result: ExecutionResult | None = None
     error: str | None = None
 
-    def failed(self, reason: str, stdout: str = "", elapsed: float = 0.0) -> ExecutionResult:
+    def failed(self, reason: str, stdout: str = "", elapsed: float = 0.0,
+               why: str = outcomes.KILLED) -> ExecutionResult:
         """End as ``failed``: exit code -1, the reason on stderr and in ``error``."""
         self.status, self.error, self.completed_at = ExecStatus.FAILED, reason, now_iso()
         self.result = ExecutionResult(self.id, stdout, f"{reason}\n", FAILED_EXIT_CODE,
-                                      round(elapsed, 4), self.language, self.session_id)
+                                      round(elapsed, 4), self.language, self.session_id,
+                                      reason=why)
         return self.result
+
+
+def end_event(ex: Execution) -> dict[str, Any]:
+    """The ``end`` event of an execution's stream: how the record ended."""
+    r = ex.result
+    return {"status": ex.status.value, "exit_code": r.exit_code if r else None,
+            "reason": r.reason if r else None, "signal": r.signal if r else None,
+            "error": ex.error}
 
 
 class RateLimiter:
@@ -161,10 +179,13 @@ def _program(session: Session, code: str, before: str, after: str) -> Program:
 class Executions:
     """Runs executions and keeps their records. Raises the core's errors, never HTTP ones."""
 
-    def __init__(self, settings: Settings, store: Store, sessions: Sessions) -> None:
+    def __init__(self, settings: Settings, store: Store, sessions: Sessions, *,
+                 events: EventLog | None = None, start_kernel: StartKernel | None = None) -> None:
         self.settings = settings
         self.store = store
         self.sessions = sessions
+        self.events = events  # each execution's event stream (bridge.events)
+        self._start_kernel = start_kernel  # a named session's batch kernel runs test cases
         self.limiter = RateLimiter(settings.rate_limit)
         self._live: dict[str, Execution] = {}  # async executions not yet ended
         self._tasks: set[asyncio.Task[Any]] = set()  # async executions
@@ -296,6 +317,11 @@ class Executions:
             if not 0 < req.timeout <= MAX_TIMEOUT_S:
                 raise InvalidRequest(f"timeout must be more than 0 and at most "
                                      f"{MAX_TIMEOUT_S:g} seconds.")
+            if req.test_cases is not None:
+                # The runner gives the cases their environment and stdin itself.
+                testcases.check(list(req.test_cases), self.settings.default_mem_kib // 1024)
+                execution_scripts(lang, req.environment, None)  # the names, still
+                continue
             scripts = execution_scripts(lang, req.environment, req.stdin)
             if scripts is None and req.session_id is not None:
                 raise InvalidRequest(
@@ -365,56 +391,112 @@ class Executions:
                 if ticket is not None:
                     self.sessions.admission.release(ticket)
                 raise
-        scripts = execution_scripts(lang, req.environment, req.stdin)
+        judged = testcases.Judged() if req.test_cases is not None else None
+        scripts = execution_scripts(lang, req.environment, req.stdin) if judged is None \
+            else ("", "")
         try:
             if req.session_id is not None:
                 session = await self._named_session(ex.access_key, req.session_id, lang)
             else:
                 # A kernel that cannot take variables per execution is started with them.
+                # Test cases need no kernel of the language: a bash kernel hosts the runner.
                 session = await self.sessions.create(
-                    ex.access_key, lang, origin="sandbox", on_timeout="destroy",
-                    ticket=ticket, environ=dict(req.environment) if scripts is None else None)
+                    ex.access_key, lang if judged is None else resolve("bash"),
+                    origin="sandbox", on_timeout="destroy", ticket=ticket,
+                    environ=dict(req.environment) if scripts is None else None)
         except KernelError as exc:
             return ex.failed(exc.message)
-        before, after = scripts or ("", "")
         try:
-            run = self.sessions.new_run(session, "query", req.code,
-                                        _program(session, req.code, before, after),
-                                        timeout=run_timeout,
-                                        # no stdin given: programs read end-of-file
-                                        stdin=req.stdin if req.stdin is not None else "")
+            run = self._new_run(session, ex, req, scripts, judged, run_timeout)
+            ooms = outcomes.oom_kills(session)
             await self.sessions.submit(session, run)
             if observe is not None:
                 observe(run)
             await run.wait()
+            ooms = outcomes.oom_kills(session) - ooms
         finally:
             if req.session_id is None:
                 # Off the response path: the next execution takes another kernel anyway.
                 task = asyncio.create_task(self._dispose(session))
                 self._disposals.add(task)
                 task.add_done_callback(self._disposals.discard)
-        return self._finish(ex, run, req)
+        return self._finish(ex, run, req, ooms, judged)
 
-    def _finish(self, ex: Execution, run: Run, req: ExecutionRequest) -> ExecutionResult:
+    def _new_run(self, session: Session, ex: Execution, req: ExecutionRequest,
+                 scripts: tuple[str, str] | None, judged: testcases.Judged | None,
+                 timeout: float) -> Run:
+        """``timeout``: what is left of the execution's after its wait for a place."""
+        if judged is None or req.test_cases is None:
+            before, after = scripts or ("", "")
+            run = self.sessions.new_run(session, "query", req.code,
+                                        _program(session, req.code, before, after),
+                                        # no stdin given: programs read end-of-file
+                                        timeout=timeout,
+                                        stdin=req.stdin if req.stdin is not None else "")
+        else:
+            cases = list(req.test_cases)
+            line, tag = testcases.plan(req.language, req.code, cases, dict(req.environment),
+                                       self.settings.output_limit)
+            start_kernel = self._start_kernel
+
+            async def target() -> Liveness:
+                if req.session_id is None:
+                    return session.liveness()  # the bash session made for this execution
+                if start_kernel is None:
+                    raise InvalidRequest("This server cannot run test cases in a session.")
+                return await bash_kernel(session, start_kernel)
+
+            run = self.sessions.new_run(session, "query", req.code,
+                                        testcases.program(target, tag, judged),
+                                        timeout=testcases.deadline(req.timeout, cases),
+                                        stdin=line)
+        if self.events is not None:
+            self.events.follow(run, execution_key(ex.id), ex.access_key, owner=ex.id,
+                               ends_with_run=False)
+        return run
+
+    def _finish(self, ex: Execution, run: Run, req: ExecutionRequest, ooms: int = 0,
+                judged: testcases.Judged | None = None) -> ExecutionResult:
         elapsed = (run.finished_at or time.time()) - (run.started_at or time.time())
-        stdout = run.text("stdout")
-        if run.state is RunState.FINISHED and run.exit_code is not None:
+        end = outcomes.ending(run, ooms)
+        if judged is not None and run.state is RunState.FINISHED and judged.compiles is not None:
+            build = judged.build or {}
+            compiled = judged.build is not None
             ex.status, ex.completed_at = ExecStatus.COMPLETED, now_iso()
-            ex.result = ExecutionResult(ex.id, stdout, run.text("stderr"), run.exit_code,
-                                        round(elapsed, 4), ex.language, ex.session_id,
-                                        run.truncated)
+            ex.result = ExecutionResult(
+                ex.id, build.get("stdout", ""), build.get("stderr", ""),
+                int(build.get("exit_code", 0)), round(elapsed, 4), ex.language, ex.session_id,
+                run.truncated,
+                reason=outcomes.COMPILE_ERROR if build.get("exit_code") else outcomes.COMPLETED,
+                signal=build.get("signal"),
+                compile_stdout=build.get("stdout", "") if compiled else None,
+                compile_stderr=build.get("stderr", "") if compiled else None,
+                test_results=judged.results)
+            return ex.result
+        stdout = run.text("stdout")
+        outcome = run.outcome
+        if run.state is RunState.FINISHED and run.exit_code is not None and judged is None:
+            ex.status, ex.completed_at = ExecStatus.COMPLETED, now_iso()
+            ex.result = ExecutionResult(
+                ex.id, stdout, outcomes.run_stderr(run), run.exit_code, round(elapsed, 4),
+                ex.language, ex.session_id, run.truncated, reason=end.reason, signal=end.signal,
+                compile_stdout=outcome.compile_stdout if outcome else None,
+                compile_stderr=outcome.compile_stderr if outcome else None)
             return ex.result
         if run.state is RunState.TIMED_OUT:
-            reason = f"Execution timed out after {req.timeout:g} s."
+            reason = f"Execution timed out after {run.timeout or req.timeout:g} s."
         elif run.state is RunState.CANCELLED:
             reason = "The session ended before this execution ran."
+        elif run.state is RunState.FINISHED:  # the judge runner stopped before its end
+            reason = "The test-case runner stopped before it finished."
         else:
             reason = "The kernel died while running this code (killed, out of memory, or exited)."
-        result = ex.failed(reason, stdout, elapsed)
+        result = ex.failed(reason, stdout, elapsed, end.reason)
         # Keep what the program itself wrote to stderr before the reason.
-        ex.result = result = ExecutionResult(**{**asdict(result),
-                                                "stderr": run.text("stderr") + result.stderr,
-                                                "truncated": run.truncated})
+        ex.result = result = ExecutionResult(**{
+            **asdict(result), "stderr": run.text("stderr") + result.stderr, "signal": end.signal,
+            "truncated": run.truncated,
+            "test_results": judged.fill(len(req.test_cases or ()), reason) if judged else None})
         return result
 
     async def _named_session(self, access_key: str, name: str, lang: Language) -> Session:
@@ -440,6 +522,9 @@ class Executions:
         if ex.status in (ExecStatus.COMPLETED, ExecStatus.FAILED):
             metrics.EXECUTIONS.labels(ex.language, ex.status.value).inc()
         result = dumps(asdict(ex.result)) if ex.result is not None else None
+        if self.events is not None and ex.status in (ExecStatus.COMPLETED, ExecStatus.FAILED):
+            await self.events.end(execution_key(ex.id), ex.access_key, end_event(ex),
+                                  owner=ex.id)
         if insert:
             await self.store.execute(
                 "INSERT INTO executions (id, access_key, language, session_id, status, error,"

@@ -23,6 +23,7 @@ from collections import defaultdict
 
 from .admission import Ticket
 from .errors import BridgeError, Conflict, InvalidRequest, JobNotFound, SessionNotFound
+from .events import EventLog, job_key
 from .jobs import (
     DEFAULT_INTERACTIVE_TTL,
     FAILED_EXIT_CODE,
@@ -51,8 +52,10 @@ ORIGIN = "jobs"
 
 class JobSessions:
     def __init__(self, settings: Settings, store: Store, keypairs: Keypairs,
-                 sessions: Sessions, open_ttl: float = OPEN_TTL) -> None:
+                 sessions: Sessions, open_ttl: float = OPEN_TTL,
+                 events: EventLog | None = None) -> None:
         self.settings = settings
+        self.events = events  # each job's event stream (bridge.events)
         self.store = store
         self.keypairs = keypairs
         self.sessions = sessions
@@ -326,6 +329,9 @@ class JobSessions:
             run = self.sessions.query(kernel, job.code, timeout=timeout,
                                       stdin=job.stdin or "")
             job.run = run
+            if self.events is not None:
+                self.events.follow(run, job_key(job.id), job.access_key, owner=job.id,
+                                   ends_with_run=False)
             await self.sessions.submit(kernel, run)
             await run.wait()
             job.record(run)
@@ -446,4 +452,7 @@ class JobSessions:
         await self.store.execute(
             f"INSERT OR REPLACE INTO jobs ({JOB_COLUMNS}) VALUES ({', '.join('?' * 17)})",
             job.row())
+        if self.events is not None and job.status.terminal:
+            await self.events.end(job_key(job.id), job.access_key, {
+                "status": job.status.value, "exit_code": job.exit_code}, owner=job.id)
 

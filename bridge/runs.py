@@ -83,6 +83,10 @@ class StepOutcome:
     kernel_exit_code: int | None = None  # a process kernel's exit_code reply field
     ename: str = ""
     evalue: str = ""
+    signal: int | None = None  # a process kernel's: the signal that ended the program
+    stage: str = ""  # a compiled-language kernel's: "compile" or "run"
+    compile_stdout: str | None = None  # a compiled-language kernel's compiler output
+    compile_stderr: str | None = None
 
     @property
     def program_exit_code(self) -> int:
@@ -110,6 +114,10 @@ class Liveness:
 
 
 Program = Callable[["Run"], Awaitable[None]]
+# Told of a run's events as they happen: ("stdout" | "stderr", {"text"}), ("status", {...}),
+# ("end", {...}). Observers must not block (bridge.events buffers and persists).
+Observer = Callable[[str, dict[str, Any]], None]
+StreamSink = Callable[[str, str], None]
 
 
 @dataclass(eq=False)
@@ -141,6 +149,12 @@ class Run:
         self._deadline: float | None = None
         self._waiting: Liveness | None = None
         self._stdin_lines = deque(self.stdin.splitlines()) if self.stdin is not None else None
+        self.observers: list[Observer] = []
+
+    def notify(self, event: str, data: dict[str, Any]) -> None:
+        """Tell the observers (event streams) of an event of this run."""
+        for observer in self.observers:
+            observer(event, data)
 
     @staticmethod
     def new_id() -> str:
@@ -176,6 +190,7 @@ class Run:
             raise InvalidTransition(f"run {self.run_id}", RunState.WAITING_INPUT.value,
                                     self.state.value)
         self.state = RunState.RUNNING
+        self.notify("status", {"status": RunState.RUNNING.value})
         self._waiting.channels.reply_input(text)
         self._waiting = None
 
@@ -213,6 +228,7 @@ class Run:
                                     self.state.value)
         self.state = RunState.RUNNING
         self.started_at = time.time()
+        self.notify("status", {"status": RunState.RUNNING.value})
         loop = asyncio.get_running_loop()
         self._deadline = loop.time() + self.timeout if self.timeout else None
         try:
@@ -249,6 +265,7 @@ class Run:
     def mark(self, status: str, exit_code: int | None = None) -> None:
         """An intermediate milestone (``clean-finished``, ``build-finished``)."""
         self._push(Mark(status, exit_code))
+        self.notify("status", {"status": status, "exit_code": exit_code})
 
     def finish(self, exit_code: int) -> None:
         self.exit_code = exit_code
@@ -263,9 +280,11 @@ class Run:
                                    f" {self._dropped} bytes dropped]\n"]
             self._transcript.append(notice)  # kept past the cap: it is what explains the cut
             self._records.append(notice)
+            self.notify("stderr", {"text": notice[1]})
         self.state = state
         self.finished_at = time.time()
         self._push(mark)
+        self.notify("end", {"status": state.value, "exit_code": mark.exit_code})
 
     def _push(self, rec: ConsoleItem | Mark) -> None:
         self._records.append(rec)
@@ -295,10 +314,15 @@ class Run:
         self._bytes += size
         self._transcript.append(item)
         self._push(item)
+        if item[0] in ("stdout", "stderr"):
+            self.notify(item[0], {"text": item[1]})
 
-    async def step(self, kernel: Liveness, code: str, *, allow_stdin: bool = True) -> StepOutcome:
+    async def step(self, kernel: Liveness, code: str, *, allow_stdin: bool = True,
+                   on_stream: StreamSink | None = None) -> StepOutcome:
         """Execute ``code`` on one kernel until its reply and idle status have both arrived.
 
+        Stream output goes to the run's console, or to ``on_stream`` when given (a program
+        that speaks a protocol on its stdout, as the judge runner does).
         Raises KernelDied; TimeoutError propagates from the run's deadline.
         """
         outcome = StepOutcome()
@@ -320,6 +344,8 @@ class Run:
             elif channel == "iopub":
                 if msg_type == "status" and content.get("execution_state") == "idle":
                     got_idle = True
+                elif msg_type == "stream" and on_stream is not None:
+                    on_stream(str(content.get("name", "stdout")), str(content.get("text", "")))
                 elif msg_type in OUTPUT_TYPES:
                     for item in from_message(msg_type, content):
                         self.emit(item)
@@ -330,6 +356,12 @@ class Run:
                 outcome.evalue = str(content.get("evalue", ""))
                 if isinstance(content.get("exit_code"), int):
                     outcome.kernel_exit_code = content["exit_code"]
+                if isinstance(content.get("signal"), int):
+                    outcome.signal = content["signal"]
+                outcome.stage = str(content.get("stage", ""))
+                for name in ("compile_stdout", "compile_stderr"):
+                    if isinstance(content.get(name), str):
+                        setattr(outcome, name, content[name])
             elif channel == "stdin" and msg_type == "input_request":
                 self._on_input_request(kernel, content)
             # Both the reply and idle, or one of them when the other's channel lost messages.
@@ -383,6 +415,7 @@ class Run:
         if prompt:
             self.emit(["stdout", prompt])
         self.state = RunState.WAITING_INPUT
+        self.notify("status", {"status": RunState.WAITING_INPUT.value})
         self._waiting = kernel
         mark = Mark("waiting-input", None, {"is_password": bool(content.get("password"))})
         # Process kernels print their prompt on iopub just before they send the request on

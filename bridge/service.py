@@ -16,6 +16,8 @@ from . import batch, metrics
 from .admission import Admission
 from .disk import Volumes, sweep_ipc
 from .errors import AuthFailed
+from .events import SCHEMA as EVENTS_SCHEMA
+from .events import EventLog, run_key
 from .executions import SCHEMA as EXECUTIONS_SCHEMA
 from .executions import Executions
 from .folders import SCHEMA as FOLDERS_SCHEMA
@@ -59,7 +61,8 @@ class Bridge:
         if settings.python_env is not None:
             self.sandbox.add_python_env(settings.python_env)
         self.store = Store(settings.db_path, extra_schema=[*FOLDERS_SCHEMA, *JOBS_SCHEMA,
-                                                             *EXECUTIONS_SCHEMA])
+                                                             *EXECUTIONS_SCHEMA, *EVENTS_SCHEMA])
+        self.events = EventLog(self.store)
         self.keypairs = Keypairs(self.store, settings.default_concurrency)
         self._keypair_watch: asyncio.Task[None] | None = None
         self.language_versions: asyncio.Task[dict[str, str]] | None = None
@@ -79,14 +82,16 @@ class Bridge:
                                    lambda key: self.keypairs.get(key).concurrency)
         self.sessions = Sessions(settings, self.store, self.keypairs, self.start_kernel,
                                  pool=self.pool, volumes=self.volumes, admission=self.admission)
-        self.executions = Executions(settings, self.store, self.sessions)
+        self.sessions.on_submit.append(self._stream_run)
+        self.executions = Executions(settings, self.store, self.sessions, events=self.events,
+                                     start_kernel=self.start_kernel)
         self.folders = Folders(self.store, settings.folders_dir, now_iso, self._keypair_exists,
                                self.volumes)
         self.folders.in_use = self._mounted_in
         self.folders.own = self.sandbox.own
         self.gateway = Gateway(self.sessions, self.kernelspecs)
         self.jobs = JobSessions(settings, self.store, self.keypairs, self.sessions,
-                                open_ttl=settings.job_open_ttl_s)
+                                open_ttl=settings.job_open_ttl_s, events=self.events)
         metrics.watch(self)
 
     async def start_kernel(self, spec: str, confinement: Confinement) -> Kernel:
@@ -128,6 +133,12 @@ class Bridge:
         return self.sessions.new_run(session, "batch", "", batch.program(
             session, opts, start_charged), run_id=run_id, options=options)
 
+    def _stream_run(self, session: Session, run: Run) -> None:
+        # Backend.AI runs get an event stream of their own; executions and jobs name theirs.
+        if session.origin == "backendai":
+            self.events.follow(run, run_key(session.id, run.run_id), session.access_key,
+                               owner=session.id, name=session.name)
+
     async def _keypair_exists(self, access_key: str) -> bool:
         # Keys made by `kernel-bridge keys create` while we run are found on a re-read.
         try:
@@ -161,6 +172,7 @@ class Bridge:
         if not self.keypairs.all():
             first = await self.keypairs.create()
         self._keypair_watch = spawn(self.keypairs.watch(KEYPAIR_RELOAD_S))
+        await self.events.start()  # before the records whose streams it ends
         await self.sessions.start()
         await self.jobs.start()  # after sessions: a reloaded job may start a kernel
         await self.executions.start()  # marks executions cut off by the last stop as failed
@@ -192,6 +204,7 @@ class Bridge:
         await self.jobs.stop()  # records cut-short jobs before their kernels go
         await self.executions.stop()  # likewise for async executions
         await self.sessions.stop()
+        await self.events.stop()
         await self.pool.stop()
         await asyncio.gather(*(line.close() for line in (self.zygotes or {}).values()))
         await asyncio.to_thread(self.volumes.unmount_folders, self.settings.folders_dir)

@@ -75,6 +75,7 @@ class Sessions:
         self._by_id: dict[str, Session] = {}
         self._reaper: asyncio.Task[None] | None = None
         self.on_terminated: list[Callable[[Session], Any]] = []
+        self.on_submit: list[Callable[[Session, Run], Any]] = []  # e.g. event streams
 
     # -- lifecycle of the registry ----------------------------------------------------------
 
@@ -326,6 +327,8 @@ class Sessions:
             raise Conflict(f"Run {waiting.run_id} waits for input: answer it (mode 'input' "
                            "with that runId) or interrupt it before sending another run.")
         session.runs[run.run_id] = run
+        for hook in self.on_submit:
+            hook(session, run)
         session.num_queries += 1
         session.last_activity = time.monotonic()
         # Queue first: the kernel starts on the code while the record is written, and the
