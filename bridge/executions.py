@@ -484,7 +484,7 @@ class Executions:
                 compile_stderr=outcome.compile_stderr if outcome else None)
             return ex.result
         if run.state is RunState.TIMED_OUT:
-            reason = f"Execution timed out after {run.timeout or req.timeout:g} s."
+            reason = f"Execution timed out after {run.timeout if judged else req.timeout:g} s."
         elif run.state is RunState.CANCELLED:
             reason = "The session ended before this execution ran."
         elif run.state is RunState.FINISHED:  # the judge runner stopped before its end
