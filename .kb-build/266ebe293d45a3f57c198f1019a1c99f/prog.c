@@ -1,2 +1,0 @@
-#include <stdio.h>
-int main(void) { printf("hello, world\n"); return 0; }

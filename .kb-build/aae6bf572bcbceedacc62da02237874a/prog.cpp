@@ -1,2 +1,0 @@
-#include <iostream>
-int main() { std::cout << "hello, world" << std::endl; }
