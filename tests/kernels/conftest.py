@@ -120,6 +120,8 @@ class KernelDriver:
             raise TimeoutError(f"cell did not finish within {timeout}s: {code!r}")
         reply = self.kc.get_shell_msg(timeout=max(deadline - time.monotonic(), 1.0))
         assert reply["parent_header"]["msg_id"] == msg_id
+        # Say so plainly rather than hand back a cell without output.
+        assert reply["content"]["status"] != "aborted", f"the kernel aborted {code!r}"
         return CellRun(reply["content"], streams, errors, requests, time.monotonic() - started)
 
 
