@@ -66,9 +66,10 @@ define apt
 	  else echo "missing:$$missing (install them, or some languages stay unavailable)"; fi; fi
 endef
 
-# bubblewrap confines every kernel, libseccomp2 builds its seccomp filter (through pyseccomp).
+# bubblewrap confines every kernel, libseccomp2 builds its seccomp filter (through pyseccomp),
+# mkfs.ext4 (e2fsprogs) makes each session's quota'd filesystem (bridge/disk.py).
 sandbox-tools:
-	$(call apt,bwrap:bubblewrap)
+	$(call apt,bwrap:bubblewrap mkfs.ext4:e2fsprogs)
 	@ldconfig -p | grep -q libseccomp.so.2 || { [ "$$(id -u)" = 0 ] && \
 	  command -v apt-get >/dev/null && apt-get update -qq && $(APT_GET) libseccomp2; } || \
 	  echo "libseccomp2 missing: install it, or run with KB_SANDBOX=off (unsafe)"
@@ -135,8 +136,10 @@ settings-doc: $(BIN)/.serve
 
 bench: $(SERVE_DEPS)
 	$(BIN)/python bench/latency.py
+	$(BIN)/python bench/kernel_start.py
 	$(BIN)/python bench/oneshot.py
 	$(BIN)/python bench/languages.py
+	$(BIN)/python bench/testcases.py
 
 clean:
 	rm -rf $(VENV) $(SDK_VENV) .venv-datascience $(DOCS_DIR) *.egg-info .pytest_cache .mypy_cache \

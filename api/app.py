@@ -9,7 +9,7 @@ from tornado.web import Application, RequestHandler
 from bridge.health import Health
 from bridge.service import Bridge
 
-from . import docs, openapi, webconsole
+from . import docs, openapi, sse, webconsole
 from . import ops as ops_routes
 from .backendai import files as backendai_files
 from .backendai import folders as backendai_folders
@@ -78,6 +78,7 @@ def operations() -> list[openapi.Operation]:
     ops += jobs.OPERATIONS
     ops += sandbox.OPERATIONS
     ops += jupyter.OPERATIONS
+    ops += sse.OPERATIONS
     ops += ops_routes.OPERATIONS
     return ops
 
@@ -88,6 +89,7 @@ def route_table() -> list[tuple[str, type[RequestHandler]]]:
     table += ops_routes.routes()
     # Files and folders first: tornado takes the first match, and PREFIX/([^/]+) is a catch-all.
     table += backendai_stream.routes()
+    table += sse.routes()
     table += backendai_files.routes()
     table += backendai_folders.routes()
     table += jupyter.routes()

@@ -15,6 +15,7 @@ from bridge.keypairs import Keypair, Keypairs
 CLOCK_SKEW = timedelta(minutes=15)
 # Since v4.20181215 the body is never part of the signature (backendai.md §4).
 UNSIGNED_BODY_SINCE = "v4.20181215"
+SIGN_METHODS = {"HMAC-SHA256": "sha256"}  # signMethod → hashlib name
 
 
 class MissingCredentials(AuthFailed):
@@ -51,10 +52,14 @@ def _verify_signature(request: HTTPServerRequest, fields: dict[str, str],
                       keypairs: Keypairs) -> Keypair:
     sign_method = fields.get("signMethod", "")
     access_key, _, signature = fields.get("credential", "").partition(":")
-    mac, _, hash_type = sign_method.lower().partition("-")
-    if mac != "hmac" or hash_type not in hashlib.algorithms_available or not signature:
+    if not signature:
         raise BadSignatureParams("Malformed Authorization header: expected "
                                  "'BackendAI signMethod=HMAC-SHA256, credential=<AK>:<sig>'.")
+    # What the SDK signs with, and nothing else: no weaker hash, no hash a digest cannot take.
+    if sign_method.upper() not in SIGN_METHODS:
+        raise AuthFailed(f"Unsupported signature method {sign_method!r}: only "
+                         f"{', '.join(SIGN_METHODS)}.")
+    hash_type = SIGN_METHODS[sign_method.upper()]
     raw_date = request.headers.get("Date") or request.headers.get("X-BackendAI-Date", "")
     try:
         date = datetime.fromisoformat(raw_date.replace("Z", "+00:00"))

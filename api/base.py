@@ -15,7 +15,7 @@ from bridge.keypairs import Keypair
 from bridge.service import Bridge
 
 from .auth import authenticate
-from .dialect import Dialect, MalformedBody
+from .dialect import Dialect, MalformedBody, check_encodable
 from .fields import WARNING_HEADER, describe_validation, unknown_fields, warning
 from .logs import REQUEST_ID_HEADER, request_id
 
@@ -60,9 +60,10 @@ class BaseHandler(RequestHandler):
                 return {}
             raise MalformedBody("The request body is empty; a JSON body is required.")
         try:
-            return json.loads(raw)
+            data = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise MalformedBody(f"The request body is not valid JSON: {exc}.") from None
+        return check_encodable(data)
 
     def parse(self, model: type[M], data: Any = None) -> M:
         """Validate the JSON body (or ``data``) against ``model``. Raises MalformedBody."""

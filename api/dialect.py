@@ -10,6 +10,7 @@ from typing import Any
 
 from tornado.web import HTTPError
 
+from bridge.disk import disk_full
 from bridge.errors import BridgeError, InvalidRequest, NotFound
 
 Body = dict[str, Any] | list[Any]
@@ -21,6 +22,31 @@ class MalformedBody(InvalidRequest):
 
 class MethodNotAllowed(InvalidRequest):
     pass
+
+
+def check_encodable(value: Any, where: str = "body") -> Any:
+    """``value`` (parsed JSON) unchanged, or MalformedBody when a string in it cannot be UTF-8:
+    a lone surrogate from an escape like ``"\\ud800"``. SQLite, the kernels' wire and every
+    client need UTF-8, so such text is refused at the door, in every field of every dialect.
+    """
+    stack: list[tuple[str, Any]] = [(where, value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    raise MalformedBody(
+                        f"{path}: text is not valid Unicode ({exc.reason} at character "
+                        f"{exc.start}); lone surrogates cannot be stored or run.") from None
+        elif isinstance(item, dict):
+            for k, v in item.items():
+                stack.append((f"{path} key", k))
+                stack.append((f"{path}.{k}", v))
+        elif isinstance(item, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in enumerate(item))
+    return value
 
 
 class RouteNotFound(NotFound):
@@ -44,6 +70,8 @@ class Dialect:
             code = exc.status_code
             message = exc.log_message or exc.reason or HTTPStatus(code).phrase
             return code, self._code_for_status(code), message
+        # No space (the server's disk, SQLite's file, a quota'd dir), wherever it was hit: 507.
+        exc = disk_full(exc) or exc
         if exc is not None:
             for cls in type(exc).__mro__:
                 if cls in self.table:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import difflib
+import json
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -29,9 +30,16 @@ def unknown_fields(model: BaseModel, prefix: str = "") -> list[str]:
     return found
 
 
+MAX_NAMED = 20  # a body of 10k unknown keys must not make a 10k-name header
+
+
 def warning(fields: list[str]) -> str:
     """A ``Warning`` header value (RFC 7234 code 299: a persistent warning)."""
-    return f'299 kernel-bridge "Unknown fields ignored: {", ".join(fields)}"'
+    # A header carries no control character and, in practice, ASCII only; a quoted-string no
+    # bare quote: each name as a JSON string body (\u escapes), cut to a readable length.
+    shown = [json.dumps(name[:64])[1:-1] for name in fields[:MAX_NAMED]]
+    more = f" and {len(fields) - MAX_NAMED} more" if len(fields) > MAX_NAMED else ""
+    return f'299 kernel-bridge "Unknown fields ignored: {", ".join(shown)}{more}"'
 
 
 def describe_validation(exc: ValidationError, model: type[BaseModel] | None = None) -> str:

@@ -114,6 +114,8 @@ _PARAMS = {
     "path": "A directory under /home/work",
     "file": "A file under /home/work",
     "files": "Paths under /home/work (repeatable, at most 5)",
+    "limit": "Entries per page of a listing, in name order (at most 1000)",
+    "after": "Page on: the last filename of the previous page",
     "size": "Items per page (0: all)",
     "index": "Zero-based page",
     "progress": "1: stream NDJSON progress lines, then the result",
@@ -152,4 +154,5 @@ def _path_params(path: str) -> list[str]:
 _ERRORS = {400: "Bad request", 401: "Missing or invalid credentials", 403: "Forbidden",
            404: "Not found", 406: "Limits above the server's hard limits",
            409: "Conflicts with the current state", 412: "Quota exceeded",
-           422: "Malformed body", 429: "Rate limit exceeded"}
+           422: "Malformed body", 429: "Rate limit exceeded",
+           507: "No space left (the server's disk is low, or a quota'd dir is full)"}

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 from .cgroups import Cgroups
-from .kernels import IPC_ROOT
+from .kernels import IPC_ROOT, ipc_root_problem
 from .languages import LANGUAGES, Language
 from .settings import Settings
 
@@ -124,18 +124,27 @@ def cgroups() -> Check:
                  "(systemd: Delegate=yes)")
 
 
-def disk_quota() -> Check:
+def disk_quota(settings: Settings) -> Check:
+    # What bridge.disk.Volumes needs; serve refuses to confine tenants without it, so a missing
+    # piece fails here too unless the operator turned quotas off (KB_SESSION_DISK_MB=0).
+    if not settings.session_disk_mb:
+        return Check("disk quota", "warn", "KB_SESSION_DISK_MB=0: a session can fill the data "
+                     "dir's disk", "set KB_SESSION_DISK_MB (default 1024)")
+    verdict: Verdict = "fail" if settings.sandbox != "off" else "warn"
+    if os.geteuid() != 0:
+        return Check("disk quota", verdict, "not root: loop mounts need CAP_SYS_ADMIN",
+                     "run the server as root, or KB_SESSION_DISK_MB=0 (no disk quota)")
     if not os.path.exists("/dev/loop-control"):
-        return Check("disk quota", "warn", "no /dev/loop-control: per-session filesystems "
+        return Check("disk quota", verdict, "no /dev/loop-control: per-session filesystems "
                      "(KB_SESSION_DISK_MB) cannot be made", "modprobe loop; in a container, "
                      "pass --device /dev/loop-control and /dev/loop*")
     losetup, mkfs = shutil.which("losetup"), shutil.which("mkfs.ext4")
     if losetup is None or mkfs is None:
-        return Check("disk quota", "warn", "losetup or mkfs.ext4 missing",
+        return Check("disk quota", verdict, "losetup or mkfs.ext4 missing",
                      "apt-get install mount e2fsprogs")
     ok, out = _probe([losetup, "-f"])
     if not ok:
-        return Check("disk quota", "warn", f"no free loop device: {out}",
+        return Check("disk quota", verdict, f"no free loop device: {out}",
                      "free loop devices (losetup -D) or raise max_loop")
     return Check("disk quota", "ok", f"loop devices available (next free: {out})")
 
@@ -144,20 +153,13 @@ def disk_quota() -> Check:
 
 def ipc_root(root: Path = IPC_ROOT) -> Check:
     try:
-        st = os.lstat(root)
+        problem = ipc_root_problem(root)  # the rule the launch function enforces
     except FileNotFoundError:
         return Check("IPC root", "ok", f"{root} will be created (mode 0700)")
-    uid = os.geteuid()
-    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-        return Check("IPC root", "fail", f"{root} is not a directory (a symlink?)",
-                     f"rm {root}  (it may be an attempt to redirect kernel sockets)")
-    if st.st_uid != uid:
-        return Check("IPC root", "fail", f"{root} is owned by uid {st.st_uid}, not {uid}: "
-                     "another user could read or replace kernel sockets",
+    if problem:
+        return Check("IPC root", "fail", f"{root} {problem}: another user could read or "
+                     "replace kernel sockets",
                      f"rm -rf {root} (as root), or set TMPDIR to a private directory")
-    if st.st_mode & 0o077:
-        return Check("IPC root", "fail", f"{root} has mode {stat.S_IMODE(st.st_mode):04o}",
-                     f"chmod 700 {root}")
     return Check("IPC root", "ok", f"{root} is ours, mode 0700")
 
 
@@ -249,7 +251,7 @@ def checks(settings: Settings, *, versions: bool = True) -> list[Callable[[], Ch
     if settings.sandbox == "off":
         sandbox = [lambda: Check("sandbox", "skip", "KB_SANDBOX=off / --no-sandbox: kernels "
                                  "run unconfined (unsafe)")]
-    return [*sandbox, disk_quota, ipc_root, lambda: data_dir(settings.data_dir),
+    return [*sandbox, lambda: disk_quota(settings), ipc_root, lambda: data_dir(settings.data_dir),
             lambda: free_space(settings.data_dir), lambda: database(settings.db_path),
             *(lambda lang=lang: toolchain(lang, versions) for lang in LANGUAGES)]
 

@@ -14,8 +14,10 @@
      ├── AuthFailed                missing, unknown, inactive or badly signed credentials
      ├── Forbidden                 the keypair may not do this to that target (a read-only
      │                             folder, a folder it does not own, a mounted folder's path)
-     ├── QuotaExceeded             keypair concurrency reached
+     ├── QuotaExceeded             keypair concurrency reached (or its wait queue is full)
+     │    └── HostBudgetExceeded   the host's memory budget for kernels is spent
      ├── RateLimited               too many executions in the window
+     ├── DiskFull                  no space: the server's disk is low, or a quota'd dir is full
      ├── Conflict                  the target's state forbids the call
      │    └── InvalidTransition    a run or session state machine refused a transition
      └── KernelError               the kernel misbehaved
@@ -110,19 +112,27 @@ _HOW_TO_FREE = {
     "jobs": "DELETE /api/v1/sessions/{id}/close",
     "jupyter": "DELETE /api/kernels/{id}",
     "notebook": "ends with its notebook run",
+    "execution": "ends with its execution",
+    "job": "ends with its job",
 }
 
 
 class QuotaExceeded(BridgeError):
-    """``holders``: (name, id, origin) of each session that holds one of the keypair's places."""
+    """``holders``: (name, id, origin) of each kernel holder using one of the keypair's places
+    (a session of a dialect, a one-shot execution, a batch job)."""
 
-    def __init__(self, limit: int, holders: tuple[tuple[str, str, str], ...] = ()) -> None:
-        message = f"This keypair may run at most {limit} concurrent sessions."
+    def __init__(self, limit: int, holders: tuple[tuple[str, str, str], ...] = (),
+                 why: str = "") -> None:
+        message = (f"This keypair may run at most {limit} concurrent sessions (every kernel it "
+                   "holds counts: sessions, executions, job and Jupyter kernels, notebook runs).")
         if holders:
             held = "; ".join(_holder(*h) for h in holders)
             message += (f" Held by: {held}. Free a place by closing one, or raise the limit: "
                         "kernel-bridge keys set-concurrency ACCESS_KEY N.")
+        if why:
+            message += f" {why}"
         super().__init__(message)
+        self.limit = limit
         self.holders = holders
 
 
@@ -131,9 +141,24 @@ def _holder(name: str, sid: str, origin: str) -> str:
     return f"{name} ({origin}: {free})" if name == sid else f"{name} (id {sid}, {origin}: {free})"
 
 
+class HostBudgetExceeded(QuotaExceeded):
+    def __init__(self, asked: int, free: int, budget: int) -> None:
+        mib = 1024 * 1024
+        BridgeError.__init__(
+            self, f"The server's memory budget for kernels is spent: this kernel's cap is "
+                  f"{asked // mib} MiB, {free // mib} MiB of {budget // mib} MiB are free. "
+                  "Retry when other kernels have ended.")
+        self.limit = 0
+        self.holders = ()
+
+
 class RateLimited(BridgeError):
     def __init__(self, limit: int) -> None:
         super().__init__(f"Rate limit exceeded: at most {limit} executions per minute.")
+
+
+class DiskFull(BridgeError):
+    pass
 
 
 class Conflict(BridgeError):

@@ -17,6 +17,17 @@ from collections.abc import Mapping
 from .errors import InvalidRequest
 from .languages import Language
 
+PY_LITERAL_LINE = 4096
+
+
+def _python_text(text: str | None) -> str:
+    """A Python literal of ``text`` in lines of at most ~4 KiB. IPython tokenizes a cell line by
+    line, and one 6 MB line cost it 1.4 GB (the kernel was OOM-killed by a 2M-line stdin)."""
+    if text is None or len(text) <= PY_LITERAL_LINE:
+        return repr(text)
+    pieces = (repr(text[i:i + PY_LITERAL_LINE]) for i in range(0, len(text), PY_LITERAL_LINE))
+    return "(\n" + "\n".join(pieces) + "\n)"
+
 
 def _python(env: Mapping[str, str], stdin: str | None) -> tuple[str, str]:
     # Saved on the os/sys modules, not in the user's globals. input() is answered from the same
@@ -27,7 +38,7 @@ def _python(env: Mapping[str, str], stdin: str | None) -> tuple[str, str]:
               "    os.environ.update(env)\n"
               "    if stdin is not None:\n"
               "        sys._kb_stdin, sys.stdin = sys.stdin, io.StringIO(stdin)\n"
-              f"__kb_enter({dict(env)!r}, {stdin!r})\n"
+              f"__kb_enter({dict(env)!r}, {_python_text(stdin)})\n"
               "del __kb_enter\n")
     after = ("def __kb_leave(os=__import__('os'), sys=__import__('sys')):\n"
              "    for k, v in os.__dict__.pop('_kb_saved', {}).items():\n"

@@ -29,18 +29,22 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from . import metrics
+from . import metrics, outcomes, testcases
+from .admission import Ticket
+from .batch import StartKernel, bash_kernel
 from .errors import (
     BridgeError,
     ExecutionNotFound,
     InvalidRequest,
     KernelError,
+    QuotaExceeded,
     RateLimited,
     SessionNotFound,
 )
+from .events import EventLog, execution_key
 from .execution_scripts import execution_scripts
-from .languages import Language
-from .runs import Program, Run, RunState
+from .languages import Language, resolve
+from .runs import Liveness, Program, Run, RunState
 from .session import Session, SessionState, now_iso
 from .sessions import Sessions
 from .settings import Settings
@@ -86,6 +90,7 @@ class ExecutionRequest:
     environment: Mapping[str, str] = field(default_factory=dict)
     timeout: float = DEFAULT_TIMEOUT_S
     session_id: str | None = None
+    test_cases: tuple[testcases.TestCase, ...] | None = None  # judge mode (bridge.testcases)
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,11 @@ class ExecutionResult:
     language: str
     session_id: str | None
     truncated: bool = False  # output passed KB_OUTPUT_LIMIT: cut, and the run interrupted
+    reason: str = outcomes.COMPLETED  # why it ended (bridge.outcomes)
+    signal: int | None = None
+    compile_stdout: str | None = None  # compiled languages only
+    compile_stderr: str | None = None
+    test_results: list[dict[str, Any]] | None = None  # one per test case, in order
 
 
 @dataclass
@@ -115,12 +125,22 @@ class Execution:
     result: ExecutionResult | None = None
     error: str | None = None
 
-    def failed(self, reason: str, stdout: str = "", elapsed: float = 0.0) -> ExecutionResult:
+    def failed(self, reason: str, stdout: str = "", elapsed: float = 0.0,
+               why: str = outcomes.KILLED) -> ExecutionResult:
         """End as ``failed``: exit code -1, the reason on stderr and in ``error``."""
         self.status, self.error, self.completed_at = ExecStatus.FAILED, reason, now_iso()
         self.result = ExecutionResult(self.id, stdout, f"{reason}\n", FAILED_EXIT_CODE,
-                                      round(elapsed, 4), self.language, self.session_id)
+                                      round(elapsed, 4), self.language, self.session_id,
+                                      reason=why)
         return self.result
+
+
+def end_event(ex: Execution) -> dict[str, Any]:
+    """The ``end`` event of an execution's stream: how the record ended."""
+    r = ex.result
+    return {"status": ex.status.value, "exit_code": r.exit_code if r else None,
+            "reason": r.reason if r else None, "signal": r.signal if r else None,
+            "error": ex.error}
 
 
 class RateLimiter:
@@ -159,10 +179,13 @@ def _program(session: Session, code: str, before: str, after: str) -> Program:
 class Executions:
     """Runs executions and keeps their records. Raises the core's errors, never HTTP ones."""
 
-    def __init__(self, settings: Settings, store: Store, sessions: Sessions) -> None:
+    def __init__(self, settings: Settings, store: Store, sessions: Sessions, *,
+                 events: EventLog | None = None, start_kernel: StartKernel | None = None) -> None:
         self.settings = settings
         self.store = store
         self.sessions = sessions
+        self.events = events  # each execution's event stream (bridge.events)
+        self._start_kernel = start_kernel  # a named session's batch kernel runs test cases
         self.limiter = RateLimiter(settings.rate_limit)
         self._live: dict[str, Execution] = {}  # async executions not yet ended
         self._tasks: set[asyncio.Task[Any]] = set()  # async executions
@@ -225,9 +248,16 @@ class Executions:
         """Accept an execution to run in the background; recorded as pending before return."""
         self.admit(access_key, [req])
         ex = self._new(access_key, req)
-        await self._write(ex, insert=True)
+        # Queued for a place now, so a full queue is a 429 before anything is recorded.
+        ticket = self._reserve(ex, req)
+        try:
+            await self._write(ex, insert=True)
+        except BaseException:
+            if ticket is not None:
+                self.sessions.admission.release(ticket)
+            raise
         self._live[ex.id] = ex
-        task = asyncio.create_task(self._background(ex, req))
+        task = asyncio.create_task(self._background(ex, req, ticket))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return ex
@@ -287,6 +317,11 @@ class Executions:
             if not 0 < req.timeout <= MAX_TIMEOUT_S:
                 raise InvalidRequest(f"timeout must be more than 0 and at most "
                                      f"{MAX_TIMEOUT_S:g} seconds.")
+            if req.test_cases is not None:
+                # The runner gives the cases their environment and stdin itself.
+                testcases.check(list(req.test_cases), self.settings.default_mem_kib // 1024)
+                execution_scripts(lang, req.environment, None)  # the names, still
+                continue
             scripts = execution_scripts(lang, req.environment, req.stdin)
             if scripts is None and req.session_id is not None:
                 raise InvalidRequest(
@@ -300,9 +335,10 @@ class Executions:
     def _new(access_key: str, req: ExecutionRequest) -> Execution:
         return Execution(str(uuid.uuid4()), access_key, req.language.name, req.session_id)
 
-    async def _background(self, ex: Execution, req: ExecutionRequest) -> None:
+    async def _background(self, ex: Execution, req: ExecutionRequest,
+                          ticket: Ticket | None) -> None:
         try:
-            await self._execute(ex, req, record_start=True)
+            await self._execute(ex, req, ticket=ticket, record_start=True)
         except BridgeError as exc:
             ex.failed(exc.message)
         except asyncio.CancelledError:
@@ -313,67 +349,154 @@ class Executions:
         await self._write(ex, insert=False)
         self._live.pop(ex.id, None)
 
+    def _reserve(self, ex: Execution, req: ExecutionRequest) -> Ticket | None:
+        """A one-shot's place (granted or queued); None for a named session's execution.
+        Raises QuotaExceeded (the keypair's queue is full), LimitExceeded."""
+        if req.session_id is not None:
+            return None
+        return self.sessions.reserve(ex.access_key, (ex.id, ex.id, "execution"), wait=True)
+
     async def _execute(self, ex: Execution, req: ExecutionRequest, *,
+                       ticket: Ticket | None = None,
                        record_start: bool = False,
                        observe: Callable[[Run], None] | None = None) -> ExecutionResult:
-        """Run ``req`` and fill in ``ex``. Kernel failures become a failed result; request-level
-        problems (language mismatch, quota) raise."""
+        """Run ``req`` and fill in ``ex``. Kernel failures and a wait for a place that outlasts
+        the timeout become a failed result; request-level problems (language mismatch, a full
+        queue) raise. ``observe`` is handed the run as it is queued."""
         lang = req.language
+        loop = asyncio.get_running_loop()
+        # The timeout covers the wait for a place and the run (not the kernel's start, which a
+        # cold compiled-language kernel may take seconds for, as before admission existed).
+        accepted = loop.time()
+        deadline = accepted + req.timeout
+        if ticket is None:
+            ticket = self._reserve(ex, req)
+        if ticket is not None:
+            waited = time.monotonic()
+            try:
+                await self.sessions.admission.wait(ticket, deadline)
+            except QuotaExceeded as exc:
+                ex.started_at = now_iso()
+                return ex.failed(f"Execution timed out after {req.timeout:g} s waiting for a "
+                                 f"kernel ({time.monotonic() - waited:.1f} s queued): "
+                                 f"{exc.message}", elapsed=0.0)
+        run_timeout = max(req.timeout - (loop.time() - accepted), 0.001)
         ex.status, ex.started_at = ExecStatus.RUNNING, now_iso()
         if record_start:
-            await self.store.execute("UPDATE executions SET status=?, started_at=? WHERE id=?",
-                                     (ex.status.value, ex.started_at, ex.id))
-        scripts = execution_scripts(lang, req.environment, req.stdin)
+            try:
+                await self.store.execute(
+                    "UPDATE executions SET status=?, started_at=? WHERE id=?",
+                    (ex.status.value, ex.started_at, ex.id))
+            except BaseException:
+                if ticket is not None:
+                    self.sessions.admission.release(ticket)
+                raise
+        judged = testcases.Judged() if req.test_cases is not None else None
+        scripts = execution_scripts(lang, req.environment, req.stdin) if judged is None \
+            else ("", "")
         try:
             if req.session_id is not None:
                 session = await self._named_session(ex.access_key, req.session_id, lang)
             else:
                 # A kernel that cannot take variables per execution is started with them.
+                # Test cases need no kernel of the language: a bash kernel hosts the runner.
                 session = await self.sessions.create(
-                    ex.access_key, lang, origin="sandbox", on_timeout="destroy",
-                    counts_for_quota=False,
+                    ex.access_key, lang if judged is None else resolve("bash"),
+                    origin="sandbox", on_timeout="destroy", ticket=ticket,
                     environ=dict(req.environment) if scripts is None else None)
         except KernelError as exc:
             return ex.failed(exc.message)
-        before, after = scripts or ("", "")
         try:
-            run = self.sessions.new_run(session, "query", req.code,
-                                        _program(session, req.code, before, after),
-                                        # no stdin given: programs read end-of-file
-                                        timeout=req.timeout,
-                                        stdin=req.stdin if req.stdin is not None else "")
+            run = self._new_run(session, ex, req, scripts, judged, run_timeout)
+            ooms = outcomes.oom_kills(session)
             await self.sessions.submit(session, run)
             if observe is not None:
                 observe(run)
             await run.wait()
+            ooms = outcomes.oom_kills(session) - ooms
         finally:
             if req.session_id is None:
                 # Off the response path: the next execution takes another kernel anyway.
                 task = asyncio.create_task(self._dispose(session))
                 self._disposals.add(task)
                 task.add_done_callback(self._disposals.discard)
-        return self._finish(ex, run, req)
+        return self._finish(ex, run, req, ooms, judged)
 
-    def _finish(self, ex: Execution, run: Run, req: ExecutionRequest) -> ExecutionResult:
+    def _new_run(self, session: Session, ex: Execution, req: ExecutionRequest,
+                 scripts: tuple[str, str] | None, judged: testcases.Judged | None,
+                 timeout: float) -> Run:
+        """``timeout``: what is left of the execution's after its wait for a place."""
+        if judged is None or req.test_cases is None:
+            before, after = scripts or ("", "")
+            run = self.sessions.new_run(session, "query", req.code,
+                                        _program(session, req.code, before, after),
+                                        # no stdin given: programs read end-of-file
+                                        timeout=timeout,
+                                        stdin=req.stdin if req.stdin is not None else "")
+        else:
+            cases = list(req.test_cases)
+            line, tag = testcases.plan(req.language, req.code, cases, dict(req.environment),
+                                       self.settings.output_limit)
+            start_kernel = self._start_kernel
+
+            async def target() -> Liveness:
+                if req.session_id is None:
+                    return session.liveness()  # the bash session made for this execution
+                if start_kernel is None:
+                    raise InvalidRequest("This server cannot run test cases in a session.")
+                return await bash_kernel(session, start_kernel)
+
+            run = self.sessions.new_run(session, "query", req.code,
+                                        testcases.program(target, tag, judged),
+                                        timeout=testcases.deadline(req.timeout, cases),
+                                        stdin=line)
+        if self.events is not None:
+            self.events.follow(run, execution_key(ex.id), ex.access_key, owner=ex.id,
+                               ends_with_run=False)
+        return run
+
+    def _finish(self, ex: Execution, run: Run, req: ExecutionRequest, ooms: int = 0,
+                judged: testcases.Judged | None = None) -> ExecutionResult:
         elapsed = (run.finished_at or time.time()) - (run.started_at or time.time())
-        stdout = run.text("stdout")
-        if run.state is RunState.FINISHED and run.exit_code is not None:
+        end = outcomes.ending(run, ooms)
+        if judged is not None and run.state is RunState.FINISHED and judged.compiles is not None:
+            build = judged.build or {}
+            compiled = judged.build is not None
             ex.status, ex.completed_at = ExecStatus.COMPLETED, now_iso()
-            ex.result = ExecutionResult(ex.id, stdout, run.text("stderr"), run.exit_code,
-                                        round(elapsed, 4), ex.language, ex.session_id,
-                                        run.truncated)
+            ex.result = ExecutionResult(
+                ex.id, build.get("stdout", ""), build.get("stderr", ""),
+                int(build.get("exit_code", 0)), round(elapsed, 4), ex.language, ex.session_id,
+                run.truncated,
+                reason=outcomes.COMPILE_ERROR if build.get("exit_code") else outcomes.COMPLETED,
+                signal=build.get("signal"),
+                compile_stdout=build.get("stdout", "") if compiled else None,
+                compile_stderr=build.get("stderr", "") if compiled else None,
+                test_results=judged.results)
+            return ex.result
+        stdout = run.text("stdout")
+        outcome = run.outcome
+        if run.state is RunState.FINISHED and run.exit_code is not None and judged is None:
+            ex.status, ex.completed_at = ExecStatus.COMPLETED, now_iso()
+            ex.result = ExecutionResult(
+                ex.id, stdout, outcomes.run_stderr(run), run.exit_code, round(elapsed, 4),
+                ex.language, ex.session_id, run.truncated, reason=end.reason, signal=end.signal,
+                compile_stdout=outcome.compile_stdout if outcome else None,
+                compile_stderr=outcome.compile_stderr if outcome else None)
             return ex.result
         if run.state is RunState.TIMED_OUT:
-            reason = f"Execution timed out after {req.timeout:g} s."
+            reason = f"Execution timed out after {run.timeout if judged else req.timeout:g} s."
         elif run.state is RunState.CANCELLED:
             reason = "The session ended before this execution ran."
+        elif run.state is RunState.FINISHED:  # the judge runner stopped before its end
+            reason = "The test-case runner stopped before it finished."
         else:
             reason = "The kernel died while running this code (killed, out of memory, or exited)."
-        result = ex.failed(reason, stdout, elapsed)
+        result = ex.failed(reason, stdout, elapsed, end.reason)
         # Keep what the program itself wrote to stderr before the reason.
-        ex.result = result = ExecutionResult(**{**asdict(result),
-                                                "stderr": run.text("stderr") + result.stderr,
-                                                "truncated": run.truncated})
+        ex.result = result = ExecutionResult(**{
+            **asdict(result), "stderr": run.text("stderr") + result.stderr, "signal": end.signal,
+            "truncated": run.truncated,
+            "test_results": judged.fill(len(req.test_cases or ()), reason) if judged else None})
         return result
 
     async def _named_session(self, access_key: str, name: str, lang: Language) -> Session:
@@ -392,12 +515,16 @@ class Executions:
 
     async def _dispose(self, session: Session) -> None:
         with contextlib.suppress(SessionNotFound):
-            await self.sessions.destroy(session, "one-shot-finished")
+            # Killed, not asked to exit: nothing in it is kept, and its place is wanted.
+            await self.sessions.destroy(session, "one-shot-finished", now=True)
 
     async def _write(self, ex: Execution, *, insert: bool) -> None:
         if ex.status in (ExecStatus.COMPLETED, ExecStatus.FAILED):
             metrics.EXECUTIONS.labels(ex.language, ex.status.value).inc()
         result = dumps(asdict(ex.result)) if ex.result is not None else None
+        if self.events is not None and ex.status in (ExecStatus.COMPLETED, ExecStatus.FAILED):
+            await self.events.end(execution_key(ex.id), ex.access_key, end_event(ex),
+                                  owner=ex.id)
         if insert:
             await self.store.execute(
                 "INSERT INTO executions (id, access_key, language, session_id, status, error,"

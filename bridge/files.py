@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import io
+import heapq
 import json
 import os
 import stat
-import tarfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,8 +32,9 @@ from .sandbox import WORKDIR, Mount
 
 MAX_UPLOAD_FILES = 20  # Backend.AI's limits (seed 000)
 MAX_UPLOAD_BYTES = 1024 * 1024
-MAX_DOWNLOAD_FILES = 5
-MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024  # a download is built in memory: bound it
+# A listing answers at most this many entries, in name order; ``after`` pages on (a directory
+# of 150k files would otherwise be a 54 MB reply built in the server's memory).
+MAX_LIST_ENTRIES = 1000
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -72,6 +72,10 @@ def parts_of(path: str, *, absolute_base: str | None = WORKDIR) -> tuple[str, ..
     """
     if "\x00" in path:
         raise UnsafePath(path, "it contains a NUL byte")
+    try:
+        os.fsencode(path)
+    except UnicodeEncodeError:
+        raise UnsafePath(path, "it is not valid UTF-8 (a lone surrogate)") from None
     p = PurePosixPath(path)
     if p.is_absolute():
         base = PurePosixPath(absolute_base) if absolute_base else None
@@ -180,17 +184,41 @@ def _entry(name: str, st: os.stat_result) -> dict[str, Any]:
             "ctime": st.st_ctime, "mtime": st.st_mtime, "atime": st.st_atime}
 
 
-def _list(root: Path, parts: tuple[str, ...]) -> list[dict[str, Any]]:
+@dataclass
+class Listing:
+    items: list[dict[str, Any]]  # one page, by name
+    total: int  # entries in the directory
+    truncated: bool  # more entries after this page
+
+
+def _list(root: Path, parts: tuple[str, ...], limit: int, after: str | None) -> Listing:
     with _open_dir(root, parts) as fd:
+        total = 0
+
+        def names() -> Iterator[str]:
+            nonlocal total
+            with os.scandir(fd) as it:
+                for e in it:
+                    total += 1
+                    if after is None or e.name > after:
+                        yield e.name
+
+        # The page's names only: memory follows the limit, not the directory.
+        page = heapq.nsmallest(limit + 1, names())
         items = []
-        with os.scandir(fd) as it:
-            for e in it:
-                items.append(_entry(e.name, e.stat(follow_symlinks=False)))
-    return sorted(items, key=lambda x: x["filename"])
+        for name in page[:limit]:
+            try:
+                items.append(_entry(name, os.lstat(name, dir_fd=fd)))
+            except FileNotFoundError:
+                continue  # removed meanwhile
+    return Listing(items, total, len(page) > limit)
 
 
-def _open_file(root: Path, parts: tuple[str, ...], shown: str) -> tuple[int, os.stat_result]:
-    """An O_NOFOLLOW descriptor of a regular file or directory and its stat."""
+def open_member(root: Path, parts: tuple[str, ...], shown: str) -> tuple[int, os.stat_result]:
+    """An O_NOFOLLOW descriptor of a regular file or directory and its stat (worker thread).
+
+    Raises NotFound, UnsafePath, InvalidRequest (neither a file nor a directory).
+    """
     if not parts:
         with _open_dir(root, ()) as fd:
             return os.dup(fd), os.fstat(fd)
@@ -210,71 +238,6 @@ def _open_file(root: Path, parts: tuple[str, ...], shown: str) -> tuple[int, os.
         os.close(fd)
         raise InvalidRequest(f"{shown!r} is neither a file nor a directory.")
     return fd, st
-
-
-class _Budget:
-    def __init__(self, limit: int) -> None:
-        self.left = limit
-
-    def take(self, n: int, shown: str) -> None:
-        self.left -= n
-        if self.left < 0:
-            raise InvalidRequest(f"Download of {shown!r} exceeds {MAX_DOWNLOAD_BYTES} bytes.")
-
-
-def _add_tree(tar: tarfile.TarFile, fd: int, st: os.stat_result, arcname: str,
-              budget: _Budget) -> None:
-    """Add an open file or directory; links inside a directory go in as links, unfollowed."""
-    info = tarfile.TarInfo(arcname)
-    info.mode, info.mtime = stat.S_IMODE(st.st_mode), int(st.st_mtime)
-    if stat.S_ISREG(st.st_mode):
-        budget.take(st.st_size, arcname)
-        info.size = st.st_size
-        with os.fdopen(os.dup(fd), "rb") as f:
-            tar.addfile(info, f)
-        return
-    info.type = tarfile.DIRTYPE
-    tar.addfile(info)
-    for name in sorted(os.listdir(fd)):
-        child = f"{arcname}/{name}"
-        cst = os.lstat(name, dir_fd=fd)
-        if stat.S_ISLNK(cst.st_mode):
-            link = tarfile.TarInfo(child)
-            link.type, link.linkname = tarfile.SYMTYPE, os.readlink(name, dir_fd=fd)
-            tar.addfile(link)
-            continue
-        if not (stat.S_ISREG(cst.st_mode) or stat.S_ISDIR(cst.st_mode)):
-            continue  # sockets, fifos, devices: nothing to download
-        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-        try:
-            cfd = os.open(name, flags, dir_fd=fd)
-        except OSError:
-            continue  # vanished or swapped for a link meanwhile: skip it, never follow it
-        try:
-            _add_tree(tar, cfd, os.fstat(cfd), child, budget)
-        finally:
-            os.close(cfd)
-
-
-def _tar(root: Path, parts: tuple[str, ...], shown: str, budget: _Budget) -> bytes:
-    fd, st = _open_file(root, parts, shown)
-    buf = io.BytesIO()
-    try:
-        with tarfile.open(fileobj=buf, mode="w") as tar:
-            _add_tree(tar, fd, st, parts[-1] if parts else ".", budget)
-    finally:
-        os.close(fd)
-    return buf.getvalue()
-
-
-def _read(root: Path, parts: tuple[str, ...], shown: str) -> bytes:
-    fd, st = _open_file(root, parts, shown)
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(st.st_mode):
-            raise InvalidRequest(f"{shown!r} is a directory; use download for directories.")
-        if st.st_size > MAX_DOWNLOAD_BYTES:
-            raise InvalidRequest(f"{shown!r} exceeds {MAX_DOWNLOAD_BYTES} bytes.")
-        return f.read(MAX_DOWNLOAD_BYTES + 1)
 
 
 # -- the async API ------------------------------------------------------------------------------
@@ -301,40 +264,17 @@ async def upload(area: Area, files: Sequence[tuple[str, bytes]]) -> list[str]:
     return ["/".join(t[1]) for t in targets]
 
 
-async def listing(area: Area, path: str) -> list[dict[str, Any]]:
-    """``{filename, size, mode, ctime, mtime, atime}`` of each entry of a directory.
+async def listing(area: Area, path: str, *, limit: int = MAX_LIST_ENTRIES,
+                  after: str | None = None) -> Listing:
+    """``{filename, size, mode, ctime, mtime, atime}`` of the first ``limit`` entries of a
+    directory by name (those after ``after``), with the directory's size.
 
     Raises NotFound, UnsafePath, InvalidRequest (not a directory).
     """
     root, parts = area.locate(path, write=False)
-    items: list[dict[str, Any]] = await asyncio.to_thread(_list, root, parts)
-    return items
-
-
-async def tar_archives(area: Area, paths: Sequence[str]) -> list[tuple[str, bytes]]:
-    """One tar archive per path (a file, or a directory with its contents).
-
-    Raises InvalidRequest (none, too many, too big), NotFound, UnsafePath.
-    """
-    if not paths:
-        raise InvalidRequest("No files to download: send {\"files\": [...]}.")
-    if len(paths) > MAX_DOWNLOAD_FILES:
-        raise InvalidRequest(f"Too many files: {len(paths)} (at most {MAX_DOWNLOAD_FILES}).")
-    located = [(p, *area.locate(p, write=False)) for p in paths]  # lexical checks first
-    budget = _Budget(MAX_DOWNLOAD_BYTES)
-
-    def build() -> list[tuple[str, bytes]]:
-        return [((parts[-1] if parts else "work") + ".tar", _tar(root, parts, p, budget))
-                for p, root, parts in located]
-
-    return await asyncio.to_thread(build)
-
-
-async def read_file(area: Area, path: str) -> tuple[str, bytes]:
-    """The bytes of one regular file. Raises NotFound, UnsafePath, InvalidRequest."""
-    root, parts = area.locate(path, write=False)
-    data = await asyncio.to_thread(_read, root, parts, path)
-    return (parts[-1] if parts else ""), data
+    limit = max(1, min(limit, MAX_LIST_ENTRIES))
+    result: Listing = await asyncio.to_thread(_list, root, parts, limit, after)
+    return result
 
 
 def files_json(items: list[dict[str, Any]]) -> str:

@@ -9,6 +9,7 @@ can see (its own and the accepted ones), so a name in a request means exactly on
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shutil
 import uuid
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .disk import Volumes
 from .errors import Conflict, Forbidden, InvalidRequest, NotFound
 from .files import Area
 from .sandbox import Mount
@@ -48,6 +50,10 @@ NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,62}[A-Za-z0-9])?$")  # as the 
 RESERVED = frozenset({"invitations", "_"})
 PERMISSIONS = ("ro", "rw")
 MAX_MOUNTS = 5
+# Each folder is a filesystem image and a loop device: a keypair may not make them without end.
+MAX_FOLDERS = 32
+MAX_PENDING_INVITATIONS = 64  # per invitee: another tenant may not flood its invitation list
+INVITATION_COUNT_LIMIT = 10_000  # numFiles of an invitation counts no further
 
 
 @dataclass(frozen=True)
@@ -69,8 +75,21 @@ class Folder:
                     writable=self.permission == "rw", session=False)
 
 
-def count_files(host: Path) -> int:
-    return sum(1 for p in host.rglob("*") if p.is_file() and not p.is_symlink())
+def count_files(host: Path, limit: int | None = None) -> int:
+    """Regular files under ``host`` (at most ``limit``); links are neither followed nor
+    counted."""
+    total, stack = 0, [str(host)]
+    while stack and (limit is None or total < limit):
+        try:
+            with os.scandir(stack.pop()) as it:
+                for e in it:
+                    if e.is_dir(follow_symlinks=False):
+                        stack.append(e.path)
+                    elif e.is_file(follow_symlinks=False):
+                        total += 1
+        except OSError:
+            continue  # vanished meanwhile
+    return total
 
 
 class Folders:
@@ -78,8 +97,10 @@ class Folders:
     ``own(host)`` hands a new folder's directory to the sandbox uid (what user code runs as)."""
 
     def __init__(self, store: Store, root: Path, now: Callable[[], str],
-                 keypair_exists: Callable[[str], Awaitable[bool]]) -> None:
+                 keypair_exists: Callable[[str], Awaitable[bool]],
+                 volumes: Volumes | None = None) -> None:
         self.store = store
+        self.volumes = volumes
         self.root = root
         self._now = now
         self._keypair_exists = keypair_exists
@@ -111,11 +132,18 @@ class Folders:
         if not NAME.match(name) or name in RESERVED:
             raise InvalidRequest(f"Invalid folder name {name!r}: 1-64 letters, digits, '.', "
                                  "'_' or '-', starting and ending with a letter or digit.")
-        if any(f.name == name for f in await self.visible(access_key)):
+        visible = await self.visible(access_key)
+        if any(f.name == name for f in visible):
             raise Conflict(f"A virtual folder named {name!r} already exists.")
+        if sum(1 for f in visible if f.is_owner(access_key)) >= MAX_FOLDERS:
+            raise InvalidRequest(f"A keypair may own at most {MAX_FOLDERS} virtual folders.")
         fid = uuid.uuid4().hex
         host = self.root / fid
-        await asyncio.to_thread(host.mkdir, 0o755, True)
+        if self.volumes is not None:  # a filesystem of its own: the folder's disk quota
+            await self.volumes.make_folder_dir(host)
+            await asyncio.to_thread(os.chmod, host, 0o755)
+        else:
+            await asyncio.to_thread(host.mkdir, 0o755, True)
         await asyncio.to_thread(self.own, host)  # uploads then inherit it (bridge/files.py)
         created = self._now()
         await self.store.execute(
@@ -136,7 +164,13 @@ class Folders:
             ("DELETE FROM vfolder_permissions WHERE folder_id = ?", (folder.id,)),
             ("DELETE FROM vfolders WHERE id = ?", (folder.id,)),
         ])
-        await asyncio.to_thread(shutil.rmtree, folder.host, True)
+        await self._remove_dir(folder.host)
+
+    async def _remove_dir(self, host: Path) -> None:
+        if self.volumes is not None:
+            await self.volumes.remove(host)
+        else:
+            await asyncio.to_thread(shutil.rmtree, host, True)
 
     async def num_files(self, folder: Folder) -> int:
         return await asyncio.to_thread(count_files, folder.host)
@@ -161,6 +195,12 @@ class Folders:
                 raise InvalidRequest("A keypair cannot invite itself.")
             if not await self._keypair_exists(key):
                 raise NotFound(f"No keypair with access key {key!r}.")
+            row = await self.store.fetchone(
+                "SELECT COUNT(*) AS n FROM vfolder_invitations WHERE invitee = ?"
+                " AND state = 'pending'", (key,))
+            if row is not None and row["n"] >= MAX_PENDING_INVITATIONS:
+                raise Conflict(f"Keypair {key!r} has {MAX_PENDING_INVITATIONS} pending "
+                               "invitations already.")
         ids, statements = [], []
         for key in dict.fromkeys(invitees):
             iid = uuid.uuid4().hex
@@ -183,7 +223,9 @@ class Folders:
             out.append({
                 "id": r["id"], "inviter": r["inviter"], "invitee": r["invitee"],
                 "permission": r["permission"], "perm": r["permission"], "state": r["state"],
-                "numFiles": await asyncio.to_thread(count_files, self.root / r["folder_id"]),
+                # Bounded: another tenant's folders must not make this list slow to build.
+                "numFiles": await asyncio.to_thread(count_files, self.root / r["folder_id"],
+                                                    INVITATION_COUNT_LIMIT),
                 "vfolder_id": r["folder_id"], "vfolder_name": r["folder_name"],
                 "created_at": r["created_at"]})
         return out

@@ -32,6 +32,7 @@ from .languages import LANGUAGES, Language, resolve
 from .messages import Channel, Message
 from .session import Session
 from .sessions import Sessions
+from .wire import guard, harden
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ async def connect(kernel: Kernel, timeout: float = 10.0) -> tuple[AsyncKernelCli
     on the control channel (answered even while a cell runs) until iopub shows something.
     """
     client = AsyncKernelClient()
+    harden(client.context)  # bounded whatever the kernel sends (bridge/wire.py)
     client.load_connection_info(kernel.manager.get_connection_info())
     client.start_channels(shell=True, iopub=True, stdin=True, hb=False, control=True)
     sent: set[str] = set()
@@ -313,6 +315,8 @@ class Relay:
         self._nudges = nudges  # iopub status of our own connect-time requests: not the client's
         self._tasks = [asyncio.create_task(self._pump(ch))
                        for ch in ("shell", "iopub", "stdin", "control")]
+        # A message over the size cap resets its connection: connect again, or go deaf.
+        self._tasks += guard(client, ("shell", "iopub", "stdin", "control"))
 
     def send(self, channel: str, msg: dict[str, Any]) -> None:
         """Forward a client's message, signed with the kernel's key. Raises InvalidRequest."""

@@ -21,7 +21,9 @@ import logging
 import time
 from collections import defaultdict
 
+from .admission import Ticket
 from .errors import BridgeError, Conflict, InvalidRequest, JobNotFound, SessionNotFound
+from .events import EventLog, job_key
 from .jobs import (
     DEFAULT_INTERACTIVE_TTL,
     FAILED_EXIT_CODE,
@@ -50,8 +52,10 @@ ORIGIN = "jobs"
 
 class JobSessions:
     def __init__(self, settings: Settings, store: Store, keypairs: Keypairs,
-                 sessions: Sessions, open_ttl: float = OPEN_TTL) -> None:
+                 sessions: Sessions, open_ttl: float = OPEN_TTL,
+                 events: EventLog | None = None) -> None:
         self.settings = settings
+        self.events = events  # each job's event stream (bridge.events)
         self.store = store
         self.keypairs = keypairs
         self.sessions = sessions
@@ -199,7 +203,7 @@ class JobSessions:
         js = JobSession(id=Job.new_id(), access_key=access_key, mode=mode, language=lang.name,
                         max_ttl=max_ttl, interactive_ttl=ittl, environment=dict(environment or {}))
         if mode == "dedicated":
-            js.kernel = await self._new_kernel(js, js.id, js.environment, counts_for_quota=True)
+            js.kernel = await self._new_kernel(js, js.id, js.environment)
         # The open TTL counts from when the session can take a job: a dedicated session's
         # kernel may take seconds to start on a loaded machine, and that wait is not the
         # client's idleness (the bridge's idle reaper counts from kernel ready too).
@@ -307,18 +311,30 @@ class JobSessions:
         try:
             if js.mode == "dedicated":
                 if js.kernel is None or not js.kernel.alive:
-                    js.kernel = await self._new_kernel(js, js.id, js.environment, True)
+                    js.kernel = await self._new_kernel(js, js.id, js.environment)
                 elif (js.kernel.state is SessionState.ERROR or js.kernel.kernel is None
                       or not await js.kernel.kernel.is_alive()):
                     # An earlier job killed it. Asked directly: the bridge may not have
                     # marked the session ERROR yet when the next job starts.
                     await self.sessions.restart(js.kernel)
                 kernel = js.kernel
+                timeout = job.timeout
             else:
-                kernel = await self._new_kernel(js, job.id, job.environment, False)
-            run = self.sessions.query(kernel, job.code, timeout=job.timeout,
+                # A batch job's kernel takes one of the keypair's places like any other; it
+                # waits for one within the job's timeout, which then covers the run too.
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + job.timeout
+                ticket = self.sessions.reserve(js.access_key, (job.id, job.id, "job"),
+                                               self._limits(js), wait=True)
+                await self.sessions.admission.wait(ticket, deadline)
+                timeout = max(deadline - loop.time(), 0.001)  # what the wait left
+                kernel = await self._new_kernel(js, job.id, job.environment, ticket)
+            run = self.sessions.query(kernel, job.code, timeout=timeout,
                                       stdin=job.stdin or "")
             job.run = run
+            if self.events is not None:
+                self.events.follow(run, job_key(job.id), job.access_key, owner=job.id,
+                                   ends_with_run=False)
             await self.sessions.submit(kernel, run)
             await run.wait()
             job.record(run)
@@ -344,15 +360,19 @@ class JobSessions:
                 self._batch_running[js.access_key] -= 1
         self._pump(js)
 
-    async def _new_kernel(self, js: JobSession, name: str, environ: dict[str, str],
-                          counts_for_quota: bool) -> Session:
+    def _limits(self, js: JobSession) -> Limits:
         # The job session's own timers end it; the bridge's idle reaper must not come first.
-        limits = Limits(query_timeout_ms=0, max_cpu_credit_ms=0,
-                        mem_kib=self.settings.default_mem_kib,
-                        idle_timeout_s=float((js.max_ttl or 0) + self.open_ttl + 60))
+        return Limits(query_timeout_ms=0, max_cpu_credit_ms=0,
+                      mem_kib=self.settings.default_mem_kib,
+                      idle_timeout_s=float((js.max_ttl or 0) + self.open_ttl + 60))
+
+    async def _new_kernel(self, js: JobSession, name: str, environ: dict[str, str],
+                          ticket: Ticket | None = None) -> Session:
+        """A kernel session admitted now (a dedicated session's: a refusal is the caller's
+        429) or by ``ticket`` (a batch job's, granted after waiting)."""
         return await self.sessions.create(
-            js.access_key, resolve(js.language), name=name, origin=ORIGIN, limits=limits,
-            environ=environ, counts_for_quota=counts_for_quota,
+            js.access_key, resolve(js.language), name=name, origin=ORIGIN,
+            limits=self._limits(js), environ=environ, ticket=ticket,
             # dedicated: a timed-out job restarts the kernel and the session goes on;
             # batch: the job's kernel is thrown away anyway.
             on_timeout="restart" if js.mode == "dedicated" else "destroy")
@@ -435,4 +455,7 @@ class JobSessions:
         await self.store.execute(
             f"INSERT OR REPLACE INTO jobs ({JOB_COLUMNS}) VALUES ({', '.join('?' * 17)})",
             job.row())
+        if self.events is not None and job.status.terminal:
+            await self.events.end(job_key(job.id), job.access_key, {
+                "status": job.status.value, "exit_code": job.exit_code}, owner=job.id)
 

@@ -17,6 +17,7 @@ import stat
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -26,9 +27,14 @@ from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from jupyter_client.manager import AsyncKernelManager
 
 from .cgroups import KernelCgroup
+from .disk import mount_ipc, unmount_ipc
 from .errors import KernelStartFailed
 from .provisioner import SandboxProvisioner
+from .readiness import wait_ready
 from .sandbox import Confinement, Sandbox, SandboxUnavailable
+from .wire import harden
+from .zygote import Zygotes
+from .zygote_provisioner import ZygoteProvisioner
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +52,24 @@ def ipc_root(root: Path = IPC_ROOT) -> Path:
     """
     with contextlib.suppress(FileExistsError):
         root.mkdir(mode=0o700)
-    st = os.lstat(root)
-    problem = ("is not a directory" if not stat.S_ISDIR(st.st_mode)
-               else f"is owned by uid {st.st_uid}, not {os.getuid()}" if st.st_uid != os.getuid()
-               else f"has mode {stat.filemode(st.st_mode)}, not drwx------"
-               if st.st_mode & 0o077 else "")
+    problem = ipc_root_problem(root)
     if problem:
         raise SandboxUnavailable(
             f"The kernels' IPC root {root} {problem}. Someone else may be able to read kernel "
             f"keys there: remove it (`rm -rf {root}`) and start again.")
     return root
+
+
+def ipc_root_problem(root: Path = IPC_ROOT) -> str:
+    """What is wrong with an existing IPC root ("" when it is ours and private)."""
+    st = os.lstat(root)
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a directory"
+    if st.st_uid != os.getuid():
+        return f"is owned by uid {st.st_uid}, not {os.getuid()}"
+    if st.st_mode & 0o077:
+        return f"has mode {stat.filemode(st.st_mode)}, not drwx------"
+    return ""
 
 
 def spec_manager() -> KernelSpecManager:
@@ -103,24 +117,27 @@ class Kernel:
         self.client.stop_channels()
         await self.manager.restart_kernel(now=True)
         self.client = self.manager.client()
+        harden(self.client.context)
         self.client.start_channels()
         try:
-            await self.client.wait_for_ready(timeout=timeout)
+            await wait_ready(self.client, timeout)
         except RuntimeError as exc:
             raise KernelStartFailed(f"Kernel {self.spec} did not come back: {exc}") from exc
 
-    async def shutdown(self) -> None:
-        """Escalating stop (shutdown_request → SIGTERM → SIGKILL), then the sockets' dir."""
+    async def shutdown(self, now: bool = False) -> None:
+        """Escalating stop (shutdown_request → SIGTERM → SIGKILL), then the sockets' dir;
+        ``now``: straight to the kill (a kernel with nothing worth a clean exit)."""
         with contextlib.suppress(Exception):
             self.client.stop_channels()
         try:
-            await asyncio.wait_for(self.manager.shutdown_kernel(now=False), timeout=5)
+            await asyncio.wait_for(self.manager.shutdown_kernel(now=now), timeout=5)
         except Exception:
             with contextlib.suppress(Exception):
                 await self.manager.shutdown_kernel(now=True)
         release = getattr(self.manager.provisioner, "release_cgroup", None)
         if release is not None:  # normally done by the provisioner's cleanup already
             await release()
+        unmount_ipc(self.ipc_dir)
         shutil.rmtree(self.ipc_dir, ignore_errors=True)
 
     @property
@@ -175,12 +192,16 @@ class Kernel:
 
 
 async def launch(spec: str, confinement: Confinement, sandbox: Sandbox,
-                 ksm: KernelSpecManager, timeout: float, python: str | None = None) -> Kernel:
+                 ksm: KernelSpecManager, timeout: float, python: str | None = None,
+                 zygotes: Mapping[str, Zygotes] | None = None) -> Kernel:
     """Start a kernel of ``spec`` confined by ``confinement`` and wait until it answers.
 
     ``python``: the interpreter of the operator's Python environment (KB_PYTHON_ENV) for
     kernels whose language is Python; our own kernels (bash, compiled, JavaScript, Ruby) are
     modules of this package and always run on the server's interpreter.
+    With ``zygotes`` (a zygote line per interpreter), a kernel a zygote can fork
+    (bridge/zygote.py) is forked from a pre-imported one; anything else, or any failure of
+    that, starts cold.
     Raises KernelStartFailed.
     """
     try:
@@ -188,6 +209,7 @@ async def launch(spec: str, confinement: Confinement, sandbox: Sandbox,
     except SandboxUnavailable as exc:
         raise KernelStartFailed(str(exc)) from exc
     ipc_dir = Path(tempfile.mkdtemp(prefix="k", dir=root))
+    mount_ipc(ipc_dir)  # size-capped: the kernel writes here, on the host's disk otherwise
     confinement = replace(confinement, ipc_dir=ipc_dir)
     # The connection file stays root's in the root-owned ipc_dir (the kernel may read it, not
     # rewrite it nor replace it with a link for the server to write through on a restart); the
@@ -199,6 +221,7 @@ async def launch(spec: str, confinement: Confinement, sandbox: Sandbox,
     try:
         kspec = km.kernel_spec
     except NoSuchKernel as exc:
+        unmount_ipc(ipc_dir)
         shutil.rmtree(ipc_dir, ignore_errors=True)
         raise KernelStartFailed(f"No kernelspec {spec!r} installed.") from exc
     assert kspec is not None
@@ -211,21 +234,27 @@ async def launch(spec: str, confinement: Confinement, sandbox: Sandbox,
             path = f"{Path(python).parent}{os.pathsep}{sandbox.kernel_environ(confinement)['PATH']}"
             confinement = replace(confinement, environ={**confinement.environ, "PATH": path})
     km.kernel_id = os.path.basename(ipc_dir)
-    provisioner = SandboxProvisioner(kernel_id=km.kernel_id, kernel_spec=kspec, parent=km)
+    harden(km.context)  # the manager's and its clients' sockets: bounded whatever the kernel sends
+    provisioner = (ZygoteProvisioner if zygotes is not None else SandboxProvisioner)(
+        kernel_id=km.kernel_id, kernel_spec=kspec, parent=km)
+    if isinstance(provisioner, ZygoteProvisioner):
+        provisioner.zygote_lines = zygotes
     provisioner.sandbox = sandbox
     provisioner.confinement = confinement
     km.provisioner = provisioner
     client: AsyncKernelClient | None = None
     try:
         await km.start_kernel()
-        client = km.client()
+        client = km.client()  # a context of its own, not the manager's
+        harden(client.context)
         client.start_channels()
-        await client.wait_for_ready(timeout=timeout)
+        await wait_ready(client, timeout)
     except Exception as exc:
         if client is not None:
             client.stop_channels()
         with contextlib.suppress(Exception):
             await km.shutdown_kernel(now=True)
+        unmount_ipc(ipc_dir)
         shutil.rmtree(ipc_dir, ignore_errors=True)
         raise KernelStartFailed(f"Kernel {spec!r} failed to start: {exc}") from exc
     return Kernel(km, client, ipc_dir, spec, confinement)

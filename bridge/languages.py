@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shlex
 import shutil
 import sys
 from dataclasses import dataclass
@@ -41,6 +42,13 @@ class Language:
 _MAKE_FIRST = 'if [ -f Makefile ]; then make; else {}; fi'
 
 
+def _cached(command: str, inputs: str, outputs: str) -> str:
+    # Skipped when the sources are those of the last successful build and its products are
+    # untouched (kernelspecs/buildcache.py, run in the sandbox by the batch kernel).
+    return (f"python3 -m kernelspecs.buildcache --inputs {inputs} --outputs {outputs}"
+            f" -- {shlex.quote(command)}")
+
+
 def _sources(tests: str) -> str:
     # NUL-separated into an array: names with spaces survive, and hidden dirs (.git, caches)
     # are pruned. `find A -o B -print` would bind the action to B only, hence the parentheses.
@@ -59,34 +67,39 @@ LANGUAGES: tuple[Language, ...] = (
     ),
     Language(
         "c", "kb-c", ".c", ("gcc",), ("gcc",),
-        build=_MAKE_FIRST.format(_sources("-name '*.c'") + ' && gcc -Wall -o ./main'
-                                 ' "${srcs[@]}" -pthread -lm -lrt -ldl'),
+        build=_MAKE_FIRST.format(_cached(_sources("-name '*.c'") + ' && gcc -Wall -o ./main'
+                                         ' "${srcs[@]}" -pthread -lm -lrt -ldl',
+                                         "'*.c' '*.h'", "main")),
         exec="./main",
         clean="if [ -f Makefile ]; then make clean; fi", version_cmd=("gcc", "-dumpfullversion"),
     ),
     Language(
         "cpp", "kb-cpp", ".cpp", ("g++",), ("c++", "cxx", "g++"),
-        build=_MAKE_FIRST.format(_sources("-name '*.cpp' -o -name '*.cc' -o -name '*.cxx'")
-                                 + ' && g++ -Wall -std=c++17 -o ./main "${srcs[@]}"'
-                                 ' -pthread -lm -lrt -ldl'),
+        build=_MAKE_FIRST.format(_cached(
+            _sources("-name '*.cpp' -o -name '*.cc' -o -name '*.cxx'")
+            + ' && g++ -Wall -std=c++17 -o ./main "${srcs[@]}" -pthread -lm -lrt -ldl',
+            "'*.cpp' '*.cc' '*.cxx' '*.h' '*.hpp'", "main")),
         exec="./main",
         clean="if [ -f Makefile ]; then make clean; fi", version_cmd=("g++", "-dumpfullversion"),
     ),
     Language(
         "go", "kb-go", ".go", ("go",), ("golang",),
-        build=_MAKE_FIRST.format("GO111MODULE=off go build -o ./main $(ls *.go)"),
+        build=_MAKE_FIRST.format(_cached("GO111MODULE=off go build -o ./main $(ls *.go)",
+                                         "'*.go'", "main")),
         exec="./main", version_cmd=("go", "version"),
     ),
     Language(
         "rust", "kb-rust", ".rs", ("rustc",), ("rs",),
         build=_MAKE_FIRST.format(
-            "if [ -f Cargo.toml ]; then cargo build --offline; else rustc -o ./main main.rs; fi"),
+            "if [ -f Cargo.toml ]; then cargo build --offline; else "
+            + _cached("rustc -o ./main main.rs", "'*.rs'", "main") + "; fi"),
         exec="if [ -f Cargo.toml ]; then cargo run --offline -q; else ./main; fi",
         version_cmd=("rustc", "--version"),
     ),
     Language(
         "java", "kb-java", ".java", ("javac", "java"), (),
-        build=_MAKE_FIRST.format("javac -d . $(find . -name '*.java' -not -path './.*')"),
+        build=_MAKE_FIRST.format(_cached("javac -d . $(find . -name '*.java' -not -path './.*')",
+                                         "'*.java'", "'*.class'")),
         exec="if [ -f main/Main.class ]; then java main.Main; else java Main; fi",
         version_cmd=("javac", "-version"),
     ),

@@ -30,6 +30,7 @@ from .gateway import language_of_spec, open_client
 from .languages import Language
 from .session import Session
 from .sessions import Sessions
+from .wire import guard
 
 PARAMETERS_TAG = "parameters"
 INJECTED_TAG = "injected-parameters"
@@ -173,6 +174,7 @@ async def execute(nb: NotebookNode, session: Session, *, timeout: float | None =
         raise KernelDied("The session's kernel is not running; restart the session.")
     started = time.monotonic()
     kc = await open_client(kernel)
+    guards = guard(kc, ("shell", "iopub", "stdin", "control"))  # see bridge/wire.py
     client = NotebookClient(nb, km=kernel.manager, timeout=timeout, allow_errors=allow_errors,
                             interrupt_on_timeout=False, record_timing=True)
     client.kc = kc
@@ -200,6 +202,8 @@ async def execute(nb: NotebookNode, session: Session, *, timeout: float | None =
     finally:
         session.holds -= 1
         session.last_activity = time.monotonic()
+        for task in guards:
+            task.cancel()
         kc.stop_channels()
     errors = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and _error_output(c)]
     return NotebookResult(nb, failure, time.monotonic() - started, errors)

@@ -18,13 +18,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from . import metrics
+from .disk import Volumes
 from .kernels import Kernel
 from .languages import LANGUAGES, Language
 from .sandbox import Confinement
@@ -37,8 +37,9 @@ Launch = Callable[[str, Confinement], Awaitable[Kernel]]
 WarmUp = Callable[[Kernel, str], Awaitable[None]]
 
 PARALLEL_STARTS = 2  # kernel starts are CPU-bound; more than the cores only adds contention
-# A refill waits this long first, so the start (a CPU-heavy second or so) does not compete with
-# the execution that just took a kernel, which typically needs a few milliseconds.
+# A refill waits this long first, so a cold start (a CPU-heavy second or so) does not compete with
+# the execution that just took a kernel, which typically needs a few milliseconds. A kernel forked
+# by the zygote costs ~50 ms of CPU: its pool refills sooner (bridge/service.py).
 REFILL_DELAY_S = 0.15
 WARMUP_TIMEOUT_S = 10.0
 # A kernel's first execution pays for lazy imports and caches (ipykernel: ~15 ms more than the
@@ -51,8 +52,11 @@ DRAIN_WAIT_S = 10.0  # at shutdown, how long starts in flight may take before th
 class KernelPool:
     """Pre-started kernels per language. ``start()`` fills it, ``stop()`` drains it."""
 
-    def __init__(self, settings: Settings, launch: Launch, warm: WarmUp | None = None) -> None:
+    def __init__(self, settings: Settings, launch: Launch, warm: WarmUp | None = None,
+                 volumes: Volumes | None = None, refill_delay: float = REFILL_DELAY_S) -> None:
         self.settings = settings
+        self.volumes = volumes or Volumes(settings)
+        self.refill_delay = refill_delay
         self._launch = launch
         self._warm = warm or warm_up
         self._stock: dict[str, deque[asyncio.Task[Kernel]]] = {}
@@ -116,7 +120,7 @@ class KernelPool:
         stock = self._stock.get(language.name)
         while stock:
             task = self._claim(stock)
-            self._refill(language, REFILL_DELAY_S)
+            self._refill(language, self.refill_delay)
             try:
                 kernel = await asyncio.shield(task)
             except asyncio.CancelledError:
@@ -155,11 +159,11 @@ class KernelPool:
             await asyncio.sleep(delay)
         async with self._starts:
             workdir = self.settings.sessions_dir / f"pool-{uuid.uuid4()}"
-            workdir.mkdir(parents=True, mode=0o700)
+            await self.volumes.make_session_dir(workdir)  # mkfs + mount: off the hot path
             try:
                 kernel = await self._launch(language.kernelspec, self.template(workdir))
             except BaseException:
-                shutil.rmtree(workdir, ignore_errors=True)
+                await self.volumes.remove(workdir)
                 raise
             code = WARMUP_CODE.get(language.name)
             if code is not None:
@@ -174,11 +178,10 @@ class KernelPool:
         if not task.cancelled() and task.exception() is None:
             spawn(self._discard(task.result()))
 
-    @staticmethod
-    async def _discard(kernel: Kernel) -> None:
+    async def _discard(self, kernel: Kernel) -> None:
         with contextlib.suppress(Exception):
             await kernel.shutdown()
-        shutil.rmtree(kernel.confinement.workdir, ignore_errors=True)
+        await self.volumes.remove(kernel.confinement.workdir)
 
 
 async def warm_up(kernel: Kernel, code: str) -> None:

@@ -26,17 +26,22 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .channels import RESET
 from .console import ConsoleItem, from_message, merge
-from .errors import InvalidTransition, KernelDied
+from .errors import BridgeError, InvalidTransition, KernelDied
 from .messages import OUTPUT_TYPES, Channel, Message
+from .tasks import spawn
+from .wire import RESET_NOTICE
 
 if TYPE_CHECKING:
     from .channels import Channels
 
 KILLED_EXIT_CODE = 130  # Backend.AI's code for a run whose kernel died
+FAILED_EXIT_CODE = 1  # a run whose program could not start (e.g. its batch kernel)
 LIVENESS_INTERVAL = 0.5
 CAP_CHECK_INTERVAL = 0.05  # how soon a run whose output passed its cap interrupts the kernel
 INPUT_SETTLE_S = 0.02
+RESET_SETTLE_S = 0.2  # after a reset, how long a dying kernel takes to be seen dead
 
 
 class RunState(enum.Enum):
@@ -78,6 +83,10 @@ class StepOutcome:
     kernel_exit_code: int | None = None  # a process kernel's exit_code reply field
     ename: str = ""
     evalue: str = ""
+    signal: int | None = None  # a process kernel's: the signal that ended the program
+    stage: str = ""  # a compiled-language kernel's: "compile" or "run"
+    compile_stdout: str | None = None  # a compiled-language kernel's compiler output
+    compile_stderr: str | None = None
 
     @property
     def program_exit_code(self) -> int:
@@ -105,6 +114,10 @@ class Liveness:
 
 
 Program = Callable[["Run"], Awaitable[None]]
+# Told of a run's events as they happen: ("stdout" | "stderr", {"text"}), ("status", {...}),
+# ("end", {...}). Observers must not block (bridge.events buffers and persists).
+Observer = Callable[[str, dict[str, Any]], None]
+StreamSink = Callable[[str, str], None]
 
 
 @dataclass(eq=False)
@@ -136,6 +149,12 @@ class Run:
         self._deadline: float | None = None
         self._waiting: Liveness | None = None
         self._stdin_lines = deque(self.stdin.splitlines()) if self.stdin is not None else None
+        self.observers: list[Observer] = []
+
+    def notify(self, event: str, data: dict[str, Any]) -> None:
+        """Tell the observers (event streams) of an event of this run."""
+        for observer in self.observers:
+            observer(event, data)
 
     @staticmethod
     def new_id() -> str:
@@ -171,6 +190,7 @@ class Run:
             raise InvalidTransition(f"run {self.run_id}", RunState.WAITING_INPUT.value,
                                     self.state.value)
         self.state = RunState.RUNNING
+        self.notify("status", {"status": RunState.RUNNING.value})
         self._waiting.channels.reply_input(text)
         self._waiting = None
 
@@ -208,6 +228,7 @@ class Run:
                                     self.state.value)
         self.state = RunState.RUNNING
         self.started_at = time.time()
+        self.notify("status", {"status": RunState.RUNNING.value})
         loop = asyncio.get_running_loop()
         self._deadline = loop.time() + self.timeout if self.timeout else None
         try:
@@ -221,6 +242,12 @@ class Run:
             self.emit(["stderr", f"{exc.message}\n"])
             self.exit_code = KILLED_EXIT_CODE
             self._end(RunState.FAILED, Mark("finished", KILLED_EXIT_CODE))
+        except BridgeError as exc:
+            # The program could not go on (a batch kernel refused admission or failed to
+            # start): the run fails and says why; the session's worker goes on.
+            self.emit(["stderr", f"{exc.message}\n"])
+            self.exit_code = FAILED_EXIT_CODE
+            self._end(RunState.FAILED, Mark("finished", FAILED_EXIT_CODE))
         except asyncio.CancelledError:
             self._end(RunState.CANCELLED, Mark("finished", KILLED_EXIT_CODE))
             raise
@@ -238,6 +265,7 @@ class Run:
     def mark(self, status: str, exit_code: int | None = None) -> None:
         """An intermediate milestone (``clean-finished``, ``build-finished``)."""
         self._push(Mark(status, exit_code))
+        self.notify("status", {"status": status, "exit_code": exit_code})
 
     def finish(self, exit_code: int) -> None:
         self.exit_code = exit_code
@@ -252,13 +280,23 @@ class Run:
                                    f" {self._dropped} bytes dropped]\n"]
             self._transcript.append(notice)  # kept past the cap: it is what explains the cut
             self._records.append(notice)
+            self.notify("stderr", {"text": notice[1]})
         self.state = state
         self.finished_at = time.time()
         self._push(mark)
+        self.notify("end", {"status": state.value, "exit_code": mark.exit_code})
 
     def _push(self, rec: ConsoleItem | Mark) -> None:
         self._records.append(rec)
         self._changed.set()
+
+    def output_room(self) -> int:
+        """Bytes of console this run still keeps (the channel pump drops output past it
+        before decoding it)."""
+        return self.output_limit - self._bytes
+
+    def output_dropped(self, size: int) -> None:
+        self._dropped += size
 
     def emit(self, item: ConsoleItem) -> None:
         value = item[1]
@@ -276,24 +314,38 @@ class Run:
         self._bytes += size
         self._transcript.append(item)
         self._push(item)
+        if item[0] in ("stdout", "stderr"):
+            self.notify(item[0], {"text": item[1]})
 
-    async def step(self, kernel: Liveness, code: str, *, allow_stdin: bool = True) -> StepOutcome:
+    async def step(self, kernel: Liveness, code: str, *, allow_stdin: bool = True,
+                   on_stream: StreamSink | None = None) -> StepOutcome:
         """Execute ``code`` on one kernel until its reply and idle status have both arrived.
 
+        Stream output goes to the run's console, or to ``on_stream`` when given (a program
+        that speaks a protocol on its stdout, as the judge runner does).
         Raises KernelDied; TimeoutError propagates from the run's deadline.
         """
         outcome = StepOutcome()
         finished = asyncio.Event()
         got_reply = False
         got_idle = False
+        lost: set[str] = set()
 
         def sink(channel: Channel, msg: Message) -> None:
             nonlocal got_reply, got_idle
             msg_type = msg["header"].get("msg_type", "")
             content = msg["content"]
-            if channel == "iopub":
+            if msg_type == RESET:
+                # The kernel's message was refused (over the size cap) and what it sent during
+                # the reconnect is lost: say so, and do not wait for what may have been lost.
+                lost.add(channel)
+                if len(lost) == 1:  # one notice, and none when the kernel died (resets all)
+                    spawn(self._notice_reset(kernel))
+            elif channel == "iopub":
                 if msg_type == "status" and content.get("execution_state") == "idle":
                     got_idle = True
+                elif msg_type == "stream" and on_stream is not None:
+                    on_stream(str(content.get("name", "stdout")), str(content.get("text", "")))
                 elif msg_type in OUTPUT_TYPES:
                     for item in from_message(msg_type, content):
                         self.emit(item)
@@ -304,14 +356,22 @@ class Run:
                 outcome.evalue = str(content.get("evalue", ""))
                 if isinstance(content.get("exit_code"), int):
                     outcome.kernel_exit_code = content["exit_code"]
+                if isinstance(content.get("signal"), int):
+                    outcome.signal = content["signal"]
+                outcome.stage = str(content.get("stage", ""))
+                for name in ("compile_stdout", "compile_stderr"):
+                    if isinstance(content.get(name), str):
+                        setattr(outcome, name, content[name])
             elif channel == "stdin" and msg_type == "input_request":
                 self._on_input_request(kernel, content)
-            if got_reply and got_idle:
+            # Both the reply and idle, or one of them when the other's channel lost messages.
+            if ((got_reply or "shell" in lost) and (got_idle or "iopub" in lost)
+                    and (got_reply or got_idle)):
                 finished.set()
 
         content = {"code": code, "silent": False, "store_history": True,
                    "user_expressions": {}, "allow_stdin": allow_stdin, "stop_on_error": False}
-        msg_id = kernel.channels.send("execute_request", content, sink)
+        msg_id = kernel.channels.send("execute_request", content, sink, output=self)
         try:
             while not finished.is_set():
                 try:
@@ -327,6 +387,11 @@ class Run:
             kernel.channels.release(msg_id)
         self.outcome = outcome
         return outcome
+
+    async def _notice_reset(self, kernel: Liveness) -> None:
+        await asyncio.sleep(RESET_SETTLE_S)
+        if not self.state.terminal and await kernel.is_alive():
+            self.emit(["stderr", RESET_NOTICE])
 
     def _wait_slice(self) -> float:
         # Past the cap, look again soon: the flood is stopped within a tick, not at the deadline.
@@ -350,6 +415,7 @@ class Run:
         if prompt:
             self.emit(["stdout", prompt])
         self.state = RunState.WAITING_INPUT
+        self.notify("status", {"status": RunState.WAITING_INPUT.value})
         self._waiting = kernel
         mark = Mark("waiting-input", None, {"is_password": bool(content.get("password"))})
         # Process kernels print their prompt on iopub just before they send the request on

@@ -326,7 +326,8 @@ class Sandbox:
         """Give the sandbox uid what it must write: its working dir, rw folders and its
         sockets' dir (``<ipc_dir>/s``). Its connection file stays root's, readable: the kernel
         may read its key, not rewrite what a restart would use. Never follows a link."""
-        if not self.enabled:
+        if not self.enabled:  # the sockets' dir all the same: the kernel binds in it
+            (conf.ipc_dir / "s").mkdir(mode=0o700, exist_ok=True)
             return
         targets = [conf.workdir, *(m.host for m in conf.mounts if not m.read_only)]
         for path in targets:

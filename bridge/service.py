@@ -6,13 +6,18 @@ import asyncio
 import contextlib
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import batch, metrics
+from .admission import Admission
+from .disk import Volumes, sweep_ipc
 from .errors import AuthFailed
+from .events import SCHEMA as EVENTS_SCHEMA
+from .events import EventLog, run_key
 from .executions import SCHEMA as EXECUTIONS_SCHEMA
 from .executions import Executions
 from .folders import SCHEMA as FOLDERS_SCHEMA
@@ -20,21 +25,25 @@ from .folders import Folders
 from .gateway import Gateway
 from .job_sessions import JobSessions
 from .jobs import SCHEMA as JOBS_SCHEMA
-from .kernels import Kernel, launch, spec_manager
+from .kernels import IPC_ROOT, Kernel, launch, spec_manager
 from .keypairs import Keypair, Keypairs
 from .languages import measure_versions
-from .pool import KernelPool
+from .pool import REFILL_DELAY_S, KernelPool
 from .runs import Run
-from .sandbox import Confinement, Mount, Sandbox
+from .sandbox import Confinement, Mount, Sandbox, base_environ
 from .session import Session, now_iso
 from .sessions import Sessions
 from .settings import Settings
 from .store import Store
 from .tasks import cancel_and_wait, spawn
+from .zygote import for_interpreters as zygote_lines
 
 log = logging.getLogger(__name__)
 # How often the keypair cache is re-read from SQLite (keys made or deactivated by the CLI).
 KEYPAIR_RELOAD_S = 5.0
+# A forked kernel is ~50 ms of CPU: the pool refills once the execution that took a kernel has
+# had the CPU for its own few milliseconds (at once, the refill slowed that execution by ~40%).
+ZYGOTE_REFILL_DELAY_S = 0.05
 
 
 @dataclass
@@ -52,22 +61,37 @@ class Bridge:
         if settings.python_env is not None:
             self.sandbox.add_python_env(settings.python_env)
         self.store = Store(settings.db_path, extra_schema=[*FOLDERS_SCHEMA, *JOBS_SCHEMA,
-                                                             *EXECUTIONS_SCHEMA])
+                                                             *EXECUTIONS_SCHEMA, *EVENTS_SCHEMA])
+        self.events = EventLog(self.store)
         self.keypairs = Keypairs(self.store, settings.default_concurrency)
         self._keypair_watch: asyncio.Task[None] | None = None
         self.language_versions: asyncio.Task[dict[str, str]] | None = None
         self.kernelspecs = spec_manager()
+        # The zygote's own environment: a kernel's, without any client's values.
+        pythons = [sys.executable, settings.python_interpreter or sys.executable]
+        self.zygotes = (zygote_lines(base_environ({}, self.sandbox.tool_path),
+                                     settings.zygote_max_forks, pythons)
+                        if settings.zygote == "on" else None)
         # New sessions that fit take a pre-started kernel (bridge/pool.py), whatever the dialect.
-        self.pool = KernelPool(settings, self.start_kernel)
+        self.volumes = Volumes(settings)  # session dirs and folders with a disk quota
+        refill = ZYGOTE_REFILL_DELAY_S if self.zygotes else REFILL_DELAY_S
+        self.pool = KernelPool(settings, self.start_kernel, volumes=self.volumes,
+                               refill_delay=refill)
+        # Every kernel a keypair holds, whatever the dialect, is admitted here first.
+        self.admission = Admission(settings.host_memory_budget_bytes,
+                                   lambda key: self.keypairs.get(key).concurrency)
         self.sessions = Sessions(settings, self.store, self.keypairs, self.start_kernel,
-                                 pool=self.pool)
-        self.executions = Executions(settings, self.store, self.sessions)
-        self.folders = Folders(self.store, settings.folders_dir, now_iso, self._keypair_exists)
+                                 pool=self.pool, volumes=self.volumes, admission=self.admission)
+        self.sessions.on_submit.append(self._stream_run)
+        self.executions = Executions(settings, self.store, self.sessions, events=self.events,
+                                     start_kernel=self.start_kernel)
+        self.folders = Folders(self.store, settings.folders_dir, now_iso, self._keypair_exists,
+                               self.volumes)
         self.folders.in_use = self._mounted_in
         self.folders.own = self.sandbox.own
         self.gateway = Gateway(self.sessions, self.kernelspecs)
         self.jobs = JobSessions(settings, self.store, self.keypairs, self.sessions,
-                                open_ttl=settings.job_open_ttl_s)
+                                open_ttl=settings.job_open_ttl_s, events=self.events)
         metrics.watch(self)
 
     async def start_kernel(self, spec: str, confinement: Confinement) -> Kernel:
@@ -76,7 +100,7 @@ class Bridge:
         try:
             return await launch(spec, confinement, self.sandbox, self.kernelspecs,
                                 self.settings.kernel_start_timeout,
-                                python=self.settings.python_interpreter)
+                                python=self.settings.python_interpreter, zygotes=self.zygotes)
         except Exception:
             metrics.KERNEL_START_FAILURES.labels(spec).inc()
             raise
@@ -93,8 +117,27 @@ class Bridge:
     def batch_run(self, session: Session, options: dict[str, Any], run_id: str | None) -> Run:
         """A batch run (clean → build → exec) for ``session``. Raises InvalidRequest."""
         opts = batch.BatchOptions.parse(options, session.language)
+
+        async def start_charged(spec: str, confinement: Confinement) -> Kernel:
+            # The bash kernel has its own cgroup with the session's cap: charge it too.
+            ticket = session.ticket
+            if ticket is not None:
+                self.admission.grow(ticket, confinement.mem_bytes)  # HostBudgetExceeded
+            try:
+                return await self.start_kernel(spec, confinement)
+            except BaseException:
+                if ticket is not None:
+                    self.admission.shrink(ticket, confinement.mem_bytes)
+                raise
+
         return self.sessions.new_run(session, "batch", "", batch.program(
-            session, opts, self.start_kernel), run_id=run_id, options=options)
+            session, opts, start_charged), run_id=run_id, options=options)
+
+    def _stream_run(self, session: Session, run: Run) -> None:
+        # Backend.AI runs get an event stream of their own; executions and jobs name theirs.
+        if session.origin == "backendai":
+            self.events.follow(run, run_key(session.id, run.run_id), session.access_key,
+                               owner=session.id, name=session.name)
 
     async def _keypair_exists(self, access_key: str) -> bool:
         # Keys made by `kernel-bridge keys create` while we run are found on a re-read.
@@ -116,6 +159,11 @@ class Bridge:
         os.chmod(self.settings.data_dir, 0o700)
         self.settings.sessions_dir.mkdir(exist_ok=True)
         self.settings.folders_dir.mkdir(exist_ok=True)
+        await asyncio.to_thread(self.volumes.probe)
+        self.volumes.require(self.sandbox.enabled)  # Raises QuotaUnavailable
+        log.info("%s", self.volumes.describe())
+        await asyncio.to_thread(self.volumes.mount_folders, self.settings.folders_dir)
+        await asyncio.to_thread(sweep_ipc, IPC_ROOT)
         # Kernel cgroups left empty by a server that died (its kernels died with it).
         self.sandbox.cgroups.sweep()
         await self.store.open()
@@ -124,9 +172,12 @@ class Bridge:
         if not self.keypairs.all():
             first = await self.keypairs.create()
         self._keypair_watch = spawn(self.keypairs.watch(KEYPAIR_RELOAD_S))
+        await self.events.start()  # before the records whose streams it ends
         await self.sessions.start()
         await self.jobs.start()  # after sessions: a reloaded job may start a kernel
         await self.executions.start()  # marks executions cut off by the last stop as failed
+        for line in (self.zygotes or {}).values():
+            line.start()
         self.pool.start()
         # Asked once, off the start path: the first GET …/execute/languages awaits it.
         self.language_versions = asyncio.create_task(measure_versions())
@@ -153,5 +204,8 @@ class Bridge:
         await self.jobs.stop()  # records cut-short jobs before their kernels go
         await self.executions.stop()  # likewise for async executions
         await self.sessions.stop()
+        await self.events.stop()
         await self.pool.stop()
+        await asyncio.gather(*(line.close() for line in (self.zygotes or {}).values()))
+        await asyncio.to_thread(self.volumes.unmount_folders, self.settings.folders_dir)
         await self.store.close()

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from .admission import Ticket
 from .channels import Channels
 from .errors import KernelDied, LimitExceeded
 from .kernels import Kernel, Usage
@@ -84,6 +85,7 @@ class Session:
         # Work the run queue does not see (a cell a Jupyter client runs through a relay) holds
         # the session busy so the reaper does not take it for idle.
         self.holds = 0
+        self.ticket: Ticket | None = None  # its admission (a place, its memory cap)
 
     @property
     def alive(self) -> bool:

@@ -10,20 +10,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Protocol
 
 from . import metrics
+from .admission import Admission, Holder, Ticket
 from .channels import Channels
+from .disk import Volumes
 from .errors import (
     Conflict,
     InvalidRequest,
     InvalidTransition,
-    QuotaExceeded,
     RunNotFound,
     SessionNotFound,
 )
@@ -62,15 +61,21 @@ class Sessions:
     """The registry: every live session, by owner. Raises the core's errors, never HTTP ones."""
 
     def __init__(self, settings: Settings, store: Store, keypairs: Keypairs,
-                 start_kernel: KernelFactory, pool: KernelSource | None = None) -> None:
+                 start_kernel: KernelFactory, pool: KernelSource | None = None,
+                 volumes: Volumes | None = None,
+                 admission: Admission | None = None) -> None:
         self.settings = settings
+        self.volumes = volumes or Volumes(settings)  # working dirs with a disk quota
         self.store = store
         self.keypairs = keypairs
+        self.admission = admission or Admission(
+            settings.host_memory_budget_bytes, lambda key: keypairs.get(key).concurrency)
         self._start_kernel = start_kernel
         self.pool = pool
         self._by_id: dict[str, Session] = {}
         self._reaper: asyncio.Task[None] | None = None
         self.on_terminated: list[Callable[[Session], Any]] = []
+        self.on_submit: list[Callable[[Session, Run], Any]] = []  # e.g. event streams
 
     # -- lifecycle of the registry ----------------------------------------------------------
 
@@ -80,13 +85,19 @@ class Sessions:
         await self.store.execute(
             "UPDATE sessions SET state='TERMINATED', state_reason='server-restarted',"
             " terminated_at=? WHERE state != 'TERMINATED'", (now_iso(),))
-        await asyncio.to_thread(_remove_children, self.settings.sessions_dir)
+        await asyncio.to_thread(self.volumes.sweep_sessions, self.settings.sessions_dir)
         self._reaper = asyncio.create_task(self._reap_forever())
 
     async def stop(self) -> None:
         await cancel_and_wait(self._reaper)
         await asyncio.gather(*(self.destroy(s, "server-shutdown") for s in self.all()),
                              return_exceptions=True)
+        # Destroys already under way (a timer's, a client's) end before the server does, and
+        # one cut short (its task cancelled by the shutdown) still loses its dir: a mount.
+        for s in list(self._by_id.values()):
+            async with s.lock:
+                if not s.alive and s.id in self._by_id:
+                    await self.volumes.remove(s.workdir)
 
     # -- queries ------------------------------------------------------------------------------
 
@@ -116,47 +127,72 @@ class Sessions:
                      origin: str = "backendai", limits: Limits | None = None,
                      mounts: tuple[Mount, ...] = (), environ: dict[str, str] | None = None,
                      network: bool = False, on_timeout: str = "destroy",
-                     counts_for_quota: bool = True) -> Session:
-        """Start a session with a running kernel. Raises QuotaExceeded, LimitExceeded,
+                     ticket: Ticket | None = None) -> Session:
+        """Start a session with a running kernel, admitted now, or by ``ticket`` (granted by
+        :meth:`reserve` and ``admission.wait``; the session owns it from here, also when it
+        fails to start). Raises QuotaExceeded, HostBudgetExceeded, LimitExceeded,
         KernelStartFailed."""
-        limits = limits or self.default_limits()
-        limits.check(self.settings)
-        kp = self.keypairs.get(access_key)
-        if not kp.is_active:
-            raise InvalidRequest("This keypair is inactive and may not create sessions.")
-        if network and not self.settings.allow_network:
-            raise InvalidRequest("Network access for sessions is disabled on this server.")
-        limit = self.settings.concurrency_for(origin, kp.concurrency)
-        held = self.all(access_key)
-        if counts_for_quota and len(held) >= limit:
-            raise QuotaExceeded(limit, tuple((s.name, s.id, s.origin) for s in held))
         sid = str(uuid.uuid4())
+        try:
+            limits = limits or self.default_limits()
+            limits.check(self.settings)
+            kp = self.keypairs.get(access_key)
+            if not kp.is_active:
+                raise InvalidRequest("This keypair is inactive and may not create sessions.")
+            if network and not self.settings.allow_network:
+                raise InvalidRequest("Network access for sessions is disabled on this server.")
+            if ticket is None:
+                ticket = self.reserve(access_key, (name or sid, sid, origin), limits,
+                                      wait=False, origin=origin)
+        except BaseException:
+            if ticket is not None:
+                self.admission.release(ticket)
+            raise
         # A pooled kernel brings its own working dir; the session adopts it (_attach_kernel).
         workdir = self.settings.sessions_dir / sid
         session = Session(id=sid, name=name or sid, access_key=access_key, language=language,
                           origin=origin, limits=limits, workdir=workdir, mounts=mounts,
                           environ=dict(environ or {}), network=network, on_timeout=on_timeout)
-        self._by_id[sid] = session  # reserve the quota slot while the kernel starts
-        try:
-            await self._attach_kernel(session, fresh=True)
-        except BaseException:
-            del self._by_id[sid]
-            shutil.rmtree(session.workdir, ignore_errors=True)
-            raise
-        session.last_activity = time.monotonic()  # idle from now, not from before the start
+        session.ticket = ticket
+        self._by_id[sid] = session
         config = {"limits": limits.__dict__, "mounts": [m.target for m in mounts],
                   "environ": session.environ}
-        await self.store.execute(
-            "INSERT INTO sessions (id, name, access_key, language, origin, state, config,"
-            " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (sid, session.name, access_key, language.name, origin, session.state.value,
-             dumps(config), session.created_at))
+        try:
+            await self._attach_kernel(session, fresh=True)
+            await self.store.execute(
+                "INSERT INTO sessions (id, name, access_key, language, origin, state, config,"
+                " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (sid, session.name, access_key, language.name, origin, session.state.value,
+                 dumps(config), session.created_at))
+        except BaseException:
+            # Nothing half-made stays: not the kernel, not the dir, not the place.
+            del self._by_id[sid]
+            with contextlib.suppress(Exception):
+                await self._stop_kernel(session.kernel, session.channels)
+            self.admission.release(ticket)
+            await self.volumes.remove(session.workdir)
+            raise
+        # Idle from now: a slow kernel start (a loaded machine) is not idleness to be reaped.
+        session.last_activity = time.monotonic()
         session._worker = asyncio.create_task(self._work(session))
         return session
 
+    def reserve(self, access_key: str, holder: Holder, limits: Limits | None = None, *,
+                wait: bool, origin: str = "backendai") -> Ticket:
+        """A place and this session's memory cap (see :mod:`bridge.admission`); how many
+        places a keypair has depends on the dialect asking (``Settings.concurrency_for``).
+        Raises LimitExceeded, QuotaExceeded, HostBudgetExceeded."""
+        limits = limits or self.default_limits()
+        places = self.settings.concurrency_for(origin, self.keypairs.get(access_key).concurrency)
+        return self.admission.reserve(access_key, holder, limits.mem_kib * 1024, wait=wait,
+                                      places=places)
+
     def default_limits(self) -> Limits:
         t = self.settings.default_query_timeout_ms
-        return Limits(query_timeout_ms=t, max_cpu_credit_ms=t,
+        # Queries always have a deadline: the operator's KB_QUERY_TIMEOUT_S unless the older
+        # KB_DEFAULT_QUERY_TIMEOUT_MS (which also sets the CPU credit) says otherwise.
+        query_ms = t or int(self.settings.query_timeout_s * 1000)
+        return Limits(query_timeout_ms=query_ms, max_cpu_credit_ms=t,
                       mem_kib=self.settings.default_mem_kib,
                       idle_timeout_s=self.settings.idle_timeout_s)
 
@@ -168,7 +204,8 @@ class Sessions:
             metrics.POOL_TAKES.labels(session.language.name,
                                       "miss" if kernel is None else "hit").inc()
         if kernel is None:
-            session.workdir.mkdir(parents=True, mode=0o700, exist_ok=True)
+            if not session.workdir.exists():
+                await self.volumes.make_session_dir(session.workdir)
             kernel = await self._start_kernel(session.language.kernelspec,
                                               session.confinement())
         session.workdir = kernel.confinement.workdir
@@ -176,7 +213,8 @@ class Sessions:
         session.channels = Channels(kernel.client)
         session.channels.start()
 
-    async def destroy(self, session: Session, reason: str = "user-requested") -> Usage:
+    async def destroy(self, session: Session, reason: str = "user-requested", *,
+                      now: bool = False) -> Usage:
         """Stop the session's kernels and remove its working dir; returns its last usage."""
         async with session.lock:
             if not session.alive:
@@ -192,9 +230,14 @@ class Sessions:
             metrics.kernels_stopped([k for k, _ in kernels if k is not None],
                                     session.language.name)
             session.kernel, session.channels, session.extra_kernels = None, None, {}
-            await asyncio.gather(*(self._stop_kernel(k, c) for k, c in kernels),
-                                 return_exceptions=True)
-            shutil.rmtree(session.workdir, ignore_errors=True)
+            try:
+                await asyncio.gather(*(self._stop_kernel(k, c, now) for k, c in kernels),
+                                     return_exceptions=True)
+            finally:
+                # The place is free once the kernels are gone, not before.
+                if session.ticket is not None:
+                    self.admission.release(session.ticket)
+            await self.volumes.remove(session.workdir)
             stats = {"cpu_used": usage.cpu_ms, "mem_max_bytes": usage.mem_max_bytes,
                      "mem_cur_bytes": usage.mem_bytes}
             await self.store.execute(
@@ -207,11 +250,12 @@ class Sessions:
         return usage
 
     @staticmethod
-    async def _stop_kernel(kernel: Kernel | None, channels: Channels | None) -> None:
+    async def _stop_kernel(kernel: Kernel | None, channels: Channels | None,
+                           now: bool = False) -> None:
         if channels is not None:
             await channels.stop()
         if kernel is not None:
-            await kernel.shutdown()
+            await kernel.shutdown(now)
 
     async def restart(self, session: Session) -> None:
         """Restart the language kernel: globals gone, age and CPU credit go on, idle resets."""
@@ -283,6 +327,8 @@ class Sessions:
             raise Conflict(f"Run {waiting.run_id} waits for input: answer it (mode 'input' "
                            "with that runId) or interrupt it before sending another run.")
         session.runs[run.run_id] = run
+        for hook in self.on_submit:
+            hook(session, run)
         session.num_queries += 1
         session.last_activity = time.monotonic()
         # Queue first: the kernel starts on the code while the record is written, and the
@@ -309,8 +355,9 @@ class Sessions:
     def new_run(self, session: Session, mode: str, code: str, program: Program, *,
                 run_id: str | None = None, options: dict[str, Any] | None = None,
                 timeout: float | None = None, stdin: str | None = None) -> Run:
-        if timeout is None and session.limits.query_timeout_ms:
-            timeout = session.limits.query_timeout_ms / 1000
+        if timeout is None:
+            # No run without a deadline: a run that never ends would hold its place forever.
+            timeout = session.limits.query_timeout_ms / 1000 or self.settings.query_timeout_s
         return Run(run_id=run_id or Run.new_id(), mode=mode, code=code, program=program,
                    options=options or {}, timeout=timeout, stdin=stdin,
                    output_limit=self.settings.output_limit)
@@ -395,11 +442,6 @@ class Sessions:
                 await self._destroy_quietly(s, "idle-timeout")
             elif s.limits.max_cpu_credit_ms and s.usage().cpu_ms > s.limits.max_cpu_credit_ms:
                 await self._destroy_quietly(s, "cpu-credit-exhausted")
-
-
-def _remove_children(directory: Path) -> None:
-    for child in directory.iterdir():
-        shutil.rmtree(child, ignore_errors=True)
 
 
 def _oom_killed(kernel: Kernel) -> bool:

@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .admission import parse_budget
+
 
 def _default_data_dir() -> Path:
     return Path.home() / ".local" / "share" / "kernel-bridge"
@@ -53,6 +55,12 @@ class Settings(BaseSettings):
     `truncated`."""
     kernel_start_timeout: float = Field(60.0, gt=0)
     """Seconds a kernel may take to start."""
+    zygote: Literal["on", "off"] = "on"
+    """Python kernels (kb-python, bash, compiled languages) forked from a pre-imported zygote
+    into the same sandbox a cold kernel gets (bridge/zygote.py); "off": every kernel cold."""
+    zygote_max_forks: int = Field(500, ge=1)
+    """Forks after which a fresh zygote takes over (its kernels share one hash secret and
+    address layout)."""
     # SIGTERM: stop accepting, let running runs finish this long, then stop (a second signal
     # stops at once).
     shutdown_grace_s: float = Field(30.0, ge=0)
@@ -61,7 +69,8 @@ class Settings(BaseSettings):
 
     # Session limits (Backend.AI seed 001/002). Zero means "no limit".
     default_query_timeout_ms: int = Field(0, ge=0)
-    """A session's query timeout and CPU credit when the create names none (0: none)."""
+    """A session's query timeout and CPU credit when the create names none (0: no CPU credit,
+    and queries end at `KB_QUERY_TIMEOUT_S`)."""
     default_mem_kib: int = Field(1024 * 1024, ge=0)
     """A kernel's memory cap in KiB when the create names none (0: none)."""
     idle_timeout_s: float = Field(600.0, gt=0)
@@ -74,11 +83,28 @@ class Settings(BaseSettings):
     """Processes and threads a kernel's cgroup may hold."""
     default_concurrency: int = Field(5, ge=1)
     """Concurrent sessions of a new keypair (`keys create --concurrency N` overrides it)."""
+    host_memory_budget: str = "75%"
+    """The most the memory caps of all running kernels may add up to: bytes (`12G` too) or a
+    percentage of the host's RAM. A create past it waits (one-shots) or is refused."""
+    query_timeout_s: float = Field(600.0, gt=0)
+    """The deadline of a Backend.AI query or batch run whose session set no execTimeout; the
+    session is then destroyed, which frees its place."""
     jupyter_concurrency: int = Field(16, ge=1)
     """Kernels in all a keypair may hold when it starts a Jupyter one (one per open notebook);
     the other dialects stay at the keypair's own concurrency."""
     reaper_interval_s: float = Field(1.0, gt=0)
     """Seconds between checks for idle and expired sessions."""
+
+    # Disk (bridge/disk.py)
+    session_disk_mb: int = Field(1024, ge=0)
+    """Each session's /home/work is a filesystem of this many MiB (a sparse, loop-mounted ext4
+    image): past it, ENOSPC inside. 0: no disk quota (refused in the sandbox unless set so)."""
+    session_inodes: int = Field(100_000, ge=1024)
+    """Files and dirs a session (or a folder) may hold: its filesystem's inode count."""
+    folder_disk_mb: int = Field(1024, ge=0)
+    """Each virtual folder is a filesystem of this many MiB. 0: folders without a quota."""
+    disk_reserve_mb: int = Field(512, ge=0)
+    """Below this much free space in the data dir, new sessions and folders get 507."""
 
     # Job sessions: an open session that never gets a job closes after this long
     job_open_ttl_s: float = Field(1800.0, gt=0)
@@ -100,6 +126,15 @@ class Settings(BaseSettings):
     pool_sizes: dict[str, int] = Field(default_factory=dict)
     """Warm kernels of other languages, as JSON: `{"javascript": 1}`."""
 
+    @field_validator("host_memory_budget")
+    @classmethod
+    def _budget_parses(cls, value: str) -> str:
+        parse_budget(value)  # raises ValueError naming the value
+        return value
+
+    @property
+    def host_memory_budget_bytes(self) -> int:
+        return parse_budget(self.host_memory_budget)
     python_env: Path | None = None
     """A venv or conda env with ipykernel (and numpy, pandas, …) that Python kernels run in,
     bound read-only into every sandbox (`make datascience-env` makes one); unset: the server's

@@ -2,7 +2,8 @@
 
 Wire contract the server relies on (keep in sync with the bridge's language table):
 
-* ``execute_reply`` always carries ``"exit_code": int`` (signals as 128 + n).
+* ``execute_reply`` always carries ``"exit_code": int`` (signals as 128 + n),
+  and ``"signal": n`` when a signal ended the cell's command.
   0 gives ``status: "ok"``; anything else gives ``status: "error"``,
   ``ename: "ExitCode"``, ``evalue: str(exit_code)``, ``traceback: []`` plus the
   same content as an iopub ``error`` message.  The exit itself adds no text to
@@ -30,7 +31,7 @@ from jupyter_client.session import Session
 from . import KERNEL_VERSION
 from ._abort import AbortBeforeReply
 from ._frontend import ask_frontend
-from ._subproc import CommandRun, RunResult, StreamName
+from ._subproc import CommandRun, OutputSink, RunResult, StreamName
 
 INTERRUPTED: Final = RunResult(exit_code=130, interrupted=True)
 
@@ -111,8 +112,12 @@ class ProcessKernel(AbortBeforeReply):
         cwd: str | None = None,
         env: dict[str, str] | None = None,
         stdin: bool = True,
+        on_output: OutputSink | None = None,
     ) -> RunResult:
-        """Run ``bash -c script`` for the current cell, interruptibly."""
+        """Run ``bash -c script`` for the current cell, interruptibly.
+
+        Output goes to the cell's streams, or to ``on_output`` when given.
+        """
         cell = self._cell
         if cell is None:
             raise RuntimeError("expected a cell in progress, got none")
@@ -122,7 +127,7 @@ class ProcessKernel(AbortBeforeReply):
             script,
             cwd=cwd,
             env=env if env is not None else self.child_env(),
-            on_output=self.write,
+            on_output=on_output or self.write,
             ask_input=self._ask_frontend if stdin and cell.allow_stdin else None,
         )
         self._running = run
@@ -131,7 +136,7 @@ class ProcessKernel(AbortBeforeReply):
         finally:
             self._running = None
         if self._interrupt_requested and not result.interrupted:
-            return RunResult(exit_code=result.exit_code, interrupted=True)
+            return RunResult(exit_code=result.exit_code, interrupted=True, signal=result.signal)
         return result
 
     # -- Kernel overrides -------------------------------------------------
@@ -173,6 +178,8 @@ class ProcessKernel(AbortBeforeReply):
         }
         if result.interrupted:
             content["interrupted"] = True
+        if result.signal is not None:
+            content["signal"] = result.signal
         if result.exit_code != 0:
             error = {"ename": "ExitCode", "evalue": str(result.exit_code), "traceback": []}
             content.update(status="error", **error)

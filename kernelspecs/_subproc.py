@@ -54,6 +54,7 @@ class RunState(enum.Enum):
 class RunResult:
     exit_code: int  # signals are reported as 128 + n, like a shell does
     interrupted: bool
+    signal: int | None = None  # the signal that ended the command's leader, if one did
 
 
 def exit_code_of(returncode: int) -> int:
@@ -224,7 +225,8 @@ class CommandRun:
             self._state = RunState.FINISHED
             if proc.poll() is None:  # cancelled while running
                 proc.wait()
-        return RunResult(exit_code=exit_code_of(returncode), interrupted=self._interrupted)
+        return RunResult(exit_code=exit_code_of(returncode), interrupted=self._interrupted,
+                         signal=-returncode if returncode < 0 else None)
 
     def _watch_exit(self, proc: subprocess.Popen[bytes]) -> asyncio.Future[int]:
         """A future with the return code, resolved as soon as the leader exits."""

@@ -4,7 +4,16 @@ from collections.abc import Iterator
 
 import pytest
 
-from .support import Client, Server, run_server
+from .support import USED_DATA_DIRS, Client, Server, run_server, unmount_leftovers
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_leftover_mounts() -> Iterator[None]:
+    """Filesystems of servers killed on purpose, in data dirs the tests kept: unmounted at the
+    end, so the shared machine keeps no loop device of ours."""
+    yield
+    for data_dir in USED_DATA_DIRS:
+        unmount_leftovers(data_dir)
 
 
 @pytest.fixture(scope="session")

@@ -115,7 +115,25 @@ def run_server(data_dir: Path | None = None, **env: str) -> Iterator[Server]:
         if proc.stdout is not None:
             proc.stdout.close()
         if tmp is not None:
+            unmount_leftovers(data_dir)
             tmp.cleanup()
+        else:  # the caller's dir: a next server may sweep it (conftest unmounts what is left)
+            USED_DATA_DIRS.add(data_dir)
+
+
+USED_DATA_DIRS: set[Path] = set()
+
+
+def unmount_leftovers(data_dir: Path) -> None:
+    """Session and folder filesystems a killed server left mounted under its data dir (a
+    clean stop unmounts them; tests/test_disk.py checks it): the shared machine keeps no
+    loop device of ours."""
+    from bridge.disk import mounted, umount
+
+    real = os.path.realpath(data_dir) + os.sep
+    for point in sorted(mounted(), key=len, reverse=True):
+        if point.startswith(real):
+            umount(point)
 
 
 def run_to_end(client: Client, prefix: str, session: str, code: str, mode: str = "query",

@@ -17,7 +17,8 @@ from .support import Client, Server, run_server
 
 EX = "/api/v1/execute"
 FIELDS = {"execution_id", "stdout", "stderr", "exit_code", "execution_time", "language",
-          "session_id", "truncated"}
+          "session_id", "truncated", "reason", "signal", "compile_stdout", "compile_stderr",
+          "test_results"}
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +125,9 @@ def test_result_fields_stdin_and_exit_codes(api: Client) -> None:
     assert run(api, "echo out; echo err >&2; exit 4", "bash") | {"execution_id": None,
                                                                   "execution_time": 0} == {
         "execution_id": None, "execution_time": 0, "stdout": "out\n", "stderr": "err\n",
-        "exit_code": 4, "language": "bash", "session_id": None, "truncated": False}
+        "exit_code": 4, "language": "bash", "session_id": None, "truncated": False,
+        "reason": "runtime_error", "signal": None, "compile_stdout": None,
+        "compile_stderr": None, "test_results": None}
 
 
 def test_timeout_gives_minus_one_and_keeps_output(api: Client) -> None:

@@ -131,24 +131,21 @@ class FolderFilesHandler(FolderHandler):
     async def get(self, name: str) -> None:
         """{"files": "<json>", "folder_path", "errors"}. 400/404."""
         f = await self.folder(name)
-        q = self.parse(ListFiles, self.params())
-        self.send_listing(await files.listing(f.area(write=False), q.path), q.path)
+        await self.list_dir(f.area(write=False))
 
 
 class FolderDownloadHandler(FolderHandler):
     async def get(self, name: str) -> None:
         """multipart/mixed of tar archives (at most 5). 400/404."""
         f = await self.folder(name)
-        q = self.parse(Download, self.params())
-        self.send_archives(await files.tar_archives(f.area(write=False), q.files))
+        await self.send_archives(f.area(write=False))
 
 
 class FolderDownloadSingleHandler(FolderHandler):
     async def get(self, name: str) -> None:
         """One file's bytes. 400/404."""
         f = await self.folder(name)
-        q = self.parse(DownloadSingle, self.params())
-        self.send_file(*await files.read_file(f.area(write=False), q.file))
+        await self.send_file(f.area(write=False))
 
 
 class InviteHandler(FolderHandler):
@@ -217,7 +214,7 @@ OPERATIONS = [
     Operation("POST", _F + "/upload", "Upload files (multipart, parts named src)", _T,
               status=201, errors=(400, 401, 403, 404)),
     Operation("GET", _F + "/files", "List a directory of the folder", _T, ListFiles, Listing,
-              errors=(400, 401, 404), query=("path",)),
+              errors=(400, 401, 404), query=("path", "limit", "after")),
     Operation("GET", _F + "/download", "Download at most 5 paths as tar archives", _T,
               Download, errors=(400, 401, 404), query=("files",)),
     Operation("GET", _F + "/download_single", "One file's bytes", _T, DownloadSingle,

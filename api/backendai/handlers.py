@@ -82,7 +82,8 @@ class CreateHandler(BackendAIHandler):
         if body.limits is not None:
             exec_ms = body.limits.execTimeout or body.limits.timeout
             limits = Limits(
-                query_timeout_ms=exec_ms if exec_ms is not None else defaults.query_timeout_ms,
+                # 0 is "no limit" to Backend.AI; here the server's default deadline holds.
+                query_timeout_ms=exec_ms or defaults.query_timeout_ms,
                 max_cpu_credit_ms=exec_ms if exec_ms is not None else defaults.max_cpu_credit_ms,
                 mem_kib=body.limits.maxMem or defaults.mem_kib,
                 idle_timeout_s=defaults.idle_timeout_s,

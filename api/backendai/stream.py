@@ -21,6 +21,7 @@ from bridge.runs import Run
 from bridge.session import Session
 from bridge.tasks import spawn
 
+from ..dialect import check_encodable
 from ..fields import describe_validation
 from .handlers import BackendAIHandler
 from .models import Execute
@@ -60,7 +61,7 @@ class StreamExecuteHandler(WebSocketHandler, BackendAIHandler):
             await self._send({"status": "error", "msg": f"Bad first frame: {msg}"})
 
     async def _start(self, text: str) -> None:
-        body = Execute.model_validate({"runId": None, **json.loads(text)})
+        body = Execute.model_validate({"runId": None, **check_encodable(json.loads(text))})
         if body.mode not in ("query", "batch"):
             raise ValueError("mode must be 'query' or 'batch'")
         sessions = self.bridge.sessions

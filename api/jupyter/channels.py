@@ -7,6 +7,7 @@ import asyncio
 import logging
 from typing import Any
 
+from tornado.iostream import StreamBufferFullError
 from tornado.websocket import WebSocketHandler
 
 from bridge.errors import BridgeError
@@ -18,6 +19,7 @@ from .base import JupyterHandler
 from .wire import V1, decode_legacy, decode_v1, encode_legacy, encode_v1
 
 log = logging.getLogger("kernel_bridge.api.jupyter")
+MAX_UNREAD_BYTES = 16 * 1024 * 1024
 
 
 class ChannelsHandler(WebSocketHandler, JupyterHandler):
@@ -45,6 +47,10 @@ class ChannelsHandler(WebSocketHandler, JupyterHandler):
     async def open(self, *args: Any, **kwargs: Any) -> None:
         # Small frames must leave at once: Nagle's algorithm costs ~40 ms a message (DESIGN.md).
         self.set_nodelay(True)
+        # A client that does not read while its kernel floods would have the server buffer the
+        # flood without end: past this, the connection is closed (clients reconnect).
+        if self.ws_connection is not None and self.ws_connection.stream is not None:
+            self.ws_connection.stream.max_write_buffer_size = MAX_UNREAD_BYTES
         try:
             self.relay = await self.bridge.gateway.connect(self.session, self._deliver,
                                                            self._kernel_gone)
@@ -55,7 +61,11 @@ class ChannelsHandler(WebSocketHandler, JupyterHandler):
         data = dict(msg)
         frame = encode_v1(channel, data) if self.v1 else encode_legacy(channel, data)
         # Raises WebSocketClosedError once the client is gone; the relay then closes itself.
-        fut = self.write_message(frame, binary=isinstance(frame, bytes))
+        try:
+            fut = self.write_message(frame, binary=isinstance(frame, bytes))
+        except StreamBufferFullError:
+            self.close(1008, "client not reading its kernel's output")
+            raise
         fut.add_done_callback(_ignore_closed)
 
     def _kernel_gone(self) -> None:

@@ -19,6 +19,8 @@ from jupyter_client.jsonutil import json_default
 
 from bridge.errors import InvalidRequest
 
+from ..dialect import MalformedBody, check_encodable
+
 V1 = "v1.kernel.websocket.jupyter.org"
 _PARTS = ("header", "parent_header", "metadata", "content")
 
@@ -70,6 +72,7 @@ def decode_legacy(frame: str | bytes) -> tuple[str, dict[str, Any]]:
         raise BadFrame(f"Not a Jupyter message frame: {exc}") from None
     if not isinstance(msg, dict):
         raise BadFrame("A message must be a JSON object.")
+    _encodable(msg)
     msg["buffers"] = buffers
     return str(msg.pop("channel", "")), msg
 
@@ -103,5 +106,13 @@ def decode_v1(frame: bytes | str) -> tuple[str, dict[str, Any]]:
         msg: dict[str, Any] = {k: json.loads(c) for k, c in zip(_PARTS, chunks[1:5], strict=True)}
     except (ValueError, struct.error, UnicodeDecodeError) as exc:
         raise BadFrame(f"Not a {V1} frame: {exc}") from None
+    _encodable(msg)
     msg["buffers"] = chunks[5:]
     return channel, msg
+
+
+def _encodable(msg: dict[str, Any]) -> None:
+    try:
+        check_encodable(msg, "message")
+    except MalformedBody as exc:
+        raise BadFrame(exc.message) from None

@@ -25,8 +25,11 @@ TABLE: dict[type[BaseException], tuple[int, str]] = {
     MalformedBody: (422, "unprocessable-entity"),
     # Too many sessions is, to a Sandbox client, too many requests: back off and retry.
     e.QuotaExceeded: (429, "quota-exceeded"),
+    # The host, not this keypair, is full: a server-side condition.
+    e.HostBudgetExceeded: (503, "host-memory-budget-spent"),
     e.RateLimited: (429, "rate-limited"),
     e.KernelError: (503, "kernel-unavailable"),
+    e.DiskFull: (507, "insufficient-storage"),
     e.BridgeError: (400, "bad-request"),
     Exception: (500, "internal-error"),
 }

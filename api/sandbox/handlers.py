@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-from bridge import languages
+from bridge import languages, testcases
 from bridge.errors import NotFound, UnknownLanguage
 from bridge.executions import DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S, Execution, ExecutionRequest
 
@@ -42,9 +42,13 @@ class SandboxHandler(BaseHandler):
 
     def request_for(self, body: ExecuteRequest) -> ExecutionRequest:
         """The core's request. Raises UnknownLanguage."""
+        cases = None if body.test_cases is None else tuple(
+            testcases.TestCase(c.stdin, c.expected_output, c.timeout, c.memory_mb)
+            for c in body.test_cases)
         return ExecutionRequest(code=body.code, language=languages.resolve(body.language),
                                 stdin=body.stdin, environment=body.environment or {},
-                                timeout=body.timeout, session_id=body.session_id)
+                                timeout=body.timeout, session_id=body.session_id,
+                                test_cases=cases)
 
 
 def render_status(ex: Execution) -> dict[str, Any]:

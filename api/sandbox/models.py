@@ -5,7 +5,51 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 
+from bridge import testcases
 from bridge.executions import DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S
+
+
+class TestCase(BaseModel):
+    """One input to judge the program on; it runs in a fresh process under its own limits."""
+
+    model_config = ConfigDict(extra="forbid", title="SandboxTestCase")
+    __test__ = False  # not a pytest class, whatever its name
+
+    stdin: str = Field("", description="The program's standard input for this case.",
+                       examples=["2 3\n"])
+    expected_output: str | None = Field(
+        None, description="Compared with stdout after trimming trailing whitespace of each "
+        "line (and trailing empty lines); omitted: the case is 'ok' when it runs cleanly.",
+        examples=["5\n"])
+    timeout: float = Field(testcases.DEFAULT_CASE_TIMEOUT_S, gt=0,
+                           le=testcases.MAX_CASE_TIMEOUT_S,
+                           description="Seconds of CPU time of the case's process tree (a "
+                           "wall-clock guard of 3x + 1 s ends one that sleeps).", examples=[2])
+    memory_mb: int = Field(testcases.DEFAULT_MEMORY_MB, ge=testcases.MIN_MEMORY_MB,
+                           description="Peak resident memory of the case's process tree, MiB.",
+                           examples=[64])
+
+
+class TestResult(BaseModel):
+    """How one test case went."""
+
+    model_config = ConfigDict(title="SandboxTestResult")
+    __test__ = False
+
+    status: str = Field(description="accepted, wrong_answer, time_limit_exceeded, "
+                        "memory_limit_exceeded, runtime_error, compile_error, or ok (ran "
+                        "cleanly, no expected output given).", examples=["accepted"])
+    stdout: str = Field(description="What the case's process wrote to stdout.",
+                        examples=["5\n"])
+    stderr: str = Field(description="What it wrote to stderr.", examples=[""])
+    exit_code: int | None = Field(description="The process's exit code (128 + n after signal "
+                                  "n); null when the case did not run.", examples=[0])
+    signal: int | None = Field(None, description="The signal that ended the process, if any.",
+                               examples=[None])
+    time_ms: int = Field(description="CPU time (user + system) of the case's process tree.",
+                         examples=[2])
+    memory_kb: int = Field(description="Peak resident memory of the case's process tree.",
+                           examples=[1340])
 
 
 class ExecuteRequest(BaseModel):
@@ -32,6 +76,10 @@ class ExecuteRequest(BaseModel):
         None, min_length=1, max_length=128, description="Run in this keypair's session of that "
         "name (created on first use, state kept); none: a fresh kernel for this execution.",
         examples=["my-session"])
+    test_cases: list[TestCase] | None = Field(
+        None, max_length=testcases.MAX_CASES,
+        description="Judge mode: build once, run once per case (at most "
+        f"{testcases.MAX_CASES}); the result's test_results has one entry per case.")
 
 
 class BatchRequest(RootModel[list[ExecuteRequest]]):
@@ -58,6 +106,20 @@ class ExecuteResponse(BaseModel):
     truncated: bool = Field(False, description="Output passed the server's output limit: the "
                             "rest was dropped, the run interrupted, and a notice added to "
                             "stderr.", examples=[False])
+    reason: str = Field("completed", description="Why it ended: completed, runtime_error, "
+                        "compile_error, timeout, memory_limit (the memory cap's OOM killer) or "
+                        "killed (a signal from outside, a dead kernel).",
+                        examples=["completed"])
+    signal: int | None = Field(None, description="The signal that ended the program, if one "
+                               "did.", examples=[None])
+    compile_stdout: str | None = Field(None, description="The compiler's stdout (compiled "
+                                       "languages; empty when a cached build was reused; null "
+                                       "for interpreted ones).", examples=[None])
+    compile_stderr: str | None = Field(None, description="The compiler's stderr; the run's "
+                                       "stderr does not repeat it.", examples=[None])
+    test_results: list[TestResult] | None = Field(
+        None, description="With test_cases: one result per case, in order. stdout, stderr "
+        "and exit_code above are then the build's (empty and 0 for interpreted languages).")
 
 
 class BatchResponse(RootModel[list[ExecuteResponse]]):

@@ -132,6 +132,28 @@ def test_compile_error_goes_to_stderr(kernel: KernelDriver, lang: str) -> None:
 
 
 @pytest.mark.parametrize("lang", PARAMS)
+def test_compile_output_apart_and_builds_cached(kernel: KernelDriver, lang: str) -> None:
+    bad = kernel.run(LANGS[lang].compile_error)
+    assert LANGS[lang].compile_message in bad.reply["compile_stderr"]
+    assert bad.reply["cached"] is False
+    # The same source again: the build is reused (unless it failed: that one is retried).
+    code = LANGS[lang].hello + "\n" * 3  # a source no other test built in this kernel
+    first, second = kernel.run(code), kernel.run(code)
+    assert (first.reply["cached"], second.reply["cached"]) == (False, True)
+    assert second.text("stdout") == "hello, world\n" and second.reply["stage"] == "run"
+    assert second.reply["compile_stderr"] == "" and second.text("stderr") == ""
+    again = kernel.run(LANGS[lang].compile_error)
+    assert again.reply["cached"] is False and again.exit_code != 0
+
+
+@pytest.mark.parametrize("lang", ["c"])  # the field comes from the runner all share
+def test_signal_in_reply(kernel: KernelDriver, lang: str) -> None:
+    cell = kernel.run("#include <signal.h>\nint main(void) { raise(SIGSEGV); return 0; }\n")
+    assert (cell.exit_code, cell.reply["signal"]) == (139, 11)
+    assert "signal" not in kernel.run(LANGS[lang].hello).reply
+
+
+@pytest.mark.parametrize("lang", PARAMS)
 def test_runtime_exit_code_and_streams(kernel: KernelDriver, lang: str) -> None:
     cell = kernel.run(LANGS[lang].exit_4)
     assert (cell.exit_code, cell.reply["stage"]) == (4, "run")

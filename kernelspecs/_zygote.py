@@ -1,0 +1,438 @@
+"""The zygote: a fork-server that turns one pre-imported Python into many kernels (issue 14).
+
+Started by the server (``bridge/zygote.py``) with ``subprocess`` — never ``os.fork()`` of the
+threaded server — in a clean environment, as ``python -m kernelspecs._zygote --control FD``.
+
+* **Template.** It imports ipykernel, IPython and everything a first ``IPKernelApp.initialize()``
+  and a first cell import lazily (learned by running both once in a throwaway child), then
+  ``gc.freeze()``s, so each kernel starts from copy-on-write pages instead of a cold import. It
+  stays single-threaded with no zmq context and no event loop: all of those are made per kernel,
+  after the fork.
+* **Control.** One SOCK_SEQPACKET socket to the server: JSON requests, file descriptors by
+  SCM_RIGHTS. ``fork`` answers ``{"pid": N}`` with a pidfd of the kernel; kernel exits come back
+  as ``{"exit": pid, "status": code}`` (the zygote is the kernels' reaper). ``retire`` stops
+  forking; the zygote exits once its last kernel has. End-of-file (the server is gone) kills
+  the kernels and exits; so does the server's death (PR_SET_PDEATHSIG).
+* **Sandboxed child** (the server started a bubblewrap *holder* for the kernel): the child joins
+  the kernel's cgroups first (memory is charged to whoever touches it first), enters the
+  holder's namespaces with ``setns(pidfd)`` and its root with ``fchdir`` + ``chroot``, then
+  forks once more so the kernel is inside the holder's PID namespace (the zygote, a child
+  subreaper, inherits it). The kernel drops privileges (:func:`confine`), takes its own
+  environment, reseeds, and runs its module as ``python -m`` would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import ctypes
+import gc
+import importlib
+import json
+import os
+import resource
+import runpy
+import selectors
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from typing import Any
+
+# Modules a kernel of ours runs with ``-m``; only these are forked (others start cold).
+KERNEL_MODULES = ("ipykernel_launcher", "kernelspecs.bash_kernel", "kernelspecs.compiled_kernel")
+PRELOAD = ("kernelspecs._enter", "zmq", "tornado.ioloop", "IPython", "jupyter_client.session",
+           "ipykernel.kernelapp", "ipykernel.ipkernel", "ipykernel.zmqshell", "kernelspecs._kernel",
+           "kernelspecs.bash_kernel", "kernelspecs.compiled_kernel")
+MAX_MSG = 1 << 20
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+SANDBOX_NAMESPACES = (CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWPID
+                      | CLONE_NEWNET)
+PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
+PR_SET_CHILD_SUBREAPER = 36
+PR_SET_SECCOMP = 22
+SECCOMP_MODE_FILTER = 2
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _prctl(option: int, arg: int = 0) -> None:
+    _check(_libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0), f"prctl({option})")
+
+
+# -- the kernel side of a fork ------------------------------------------------------------------
+
+
+def confine(req: dict[str, Any]) -> None:
+    """Drop every privilege, exactly as the sandbox launcher does for a cold kernel (its own
+    functions: the sandbox uid and gid, no capability in any set, ``no_new_privs``), then the
+    server's seccomp filter, which bubblewrap installs for a cold kernel, and the launcher's
+    fail-closed check. The one place a forked kernel is confined after entering its sandbox.
+    """
+    from ._enter import drop_privileges, verify
+
+    uid, gid = int(req["uid"]), int(req["gid"])
+    drop_privileges(uid, gid)
+    # A uid change leaves a process undumpable (its /proc files root's: no /proc/self/fd,
+    # environ, mem for its own user); the cold kernel's execve made it dumpable again.
+    _prctl(PR_SET_DUMPABLE, 1)
+    if req.get("seccomp"):
+        _install_filter(bytes.fromhex(req["seccomp"]))
+    verify(uid, gid)
+    with open("/proc/self/status") as f:
+        if "Seccomp:\t2" not in f.read() and req.get("seccomp"):
+            raise RuntimeError("no seccomp filter")
+
+
+def _install_filter(bpf: bytes) -> None:
+    """Install a compiled seccomp BPF program (8-byte ``sock_filter`` entries)."""
+    prog = ctypes.create_string_buffer(bpf, len(bpf))
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    fprog = SockFprog(len(bpf) // 8, ctypes.addressof(prog))
+    _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0),
+           "seccomp")
+
+
+def _enter_sandbox(req: dict[str, Any], holder: int, root: int) -> None:
+    """Join the kernel's cgroups, then the holder's namespaces and root (before any thread)."""
+    for procs in req.get("cgroup_procs", []):
+        fd = os.open(procs, os.O_WRONLY)
+        try:
+            os.write(fd, str(os.getpid()).encode())
+        finally:
+            os.close(fd)
+    _check(_libc.setns(holder, SANDBOX_NAMESPACES), "setns")
+    os.fchdir(root)
+    os.chroot(".")
+    os.close(root)
+    os.close(holder)
+
+
+def _read_payload(fd: int) -> dict[str, Any]:
+    """The kernel's own part of the request (its environment, client values included, and
+    argv), from the memfd the server wrote: read only here, in the kernel, so no tenant's
+    values ever sit in the zygote's memory, which every later kernel starts from."""
+    chunks = []
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+    os.close(fd)
+    payload: dict[str, Any] = json.loads(b"".join(chunks))
+    return payload
+
+
+def _become_kernel(req: dict[str, Any], payload_fd: int) -> None:
+    """Runs in the kernel process: confine, take the kernel's identity, run its module."""
+    code = 0
+    try:
+        req = {**req, **_read_payload(payload_fd)}
+        os.setsid()  # bwrap --new-session: no TIOCSTI into anyone's terminal
+        null = os.open("/dev/null", os.O_RDWR)
+        os.dup2(null, 0)
+        os.dup2(null, 1)  # a kernel's stdout is banners; its stderr stays the server's log
+        os.close(null)
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd > 2:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if req.get("rlimit_as"):
+            cap = int(req["rlimit_as"])
+            resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+        os.chdir(req["cwd"])
+        if req.get("sandboxed"):
+            confine(req)
+        else:  # unsandboxed kernels die with their zygote, which dies with the server
+            _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != req["zygote"]:
+                os._exit(1)
+        env = {str(k): str(v) for k, v in req["env"].items()}
+        os.environ.clear()
+        os.environ.update(env)
+        time.tzset()
+        _retitle(req["cmdline"])
+        _fix_paths(req, env)
+        sys.argv = [req["module"], *req["args"]]
+        gc.enable()
+        _reseed()
+        # runpy would reuse a preloaded entry module's loader, which reads the host path of
+        # its source; imported afresh it is found where the sandbox shows our package.
+        sys.modules.pop(req["module"], None)
+        runpy.run_module(req["module"], run_name="__main__", alter_sys=True)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+        code = 70
+    with contextlib.suppress(BaseException):
+        atexit._run_exitfuncs()
+    with contextlib.suppress(BaseException):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
+
+
+def _retitle(argv: list[str]) -> None:
+    """Show the kernel's own command in /proc/<pid>/cmdline (ps, psutil), not the zygote's.
+
+    PR_SET_MM needs CAP_SYS_RESOURCE, which containers often withhold; so, as setproctitle does,
+    the title is written over the zygote's argv and environ strings (contiguous at the top of
+    the stack). Call after the environment was replaced: libc no longer points into them.
+    """
+    with open("/proc/self/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # fields[0] is stat field 3; arg_start..env_end are fields 48..51
+    arg_start, arg_end, _env_start, env_end = (int(x) for x in fields[45:49])
+    room = env_end - arg_start
+    title = " ".join(argv).encode(errors="surrogateescape")[:room - 1]
+    if len(title) < arg_end - arg_start:  # fits the argv area: a NUL-separated argv
+        title = b"\0".join(a.encode(errors="surrogateescape") for a in argv)
+    # Longer: the kernel reads a setproctitle-style title up to its NUL (psutil splits it).
+    ctypes.memmove(arg_start, title + b"\0" * (room - len(title)), room)
+
+
+def _fix_paths(req: dict[str, Any], env: dict[str, str]) -> None:
+    """sys.path as ``python -m`` in the kernel's environment would have it; our kernel package
+    at the path the sandbox shows it (a lazy import must find it there)."""
+    ours = set(req.get("zygote_pythonpath", []))
+    base = [p for p in sys.path if p and p not in ours]
+    extra = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    sys.path[:] = [os.getcwd(), *extra, *base]
+    pkg = sys.modules.get("kernelspecs")
+    where = req.get("kernel_package")
+    if pkg is not None and where:
+        pkg.__path__[:] = [where]
+
+
+def _reseed() -> None:
+    # random reseeds itself after fork (os.register_at_fork); numpy's legacy global RNG does not.
+    nprandom = sys.modules.get("numpy.random")
+    if nprandom is not None:
+        with contextlib.suppress(Exception):
+            nprandom.seed()
+
+
+# -- the template -------------------------------------------------------------------------------
+
+
+def _warm_up() -> int:
+    """Import what a kernel would import by itself; returns how many modules were learned."""
+    for name in PRELOAD:
+        with contextlib.suppress(Exception):
+            importlib.import_module(name)
+    before = set(sys.modules)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # throwaway kernel: its sys.modules afterwards is what the template lacks
+        os.close(r)
+        try:
+            tmp = tempfile.mkdtemp(prefix="kb-zygote-")
+            os.environ.update(HOME=tmp, IPYTHONDIR=os.path.join(tmp, ".ipython"))
+            from ipykernel.kernelapp import IPKernelApp
+
+            app = IPKernelApp.instance()
+            argv = ["-f", os.path.join(tmp, "c.json"), "--transport=ipc", f"--ip={tmp}/s",
+                    "--IPCompleter.use_jedi=False", "--HistoryManager.hist_file=:memory:"]
+            app.initialize(argv)  # type: ignore[no-untyped-call]
+            with contextlib.suppress(Exception):
+                app.shell.run_cell("1", store_history=False, silent=True)  # type: ignore
+            os.write(w, "\n".join(sorted(set(sys.modules) - before)).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    chunks = []
+    while chunk := os.read(r, 65536):
+        chunks.append(chunk)
+    os.close(r)
+    os.waitpid(pid, 0)
+    learned = [m for m in b"".join(chunks).decode().split("\n") if m]
+    for name in learned:
+        with contextlib.suppress(BaseException):
+            importlib.import_module(name)
+    return len(learned)
+
+
+class Zygote:
+    def __init__(self, control: socket.socket) -> None:
+        self.control = control
+        self.pid = os.getpid()
+        self.children: set[int] = set()
+        self.retiring = False
+        self.forks = 0
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_w, False)
+        os.set_blocking(self.wake_r, False)
+        signal.set_wakeup_fd(self.wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.control, selectors.EVENT_READ)
+        self.selector.register(self.wake_r, selectors.EVENT_READ)
+
+    def send(self, msg: dict[str, Any], fds: list[int] | None = None) -> None:
+        socket.send_fds(self.control, [json.dumps(msg).encode()], fds or [])
+
+    def serve(self) -> None:
+        while True:
+            for key, _ in self.selector.select():
+                if key.fileobj is self.control:
+                    data, fds, _flags, _addr = socket.recv_fds(self.control, MAX_MSG, 8)
+                    if not data:
+                        self.stop()
+                    self.handle(json.loads(data), fds)
+                else:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self.wake_r, 4096)
+            self.reap()
+            if self.retiring and not self.children:
+                os._exit(0)
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self.children.discard(pid)
+            self.send({"exit": pid, "status": os.waitstatus_to_exitcode(status)})
+
+    def stop(self) -> None:
+        for pid in self.children:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        os._exit(0)
+
+    def handle(self, req: dict[str, Any], fds: list[int]) -> None:
+        op = req.get("op")
+        try:
+            if op == "retire":
+                self.retiring = True
+            elif op == "stats":
+                self.send({"id": req.get("id"), "forks": self.forks,
+                           "children": len(self.children)})
+            elif op == "fork" and not self.retiring:
+                pid = self.fork(req, fds)
+                pidfd = os.pidfd_open(pid)
+                try:
+                    self.send({"id": req["id"], "pid": pid}, [pidfd])
+                finally:
+                    os.close(pidfd)
+            else:
+                self.send({"id": req.get("id"), "error": f"refused {op!r}"})
+        except Exception as exc:
+            self.send({"id": req.get("id"), "error": f"{type(exc).__name__}: {exc}"})
+        finally:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    def fork(self, req: dict[str, Any], fds: list[int]) -> int:
+        if threading.active_count() != 1 or len(os.listdir("/proc/self/task")) != 1:
+            raise RuntimeError("zygote is not single-threaded; refusing to fork")
+        req["zygote"] = self.pid
+        self.forks += 1
+        # Descriptors by name: [holder, root] when sandboxed, [stderr], then the payload.
+        named = dict(zip(req["fds"], fds, strict=True))
+        stderr, payload = named.get("stderr", -1), named["payload"]
+        if not req.get("sandboxed"):
+            pid = os.fork()
+            if pid == 0:
+                self._after_fork()
+                if stderr >= 0:
+                    os.dup2(stderr, 2)
+                for procs in req.get("cgroup_procs", []):
+                    with open(procs, "w") as f:
+                        f.write(str(os.getpid()))
+                _become_kernel(req, payload)
+            self.children.add(pid)
+            return pid
+        holder, root = named["holder"], named["root"]
+        r, w = os.pipe()
+        mid = os.fork()
+        if mid == 0:  # joins the sandbox, forks the kernel into its PID namespace, exits
+            try:
+                os.close(r)
+                self._after_fork()
+                if stderr >= 0:
+                    os.dup2(stderr, 2)  # before the sandbox: the kernel keeps it as its fd 2
+                _enter_sandbox(req, holder, root)
+                kernel = os.fork()
+                if kernel == 0:
+                    os.close(w)
+                    _become_kernel(req, payload)
+                os.write(w, str(kernel).encode())
+                os._exit(0)
+            except BaseException:
+                traceback.print_exc()
+                os._exit(70)
+        os.close(w)
+        data = b""
+        while chunk := os.read(r, 64):
+            data += chunk
+        os.close(r)
+        os.waitpid(mid, 0)
+        if not data:
+            raise RuntimeError("the kernel could not enter its sandbox")
+        pid = int(data)  # now our child: we are the subreaper its parent left it to
+        self.children.add(pid)
+        return pid
+
+    def _after_fork(self) -> None:
+        """In a child: give back the zygote's signals and file descriptors."""
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        self.selector.close()
+        self.control.close()
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="kernelspecs._zygote")
+    parser.add_argument("--control", type=int, required=True)
+    args = parser.parse_args(argv)
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:
+        sys.exit(1)  # the server is already gone
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when we stop
+    if sys.path and sys.path[0] == os.getcwd():
+        del sys.path[0]  # python -m put our cwd first; a kernel gets its own (_fix_paths)
+    control = socket.socket(fileno=args.control)
+    started = time.monotonic()
+    learned = _warm_up()
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    zygote = Zygote(control)
+    zygote.send({"ready": True, "pid": os.getpid(), "modules": len(sys.modules),
+                 "learned": learned, "warm_up_s": round(time.monotonic() - started, 3)})
+    zygote.serve()
+
+
+if __name__ == "__main__":
+    main()
