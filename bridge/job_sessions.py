@@ -202,9 +202,12 @@ class JobSessions:
             raise InvalidRequest(f"interactive_ttl ({ittl}) must not exceed max_ttl ({max_ttl}).")
         js = JobSession(id=Job.new_id(), access_key=access_key, mode=mode, language=lang.name,
                         max_ttl=max_ttl, interactive_ttl=ittl, environment=dict(environment or {}))
-        js.open_deadline = js.started_at + self.open_ttl
         if mode == "dedicated":
             js.kernel = await self._new_kernel(js, js.id, js.environment)
+        # The open TTL counts from when the session can take a job: a dedicated session's
+        # kernel may take seconds to start on a loaded machine, and that wait is not the
+        # client's idleness (the bridge's idle reaper counts from kernel ready too).
+        js.open_deadline = time.time() + self.open_ttl
         try:
             await self._save(js)
         except BaseException:

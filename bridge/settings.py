@@ -108,7 +108,7 @@ class Settings(BaseSettings):
 
     # Job sessions: an open session that never gets a job closes after this long
     job_open_ttl_s: float = Field(1800.0, gt=0)
-    """Seconds a job session that never got a job stays open."""
+    """Seconds a job session that never got a job stays open, from when it could take one."""
 
     # Operations: `KB_LOG_FORMAT=json` writes one JSON object per log line. `GET /metrics`
     # asks for a key when `KB_METRICS_AUTH=on`, or with "auto" when the server listens beyond

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from ipykernel.kernelapp import IPKernelApp
-from ipykernel.kernelbase import Kernel
 from jupyter_client.session import Session
 
 from . import KERNEL_VERSION
+from ._abort import AbortBeforeReply
 from ._frontend import ask_frontend
 from ._subproc import CommandRun, OutputSink, RunResult, StreamName
 
@@ -46,7 +46,7 @@ class _Cell:
     allow_stdin: bool
 
 
-class ProcessKernel(Kernel):
+class ProcessKernel(AbortBeforeReply):
     """Runs each cell as one or more subprocesses; subclasses say which."""
 
     implementation = "kernel-bridge"

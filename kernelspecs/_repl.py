@@ -25,8 +25,7 @@ import sys
 import time
 from typing import Any, ClassVar
 
-from ipykernel.kernelbase import Kernel
-
+from ._abort import AbortBeforeReply
 from ._frontend import ask_frontend
 from ._host import HostProcess, Item
 
@@ -37,7 +36,7 @@ INTERRUPT_GRACE_S = 3.0
 PROTOCOL_VERSION = "5.3"
 
 
-class ReplKernel(Kernel):
+class ReplKernel(AbortBeforeReply):
     """Runs each cell in a persistent host process; subclasses name the runtime."""
 
     runtime: ClassVar[str]  # executable looked up on PATH, e.g. "node"

@@ -75,6 +75,23 @@ class KernelDriver:
         self.km = km
         self.kc = kc
 
+    def reply_to(self, msg_id: str, timeout: float) -> dict[str, Any]:
+        """The shell reply to ``msg_id``, past stale kernel_info replies.
+
+        ``start_new_kernel`` waits for the kernel by sending kernel_info requests, and sends
+        another whenever a reply takes over a second (or the iopub message after it over
+        0.2 s): on a loaded machine one or two of those replies arrive after it has returned.
+        Any other reply in the way is a real mismatch and fails.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = self.kc.get_shell_msg(timeout=max(deadline - time.monotonic(), 0.1))
+            stale = reply["msg_type"] == "kernel_info_reply"
+            if not stale or reply["parent_header"].get("msg_id") == msg_id:
+                break
+        assert reply["parent_header"]["msg_id"] == msg_id, (reply["msg_type"], reply["content"])
+        return reply
+
     def run(
         self,
         code: str,
@@ -118,8 +135,9 @@ class KernelDriver:
                 break
         else:
             raise TimeoutError(f"cell did not finish within {timeout}s: {code!r}")
-        reply = self.kc.get_shell_msg(timeout=max(deadline - time.monotonic(), 1.0))
-        assert reply["parent_header"]["msg_id"] == msg_id
+        reply = self.reply_to(msg_id, max(deadline - time.monotonic(), 1.0))
+        # Say so plainly rather than hand back a cell without output.
+        assert reply["content"]["status"] != "aborted", f"the kernel aborted {code!r}"
         return CellRun(reply["content"], streams, errors, requests, time.monotonic() - started)
 
 
