@@ -51,6 +51,8 @@ ENV_PREFIXES = ("KERNEL_", "JPY_")
 # pre-started one from the pool (bridge/pool.py): keeping them made every notebook wait for a
 # cold kernel start (2–7 s on a busy machine), during which JupyterLab silently drops a cell that
 # is run (it has no kernel to send it to until the start request answers).
+# Bounds Activity.requests: a request the kernel never said idle after is dropped past this.
+MAX_PENDING_REQUESTS = 1000
 GATEWAY_ENV = frozenset({"KERNEL_LAUNCH_TIMEOUT", "KERNEL_WORKING_DIR", "JPY_SESSION_NAME"})
 
 
@@ -124,6 +126,10 @@ class Activity:
     execution_state: str = "idle"
     relays: set[Relay] = field(default_factory=set)
     holding: bool = False  # the kernel is busy for a relayed request: keep the reaper off
+    # Ids of the requests clients sent through the relays, until the kernel is idle after them.
+    # Only their statuses are the client's: the server's own requests (readiness probes after a
+    # start or restart, the relays' connect-time nudges) make the kernel busy for a moment too.
+    requests: set[str] = field(default_factory=set)
 
 
 class Gateway:
@@ -240,7 +246,15 @@ class Gateway:
             relay.status("starting")
         try:
             await self.sessions.restart(session)
+            # Each relay's sockets were connected to the old kernel: zmq connects them again on
+            # its own, but a SUB socket's subscription reaches the new kernel some time later
+            # (what is published before is lost) and a DEALER may stay paired with nothing. So
+            # give every relay a new client, known live like the first (see connect()).
+            if session.kernel is not None:
+                for relay in list(act.relays):
+                    await relay.reconnect(session.kernel)
         finally:
+            act.requests.clear()  # the old kernel will not say idle after them
             act.execution_state = "idle" if session.kernel is not None else "dead"
             for relay in list(act.relays):
                 relay.status(act.execution_state)
@@ -269,13 +283,25 @@ class Gateway:
         if msg["header"].get("msg_type") != "status":
             return
         act = self._activity_of(session)
+        parent = msg["parent_header"].get("msg_id")
+        if parent not in act.requests:
+            return  # the server's own request, not one of the client's (see Activity.requests)
         act.execution_state = str(msg["content"].get("execution_state", act.execution_state))
         # A cell running for a Jupyter client is not idleness: hold the session while busy.
         if act.execution_state == "busy" and not act.holding:
             session.holds += 1
             act.holding = True
         elif act.execution_state == "idle":
-            self._release(session, act)
+            act.requests.discard(parent)
+            if not act.requests:
+                self._release(session, act)
+
+    def sent(self, session: Session, msg_id: str) -> None:
+        """A client sent request ``msg_id`` through a relay; its statuses are the client's."""
+        act = self._activity_of(session)
+        if len(act.requests) >= MAX_PENDING_REQUESTS:  # requests a kernel never answered
+            act.requests.clear()
+        act.requests.add(msg_id)
 
     @staticmethod
     def _release(session: Session, act: Activity) -> None:
@@ -318,6 +344,23 @@ class Relay:
         # A message over the size cap resets its connection: connect again, or go deaf.
         self._tasks += guard(client, ("shell", "iopub", "stdin", "control"))
 
+    async def reconnect(self, kernel: Kernel) -> None:
+        """Talk to ``kernel`` (the session's kernel after a restart) through a new client."""
+        if self._client is None:
+            return  # closed meanwhile
+        client, nudges = await connect(kernel)
+        old, tasks = self._client, self._tasks
+        if old is None:  # closed while connecting
+            client.stop_channels()
+            return
+        self.start(client, nudges)  # swapped at once: a close() from now on closes the new one
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        old.stop_channels()
+
     def send(self, channel: str, msg: dict[str, Any]) -> None:
         """Forward a client's message, signed with the kernel's key. Raises InvalidRequest."""
         if self._client is None:
@@ -331,6 +374,7 @@ class Relay:
                 "metadata": msg.get("metadata") or {}, "content": msg.get("content") or {},
                 "buffers": msg.get("buffers") or []}
         self.session.last_activity = time.monotonic()
+        self.gateway.sent(self.session, str(header["msg_id"]))
         getattr(self._client, f"{channel}_channel").send(wire)
 
     def status(self, state: str) -> None:
