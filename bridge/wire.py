@@ -12,6 +12,10 @@ hands it ``kernel.session`` and ``iopub_socket``). So every socket the server op
 A refused frame ends the connection for good in libzmq (a protocol error is not reconnected),
 which would leave a session deaf without a word. :func:`keep_connected` watches a socket for
 that, connects it again, and tells its caller, who puts a notice in the affected run's output.
+An ordinary disconnect (a kernel restarted or died) is libzmq's own business: it retries by
+itself, and a disconnect/connect of ours racing its pipe teardown aborts the whole process
+(``Assertion failed: !_more (src/fq.cpp)``). So the watcher steps in only when libzmq, within
+:data:`SELF_RECONNECT_S`, neither reconnected nor scheduled a retry: the protocol-error case.
 
 Not bounded here: one multipart message of many frames each under the cap (libzmq delivers a
 multipart message whole, and has no limit on its number of frames). Kernels of this server send
@@ -39,6 +43,11 @@ KERNEL_MSG_CAP = 16 * 1024 * 1024
 KERNEL_RCVHWM = 4
 # A kernel's headers are a few hundred bytes; one far larger is not worth parsing.
 HEADER_CAP = 64 * 1024
+# libzmq's first retry comes after ZMQ_RECONNECT_IVL (100 ms): ample time to see it happen.
+SELF_RECONNECT_S = 1.0
+# Events that show libzmq is reconnecting by itself.
+SELF_RECONNECT_EVENTS = (zmq.EVENT_CONNECTED, zmq.EVENT_CONNECT_DELAYED,
+                         zmq.EVENT_CONNECT_RETRIED)
 RESET_NOTICE = (f"\n[kernel-bridge: a message from the kernel was lost: its connection was "
                 f"reset (messages over {KERNEL_MSG_CAP // (1024 * 1024)} MiB are refused this "
                 "way)]\n")
@@ -62,8 +71,9 @@ async def keep_connected(socket_of: SocketOf, on_reset: Callable[[], None]) -> N
             await asyncio.sleep(0.1)
             continue
         try:
-            monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED
-                                              | zmq.EVENT_MONITOR_STOPPED)
+            monitor = sock.get_monitor_socket(
+                zmq.EVENT_DISCONNECTED | zmq.EVENT_MONITOR_STOPPED | zmq.EVENT_CONNECTED
+                | zmq.EVENT_CONNECT_DELAYED | zmq.EVENT_CONNECT_RETRIED)
         except zmq.ZMQError:
             await asyncio.sleep(0.1)
             continue
@@ -86,8 +96,14 @@ async def _watch(sock: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket, socket_o
             continue
         if event["event"] == zmq.EVENT_MONITOR_STOPPED or sock.closed:
             return
+        if event["event"] != zmq.EVENT_DISCONNECTED:
+            continue
+        if await _reconnects_by_itself(monitor):
+            continue
+        if socket_of() is not sock or sock.closed:
+            return
         endpoint = event["endpoint"].decode()
-        log.warning("kernel socket %s was disconnected; connecting again", endpoint)
+        log.warning("kernel socket %s was refused a message; connecting again", endpoint)
         with contextlib.suppress(zmq.ZMQError):
             sock.disconnect(endpoint)
         try:
@@ -95,6 +111,20 @@ async def _watch(sock: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket, socket_o
         except zmq.ZMQError as exc:
             log.warning("reconnecting %s failed: %s", endpoint, exc)
         on_reset()
+
+
+async def _reconnects_by_itself(monitor: zmq.asyncio.Socket) -> bool:
+    """Whether libzmq shows, within SELF_RECONNECT_S, that it is reconnecting on its own."""
+    try:
+        async with asyncio.timeout(SELF_RECONNECT_S):
+            while True:
+                event = await recv_monitor_message(monitor)
+                if event["event"] in SELF_RECONNECT_EVENTS:
+                    return True
+                if event["event"] == zmq.EVENT_MONITOR_STOPPED:
+                    return True  # the socket is going away: nothing to repair
+    except TimeoutError:
+        return False
 
 
 def guard(client: Any, channels: tuple[str, ...],
