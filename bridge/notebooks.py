@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 import shlex
 import time
@@ -175,7 +176,10 @@ async def execute(nb: NotebookNode, session: Session, *, timeout: float | None =
     started = time.monotonic()
     kc = await open_client(kernel)
     guards = guard(kc, ("shell", "iopub", "stdin", "control"))  # see bridge/wire.py
-    client = NotebookClient(nb, km=kernel.manager, timeout=timeout, allow_errors=allow_errors,
+    # nbclient's timeout is a whole number of seconds (an Integer trait): round a fraction up.
+    cell_timeout = None if timeout is None else max(1, math.ceil(timeout))
+    client = NotebookClient(nb, km=kernel.manager, timeout=cell_timeout,
+                            allow_errors=allow_errors,
                             interrupt_on_timeout=False, record_timing=True)
     client.kc = kc
     client.reset_execution_trackers()

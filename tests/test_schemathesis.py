@@ -37,6 +37,7 @@ def live() -> Iterator[Server]:
     with run_server(pool_python="1") as s, s.client() as c:
         r = c.post("/session", json={"lang": "python", "name": TARGETS["id"]})
         assert r.status_code == 201, r.text
+        KEEP.add(r.json()["sessionId"])
         assert c.post("/folders", json={"name": TARGETS["name"]}).status_code == 201
         setup = ("import os\nos.makedirs('d/e', exist_ok=True)\nopen('d/f.txt', 'w').write('x')"
                  "\nos.symlink('/etc', 'd/link')")
@@ -55,6 +56,7 @@ schema = schemathesis.openapi.from_dict(openapi.document(operations()))
 # Random ids only reach 404s; the file routes also get a real session and folder (made by the
 # live fixture) so their paths, limits and archives are fuzzed for real.
 TARGETS = {"id": "fuzz-target", "name": "fuzzfolder"}
+KEEP: set[str] = set()  # the real session's id: never closed by release_places
 FILE_ROUTES = ("/files", "/download", "/download_single", "/upload")
 
 
@@ -82,9 +84,25 @@ def test_no_server_errors(case: Any, live: Server) -> None:
     response = case.call(base_url=live.url, headers={"X-API-Key": live.secret_key},
                          timeout=120)
     statuses[response.status_code] += 1
+    if case.method == "POST" and response.status_code < 300:
+        release_places(live)
     assert response.status_code < 500, (
         f"{case.method} {case.formatted_path} → {response.status_code}: "
         f"{response.text[:500]}\n{case.as_curl_command()}")
+
+
+def release_places(live: Server) -> None:
+    """Close what a fuzzed create made, as a polite client would. Every kernel a keypair holds
+    takes one of its places (admission): left open, sessions would hold them for their idle
+    timeout, and every later one-shot would spend its whole timeout waiting for a place."""
+    with live.client() as c:
+        for k in c.get("/api/kernels").json():
+            if k["id"] not in KEEP:
+                c.delete(f"/api/kernels/{k['id']}")
+        listing = c.get("/api/v1/sessions", params={"size": 100}).json()
+        for js in listing.get("sessions", []):
+            if js.get("id") not in KEEP and js.get("state") != "closed":
+                c.delete(f"/api/v1/sessions/{js['id']}/close")
 
 
 def test_unknown_field_names_no_header_can_carry(live: Server) -> None:
