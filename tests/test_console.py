@@ -11,12 +11,14 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 import requests
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -26,6 +28,8 @@ from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from .support import Server, run_server
+
+T = TypeVar("T")
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -74,6 +78,18 @@ def shot(driver: WebDriver, name: str) -> None:
     if SHOTS:
         Path(SHOTS).mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(Path(SHOTS) / name))
+
+
+def stable(browser: Any, read: Callable[[Any], T]) -> T:
+    """``read`` done against the sessions table, which the page re-renders every few seconds:
+    an element found just before a refresh is stale by the time it is used, so look again."""
+    def attempt(b: Any) -> T | None:
+        try:
+            return read(b)
+        except StaleElementReferenceException:
+            return None
+    result: T = wait(browser).until(attempt)
+    return result
 
 
 def test_console_sign_in_run_code_and_destroy_a_session(console_server: Server,
@@ -141,14 +157,16 @@ def test_console_sign_in_run_code_and_destroy_a_session(console_server: Server,
     assert output.split() == ["0", "1", "2"] and exit_badge == "exit 0"
     row = '#sessions tr[data-name="console-python"]'
     wait(browser).until(ec.presence_of_element_located((By.CSS_SELECTOR, row)))
-    cells = [c.text for c in browser.find_elements(By.CSS_SELECTOR, row + " td")]
+    cells = stable(browser, lambda b: [c.text for c in b.find_elements(By.CSS_SELECTOR,
+                                                                        row + " td")])
     assert cells[1:4] == ["sandbox", "python", "RUNNING"], cells
     assert browser.find_elements(By.CSS_SELECTOR, '#sessions tr[data-name="from-the-api"]')
     executions = browser.find_elements(By.CSS_SELECTOR, "#executions tbody tr")
     assert len(executions) >= 4
     shot(browser, "console.png")
 
-    browser.find_element(By.CSS_SELECTOR, row + " button.destroy").click()
+    stable(browser, lambda b: b.find_element(By.CSS_SELECTOR, row + " button.destroy").click()
+           or True)
     wait(browser).until(ec.invisibility_of_element_located((By.CSS_SELECTOR, row)))
     with console_server.client() as api:
         names = [s["name"] for s in api.get("/console/api/sessions").json()["sessions"]]

@@ -89,6 +89,9 @@ def test_query_batch_and_error_through_backendai(client: Client, sample: Sample)
         client.delete(f"/session/{name}")
 
 
+COMPILED = {"c", "cpp", "go", "rust", "java"}
+
+
 def test_hello_and_error_through_execute_api(client: Client, sample: Sample) -> None:
     r = client.post("/api/v1/execute", json={"language": sample.lang, "code": sample.hello})
     assert r.status_code == 200, r.text
@@ -98,7 +101,12 @@ def test_hello_and_error_through_execute_api(client: Client, sample: Sample) -> 
     r = client.post("/api/v1/execute", json={"language": sample.lang, "code": sample.error})
     body = r.json()
     assert body["exit_code"] not in (0, -1)
-    assert sample.error_text in body["stderr"]
+    if sample.lang in COMPILED:  # compiler messages apart from the program's (API.md, Piston)
+        assert body["reason"] == "compile_error", body
+        assert sample.error_text in body["compile_stderr"] and body["stderr"] == ""
+    else:
+        assert sample.error_text in body["stderr"]
+        assert body["compile_stderr"] is None
 
 
 READS_A_LINE = {
