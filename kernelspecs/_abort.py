@@ -76,4 +76,4 @@ class AbortBeforeReply(Kernel):
         if self._abort_window_closed:
             self._abort_window_closed = False  # done before the reply went out
             return
-        super()._abort_queues(subshell_id)  # type: ignore[no-untyped-call]
+        super()._abort_queues(subshell_id)

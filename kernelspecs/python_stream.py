@@ -20,6 +20,6 @@ CHUNK = 1 << 20
 
 class ChunkedOutStream(OutStream):
     def _flush_buffers(self) -> Iterator[tuple[Any, str]]:  # ipykernel 7; 6 sends whole
-        for parent, data in super()._flush_buffers():
+        for parent, data in super()._flush_buffers():  # type: ignore[no-untyped-call]
             for start in range(0, len(data), CHUNK):
                 yield parent, data[start:start + CHUNK]
