@@ -4,6 +4,7 @@
 #                   toolchain, then serve on 127.0.0.1:8002 (blocks; Ctrl-C stops it)
 #   make test       everything CI does on a fresh Debian machine: the above, plus the test and dev
 #                   extras, the Backend.AI SDK venv, then pytest
+#   make test-unit  the unit layer only (tests/unit: no server, no kernel), in seconds
 #   make lint typecheck
 #
 # Installs are stamp files, so a second `make run` starts at once. To add a step, write a target
@@ -24,7 +25,7 @@ DOCS_DIR := api/docs_assets
 SERVE_DEPS := $(BIN)/.serve toolchains docs-assets console kernelspecs
 TEST_DEPS := $(SERVE_DEPS) $(BIN)/.test sdk-venv browser-tools datascience-env
 
-.PHONY: run test venv serve-venv sdk-venv sandbox-tools toolchains kernelspecs docs-assets bench \
+.PHONY: run test test-unit venv serve-venv sdk-venv sandbox-tools toolchains kernelspecs docs-assets bench \
         lint typecheck settings-doc clean console browser-tools doctor
 
 # -- Python environments --------------------------------------------------------------------------
@@ -117,6 +118,10 @@ run: $(SERVE_DEPS)
 
 test: $(TEST_DEPS)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The unit layer alone: scripted message streams and pure policy, no server, in seconds.
+test-unit: $(BIN)/.test sandbox-tools
+	$(BIN)/python -m pytest tests/unit -q $(PYTEST_ARGS)
 
 # Can this machine serve safely? One line per check, with the fix for each failure.
 doctor: $(BIN)/.serve
