@@ -25,13 +25,13 @@ from .channels import Channels
 from .errors import InvalidRequest
 from .kernels import Kernel
 from .languages import BATCH_KERNELSPEC, Language
+from .outcomes import BUILD_FAILED_EXIT_CODE, ExitRule
 from .runs import Liveness, Program, Run
 from .sandbox import Confinement
 from .session import Session
 
 StartKernel = Callable[[str, Confinement], Awaitable[Kernel]]
 
-BUILD_FAILED_EXIT_CODE = 127  # "command not found": exec after a failed build (seed 002)
 EXTRA_KERNEL = "batch"  # the key in Session.extra_kernels
 
 
@@ -93,12 +93,12 @@ def program(session: Session, options: BatchOptions, start_kernel: StartKernel) 
             clean_code = 0
             if options.clean:
                 outcome = await run.step(target, in_subshell(options.clean), allow_stdin=False)
-                clean_code = outcome.program_exit_code
+                clean_code = outcome.exit_code(ExitRule.PROGRAM)
             run.mark("clean-finished", clean_code)
         build_code = 0
         if options.build:
             outcome = await run.step(target, in_subshell(options.build), allow_stdin=False)
-            build_code = outcome.program_exit_code
+            build_code = outcome.exit_code(ExitRule.PROGRAM)
         run.mark("build-finished", build_code)
         if build_code != 0:
             run.finish(BUILD_FAILED_EXIT_CODE)
@@ -107,6 +107,6 @@ def program(session: Session, options: BatchOptions, start_kernel: StartKernel) 
             run.finish(0)
             return
         outcome = await run.step(target, in_subshell(options.exec), allow_stdin=True)
-        run.finish(outcome.program_exit_code)
+        run.finish(outcome.exit_code(ExitRule.PROGRAM))
 
     return run_batch

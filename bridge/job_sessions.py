@@ -26,7 +26,7 @@ from .errors import BridgeError, Conflict, InvalidRequest, JobNotFound, SessionN
 from .events import EventLog, job_key
 from .jobs import (
     DEFAULT_INTERACTIVE_TTL,
-    FAILED_EXIT_CODE,
+    EXIT_RULE,
     JOB_COLUMNS,
     OPEN_TTL,
     SESSION_COLUMNS,
@@ -39,6 +39,7 @@ from .jobs import (
 )
 from .keypairs import Keypairs
 from .languages import resolve
+from .outcomes import FAILED_EXIT_CODE
 from .session import Limits, Session, SessionState
 from .sessions import Sessions
 from .settings import Settings
@@ -330,7 +331,7 @@ class JobSessions:
                 timeout = max(deadline - loop.time(), 0.001)  # what the wait left
                 kernel = await self._new_kernel(js, job.id, job.environment, ticket)
             run = self.sessions.query(kernel, job.code, timeout=timeout,
-                                      stdin=job.stdin or "")
+                                      stdin=job.stdin or "", rule=EXIT_RULE)
             job.run = run
             if self.events is not None:
                 self.events.follow(run, job_key(job.id), job.access_key, owner=job.id,
