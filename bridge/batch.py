@@ -89,24 +89,20 @@ def program(session: Session, options: BatchOptions, start_kernel: StartKernel) 
 
     async def run_batch(run: Run) -> None:
         target = await bash_kernel(session, start_kernel)
+
+        async def command(cmd: str, allow_stdin: bool = False) -> int:
+            if not cmd:
+                return 0  # nothing to do succeeds
+            outcome = await run.step(target, in_subshell(cmd), allow_stdin=allow_stdin)
+            return outcome.exit_code(ExitRule.PROGRAM)
+
         if options.clean_requested:
-            clean_code = 0
-            if options.clean:
-                outcome = await run.step(target, in_subshell(options.clean), allow_stdin=False)
-                clean_code = outcome.exit_code(ExitRule.PROGRAM)
-            run.mark("clean-finished", clean_code)
-        build_code = 0
-        if options.build:
-            outcome = await run.step(target, in_subshell(options.build), allow_stdin=False)
-            build_code = outcome.exit_code(ExitRule.PROGRAM)
+            run.mark("clean-finished", await command(options.clean))
+        build_code = await command(options.build)
         run.mark("build-finished", build_code)
         if build_code != 0:
             run.finish(BUILD_FAILED_EXIT_CODE)
             return
-        if not options.exec:
-            run.finish(0)
-            return
-        outcome = await run.step(target, in_subshell(options.exec), allow_stdin=True)
-        run.finish(outcome.exit_code(ExitRule.PROGRAM))
+        run.finish(await command(options.exec, allow_stdin=True))
 
     return run_batch

@@ -24,7 +24,7 @@ import logging
 import time
 import uuid
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -235,12 +235,8 @@ class Executions:
         ex = self._new(access_key, req)
         # Queued for a place now, so a full queue is a 429 before anything is recorded.
         ticket = self._reserve(ex, req)
-        try:
+        with self._released_on_error(ticket):
             await self._write(ex, insert=True)
-        except BaseException:
-            if ticket is not None:
-                self.sessions.admission.release(ticket)
-            raise
         self._live[ex.id] = ex
         task = asyncio.create_task(self._background(ex, req, ticket))
         self._tasks.add(task)
@@ -341,6 +337,16 @@ class Executions:
             return None
         return self.sessions.reserve(ex.access_key, (ex.id, ex.id, "execution"), wait=True)
 
+    @contextlib.contextmanager
+    def _released_on_error(self, ticket: Ticket | None) -> Iterator[None]:
+        """A place this execution holds goes back if what follows fails."""
+        try:
+            yield
+        except BaseException:
+            if ticket is not None:
+                self.sessions.admission.release(ticket)
+            raise
+
     async def _execute(self, ex: Execution, req: ExecutionRequest, *,
                        ticket: Ticket | None = None,
                        record_start: bool = False,
@@ -367,14 +373,10 @@ class Executions:
         run_timeout = max(req.timeout - (loop.time() - accepted), 0.001)
         ex.status, ex.started_at = ExecStatus.RUNNING, now_iso()
         if record_start:
-            try:
+            with self._released_on_error(ticket):
                 await self.store.execute(
                     "UPDATE executions SET status=?, started_at=? WHERE id=?",
                     (ex.status.value, ex.started_at, ex.id))
-            except BaseException:
-                if ticket is not None:
-                    self.sessions.admission.release(ticket)
-                raise
         judged = testcases.Judged() if req.test_cases is not None else None
         scripts = execution_scripts(lang, req.environment, req.stdin) if judged is None \
             else ("", "")

@@ -9,10 +9,12 @@ whole run.
 
     QUEUED → RUNNING ⇄ WAITING_INPUT
                │
-               ├→ FINISHED      (program ended; exit code known)
+               ├→ FINISHED      (program ended; exit code by its kind's rule)
                ├→ TIMED_OUT     (deadline passed)
-               ├→ FAILED        (kernel died or could not be reached)
+               ├→ FAILED        (kernel died or unreachable, or its program could not start)
                └→ CANCELLED     (session closed before the run started)
+
+The states, exit codes and texts are :mod:`bridge.outcomes`'; the transitions are here.
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ the pump, the routing, the signature check and everything above them run as in p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 import zmq
@@ -131,11 +132,15 @@ class FakeKernel:
         self.interrupts += 1
 
 
-async def started(kernel: FakeKernel, **kwargs: Any) -> Channels:
-    """Channels pumping ``kernel``'s sockets (stop them at the end of the test)."""
+@contextlib.asynccontextmanager
+async def pumping(kernel: FakeKernel, **kwargs: Any) -> AsyncIterator[Channels]:
+    """Channels pumping ``kernel``'s sockets while the block runs."""
     channels = Channels(kernel, guarded=False, **kwargs)  # type: ignore[arg-type]
     channels.start()
-    return channels
+    try:
+        yield channels
+    finally:
+        await channels.stop()
 
 
 def target(kernel: FakeKernel, channels: Channels) -> Liveness:

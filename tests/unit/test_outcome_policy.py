@@ -16,7 +16,7 @@ from bridge.languages import resolve
 from bridge.outcomes import ExitRule, RunState, StepOutcome
 from bridge.runs import Program, Run, code_program
 
-from .fake_kernel import FakeKernel, started, target
+from .fake_kernel import FakeKernel, pumping, target
 
 Script = Any
 
@@ -42,11 +42,10 @@ def run_of(script: Script, rule: ExitRule, timeout: float | None = None,
     async def go() -> Run:
         kernel = FakeKernel()
         kernel.on("execute_request", script)
-        channels = await started(kernel)
-        run = Run(run_id="r", mode="query", code="x", timeout=timeout,
-                  program=program or code_program(lambda: target(kernel, channels), rule))
-        await run.execute()
-        await channels.stop()
+        async with pumping(kernel) as channels:
+            run = Run(run_id="r", mode="query", code="x", timeout=timeout,
+                      program=program or code_program(lambda: target(kernel, channels), rule))
+            await run.execute()
         return run
 
     return asyncio.run(go())
@@ -147,13 +146,12 @@ def batch_run(options: dict[str, Any], codes: dict[str, int]) -> tuple[Run, list
     async def go() -> tuple[Run, list[Any]]:
         kernel = FakeKernel()
         kernel.on("execute_request", script)
-        channels = await started(kernel)
-        session: Any = SimpleNamespace(extra_kernels={batch.EXTRA_KERNEL: (kernel, channels)})
-        opts = batch.BatchOptions.parse(options, resolve("c"))
-        run = Run(run_id="b", mode="batch", code="",
-                  program=batch.program(session, opts, start_kernel=None))  # type: ignore[arg-type]
-        await run.execute()
-        await channels.stop()
+        async with pumping(kernel) as channels:
+            session: Any = SimpleNamespace(extra_kernels={batch.EXTRA_KERNEL: (kernel, channels)})
+            opts = batch.BatchOptions.parse(options, resolve("c"))
+            run = Run(run_id="b", mode="batch", code="",
+                      program=batch.program(session, opts, start_kernel=None))  # type: ignore[arg-type]
+            await run.execute()
         marks = []
         while not run.exhausted:
             r = await run.next_result(0.01)

@@ -12,22 +12,18 @@ from bridge.errors import InvalidTransition, KernelStartFailed
 from bridge.outcomes import KERNEL_DIED, ExitRule, RunState
 from bridge.runs import Program, Result, Run, code_program
 
-from .fake_kernel import FakeKernel, run_async, started, target
+from .fake_kernel import FakeKernel, pumping, run_async, target
 
 
 async def a_run(kernel: FakeKernel, code: str = "x", *, program: Program | None = None,
                 **kwargs: Any) -> Run:
     """A run of ``code`` on ``kernel`` (query rule unless ``program``), executed to its end."""
-    channels = await started(kernel)
-    run = Run(run_id=Run.new_id(), mode="query", code=code,
-              program=program or code_program(lambda: target(kernel, channels), ExitRule.QUERY),
-              **kwargs)
-    try:
+    async with pumping(kernel) as channels:
+        program = program or code_program(lambda: target(kernel, channels), ExitRule.QUERY)
+        run = Run(run_id=Run.new_id(), mode="query", code=code, program=program, **kwargs)
         async with asyncio.timeout(10):
             await run.execute()
-    finally:
-        await channels.stop()
-    return run
+        return run
 
 
 async def results(run: Run) -> list[Result]:
@@ -42,13 +38,12 @@ async def test_a_run_goes_from_queued_through_running_to_finished() -> None:
     kernel = FakeKernel()
     seen: list[tuple[str, dict[str, Any]]] = []
     kernel.on("execute_request", lambda k, req: k.finish(req, stdout="hi\n"))
-    channels = await started(kernel)
-    run = Run(run_id="r1", mode="query", code="print('hi')",
-              program=code_program(lambda: target(kernel, channels), ExitRule.QUERY))
-    run.observers.append(lambda event, data: seen.append((event, data)))
-    assert run.state is RunState.QUEUED and not run.done
-    await run.execute()
-    await channels.stop()
+    async with pumping(kernel) as channels:
+        run = Run(run_id="r1", mode="query", code="print('hi')",
+                  program=code_program(lambda: target(kernel, channels), ExitRule.QUERY))
+        run.observers.append(lambda event, data: seen.append((event, data)))
+        assert run.state is RunState.QUEUED and not run.done
+        await run.execute()
     assert run.state is RunState.FINISHED and run.exit_code == 0 and run.done
     assert [e for e, _ in seen] == ["status", "stdout", "end"]
     assert seen[-1][1] == {"status": "finished", "exit_code": 0}
@@ -127,17 +122,16 @@ async def test_a_run_asks_for_input_and_goes_on_with_the_answer() -> None:
     kernel = FakeKernel()
     kernel.expect_input(lambda value: answered.set())
     kernel.on("execute_request", script)
-    channels = await started(kernel)
-    run = Run(run_id="r", mode="query", code="input()",
-              program=code_program(lambda: target(kernel, channels), ExitRule.QUERY))
-    task = asyncio.create_task(run.execute())
-    first = await run.next_result(2.0)
-    assert first.status == "waiting-input" and first.options == {"is_password": True}
-    assert first.console == [["stdout", "name? "]] and run.state is RunState.WAITING_INPUT
-    run.feed_input("ada")
-    assert run.state is RunState.RUNNING
-    await task
-    await channels.stop()
+    async with pumping(kernel) as channels:
+        run = Run(run_id="r", mode="query", code="input()",
+                  program=code_program(lambda: target(kernel, channels), ExitRule.QUERY))
+        task = asyncio.create_task(run.execute())
+        first = await run.next_result(2.0)
+        assert first.status == "waiting-input" and first.options == {"is_password": True}
+        assert first.console == [["stdout", "name? "]] and run.state is RunState.WAITING_INPUT
+        run.feed_input("ada")
+        assert run.state is RunState.RUNNING
+        await task
     last = await run.next_result(0.5)
     assert last.status == "finished" and last.console == [["stdout", "hello ada\n"]]
 
