@@ -36,9 +36,9 @@ from .outcomes import (
     KILLED_EXIT_CODE,
     NOT_STARTED_EXIT_CODE,
     ExitRule,
-    RunState,
     StepOutcome,
 )
+from .outcomes import RunState as RunState  # the one RunState, also importable from here
 from .tasks import spawn
 from .wire import RESET_NOTICE
 

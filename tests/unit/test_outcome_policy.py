@@ -169,3 +169,10 @@ def test_a_batch_run_reports_each_step_and_127_after_a_failed_build() -> None:
                      ("finished", outcomes.BUILD_FAILED_EXIT_CODE)]
     _, marks = batch_run({"build": "make", "exec": "./main"}, {"./main": 5})
     assert marks == [("build-finished", 0), ("finished", 5)]
+
+
+def test_a_finished_run_that_still_failed_is_the_judge_stopping_early() -> None:
+    """Only the test-case runner's run can finish without a result: its records stopped."""
+    run = run_of(lambda k, req: k.finish(req), ExitRule.PROGRAM)
+    assert run.state is RunState.FINISHED
+    assert outcomes.failure(run, 5) == outcomes.RUNNER_STOPPED
