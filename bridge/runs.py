@@ -47,6 +47,11 @@ if TYPE_CHECKING:
 
 LIVENESS_INTERVAL = 0.5
 CAP_CHECK_INTERVAL = 0.05  # how soon a run whose output passed its cap interrupts the kernel
+# Output already in flight keeps arriving after an interrupt; a second SIGINT while ipykernel is
+# still unwinding the first (formatting its traceback) can land in its own code and kill the
+# kernel, so interrupt again only while no reply has come and output still flows this long after
+# the last interrupt (code that catches KeyboardInterrupt and goes on printing).
+REINTERRUPT_AFTER_S = 5.0
 INPUT_SETTLE_S = 0.02
 RESET_SETTLE_S = 0.2  # after a reset, how long a dying kernel takes to be seen dead
 
@@ -111,6 +116,7 @@ class Run:
         self._bytes = 0
         self._dropped = 0
         self._interrupted_at = 0  # self._dropped when the kernel was last interrupted
+        self._interrupt_time = 0.0  # time.monotonic() of that interrupt
         self._deadline: float | None = None
         self._waiting: Liveness | None = None
         self._stdin_lines = deque(self.stdin.splitlines()) if self.stdin is not None else None
@@ -290,13 +296,15 @@ class Run:
         that speaks a protocol on its stdout, as the judge runner does).
         Raises KernelDied; TimeoutError propagates from the run's deadline.
         """
-        notified = False
+        notified = replied = False
 
         def on_message(channel: Channel, msg: Message) -> None:
-            nonlocal notified
+            nonlocal notified, replied
             msg_type = msg["header"].get("msg_type", "")
             content = msg["content"]
-            if msg_type == RESET:
+            if channel == "shell" and msg_type == "execute_reply":
+                replied = True
+            elif msg_type == RESET:
                 # The kernel's message was refused (over the size cap) and what it sent during
                 # the reconnect is lost: say so (once, and not when the kernel died: that
                 # resets every channel) and do not wait for what may have been lost.
@@ -313,7 +321,8 @@ class Run:
                 self._on_input_request(kernel, content)
 
         async def check() -> None:
-            await self._stop_flood(kernel)
+            if not replied:  # the code ended: what still flows is in flight, not a flood
+                await self._stop_flood(kernel)
             if not await kernel.is_alive():
                 raise KernelDied(KERNEL_DIED)
 
@@ -338,8 +347,10 @@ class Run:
     async def _stop_flood(self, kernel: Liveness) -> None:
         """Interrupt the kernel while its output is being dropped: output past the cap is neither
         kept nor worth producing. Again on a later tick if the code ignored the interrupt."""
-        if kernel.interrupt is not None and self._dropped > self._interrupted_at:
+        if (kernel.interrupt is not None and self._dropped > self._interrupted_at
+                and time.monotonic() - self._interrupt_time >= REINTERRUPT_AFTER_S):
             self._interrupted_at = self._dropped
+            self._interrupt_time = time.monotonic()
             await kernel.interrupt()
 
     def _on_input_request(self, kernel: Liveness, content: dict[str, Any]) -> None:

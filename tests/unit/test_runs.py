@@ -106,6 +106,39 @@ async def test_output_past_the_cap_is_cut_noted_and_interrupted() -> None:
 
 
 @run_async
+async def test_a_flood_is_interrupted_once_not_again_while_it_unwinds() -> None:
+    """A second SIGINT while the kernel handles the first can kill it (REINTERRUPT_AFTER_S)."""
+    async def ignores_interrupts(k: FakeKernel, req: dict[str, Any]) -> None:
+        k.status(req, "busy")
+        for _ in range(100):  # a second of output past the cap, whatever the interrupts
+            k.stream(req, "y" * 100)
+            await asyncio.sleep(0.01)
+        k.finish(req)
+
+    kernel = FakeKernel()
+    kernel.on("execute_request", ignores_interrupts)
+    run = await a_run(kernel, output_limit=100)
+    assert run.truncated and kernel.interrupts == 1
+
+
+@run_async
+async def test_output_after_the_reply_is_not_interrupted() -> None:
+    """Once the code ended, what still arrives was in flight: nothing to stop."""
+    async def tail_after_reply(k: FakeKernel, req: dict[str, Any]) -> None:
+        k.status(req, "busy")
+        k.reply(req)
+        for _ in range(80):  # longer than a liveness tick
+            k.stream(req, "z" * 100)
+            await asyncio.sleep(0.01)
+        k.status(req, "idle")
+
+    kernel = FakeKernel()
+    kernel.on("execute_request", tail_after_reply)
+    run = await a_run(kernel, output_limit=100)
+    assert run.truncated and kernel.interrupts == 0
+
+
+@run_async
 async def test_a_run_asks_for_input_and_goes_on_with_the_answer() -> None:
     answered = asyncio.Event()
 
