@@ -94,16 +94,20 @@ async def connect(kernel: Kernel, default: Sink | None = None,
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     wait = NUDGE_S
-    while loop.time() < deadline:
-        try:
-            async with asyncio.timeout(min(wait, deadline - loop.time())):
-                await channels.request("kernel_info_request", {}, channel="control",
-                                       iopub_grace=None, linger=True)
-            break
-        except TimeoutError:
-            wait = min(wait * 2, 2.0)  # a loaded machine answers late: wait longer each time
-    else:
-        log.warning("kernel %s: iopub did not answer within %.0f s", kernel.id, timeout)
+    try:
+        while loop.time() < deadline:
+            try:
+                async with asyncio.timeout(min(wait, deadline - loop.time())):
+                    await channels.request("kernel_info_request", {}, channel="control",
+                                           iopub_grace=None, linger=True)
+                break
+            except TimeoutError:
+                wait = min(wait * 2, 2.0)  # a loaded machine answers late: wait longer
+        else:
+            log.warning("kernel %s: iopub did not answer within %.0f s", kernel.id, timeout)
+    except BaseException:
+        await _shut(channels)  # cancelled (the client left), or the sockets failed
+        raise
     return channels
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from bridge.channels import Exchange, Watch
 from bridge.errors import KernelDied
 from bridge.messages import Channel, Message
+from bridge.pool import warm_up
 
 from .fake_kernel import FakeKernel, Script, pumping, run_async, settle
 
@@ -247,3 +249,28 @@ async def test_a_lingering_request_swallows_its_late_messages() -> None:
         await settle()
         assert everyone.texts() == ["the client's\n"]
         assert [t for _, t, _ in everyone.got] == ["stream"]
+
+
+@run_async
+async def test_the_pools_warm_up_waits_for_its_silent_execution_to_end() -> None:
+    """pool.warm_up goes through the same primitive: the kernel is idle when it returns, and
+    nothing of it is left queued for the session that takes the kernel."""
+    done = False
+
+    async def slow(k: FakeKernel, req: dict[str, Any]) -> None:
+        nonlocal done
+        k.status(req, "busy")
+        await asyncio.sleep(0.05)
+        k.reply(req)
+        await asyncio.sleep(0.05)
+        done = True
+        k.status(req, "idle")
+
+    kernel = FakeKernel()
+    kernel.on("execute_request", slow)
+    await warm_up(SimpleNamespace(client=kernel), "pass")  # type: ignore[arg-type]
+    assert done
+    [(channel, request)] = kernel.requests
+    assert channel == "shell" and request["content"]["silent"] is True
+    assert all(sock.frames.empty() for sock in (kernel.shell_channel.socket,
+                                                kernel.iopub_channel.socket))
