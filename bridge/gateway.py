@@ -49,8 +49,6 @@ NUDGE_S = 0.3  # the first nudge's wait for its answer (see connect())
 # Only these variables of a POSTed env reach the kernel (as Kernel Gateway does): a client must
 # not set PATH, LD_PRELOAD or the like inside the sandbox.
 ENV_PREFIXES = ("KERNEL_", "JPY_")
-# Bounds Activity.requests: a request the kernel never said idle after is dropped past this.
-MAX_PENDING_REQUESTS = 1000
 # What jupyter_server's GatewayClient adds to every start request: its own launch timeout, and
 # the notebook's directory or path on its host. None means anything inside our sandbox (the
 # kernel's cwd is /home/work), and a kernel asked for with any environment cannot be a
@@ -58,6 +56,8 @@ MAX_PENDING_REQUESTS = 1000
 # cold kernel start (2–7 s on a busy machine), during which JupyterLab silently drops a cell that
 # is run (it has no kernel to send it to until the start request answers).
 GATEWAY_ENV = frozenset({"KERNEL_LAUNCH_TIMEOUT", "KERNEL_WORKING_DIR", "JPY_SESSION_NAME"})
+# Bounds Activity.requests: a request the kernel never said idle after is dropped past this.
+MAX_PENDING_REQUESTS = 1000
 
 
 class NoSuchKernelspec(NotFound):
