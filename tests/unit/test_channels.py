@@ -165,13 +165,13 @@ async def test_without_idle_the_iopub_grace_ends_the_wait() -> None:
 async def test_the_grace_counts_from_the_last_output_not_from_the_reply() -> None:
     async def script(k: FakeKernel, req: dict[str, Any]) -> None:
         k.reply(req)
-        for i in range(6):  # 0.6 s of output after the reply, each gap under the grace
-            await asyncio.sleep(0.1)
+        for i in range(6):  # twice the grace of output after the reply, each gap under it
+            await asyncio.sleep(0.05)
             k.stream(req, f"{i}\n")
         k.status(req, "idle")
 
     inbox = Inbox()
-    ex, _ = await request_with(script, on_message=inbox, iopub_grace=0.3)
+    ex, _ = await request_with(script, on_message=inbox, iopub_grace=0.15)
     assert ex.idle and inbox.texts() == [f"{i}\n" for i in range(6)]
 
 
