@@ -290,7 +290,8 @@ class Run:
 
     async def step(self, kernel: Liveness, code: str, *, allow_stdin: bool = True,
                    on_stream: StreamSink | None = None) -> StepOutcome:
-        """Execute ``code`` on one kernel until its reply and idle status have both arrived.
+        """Execute ``code`` on one kernel until its reply and idle status have both arrived
+        (or iopub went quiet after the reply: :meth:`~bridge.channels.Channels.request`).
 
         Stream output goes to the run's console, or to ``on_stream`` when given (a program
         that speaks a protocol on its stdout, as the judge runner does).
