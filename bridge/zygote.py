@@ -23,6 +23,7 @@ import os
 import signal
 import site
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -47,23 +48,39 @@ RESTART_BACKOFF_S = 5.0
 GROWTH_LIMIT_BYTES = 48 * 1024 * 1024  # the template's own private growth that retires it
 GROWTH_CHECK_EVERY = 25
 MAX_UNCLAIMED_EXITS = 1024
+KEEPER = ""  # the plain keeper's key among the server's lines (zygote lines: an interpreter)
 
 
 class ZygoteUnavailable(RuntimeError):
     """No zygote can fork this kernel now; start it cold."""
 
 
-def for_interpreters(env: Mapping[str, str], max_forks: int,
-                     pythons: list[str]) -> dict[str, Zygotes]:
-    """A zygote line per interpreter kernels start with: the server's own, and an operator's
-    Python environment when our kernel package can be put on its path without the server's
-    site-packages (a checkout): a foreign interpreter must not import the server's packages."""
+def for_interpreters(env: Mapping[str, str], max_forks: int, pythons: list[str], *,
+                     fork: bool = True, sockets_dir: Path | None = None) -> dict[str, Zygotes]:
+    """The server's keepers: the plain keeper that spawns cold kernels (key :data:`KEEPER`),
+    and with ``fork`` a zygote line per interpreter kernels start with: the server's own, and an
+    operator's Python environment when our kernel package can be put on its path without the
+    server's site-packages (a checkout): a foreign interpreter must not import the server's
+    packages. Each listens in ``sockets_dir`` for a later server to adopt its kernels."""
     pkg_parent = str(kernel_package().parent)
-    lines = {}
-    for python in dict.fromkeys(pythons):
+    lines = {KEEPER: Zygotes(env, 0, plain=True, sockets_dir=sockets_dir)}
+    for python in dict.fromkeys(pythons) if fork else ():
         if python == sys.executable or pkg_parent not in site.getsitepackages():
-            lines[python] = Zygotes(env, max_forks, python)
+            lines[python] = Zygotes(env, max_forks, python, sockets_dir=sockets_dir)
     return lines
+
+
+async def reach(handle: Mapping[str, Any]) -> Keeper:
+    """The keeper a record names (one connection per keeper, shared by its kernels). Raises
+    ZygoteUnavailable when it is gone or is not the one named."""
+    path = str(handle["socket"])
+    keeper = _reached.get(path)
+    if keeper is None or not keeper.alive or keeper.pid != handle.get("pid"):
+        keeper = _reached[path] = await Keeper.connect(handle)
+    return keeper
+
+
+_reached: dict[str, Keeper] = {}
 
 
 def kernel_package() -> Path:
@@ -96,29 +113,67 @@ def _kill(pidfd: int) -> None:
     os.close(pidfd)
 
 
-class ZygoteProcess:
-    """One running zygote: its process, its socket and what it told us."""
+def start_time(pid: int) -> int | None:
+    """A live process's start time (clock ticks since boot, /proc/<pid>/stat field 22): with
+    its pid, a name no later process can have. None for no process, or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return None if fields[0] in ("Z", "X") else int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
 
-    def __init__(self, env: Mapping[str, str], python: str) -> None:
-        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            self.proc = subprocess.Popen(
-                [python, "-m", "kernelspecs._zygote", "--control", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),), env=dict(env), cwd="/", stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, start_new_session=True)
-        finally:
-            theirs.close()
+
+class Keeper:
+    """A connection to a zygote or keeper process (``kernelspecs/_zygote.py``): requests,
+    replies, and the exits of the kernels it holds. The server that started it has one over a
+    socketpair (:class:`ZygoteProcess`); a later server reaches it on its listening socket
+    (:meth:`connect`)."""
+
+    def __init__(self, sock: socket.socket, pid: int, path: str) -> None:
+        self.sock = sock
         self.sock.setblocking(False)
-        self.pid = self.proc.pid
+        self.pid = pid
+        self.path = path  # where a later server reaches it
+        self.born = start_time(pid)  # with the pid, names this process alone
         loop = asyncio.get_running_loop()
         self.ready: asyncio.Future[dict[str, Any]] = loop.create_future()
         self.closed: asyncio.Future[None] = loop.create_future()
-        self.replies: dict[int, asyncio.Future[tuple[int, int]]] = {}
+        self.replies: dict[int, asyncio.Future[tuple[dict[str, Any], list[int]]]] = {}
         self.exits: dict[int, int] = {}
-        self.forks = 0
-        self.baseline = 0
-        self.retired = False
+        self._ids = itertools.count(1)
         loop.add_reader(self.sock.fileno(), self._readable)
+
+    @classmethod
+    async def connect(cls, handle: Mapping[str, Any]) -> Keeper:
+        """Reach the keeper a record names, verified by pid and start time (a pid reused by
+        another process, a socket someone else bound: refused). Raises ZygoteUnavailable."""
+        pid, path = int(handle["pid"]), str(handle["socket"])
+        # A keeper leaves with its last kernel, and its kernels die with it.
+        gone = f"it ended while no server watched it, and so did its keeper (pid {pid})"
+        if start_time(pid) != handle.get("start"):
+            raise ZygoteUnavailable(gone)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            sock.connect(path)
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                    struct.calcsize("3i"))
+            peer, uid, _gid = struct.unpack("3i", creds)
+        except OSError as exc:
+            sock.close()
+            if start_time(pid) != handle.get("start"):
+                raise ZygoteUnavailable(gone) from exc
+            raise ZygoteUnavailable(f"its keeper (pid {pid}) does not answer: {exc}") from exc
+        if peer != pid or uid != os.getuid() or start_time(pid) != handle.get("start"):
+            sock.close()
+            raise ZygoteUnavailable(f"{path} is not the kernel's keeper")
+        keeper = cls(sock, pid, path)
+        keeper.ready.set_result({})
+        return keeper
+
+    def handle(self) -> dict[str, Any]:
+        """What a record keeps to reach this keeper again."""
+        return {"socket": self.path, "pid": self.pid, "start": self.born}
 
     def _readable(self) -> None:
         while True:
@@ -139,21 +194,18 @@ class ZygoteProcess:
             while len(self.exits) > MAX_UNCLAIMED_EXITS:  # kernels nobody polled after a kill
                 del self.exits[next(iter(self.exits))]
         elif msg.get("ready"):
-            with contextlib.suppress(OSError):
-                self.baseline = private_bytes(self.pid)
-            if not self.ready.done():
-                self.ready.set_result(msg)
+            self._on_ready(msg)
         elif "id" in msg:
             fut = self.replies.pop(int(msg["id"]), None)
             if fut is None or fut.done():
                 for fd in fds:  # a fork whose asker gave up: it must not run unowned
                     _kill(fd)
-            elif "pid" in msg and fds:
-                fut.set_result((int(msg["pid"]), fds[0]))
             else:
-                for fd in fds:
-                    os.close(fd)
-                fut.set_exception(ZygoteUnavailable(msg.get("error", "no pid")))
+                fut.set_result((msg, fds))
+
+    def _on_ready(self, msg: dict[str, Any]) -> None:
+        if not self.ready.done():
+            self.ready.set_result(msg)
 
     def _gone(self) -> None:
         with contextlib.suppress(Exception):
@@ -169,13 +221,6 @@ class ZygoteProcess:
         self.replies.clear()
         if not self.closed.done():
             self.closed.set_result(None)
-        self._reap()
-
-    def _reap(self, tries: int = 100) -> None:
-        """Reap the exited zygote without blocking the loop (it exits just after its socket
-        closes)."""
-        if self.proc.poll() is None and tries > 0:
-            asyncio.get_running_loop().call_later(0.05, self._reap, tries - 1)
 
     @property
     def alive(self) -> bool:
@@ -189,13 +234,17 @@ class ZygoteProcess:
         except OSError as exc:
             raise ZygoteUnavailable(f"cannot reach the zygote: {exc}") from exc
 
-    async def fork(self, req: dict[str, Any], fds: list[int], rid: int) -> tuple[int, int]:
-        fut: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
+    async def request(self, req: dict[str, Any],
+                      fds: list[int] | None = None) -> tuple[dict[str, Any], list[int]]:
+        """Send ``req`` and wait for its answer (the message and the descriptors it carries,
+        which the caller then owns). Raises ZygoteUnavailable."""
+        rid = next(self._ids)
+        fut: asyncio.Future[tuple[dict[str, Any], list[int]]] = \
+            asyncio.get_running_loop().create_future()
         self.replies[rid] = fut
-        self.forks += 1
         done = False
         try:
-            self.send({**req, "op": "fork", "id": rid}, fds)
+            self.send({**req, "id": rid}, fds)
             async with asyncio.timeout(FORK_TIMEOUT_S):
                 result = await fut
             done = True
@@ -205,7 +254,84 @@ class ZygoteProcess:
         finally:
             self.replies.pop(rid, None)
             if not done and fut.done() and not fut.cancelled() and fut.exception() is None:
-                _kill(fut.result()[1])  # forked, but nobody is left to take it
+                for fd in fut.result()[1]:
+                    _kill(fd)  # forked, but nobody is left to take it
+
+    async def start(self, op: str, req: dict[str, Any], fds: list[int]) -> tuple[int, int]:
+        """``fork`` or ``spawn`` → (host pid, pidfd); the caller owns the pidfd."""
+        msg, got = await self.request({**req, "op": op}, fds)
+        if "pid" in msg and got:
+            for fd in got[1:]:
+                os.close(fd)
+            return int(msg["pid"]), got[0]
+        for fd in got:
+            os.close(fd)
+        raise ZygoteUnavailable(str(msg.get("error", "no pid")))
+
+    async def adopt(self, pid: int) -> tuple[int | None, int | None]:
+        """A kernel this keeper holds → (pidfd, None) while it lives, (None, exit status) once
+        it ended. Raises ZygoteUnavailable when the keeper knows no such kernel."""
+        msg, got = await self.request({"op": "adopt", "pid": pid})
+        if "pid" in msg and got:
+            return got[0], None
+        for fd in got:
+            os.close(fd)
+        if "gone" in msg:
+            return None, int(msg["status"])
+        raise ZygoteUnavailable(str(msg.get("error", "unknown kernel")))
+
+    def exit_status(self, pid: int) -> int | None:
+        return self.exits.pop(pid, None)
+
+    def detach(self) -> None:
+        """Close our end; the keeper keeps its kernels (and exits with its last one)."""
+        if self.alive:
+            self._gone()
+
+
+class ZygoteProcess(Keeper):
+    """One running zygote (or plain keeper) this server started: its process, its socket."""
+
+    def __init__(self, env: Mapping[str, str], python: str, *, listen: str = "",
+                 plain: bool = False) -> None:
+        sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        argv = [python, "-m", "kernelspecs._zygote", "--control", str(theirs.fileno())]
+        if listen:
+            argv += ["--listen", listen]
+        if plain:
+            argv.append("--plain")
+        try:
+            # Its own session: a terminal's ^C to the server's group does not reach it.
+            self.proc = subprocess.Popen(
+                argv, pass_fds=(theirs.fileno(),), env=dict(env), cwd="/",
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
+        finally:
+            theirs.close()
+        super().__init__(sock, self.proc.pid, listen)
+        self.plain = plain
+        self.forks = 0
+        self.baseline = 0
+        self.retired = False
+
+    def _on_ready(self, msg: dict[str, Any]) -> None:
+        with contextlib.suppress(OSError):
+            self.baseline = private_bytes(self.pid)
+        super()._on_ready(msg)
+
+    def _gone(self) -> None:
+        super()._gone()
+        self._reap()
+
+    def _reap(self, tries: int = 100) -> None:
+        """Reap the exited zygote without blocking the loop (it exits just after its socket
+        closes, or, holding kernels, much later: then whoever is our init reaps it)."""
+        if self.proc.poll() is None and tries > 0:
+            with contextlib.suppress(RuntimeError):  # the loop is closing
+                asyncio.get_running_loop().call_later(0.05, self._reap, tries - 1)
+
+    async def fork(self, req: dict[str, Any], fds: list[int]) -> tuple[int, int]:
+        self.forks += 1
+        return await self.start("fork", req, fds)
 
     def retire(self) -> None:
         self.retired = True
@@ -218,21 +344,32 @@ class ZygoteProcess:
         except OSError:
             return False
 
-    async def stop(self) -> None:
+    async def stop(self, keep_kernels: bool = False) -> None:
+        if keep_kernels:
+            self.detach()
+            return
+        with contextlib.suppress(ZygoteUnavailable):
+            self.send({"op": "stop"})  # kills what it still holds and exits
         if self.alive:
-            self._gone()  # closing our end: the zygote kills what it still holds and exits
-        with contextlib.suppress(Exception):
-            self.proc.kill()
+            self._gone()
         with contextlib.suppress(Exception):
             await asyncio.to_thread(self.proc.wait, 5)
+        with contextlib.suppress(Exception):
+            self.proc.kill()
 
 
 class Zygotes:
-    """The server's zygotes: forks kernels, knows their exit codes, recycles and restarts."""
+    """One line of keepers: the zygotes of one interpreter (forks kernels, recycled after
+    ``max_forks`` or growth, restarted when one dies), or with ``plain`` the keeper that spawns
+    cold kernels. Each process it started holds its kernels beyond the server's life and
+    listens in ``sockets_dir`` for a later server to adopt them."""
 
     def __init__(self, env: Mapping[str, str], max_forks: int,
-                 python: str = sys.executable) -> None:
+                 python: str = sys.executable, *, plain: bool = False,
+                 sockets_dir: Path | None = None) -> None:
         self.python = python  # one zygote line per interpreter (KB_PYTHON_ENV has its own)
+        self.plain = plain
+        self.sockets_dir = sockets_dir
         pkg_parent = str(kernel_package().parent)
         # Our kernel package for the template: a checkout is not a site dir (and kernels see it
         # elsewhere: the child puts the kernel's own PYTHONPATH in place of this one).
@@ -241,7 +378,6 @@ class Zygotes:
         self.max_forks = max_forks
         self.current: ZygoteProcess | None = None
         self.retired: list[ZygoteProcess] = []
-        self._ids = itertools.count(1)
         self._last_start = 0.0
         self.started = 0  # zygotes started (for tests and the bench)
 
@@ -251,8 +387,12 @@ class Zygotes:
 
     def _spawn(self) -> ZygoteProcess | None:
         self._last_start = time.monotonic()
+        listen = ""
+        if self.sockets_dir is not None:
+            kind = "keeper" if self.plain else "zygote"
+            listen = str(self.sockets_dir / f"{kind}-{os.getpid()}-{next(_serial)}.sock")
         try:
-            self.current = ZygoteProcess(self.env, self.python)
+            self.current = ZygoteProcess(self.env, self.python, listen=listen, plain=self.plain)
         except OSError as exc:
             log.warning("cannot start the zygote (%s); kernels start cold", exc)
             self.current = None
@@ -262,7 +402,7 @@ class Zygotes:
 
     async def _usable(self) -> ZygoteProcess:
         z = self.current
-        if z is not None and z.alive and (z.forks >= self.max_forks or (
+        if z is not None and z.alive and not self.plain and (z.forks >= self.max_forks or (
                 z.forks and z.forks % GROWTH_CHECK_EVERY == 0 and z.grown())):
             log.info("recycling the zygote after %d forks", z.forks)
             z.retire()
@@ -270,7 +410,9 @@ class Zygotes:
             z = None
         if z is None or not z.alive:
             if z is not None:
-                log.warning("the zygote died; kernels start cold until a new one is ready")
+                log.warning("the %s died; kernels start cold until a new one is ready",
+                            "keeper" if self.plain else "zygote")
+                z.proc.poll()  # reaped if it already exited
             if time.monotonic() - self._last_start < RESTART_BACKOFF_S and z is not None:
                 raise ZygoteUnavailable("the zygote died moments ago")
             z = self._spawn()
@@ -288,17 +430,21 @@ class Zygotes:
         """A kernel forked per ``req`` → (host pid, pidfd, its zygote). The caller owns the
         pidfd. Raises ZygoteUnavailable (then nothing was started)."""
         z = await self._usable()
-        pid, pidfd = await z.fork(req, fds, next(self._ids))
+        pid, pidfd = await z.fork(req, fds)
         return pid, pidfd, z
 
-    def exit_status(self, pid: int) -> int | None:
-        for z in (self.current, *self.retired):
-            if z is not None and pid in z.exits:
-                return z.exits.pop(pid)
-        return None
+    async def keeper(self) -> ZygoteProcess:
+        """The process that spawns and holds the next kernel. Raises ZygoteUnavailable."""
+        return await self._usable()
 
-    async def close(self) -> None:
+    async def close(self, keep_kernels: bool = False) -> None:
+        """Stop every zygote of the line, killing their kernels; with ``keep_kernels`` only
+        let go of them: they keep their kernels for the next server (``serve
+        --keep-kernels``)."""
         zs = [z for z in (self.current, *self.retired) if z is not None]
         self.current = None
         self.retired = []
-        await asyncio.gather(*(z.stop() for z in zs), return_exceptions=True)
+        await asyncio.gather(*(z.stop(keep_kernels) for z in zs), return_exceptions=True)
+
+
+_serial = itertools.count(1)
