@@ -165,14 +165,17 @@ class SandboxProvisioner(LocalProvisioner):
     async def _abandon(self) -> None:
         """Leave nothing of a held start that failed: no holder, nothing in the cgroup."""
         await self._release_nest(kill=True)
+        self._kill_held()
+        if self.cgroup is not None:
+            self.cgroup.kill()
+        self.pid, self.keeper = None, None
+
+    def _kill_held(self) -> None:
         if self._pidfd is not None:
             with contextlib.suppress(OSError):
                 signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
             _close(self._pidfd)
             self._pidfd = None
-        if self.cgroup is not None:
-            self.cgroup.kill()
-        self.pid, self.keeper = None, None
 
     async def _release_nest(self, kill: bool) -> None:
         nest, self.nest = self.nest, None
@@ -247,11 +250,7 @@ class SandboxProvisioner(LocalProvisioner):
     async def cleanup(self, restart: bool = False) -> None:
         self._cpu_before += self._tree_cpu()
         await self._release_nest(kill=True)
-        if self._pidfd is not None:
-            with contextlib.suppress(OSError):
-                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
-            _close(self._pidfd)
-            self._pidfd = None
+        self._kill_held()
         self._close_pending()
         await super().cleanup(restart=restart)
         if self.stderr is not None:

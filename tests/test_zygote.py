@@ -98,7 +98,8 @@ def test_forked_kernels_are_confined_like_cold_ones(api: Client) -> None:
     api.delete(f"/session/{name}")
 
 
-def test_random_state_differs_across_twenty_fresh_kernels(api: Client) -> None:
+def fresh_probes(api: Client, n: int = 20) -> list[dict[str, Any]]:
+    """Probes of ``n`` fresh kernels, each in a session of its own, four at a time."""
     def one(_: int) -> dict[str, Any]:
         name = create(api)
         try:
@@ -107,7 +108,11 @@ def test_random_state_differs_across_twenty_fresh_kernels(api: Client) -> None:
             api.delete(f"/session/{name}")
 
     with ThreadPoolExecutor(4) as pool:
-        probes = list(pool.map(one, range(20)))
+        return list(pool.map(one, range(n)))
+
+
+def test_random_state_differs_across_twenty_fresh_kernels(api: Client) -> None:
+    probes = fresh_probes(api)
     assert all(p["ppid"] == 0 for p in probes), [p["ppid"] for p in probes]
     assert len({p["random"] for p in probes}) == 20
     assert len({p["uuid"] for p in probes}) == 20
@@ -313,19 +318,10 @@ def test_python_env_kernels_fork_from_their_own_zygote_and_numpy_differs() -> No
     env = ROOT / ".venv-datascience"
     assert (env / "bin" / "python").exists(), "run `make datascience-env`"
     with run_server(zygote="on", pool_python="0", python_env=str(env)) as s, s.client() as api:
-        def one(_: int) -> dict[str, Any]:
-            name = create(api)
-            try:
-                return probe(api, name)
-            finally:
-                api.delete(f"/session/{name}")
-
-        with ThreadPoolExecutor(4) as pool:
-            probes = list(pool.map(one, range(20)))
+        probes = fresh_probes(api)
         assert all(p["ppid"] == 0 for p in probes), [p["ppid"] for p in probes]
         assert all(p["numpy"] is not None for p in probes)  # the environment's numpy
         assert len({p["numpy"] for p in probes}) == 20
         assert len({p["random"] for p in probes}) == 20
-        zygotes = [p for p in psutil.Process(s.process.pid).children()
-                   if "kernelspecs._zygote" in " ".join(p.cmdline())]
+        zygotes = zygotes_of(s)
         assert any(str(env) in z.cmdline()[0] for z in zygotes), [z.cmdline() for z in zygotes]
