@@ -21,7 +21,8 @@ process itself. Locally, two walls, both always up:
   that live outside ``/usr`` (read-only), the session dir at ``/home/work`` (HOME and cwd; mounted
   folders under it, read-only ones really read-only), a private ``/tmp``, ``/dev/shm`` and
   ``/dev``, a read-only ``/proc`` of a new PID namespace, new net / IPC / UTS / cgroup
-  namespaces, a new terminal session (no TIOCSTI), death with the server. The server's data dir
+  namespaces, a new terminal session (no TIOCSTI), death with its keeper (its parent, which
+  outlives the server: :mod:`bridge.provisioner`). The server's data dir
   and source tree are masked should an operator place them under a bound tree.
 * **cgroups** (:mod:`bridge.cgroups`): a per-kernel cgroup joined before exec (as root, before
   bwrap starts) carries the memory cap (the OOM killer ends the kernel) and the process cap
