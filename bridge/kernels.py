@@ -45,7 +45,7 @@ from .provisioner import NAME, SandboxProvisioner, Usage
 from .readiness import wait_ready
 from .sandbox import Confinement, Mount, Sandbox, SandboxUnavailable
 from .wire import harden
-from .zygote import Zygotes, start_time
+from .zygote import Zygotes, kill_held, start_time
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +137,14 @@ class Kernel:
         return str(self.manager.kernel_id)
 
     async def _remember(self) -> None:
-        """Refresh what :meth:`record` returns (after a start, restart or adoption)."""
+        """Refresh what :meth:`record` returns (after a start, restart or adoption), and what a
+        sweep needs to stop the kernel should nobody adopt it (``held``: no key in it)."""
         prov = self.manager.provisioner
         self._info = {} if prov is None else dict(await prov.get_provisioner_info())
+        keeper, pid = self._info.get("keeper"), self._info.get("pid")
+        if keeper and pid:
+            held = {"keeper": keeper, "pids": [p for p in (pid, self._info.get("nest")) if p]}
+            (self.ipc_dir / HELD).write_text(json.dumps(held))
 
     def record(self) -> dict[str, Any]:
         """JSON-serialisable: everything another server process needs to reach and control
@@ -390,6 +395,7 @@ async def _drop(km: AsyncKernelManager, ipc_dir: Path) -> None:
 # -- the IPC root: whose dirs are whose -----------------------------------------------------------
 
 OWNER = "owner"  # "<pid> <start time>" of the server that runs the kernel of an IPC dir
+HELD = "held"  # its keeper and pids, for a sweep to stop a kernel nobody adopted
 
 
 def _claim(ipc_dir: Path) -> None:
@@ -430,6 +436,9 @@ def sweep_ipc(keep: set[Path], root: Path = IPC_ROOT, cgroups: Cgroups | None = 
                     dirs = {c: p / entry.name for c, p in cgroups.parents.items()}
                     if any(d.is_dir() for d in dirs.values()):
                         KernelCgroup(cgroups.version, dirs).kill()
+                with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                    held = json.loads((entry / HELD).read_text())
+                    kill_held(held["keeper"], [int(p) for p in held["pids"]])
                 _remove_ipc(entry)
                 removed += 1
             elif (entry.is_socket() and entry.name.startswith(("keeper-", "zygote-"))

@@ -83,6 +83,33 @@ async def reach(handle: Mapping[str, Any]) -> Keeper:
 _reached: dict[str, Keeper] = {}
 
 
+def kill_held(handle: Mapping[str, Any], pids: list[int]) -> None:
+    """SIGKILL kernels a keeper holds, by pidfds it hands out (a blocking exchange, for a sweep
+    in a thread; a keeper that is gone took its kernels with it)."""
+    pid = int(handle["pid"])
+    if start_time(pid) != handle.get("start"):
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        try:
+            sock.settimeout(FORK_TIMEOUT_S)
+            sock.connect(str(handle["socket"]))
+            peer = struct.unpack("3i", sock.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
+            if peer != pid:
+                return
+            for n, kernel in enumerate(pids, 1):
+                socket.send_fds(sock, [json.dumps({"op": "adopt", "pid": kernel, "id": n})
+                                       .encode()], [])
+                while True:  # past exit reports of other kernels
+                    data, fds, _flags, _addr = socket.recv_fds(sock, 1 << 16, 4)
+                    if not data or json.loads(data).get("id") == n:
+                        break
+                for fd in fds:
+                    _kill(fd)
+        except OSError as exc:
+            log.warning("cannot reach the keeper %s: %s", handle.get("socket"), exc)
+
+
 def kernel_package() -> Path:
     import kernelspecs  # a source checkout or site-packages
 

@@ -377,10 +377,13 @@ class Zygote:
         os._exit(0)
 
     def stop(self) -> None:
-        """Kill every kernel and leave: the server stops and takes its kernels with it."""
+        """Kill every kernel, reap it, and leave: the server stops and takes its kernels."""
         for pid in self.children:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
+        for pid in self.children:
+            with contextlib.suppress(OSError):
+                os.waitpid(pid, 0)
         self.leave()
 
     def handle(self, req: dict[str, Any], fds: list[int], sock: socket.socket) -> None:

@@ -170,14 +170,17 @@ def test_a_kernel_killed_while_no_server_ran_is_gone(
     assert not Path(record["ipc_dir"]).exists()  # nothing of it left
 
 
-def test_sweep_removes_what_no_kept_kernel_uses(event_loop_runner: asyncio.Runner) -> None:
+@pytest.mark.parametrize("by", ["cgroup", "keeper"])
+def test_sweep_removes_what_no_kept_kernel_uses(by: str) -> None:
+    """Killed through its cgroup, or (no cgroups) through a pidfd its keeper hands out."""
+    cgroups = Sandbox("on").cgroups if by == "cgroup" else None
     kept, dropped = started_elsewhere(True), started_elsewhere(False)
-    sweep_ipc({Path(kept["ipc_dir"])}, IPC_ROOT, Sandbox("on").cgroups)
+    sweep_ipc({Path(kept["ipc_dir"])}, IPC_ROOT, cgroups)
     assert Path(kept["ipc_dir"]).is_dir()
     assert not Path(dropped["ipc_dir"]).exists()
     wait_gone(int(dropped["provisioner"]["info"]["pid"]))  # killed, and reaped by its keeper
     assert psutil.pid_exists(int(kept["provisioner"]["info"]["pid"]))
-    sweep_ipc(set(), IPC_ROOT, Sandbox("on").cgroups)
+    sweep_ipc(set(), IPC_ROOT, cgroups)
     wait_gone(int(kept["provisioner"]["info"]["pid"]))
     assert not Path(kept["ipc_dir"]).exists()
 
