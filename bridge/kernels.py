@@ -39,7 +39,7 @@ from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.provisioning.factory import KernelProvisionerFactory
 
 from .cgroups import Cgroups, KernelCgroup
-from .disk import mount_ipc, unmount_ipc
+from .disk import mount_ipc, mounted, unmount_ipc
 from .errors import KernelGone, KernelStartFailed
 from .provisioner import NAME, SandboxProvisioner, Usage
 from .readiness import wait_ready
@@ -251,13 +251,13 @@ async def launch(spec: str, confinement: Confinement, sandbox: Sandbox,
         raise KernelStartFailed(str(exc)) from exc
     confine_by_default()
     ipc_dir = Path(tempfile.mkdtemp(prefix="k", dir=root))
-    _claim(ipc_dir)
     try:
         name, ours = provisioner_of(ksm.get_kernel_spec(spec))
     except NoSuchKernel as exc:
         _remove_ipc(ipc_dir)
         raise KernelStartFailed(f"No kernelspec {spec!r} installed.") from exc
     mount_ipc(ipc_dir)  # size-capped: the kernel writes here, on the host's disk otherwise
+    _claim(ipc_dir)
     confinement = replace(confinement, ipc_dir=ipc_dir)
     if ours:
         # The connection file stays root's in the root-owned ipc_dir (the kernel may read it,
@@ -396,16 +396,28 @@ async def _drop(km: AsyncKernelManager, ipc_dir: Path) -> None:
 
 OWNER = "owner"  # "<pid> <start time>" of the server that runs the kernel of an IPC dir
 HELD = "held"  # its keeper and pids, for a sweep to stop a kernel nobody adopted
+FRESH_S = 60.0  # an unclaimed dir this young is a kernel starting right now
 
 
 def _claim(ipc_dir: Path) -> None:
     (ipc_dir / OWNER).write_text(f"{os.getpid()} {start_time(os.getpid())}")
 
 
-def _owner_alive(ipc_dir: Path) -> bool:
+def _owner_alive(ipc_dir: Path, mounts: Mapping[str, tuple[str, str]]) -> bool:
+    """Whether a live server runs the kernel of ``ipc_dir``. A dir without an owner file is an
+    older server's: its tmpfs source names that server's pid; unmounted, it is left alone
+    unless no socket is in it."""
     try:
         pid, start = (ipc_dir / OWNER).read_text().split()
         return str(start_time(int(pid))) == start
+    except FileNotFoundError:
+        if time.time() - ipc_dir.stat().st_mtime < FRESH_S:  # being made: claimed next
+            return True
+        source = mounts.get(os.path.realpath(ipc_dir), ("", ""))[1]
+        old = source.rsplit("-", 1)[-1]
+        if old.isdigit():
+            return start_time(int(old)) is not None
+        return any(p.is_socket() for p in (ipc_dir / "s").glob("*"))
     except (OSError, ValueError):
         return False
 
@@ -422,6 +434,7 @@ def sweep_ipc(keep: set[Path], root: Path = IPC_ROOT, cgroups: Cgroups | None = 
     keepers that exited. Returns how many kernel dirs went. Run it once the kernels to keep were
     adopted."""
     kept = {Path(os.path.realpath(p)) for p in keep}
+    mounts = mounted()
     removed = 0
     try:
         entries = list(root.iterdir())
@@ -430,7 +443,7 @@ def sweep_ipc(keep: set[Path], root: Path = IPC_ROOT, cgroups: Cgroups | None = 
     for entry in entries:
         with contextlib.suppress(OSError):
             if entry.is_dir() and not entry.is_symlink():
-                if Path(os.path.realpath(entry)) in kept or _owner_alive(entry):
+                if Path(os.path.realpath(entry)) in kept or _owner_alive(entry, mounts):
                     continue
                 if cgroups is not None and cgroups.enabled:
                     dirs = {c: p / entry.name for c, p in cgroups.parents.items()}
