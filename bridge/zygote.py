@@ -1,17 +1,21 @@
-"""The server's side of the zygote (``kernelspecs/_zygote.py``): start it, ask it for kernels,
-learn how they ended, recycle it.
+"""The server's side of the keepers (``kernelspecs/_zygote.py``): start them, ask them for
+kernels, learn how they ended, recycle them, and reach those a previous server left.
 
-One :class:`Zygotes` per server. It keeps one *current* zygote that takes forks and the retired
-ones that still reap kernels they forked (a retired zygote exits once its last kernel has).
-The current one is replaced after ``max_forks`` forks (its children share one hash secret,
-ASLR layout and stack canary) or once its own memory has grown (what it dirtied is no longer
-shared with new kernels). If it dies, forks fail with :class:`ZygoteUnavailable` and the caller
-cold-starts; a new one is started at most every ``RESTART_BACKOFF_S``.
+A *keeper* is the parent and reaper of the kernels it started, and outlives the server
+(issue 15). A *zygote* is a keeper with a pre-imported template that forks Python kernels; the
+*plain* keeper has none and spawns every other kernel (:func:`for_interpreters` gives a server
+both). One :class:`Zygotes` per line. It keeps one *current* process that takes requests and
+the retired ones that still hold kernels (a retired keeper exits once its last kernel has). A
+zygote is replaced after ``max_forks`` forks (its children share one hash secret, ASLR layout
+and stack canary) or once its own memory has grown (what it dirtied is no longer shared with new
+kernels). If one dies, requests fail with :class:`ZygoteUnavailable` and the caller starts the
+kernel another way; a new one is started at most every ``RESTART_BACKOFF_S``.
 
-Talking to it is one SOCK_SEQPACKET socketpair: JSON messages, file descriptors by SCM_RIGHTS,
-read on the event loop (``add_reader``); nothing here blocks.
+Talking to the keepers this server started is one SOCK_SEQPACKET socketpair each (a
+:class:`ZygoteProcess`); a later server reaches them on the socket each listens on in the IPC
+root (:func:`reach`, verified by pid and start time). JSON messages, file descriptors by
+SCM_RIGHTS, read on the event loop (``add_reader``); nothing here blocks.
 """
-
 from __future__ import annotations
 
 import asyncio

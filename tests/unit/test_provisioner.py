@@ -47,3 +47,22 @@ def test_installed_for_another_jupyter_the_specs_drop_our_stanza(tmp_path: Path)
     for _name, path in done:
         meta = json.loads((Path(path) / "kernel.json").read_text()).get("metadata", {})
         assert "kernel_provisioner" not in meta
+
+
+def test_usage_is_what_the_provisioner_says_and_zeros_when_it_says_nothing() -> None:
+    from types import SimpleNamespace
+    from typing import Any
+
+    from bridge.kernels import Kernel
+    from bridge.provisioner import Usage
+    from bridge.sandbox import Confinement
+
+    def kernel_with(provisioner: object) -> Kernel:
+        manager: Any = SimpleNamespace(provisioner=provisioner)
+        return Kernel(manager, SimpleNamespace(), Path("/nonexistent"), "x",  # type: ignore
+                      Confinement(Path("/nonexistent"), Path("/nonexistent")), {})
+
+    remote = SimpleNamespace(usage=lambda: Usage(cpu_ms=7, mem_bytes=8, mem_max_bytes=9,
+                                                 io_read_bytes=1, io_write_bytes=2))
+    assert kernel_with(remote).usage() == Usage(7, 8, 9, 1, 2)
+    assert kernel_with(object()).usage() == Usage(0, 0, 0)
