@@ -121,3 +121,37 @@ def test_a_spec_naming_no_provisioner_is_confined_by_ours(tmp_path: Path) -> Non
             await kernel.shutdown()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("fork", [True, False])
+def test_the_provisioner_is_configured_from_the_kernelspec(tmp_path: Path, fork: bool) -> None:
+    """``"config": {"fork": false}`` keeps a kernel the zygote could fork off it."""
+    from bridge.kernels import IPC_ROOT
+    from bridge.sandbox import base_environ
+    from bridge.zygote import for_interpreters
+
+    shipped = json.loads((ROOT / "kernelspecs" / "specs" / "kb-python" / "kernel.json")
+                         .read_text())
+    shipped["metadata"]["kernel_provisioner"]["config"] = {"fork": fork}
+    (tmp_path / "kernels" / "py").mkdir(parents=True)
+    (tmp_path / "kernels" / "py" / "kernel.json").write_text(json.dumps(shipped))
+    ksm = KernelSpecManager(kernel_dirs=[str(tmp_path / "kernels")])
+
+    async def scenario() -> None:
+        sandbox = Sandbox("on")
+        lines = for_interpreters(base_environ({}, sandbox.tool_path), 10, [sys.executable],
+                                 sockets_dir=IPC_ROOT)
+        for line in lines.values():
+            line.start()
+        work = Path(tempfile.mkdtemp(prefix="kb-conf-"))
+        kernel = await launch("py", Confinement(workdir=work, ipc_dir=work, mem_bytes=1 << 30),
+                              sandbox, ksm, 60, zygotes=lines)
+        try:
+            prov = kernel.manager.provisioner
+            assert isinstance(prov, SandboxProvisioner)
+            assert prov.fork is fork and prov.from_zygote is fork
+        finally:
+            await kernel.shutdown()
+            await asyncio.gather(*(line.close() for line in lines.values()))
+
+    asyncio.run(scenario())
