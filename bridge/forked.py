@@ -51,12 +51,10 @@ async def spawn(prov: SandboxProvisioner, line: Zygotes, cmd: list[str],
     assert prov.sandbox is not None and prov.confinement is not None
     keeper = await line.keeper()
     fds = list(kwargs.get("pass_fds", ()))
-    err = kwargs.get("stderr")
-    relay = [err] if isinstance(err, int) and err >= 0 else []
     req = _spawn_request(prov, cmd, str(kwargs.get("executable") or cmd[0]),
-                         dict(kwargs.get("env") or {}), str(kwargs.get("cwd") or "/"),
-                         [*fds, *([2] if relay else [])])
-    pid, pidfd = await keeper.start("spawn", req, [*fds, *relay])
+                         dict(kwargs.get("env") or {}), str(kwargs.get("cwd") or "/"), fds)
+    req["log"] = str(prov.kernel_id)  # its stderr: read by the keeper, relayed to us
+    pid, pidfd = await keeper.start("spawn", req, fds)
     return keeper, pid, pidfd
 
 
@@ -70,8 +68,8 @@ def _spawn_request(prov: SandboxProvisioner, argv: list[str], executable: str,
             "rlimit_as": prov.sandbox.rlimit_as(prov.confinement, cg), "fds": targets}
 
 
-async def fork(prov: SandboxProvisioner, line: Zygotes, raw: list[str],
-               kwargs: dict[str, Any]) -> tuple[Keeper, int, int]:
+async def fork(prov: SandboxProvisioner, line: Zygotes,
+               raw: list[str]) -> tuple[Keeper, int, int]:
     """A kernel forked by ``line``'s zygote into a sandbox of its own → (zygote, pid, pidfd).
     Sets ``prov.nest`` (the sandbox holder) when sandboxed."""
     sandbox, conf = prov.sandbox, prov.confinement
@@ -98,13 +96,11 @@ async def fork(prov: SandboxProvisioner, line: Zygotes, raw: list[str],
     # privileges. No parent poller (JPY_PARENT_PID): the keeper and the cgroup kill govern.
     env = sandbox.kernel_environ(conf)
     env.pop("JPY_PARENT_PID", None)
-    err = kwargs.get("stderr")
-    relay = [err] if isinstance(err, int) and err >= 0 else []
+    req["log"] = str(prov.kernel_id)  # its stderr: read by the zygote, relayed to us
     try:
         fds.append(sandbox.payload_fd(raw, env))
-        req["fds"] = [*(["holder", "root"] if sandbox.enabled else []),
-                      *(["stderr"] if relay else []), "payload"]
-        pid, pidfd = await zygote.fork(req, [*fds[:-1], *relay, fds[-1]])
+        req["fds"] = [*(["holder", "root"] if sandbox.enabled else []), "payload"]
+        pid, pidfd = await zygote.fork(req, fds)
     except ValueError as exc:  # a variable execve cannot carry: the cold start says so
         raise ZygoteUnavailable(str(exc)) from exc
     finally:
@@ -148,6 +144,7 @@ class Nest:
             fds = [*launch.fds, info_w, out_w]
             req = _spawn_request(prov, argv, launch.executable, launch.env, "/",
                                  [*launch.fds, info_w, 1])
+            req["log"] = f"{prov.kernel_id} (sandbox)"  # bubblewrap's own complaints
             pid, pidfd = await zygote.start("spawn", req, fds)
             nest = cls(zygote, pid, pidfd)
             os.close(info_w)

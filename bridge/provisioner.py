@@ -111,7 +111,8 @@ class SandboxProvisioner(LocalProvisioner):
         kwargs["preexec_fn"] = sandbox.preexec(conf, self.cgroup)
         # A kernel's own stdout is banners ("To connect another client…"), not user output
         # (that travels on iopub); its stderr goes to the server's log for diagnosis, line by
-        # line as records (bridge/kernel_logs.py), so a JSON log stays one object per line.
+        # line as records (bridge/kernel_logs.py), so a JSON log stays one object per line:
+        # through this relay when the server starts the kernel itself, else its keeper's.
         kwargs["stdout"] = subprocess.DEVNULL
         if self.stderr is not None:  # a restart: the old process's pipe
             self.stderr.close()
@@ -129,7 +130,7 @@ class SandboxProvisioner(LocalProvisioner):
             zline = lines.get(raw[0]) if raw and self.fork else None
             if zline is not None and forkable(raw, self.confinement.environ, zline.python):
                 try:
-                    await self._held(*await forked.fork(self, zline, raw, kwargs))
+                    await self._held(*await forked.fork(self, zline, raw))
                     self.from_zygote = True
                     return self.connection_info
                 except ZygoteUnavailable as exc:
@@ -155,6 +156,9 @@ class SandboxProvisioner(LocalProvisioner):
         self.keeper, self.pid, self._pidfd = keeper, pid, pidfd
         self.pgid = pid  # it leads its own session
         self._mem_max = 0
+        if self.stderr is not None:  # its keeper relays its stderr (it outlives us)
+            self.stderr.close()
+            self.stderr = None
         await forked.listening(self.connection_info, pidfd)
 
     def _close_pending(self) -> None:

@@ -35,6 +35,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from . import kernel_logs
+
 log = logging.getLogger(__name__)
 
 # kernelspec modules the zygote can fork (``python -m <module>`` with our interpreter).
@@ -220,7 +222,9 @@ class Keeper:
             self._message(json.loads(data), fds)
 
     def _message(self, msg: dict[str, Any], fds: list[int]) -> None:
-        if "exit" in msg:
+        if "log" in msg:  # a line of a kernel's stderr
+            kernel_logs.record(str(msg["log"]), str(msg.get("line", "")))
+        elif "exit" in msg:
             self.exits[int(msg["exit"])] = int(msg["status"])
             while len(self.exits) > MAX_UNCLAIMED_EXITS:  # kernels nobody polled after a kill
                 del self.exits[next(iter(self.exits))]

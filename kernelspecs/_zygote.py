@@ -57,6 +57,7 @@ PRELOAD = ("kernelspecs._enter", "zmq", "tornado.ioloop", "IPython", "jupyter_cl
            "kernelspecs.bash_kernel", "kernelspecs.compiled_kernel")
 MAX_MSG = 1 << 20
 MAX_EXITS = 4096  # exit statuses kept for a server that adopts later
+MAX_LOG_LINE = 8192
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
@@ -290,6 +291,7 @@ class Zygote:
         self.pid = os.getpid()
         self.children: set[int] = set()
         self.exited: dict[int, int] = {}  # kept for a server that adopts after the exit
+        self.logs: dict[int, list[Any]] = {}  # kernels' stderr pipes → [kernel name, partial]
         self.retiring = False
         self.plain = False
         self.forks = 0
@@ -320,6 +322,8 @@ class Zygote:
                     self.accept()
                 elif isinstance(sock, socket.socket):
                     self.receive(sock)
+                elif sock in self.logs:
+                    self.drain(int(sock))  # type: ignore[arg-type]
                 else:
                     with contextlib.suppress(BlockingIOError):
                         os.read(self.wake_r, 4096)
@@ -352,6 +356,43 @@ class Zygote:
             self.retiring = True
         else:
             self.peers.remove(sock)
+
+    def log_pipe(self, req: dict[str, Any]) -> int:
+        """A pipe for the new kernel's stderr when ``req`` names a ``log``: we read it and pass
+        each line to whichever server is connected (none: dropped), so the kernel never writes
+        into a closed or full pipe, whatever becomes of the server. → its write end, or -1."""
+        if not req.get("log"):
+            return -1
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        self.logs[r] = [str(req["log"]), b""]
+        self.selector.register(r, selectors.EVENT_READ)
+        return w
+
+    def drain(self, fd: int) -> None:
+        name, buf = self.logs[fd]
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        if not chunk and buf:  # the end: what is left is a line too
+            lines, buf = [*lines, buf], b""
+        if len(buf) > MAX_LOG_LINE:
+            lines, buf = [*lines, buf], b""
+        self.logs[fd][1] = buf
+        for line in lines:
+            text = line.decode(errors="replace").rstrip()
+            for sock in [self.control, *self.peers]:
+                if text and sock is not None:
+                    self.send({"log": name, "line": text[:MAX_LOG_LINE]}, to=sock)
+        if not chunk:
+            self.selector.unregister(fd)
+            os.close(fd)
+            del self.logs[fd]
 
     def reap(self) -> None:
         while True:
@@ -430,6 +471,10 @@ class Zygote:
         the process is ours to reap and outlives the server. ``req["fds"]``: the descriptor
         number each received one must have in the child (the command names them)."""
         targets = [int(t) for t in req["fds"]]
+        stderr = self.log_pipe(req)
+        if stderr >= 0:
+            fds.append(stderr)  # closed with the received ones once the child has it
+            targets.append(2)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:
@@ -485,7 +530,11 @@ class Zygote:
         self.forks += 1
         # Descriptors by name: [holder, root] when sandboxed, [stderr], then the payload.
         named = dict(zip(req["fds"], fds, strict=True))
-        stderr, payload = named.get("stderr", -1), named["payload"]
+        stderr, payload = self.log_pipe(req), named["payload"]
+        if stderr < 0:
+            stderr = named.get("stderr", -1)
+        else:
+            fds.append(stderr)  # closed with the received ones once the child has it
         if not req.get("sandboxed"):
             pid = os.fork()
             if pid == 0:
@@ -540,6 +589,8 @@ class Zygote:
         for sock in [self.control, self.listener, *self.peers]:
             if sock is not None:
                 sock.close()
+        for fd in self.logs:
+            os.close(fd)
         os.close(self.wake_r)
         os.close(self.wake_w)
 

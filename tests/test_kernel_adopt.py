@@ -102,7 +102,8 @@ def event_loop_runner() -> Iterator[asyncio.Runner]:
 
 @pytest.mark.parametrize("fork", [True, False], ids=["forked", "cold"])
 def test_a_kernel_outlives_its_server_and_is_adopted(
-        fork: bool, sandbox: Sandbox, event_loop_runner: asyncio.Runner) -> None:
+        fork: bool, sandbox: Sandbox, event_loop_runner: asyncio.Runner,
+        caplog: pytest.LogCaptureFixture) -> None:
     record = started_elsewhere(fork)
     info = record["provisioner"]["info"]
     assert info["forked"] is fork
@@ -119,6 +120,18 @@ def test_a_kernel_outlives_its_server_and_is_adopted(
                                  zygotes=lines)
             assert await run(kernel, "print(x + 1)") == ("42\n", "")
             assert kernel.usage().mem_bytes > 0
+            # Its stderr (diagnostics, not user output) reaches this process's log through
+            # its keeper: the pipe to the server that started it is long gone.
+            code = ("import os, sys\nos.write(sys.stderr._original_stdstream_copy, "
+                    "b'diagnostic from the kernel\\n')")
+            assert await run(kernel, code) == ("", "")
+            for _ in range(100):
+                if any("diagnostic from the kernel" in r.getMessage() for r in caplog.records):
+                    break
+                await asyncio.sleep(0.05)
+            relayed = [r for r in caplog.records if "diagnostic from the kernel" in r.getMessage()]
+            assert relayed and relayed[0].name == "kernel_bridge.kernel"
+            assert kernel.id in relayed[0].getMessage()
             # Interrupt through the adopted manager.
             looping = asyncio.ensure_future(
                 run(kernel, "import time\nprint('looping', flush=True)\nwhile True: "
