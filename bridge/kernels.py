@@ -27,7 +27,7 @@ import stat
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -131,6 +131,9 @@ class Kernel:
         self.started = time.monotonic()
         self._launch_kw = launch_kw  # the run-time objects our provisioner gets again on restart
         self._info: dict[str, Any] = {}
+        # Called with the kernel when its record changed (a restart: a new process, maybe a
+        # new keeper): whoever persists records persists it again.
+        self.on_record_change: list[Callable[[Kernel], None]] = []
 
     @property
     def id(self) -> str:
@@ -190,6 +193,8 @@ class Kernel:
         except RuntimeError as exc:
             raise KernelStartFailed(f"Kernel {self.spec} did not come back: {exc}") from exc
         await self._remember()
+        for changed in self.on_record_change:
+            changed(self)
 
     async def shutdown(self, now: bool = False) -> None:
         """Escalating stop (shutdown_request → SIGTERM → SIGKILL), then the sockets' dir;

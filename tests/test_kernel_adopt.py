@@ -142,7 +142,10 @@ def test_a_kernel_outlives_its_server_and_is_adopted(
             assert await run(kernel, "print(x)") == ("41\n", "")
             # A restart starts a fresh kernel through this process's keepers, same cgroup.
             cgroup = kernel.cgroup
+            changed: list[Kernel] = []
+            kernel.on_record_change.append(changed.append)
             await kernel.restart(60)
+            assert changed == [kernel]  # the new process's record is to be persisted again
             assert kernel.cgroup == cgroup
             assert await run(kernel, "print('x' in dir())") == ("False\n", "")
             new_pid = kernel.record()["provisioner"]["info"]["pid"]
