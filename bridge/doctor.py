@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 from .cgroups import Cgroups
-from .kernels import IPC_ROOT, ipc_root_problem
+from .ipc import IPC_ROOT, ipc_root_problem
 from .languages import LANGUAGES, Language
 from .settings import Settings
 

@@ -30,8 +30,9 @@ import signal
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from .keeper import Keeper, ZygoteUnavailable
 from .sandbox import KERNEL_MODULES, WORKDIR
-from .zygote import Keeper, Zygotes, ZygoteUnavailable, kernel_package
+from .zygote import Zygotes, kernel_package
 
 if TYPE_CHECKING:
     from .provisioner import SandboxProvisioner

@@ -22,8 +22,6 @@ import json
 import logging
 import os
 import shutil
-import socket
-import stat
 import sys
 import tempfile
 import time
@@ -38,52 +36,23 @@ from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKerne
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.provisioning.factory import KernelProvisionerFactory
 
-from .cgroups import Cgroups, KernelCgroup
-from .disk import mount_ipc, mounted, unmount_ipc
+from .cgroups import KernelCgroup
+from .disk import mount_ipc
 from .errors import KernelGone, KernelStartFailed
+from .ipc import HELD, IPC_ROOT, claim, ipc_root, ipc_root_problem, remove_ipc, sweep_ipc
 from .provisioner import NAME, SandboxProvisioner, Usage
 from .readiness import wait_ready
 from .sandbox import Confinement, Mount, Sandbox, SandboxUnavailable
 from .wire import harden
-from .zygote import Zygotes, kill_held, start_time
+from .zygote import Zygotes
 
 log = logging.getLogger(__name__)
 
 SPECS_DIR = Path(__file__).resolve().parent.parent / "kernelspecs" / "specs"
-# sun_path is 108 bytes; a short private root keeps every socket path well under it.
-IPC_ROOT = Path(tempfile.gettempdir()) / f"kb-ipc-{os.getuid()}"
 PROVISIONERS = "jupyter_client.kernel_provisioners"  # the entry point group
 RECORD_VERSION = 1
-__all__ = ["Kernel", "KernelGone", "Usage", "adopt", "launch", "sweep_ipc"]
-
-
-def ipc_root(root: Path = IPC_ROOT) -> Path:
-    """The private parent of every kernel's sockets and connection file (which holds the key
-    that signs its messages), created 0700. Refused, never repaired, when it is a link, someone
-    else's, or open to group or others: whoever made it first would hold every kernel.
-
-    Raises SandboxUnavailable.
-    """
-    with contextlib.suppress(FileExistsError):
-        root.mkdir(mode=0o700)
-    problem = ipc_root_problem(root)
-    if problem:
-        raise SandboxUnavailable(
-            f"The kernels' IPC root {root} {problem}. Someone else may be able to read kernel "
-            f"keys there: remove it (`rm -rf {root}`) and start again.")
-    return root
-
-
-def ipc_root_problem(root: Path = IPC_ROOT) -> str:
-    """What is wrong with an existing IPC root ("" when it is ours and private)."""
-    st = os.lstat(root)
-    if not stat.S_ISDIR(st.st_mode):
-        return "is not a directory"
-    if st.st_uid != os.getuid():
-        return f"is owned by uid {st.st_uid}, not {os.getuid()}"
-    if st.st_mode & 0o077:
-        return f"has mode {stat.filemode(st.st_mode)}, not drwx------"
-    return ""
+__all__ = ["IPC_ROOT", "Kernel", "KernelGone", "Usage", "adopt", "ipc_root", "ipc_root_problem",
+           "launch", "sweep_ipc"]
 
 
 def spec_manager() -> KernelSpecManager:
@@ -209,7 +178,7 @@ class Kernel:
         release = getattr(self.manager.provisioner, "release_cgroup", None)
         if release is not None:  # normally done by the provisioner's cleanup already
             await release()
-        _remove_ipc(self.ipc_dir)
+        remove_ipc(self.ipc_dir)
 
     def detach(self) -> None:
         """Let go of the kernel and leave it running with its keeper, for the next server
@@ -259,10 +228,10 @@ async def launch(spec: str, confinement: Confinement, sandbox: Sandbox,
     try:
         name, ours = provisioner_of(ksm.get_kernel_spec(spec))
     except NoSuchKernel as exc:
-        _remove_ipc(ipc_dir)
+        remove_ipc(ipc_dir)
         raise KernelStartFailed(f"No kernelspec {spec!r} installed.") from exc
     mount_ipc(ipc_dir)  # size-capped: the kernel writes here, on the host's disk otherwise
-    _claim(ipc_dir)
+    claim(ipc_dir)
     confinement = replace(confinement, ipc_dir=ipc_dir)
     if ours:
         # The connection file stays root's in the root-owned ipc_dir (the kernel may read it,
@@ -307,7 +276,7 @@ async def launch(spec: str, confinement: Confinement, sandbox: Sandbox,
             client.stop_channels()
         with contextlib.suppress(Exception):
             await km.shutdown_kernel(now=True)
-        _remove_ipc(ipc_dir)
+        remove_ipc(ipc_dir)
         raise KernelStartFailed(f"Kernel {spec!r} failed to start: {exc}") from exc
     kernel = Kernel(km, client, ipc_dir, spec, confinement, kw)
     await kernel._remember()
@@ -345,7 +314,7 @@ async def adopt(record: Mapping[str, Any], *, sandbox: Sandbox, ksm: KernelSpecM
     except NoSuchKernel:
         found = None
     if found is None:
-        _remove_ipc(ipc_dir)
+        remove_ipc(ipc_dir)
         raise KernelGone(f"Kernel {spec!r} cannot be taken over: its kernelspec is no longer "
                          "installed.")
     kspec = found
@@ -380,7 +349,7 @@ async def adopt(record: Mapping[str, Any], *, sandbox: Sandbox, ksm: KernelSpecM
         client.stop_channels()
         await _drop(km, ipc_dir)
         raise KernelGone(f"Kernel {spec!r} does not answer: {exc}.") from exc
-    _claim(ipc_dir)
+    claim(ipc_dir)
     kernel = Kernel(km, client, ipc_dir, spec, confinement, kw)
     await kernel._remember()
     return kernel
@@ -394,84 +363,7 @@ async def _drop(km: AsyncKernelManager, ipc_dir: Path) -> None:
     if release is not None:
         with contextlib.suppress(Exception):
             await release()
-    _remove_ipc(ipc_dir)
-
-
-# -- the IPC root: whose dirs are whose -----------------------------------------------------------
-
-OWNER = "owner"  # "<pid> <start time>" of the server that runs the kernel of an IPC dir
-HELD = "held"  # its keeper and pids, for a sweep to stop a kernel nobody adopted
-FRESH_S = 60.0  # an unclaimed dir this young is a kernel starting right now
-
-
-def _claim(ipc_dir: Path) -> None:
-    (ipc_dir / OWNER).write_text(f"{os.getpid()} {start_time(os.getpid())}")
-
-
-def _owner_alive(ipc_dir: Path, mounts: Mapping[str, tuple[str, str]]) -> bool:
-    """Whether a live server runs the kernel of ``ipc_dir``. A dir without an owner file is an
-    older server's: its tmpfs source names that server's pid; unmounted, it is left alone
-    unless no socket is in it."""
-    try:
-        pid, start = (ipc_dir / OWNER).read_text().split()
-        return str(start_time(int(pid))) == start
-    except FileNotFoundError:
-        if time.time() - ipc_dir.stat().st_mtime < FRESH_S:  # being made: claimed next
-            return True
-        source = mounts.get(os.path.realpath(ipc_dir), ("", ""))[1]
-        old = source.rsplit("-", 1)[-1]
-        if old.isdigit():
-            return start_time(int(old)) is not None
-        return any(p.is_socket() for p in (ipc_dir / "s").glob("*"))
-    except (OSError, ValueError):
-        return False
-
-
-def _remove_ipc(ipc_dir: Path) -> None:
-    unmount_ipc(ipc_dir)
-    shutil.rmtree(ipc_dir, ignore_errors=True)
-
-
-def sweep_ipc(keep: set[Path], root: Path = IPC_ROOT, cgroups: Cgroups | None = None) -> int:
-    """What servers that are gone left in the IPC root and no kept kernel uses: kernel dirs not
-    in ``keep`` whose server is gone (their kernels, still held by a keeper, are killed through
-    their cgroup first; the keeper reaps them and exits with its last one), and the sockets of
-    keepers that exited. Returns how many kernel dirs went. Run it once the kernels to keep were
-    adopted."""
-    kept = {Path(os.path.realpath(p)) for p in keep}
-    mounts = mounted()
-    removed = 0
-    try:
-        entries = list(root.iterdir())
-    except OSError:
-        return 0
-    for entry in entries:
-        with contextlib.suppress(OSError):
-            if entry.is_dir() and not entry.is_symlink():
-                if Path(os.path.realpath(entry)) in kept or _owner_alive(entry, mounts):
-                    continue
-                if cgroups is not None and cgroups.enabled:
-                    dirs = {c: p / entry.name for c, p in cgroups.parents.items()}
-                    if any(d.is_dir() for d in dirs.values()):
-                        KernelCgroup(cgroups.version, dirs).kill()
-                with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                    held = json.loads((entry / HELD).read_text())
-                    kill_held(held["keeper"], [int(p) for p in held["pids"]])
-                _remove_ipc(entry)
-                removed += 1
-            elif (entry.is_socket() and entry.name.startswith(("keeper-", "zygote-"))
-                  and not _answers(entry)):  # its keeper exited without removing it (killed)
-                entry.unlink()
-    return removed
-
-
-def _answers(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
-        try:
-            sock.connect(str(path))
-        except OSError:
-            return False
-    return True
+    remove_ipc(ipc_dir)
 
 
 def install_kernelspecs(*, user: bool = False, prefix: str | None = None) -> list[tuple[str, str]]:

@@ -39,9 +39,10 @@ from traitlets import Bool
 
 from . import forked
 from .cgroups import KernelCgroup
+from .keeper import Keeper, ZygoteUnavailable, reach
 from .kernel_logs import StderrRelay
 from .sandbox import Confinement, HostLaunch, Sandbox
-from .zygote import KEEPER, Keeper, Zygotes, ZygoteUnavailable, forkable, reach
+from .zygote import KEEPER, Zygotes, forkable
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,10 @@ from .executions import Executions
 from .folders import SCHEMA as FOLDERS_SCHEMA
 from .folders import Folders
 from .gateway import Gateway
+from .ipc import IPC_ROOT, ipc_root, sweep_ipc
 from .job_sessions import JobSessions
 from .jobs import SCHEMA as JOBS_SCHEMA
-from .kernels import IPC_ROOT, Kernel, ipc_root, launch, spec_manager, sweep_ipc
+from .kernels import Kernel, launch, spec_manager
 from .keypairs import Keypair, Keypairs
 from .languages import measure_versions
 from .pool import REFILL_DELAY_S, KernelPool

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from bridge.zygote import Keeper, ZygoteProcess, ZygoteUnavailable, reach, start_time
+from bridge.keeper import Keeper, ZygoteUnavailable, reach, start_time
+from bridge.zygote import ZygoteProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 
