@@ -180,3 +180,8 @@ class KernelStartFailed(KernelError):
 
 class KernelDied(KernelError):
     pass
+
+
+class KernelGone(KernelStartFailed):
+    """A kernel a previous server process started cannot be taken over: it died while no server
+    watched it, or it does not answer. The message says which, for a session's state_reason."""

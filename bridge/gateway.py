@@ -138,6 +138,7 @@ class Gateway:
         self.ksm = kernelspecs
         self._activity: dict[str, Activity] = {}
         self._specs: dict[str, dict[str, Any]] | None = None
+        self._operators: list[str] = []
         sessions.on_terminated.append(self._terminated)
 
     # -- kernelspecs -----------------------------------------------------------------------
@@ -156,8 +157,26 @@ class Gateway:
             for alias, spec in SPEC_ALIASES.items():
                 if spec in specs:
                     specs[alias] = self._spec_model(spec, alias)
+            self._operators = self._operator_specs()
+            for name in self._operators:
+                specs.setdefault(name, self._spec_model(name))
             self._specs = specs
         return self._specs
+
+    def _operator_specs(self) -> list[str]:
+        """Kernelspecs an operator installed where Jupyter looks (JUPYTER_PATH, a prefix) that
+        name a ``metadata.kernel_provisioner``: offered under their own names and started
+        through that provisioner (ours confines them; another one's confinement is its own).
+        One without the stanza (ipykernel's python3) stays hidden behind our aliases."""
+        names = []
+        for name in sorted(self.ksm.find_kernel_specs()):
+            if name in SPEC_ALIASES or any(lang.kernelspec == name for lang in LANGUAGES):
+                continue
+            with contextlib.suppress(Exception):  # a broken spec is not offered
+                stanza = self.ksm.get_kernel_spec(name).metadata.get("kernel_provisioner")
+                if isinstance(stanza, dict) and stanza.get("provisioner_name"):
+                    names.append(name)
+        return names
 
     def kernelspec(self, name: str) -> dict[str, Any]:
         """One spec model. Raises NoSuchKernelspec."""
@@ -198,10 +217,14 @@ class Gateway:
         """Start a session for kernelspec ``name`` (default python). Raises NoSuchKernelspec,
         QuotaExceeded, KernelStartFailed."""
         name = name or DEFAULT_SPEC
-        try:
-            language = language_of_spec(name)
-        except InvalidRequest:
-            raise NoSuchKernelspec(name) from None
+        if name in self.kernelspecs() and name in self._operators:
+            # The operator's kernelspec runs under its own name; its language is its own.
+            language = Language(name, name, "", ())
+        else:
+            try:
+                language = language_of_spec(name)
+            except InvalidRequest:
+                raise NoSuchKernelspec(name) from None
         if not language.available:
             raise NoSuchKernelspec(name)
         environ = {k: str(v) for k, v in (env or {}).items()
