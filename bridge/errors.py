@@ -86,6 +86,15 @@ class UnknownLanguage(InvalidRequest):
         self.language = language
 
 
+class LanguageUnavailable(InvalidRequest):
+    """A known language whose toolchain this server lacks (see languages.require_available)."""
+
+    def __init__(self, language: str, missing: tuple[str, ...]) -> None:
+        super().__init__(f"Language {language!r} is not available on this server "
+                         f"(missing {', '.join(missing)}).")
+        self.language = language
+
+
 class LimitExceeded(InvalidRequest):
     def __init__(self, name: str, asked: int, allowed: int) -> None:
         super().__init__(f"{name}={asked} exceeds the server's hard limit of {allowed}.")

@@ -43,7 +43,7 @@ from .errors import (
 )
 from .events import EventLog, execution_key
 from .execution_scripts import execution_scripts
-from .languages import Language, resolve
+from .languages import Language, require_available, resolve
 from .runs import Liveness, Program, Run, RunState
 from .session import Session, SessionState, now_iso
 from .sessions import Sessions
@@ -311,9 +311,7 @@ class Executions:
         reqs = list(reqs)
         for req in reqs:
             lang = req.language
-            if not lang.available:
-                raise InvalidRequest(f"Language {lang.name!r} is not available on this server "
-                                     f"(missing {', '.join(lang.toolchain)}).")
+            require_available(lang)
             if not 0 < req.timeout <= MAX_TIMEOUT_S:
                 raise InvalidRequest(f"timeout must be more than 0 and at most "
                                      f"{MAX_TIMEOUT_S:g} seconds.")

@@ -185,7 +185,7 @@ class Bridge:
 
     def runs_in_flight(self) -> int:
         """Runs executing right now, in every dialect (what a graceful shutdown waits for)."""
-        return sum(1 for s in self.sessions.all() if s.current is not None)
+        return sum(1 for s in self.sessions.all() if s.queue.current is not None)
 
     async def drain(self, grace: float, hurry: asyncio.Event) -> None:
         """Let running runs finish, up to ``grace`` seconds or until ``hurry`` is set."""
