@@ -9,6 +9,7 @@
      │    └── KeypairNotFound
      ├── InvalidRequest            the caller's input is wrong; nothing was changed
      │    ├── UnknownLanguage
+     │    ├── LanguageUnavailable  a known language whose toolchain this server lacks
      │    ├── LimitExceeded        asks for more than the server's hard limits
      │    └── UnsafePath           a path that leaves the session's working dir
      ├── AuthFailed                missing, unknown, inactive or badly signed credentials

@@ -45,7 +45,7 @@ from .events import EventLog, execution_key
 from .execution_scripts import execution_scripts
 from .languages import Language, require_available, resolve
 from .runs import Liveness, Program, Run, RunState
-from .session import Session, SessionState, now_iso
+from .session import Session, now_iso
 from .sessions import Sessions
 from .settings import Settings
 from .store import Store, dumps
@@ -507,7 +507,7 @@ class Executions:
         if session.language.name != lang.name:
             raise InvalidRequest(f"Session {name!r} runs {session.language.name}, "
                                  f"not {lang.name}.")
-        if session.state is SessionState.ERROR:
+        if await session.kernel_dead():
             await self.sessions.restart(session)  # its kernel died in an earlier execution
         return session
 

@@ -52,9 +52,9 @@ ENV_PREFIXES = ("KERNEL_", "JPY_")
 # pre-started one from the pool (bridge/pool.py): keeping them made every notebook wait for a
 # cold kernel start (2–7 s on a busy machine), during which JupyterLab silently drops a cell that
 # is run (it has no kernel to send it to until the start request answers).
+GATEWAY_ENV = frozenset({"KERNEL_LAUNCH_TIMEOUT", "KERNEL_WORKING_DIR", "JPY_SESSION_NAME"})
 # Bounds Activity.requests: a request the kernel never said idle after is dropped past this.
 MAX_PENDING_REQUESTS = 1000
-GATEWAY_ENV = frozenset({"KERNEL_LAUNCH_TIMEOUT", "KERNEL_WORKING_DIR", "JPY_SESSION_NAME"})
 
 
 class NoSuchKernelspec(NotFound):

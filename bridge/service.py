@@ -180,7 +180,7 @@ class Bridge:
             line.start()
         self.pool.start()
         # Asked once, off the start path: the first GET …/execute/languages awaits it.
-        self.language_versions = asyncio.create_task(measure_versions())
+        self.language_versions = spawn(measure_versions())
         return Started(first_keypair=first)
 
     def runs_in_flight(self) -> int:

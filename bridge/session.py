@@ -144,7 +144,10 @@ class Session:
     mounts: tuple[Mount, ...] = ()
     environ: dict[str, str] = field(default_factory=dict)
     network: bool = False
-    on_timeout: str = "destroy"  # "destroy" (Backend.AI) or "restart" (one-shot dialects)
+    # What a timed-out run does to its session: "destroy" (Backend.AI; a one-shot execution's or
+    # a batch job's session, which ends with its run anyway) or "restart" the kernel (sessions
+    # that outlive a run: a Sandbox session_id, a dedicated job session).
+    on_timeout: str = "destroy"
     created_at: str = field(default_factory=now_iso)
     state: SessionState = SessionState.RUNNING
     state_reason: str = ""

@@ -15,8 +15,8 @@ T = TypeVar("T")
 _running: set[asyncio.Task[Any]] = set()
 
 
-def spawn(coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
-    task = asyncio.create_task(coro)
+def spawn(coro: Coroutine[Any, Any, T], name: str | None = None) -> asyncio.Task[T]:
+    task = asyncio.create_task(coro, name=name)
     _running.add(task)
     task.add_done_callback(_running.discard)
     return task
