@@ -39,7 +39,6 @@ from .errors import (
     KernelError,
     QuotaExceeded,
     RateLimited,
-    SessionNotFound,
 )
 from .events import EventLog, execution_key
 from .execution_scripts import execution_scripts
@@ -512,9 +511,8 @@ class Executions:
         return session
 
     async def _dispose(self, session: Session) -> None:
-        with contextlib.suppress(SessionNotFound):
-            # Killed, not asked to exit: nothing in it is kept, and its place is wanted.
-            await self.sessions.destroy(session, "one-shot-finished", now=True)
+        # Killed, not asked to exit: nothing in it is kept, and its place is wanted.
+        await self.sessions.discard(session, "one-shot-finished", now=True)
 
     async def _write(self, ex: Execution, *, insert: bool) -> None:
         if ex.status in (ExecStatus.COMPLETED, ExecStatus.FAILED):

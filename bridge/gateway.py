@@ -209,7 +209,6 @@ class Gateway:
         session = await self.sessions.create(access_key, language, origin="jupyter",
                                              environ=environ)
         self._activity[session.id] = Activity(name=name)
-        session.touch()  # idle from now, not from before the start
         return session
 
     def kernels(self, access_key: str) -> list[Session]:

@@ -11,7 +11,6 @@ a fresh kernel, so earlier in-memory state is gone.
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 from .errors import Conflict, InvalidRequest, JobNotFound, SessionNotFound
@@ -168,7 +167,7 @@ class JobSessions:
             await self.records.save(js)
         except BaseException:
             if js.session is not None:
-                await self.worker.drop_session(js.session, "job session not recorded")
+                await self.sessions.discard(js.session, "job session not recorded")
             raise
         self._live[js.id] = js
         self.reaper.wake()
@@ -226,8 +225,7 @@ class JobSessions:
         if js.origin != ORIGIN:
             s = self._foreign(js.access_key, js.id)
             if s is not None:
-                with contextlib.suppress(SessionNotFound):
-                    await self.sessions.destroy(s, "closed through the job-sessions API")
+                await self.sessions.discard(s, "closed through the job-sessions API")
             return
         if js.state is State.CLOSED or js.id not in self._live:
             return
@@ -258,4 +256,4 @@ class JobSessions:
         await self.records.save(js)
         if js.session is not None:
             session, js.session = js.session, None
-            await self.worker.drop_session(session, "job session closed")
+            await self.sessions.discard(session, "job session closed")

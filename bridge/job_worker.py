@@ -9,14 +9,13 @@ oldest first.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping
 
 from .admission import Ticket
-from .errors import BridgeError, SessionNotFound
+from .errors import BridgeError
 from .events import EventLog, job_key
 from .job_records import JobRecords
 from .jobs import FAILED_EXIT_CODE, Job, JobSession, JobStatus, State
@@ -127,7 +126,7 @@ class JobWorker:
         if js.mode == "batch":
             try:
                 if session is not None:
-                    await self.drop_session(session, "job finished")
+                    await self.sessions.discard(session, "job finished")
             finally:
                 # The slot is free once the job's kernel is gone, not before.
                 self._batch_running[js.access_key] -= 1
@@ -169,7 +168,3 @@ class JobWorker:
             # dedicated: a timed-out job restarts the kernel and the session goes on;
             # batch: the job's kernel is thrown away anyway.
             on_timeout="restart" if js.mode == "dedicated" else "destroy")
-
-    async def drop_session(self, session: Session, reason: str) -> None:
-        with contextlib.suppress(SessionNotFound):
-            await self.sessions.destroy(session, reason)

@@ -8,7 +8,6 @@ handed in ready, and cells are executed one by one with ``async_execute_cell``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import re
@@ -26,7 +25,7 @@ from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernel
 from nbformat import NotebookNode
 from nbformat.warnings import MissingIDFieldWarning
 
-from .errors import InvalidRequest, SessionNotFound
+from .errors import InvalidRequest
 from .gateway import language_of_spec, open_client
 from .languages import Language, require_available
 from .session import Session
@@ -231,5 +230,4 @@ async def run_notebook(sessions: Sessions, access_key: str, nb: NotebookNode, *,
         return await execute(nb, session, timeout=timeout, allow_errors=allow_errors,
                              progress=progress)
     finally:
-        with contextlib.suppress(SessionNotFound):  # culled meanwhile: already gone
-            await sessions.destroy(session, "notebook-finished")
+        await sessions.discard(session, "notebook-finished")  # unless culled meanwhile

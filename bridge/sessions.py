@@ -69,9 +69,9 @@ class Sessions:
         self.pool = pool
         self._by_id: dict[str, Session] = {}
         self.records = SessionRecords(store)
-        self.worker = Worker(self.records, self.restart, self._destroy_quietly)
+        self.worker = Worker(self.records, self.restart, self.discard)
         self.reaper = Reaper(settings.reaper_interval_s, lambda: self._by_id.values(),
-                             self._destroy_quietly)
+                             self.discard)
         self.on_terminated: list[Callable[[Session], Any]] = []
         self.on_submit: list[Callable[[Session, Run], Any]] = []  # e.g. event streams
 
@@ -327,6 +327,7 @@ class Sessions:
                    options=options or {}, timeout=timeout, stdin=stdin,
                    output_limit=self.settings.output_limit)
 
-    async def _destroy_quietly(self, session: Session, reason: str) -> None:
+    async def discard(self, session: Session, reason: str, *, now: bool = False) -> None:
+        """Destroy ``session`` unless it is already gone (reaped, closed by its client)."""
         with contextlib.suppress(SessionNotFound):
-            await self.destroy(session, reason)
+            await self.destroy(session, reason, now=now)

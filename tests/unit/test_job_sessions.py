@@ -28,7 +28,7 @@ class SlowKernels:
         self.ready_at = time.time()
         return object()
 
-    async def destroy(self, kernel: Any, reason: str) -> None:
+    async def discard(self, kernel: Any, reason: str, *, now: bool = False) -> None:
         self.destroyed.append(reason)
 
 
