@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 
 from .jobs import JobSession, State
-from .tasks import cancel_and_wait, spawn
+from .tasks import Background
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def due_action(js: JobSession, due: float, open_ttl: float) -> tuple[Action, str
     return Action.NOTHING, ""
 
 
-class JobReaper:
+class JobReaper(Background):
     def __init__(self, live: Mapping[str, JobSession], wind_down: WindDown, save: Save,
                  open_ttl: float) -> None:
         self._live = live
@@ -52,19 +52,12 @@ class JobReaper:
         self._save = save
         self.open_ttl = open_ttl
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
 
     def wake(self) -> None:
         """A deadline may have changed: look again."""
         self._wake.set()
 
-    def start(self) -> None:
-        self._task = spawn(self._forever())
-
-    async def stop(self) -> None:
-        await cancel_and_wait(self._task)
-
-    async def _forever(self) -> None:
+    async def forever(self) -> None:
         while True:
             self._wake.clear()
             deadlines = [d for js in self._live.values() if (d := js.next_deadline()) is not None]

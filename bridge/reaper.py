@@ -13,7 +13,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 
 from .session import Session
-from .tasks import cancel_and_wait, spawn
+from .tasks import Background
 
 log = logging.getLogger(__name__)
 
@@ -37,21 +37,14 @@ def verdict(session: Session, now: float | None = None) -> str | None:
     return None
 
 
-class Reaper:
+class Reaper(Background):
     def __init__(self, interval: float, sessions: Callable[[], Iterable[Session]],
                  destroy: Callable[[Session, str], Awaitable[None]]) -> None:
         self.interval = interval
         self._sessions = sessions
         self._destroy = destroy
-        self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        self._task = spawn(self._forever())
-
-    async def stop(self) -> None:
-        await cancel_and_wait(self._task)
-
-    async def _forever(self) -> None:
+    async def forever(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
             try:

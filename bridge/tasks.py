@@ -6,6 +6,7 @@ ends (see the asyncio.create_task docs). ``spawn`` holds it until it is done.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 from collections.abc import Coroutine
@@ -29,3 +30,18 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+class Background(abc.ABC):
+    """One task that runs :meth:`forever` from :meth:`start` until :meth:`stop` (a reaper)."""
+
+    _task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = spawn(self.forever())
+
+    async def stop(self) -> None:
+        await cancel_and_wait(self._task)
+
+    @abc.abstractmethod
+    async def forever(self) -> None: ...
