@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import uuid
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -30,8 +29,6 @@ from .session_records import SessionRecords
 from .settings import Settings
 from .store import Store
 from .worker import Worker
-
-log = logging.getLogger(__name__)
 
 # Starts a kernel for a session (spec, confinement) → Kernel: the one launch function.
 KernelFactory = Callable[[str, Confinement], Any]
