@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import time
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,6 +12,8 @@ from bridge.pool import KernelPool
 from bridge.sandbox import Confinement, Mount
 from bridge.service import Bridge
 from bridge.settings import Settings
+
+from .waiting import until
 
 PYTHON = languages.resolve("python")
 
@@ -54,15 +54,6 @@ def settings(tmp_path: Path, size: int = 2) -> Settings:
     s = Settings(data_dir=tmp_path, pool_python=size, sandbox="off")
     s.sessions_dir.mkdir(parents=True, exist_ok=True)
     return s
-
-
-async def until(condition: Callable[[], bool], timeout: float = 60.0) -> None:
-    """Wait for ``condition`` (polled), failing past ``timeout`` seconds: a loaded machine may
-    be slow, but a pool that never fills is a failure, not a hang."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "the pool did not get there in time"
-        await asyncio.sleep(0.02)
 
 
 async def filled_pool(tmp_path: Path) -> tuple[Settings, FakeLaunch, KernelPool]:
@@ -140,7 +131,7 @@ def test_sessions_take_pooled_kernels_when_they_fit(tmp_path: Path) -> None:
         assert first.first_keypair is not None
         key = first.first_keypair.access_key
         try:
-            await until(lambda: bridge.pool.ready(PYTHON) > 0)
+            await until(lambda: bridge.pool.ready(PYTHON) > 0, 120, "a pooled kernel")
             pooled = await bridge.sessions.create(key, PYTHON, name="pooled")
             assert bridge.pool.taken == 1
             assert pooled.main_kernel is not None

@@ -8,6 +8,7 @@ import time
 from bridge.reaper import CPU_CREDIT_EXHAUSTED, IDLE_TIMEOUT, Reaper, verdict
 from bridge.session import Limits, Session, SessionState
 
+from ..waiting import until
 from .sessions_support import FakeKernel, attach, make_session
 
 
@@ -91,10 +92,10 @@ def test_the_reaper_runs_on_its_interval_and_stops() -> None:
     async def scenario() -> None:
         reaper = Reaper(0.01, lambda: [s], destroy)
         reaper.start()
-        deadline = time.monotonic() + 10
-        while len(passes) < 2 and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        await until(lambda: len(passes) >= 2, 10, "two reaper passes")
         await reaper.stop()
+        stopped = len(passes)
+        await asyncio.sleep(0.05)
+        assert len(passes) == stopped  # stopped means no more passes
 
     asyncio.run(scenario())
-    assert len(passes) >= 2

@@ -4,7 +4,6 @@ session — over kernel-less sessions and scripted programs."""
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 from bridge.errors import KernelDied
@@ -12,6 +11,7 @@ from bridge.runs import Run, RunState
 from bridge.session import Session, SessionState
 from bridge.worker import EXEC_TIMEOUT, Worker
 
+from ..waiting import until
 from .sessions_support import FakeKernel, attach, make_session, run_of
 
 
@@ -41,13 +41,6 @@ class Registry:
 
     async def destroy(self, session: Session, reason: str) -> None:
         self.destroyed.append(reason)
-
-
-async def until(condition: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 def test_runs_execute_one_at_a_time_in_order() -> None:
