@@ -15,6 +15,7 @@ from bridge.jobs import Job, JobStatus
 from bridge.languages import resolve
 from bridge.outcomes import ExitRule, RunState, StepOutcome
 from bridge.runs import Program, Run, code_program
+from bridge.session import BATCH, Attached
 
 from .fake_kernel import FakeKernel, pumping, target
 
@@ -153,7 +154,8 @@ def batch_run(options: dict[str, Any], codes: dict[str, int]) -> tuple[Run, list
         kernel = FakeKernel()
         kernel.on("execute_request", script)
         async with pumping(kernel) as channels:
-            session: Any = SimpleNamespace(extra_kernels={batch.EXTRA_KERNEL: (kernel, channels)})
+            attached = Attached(kernel, channels)  # type: ignore[arg-type]
+            session: Any = SimpleNamespace(kernels={BATCH: attached})
             opts = batch.BatchOptions.parse(options, resolve("c"))
             run = Run(run_id="b", mode="batch", code="",
                       program=batch.program(session, opts, start_kernel=None))  # type: ignore[arg-type]
