@@ -91,24 +91,30 @@ async def connect(kernel: Kernel, default: Sink | None = None,
     client.start_channels(shell=True, iopub=True, stdin=True, hb=False, control=True)
     channels = Channels(client, RELAYED_CHANNELS, default=default)
     channels.start()
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    wait = NUDGE_S
     try:
-        while loop.time() < deadline:
-            try:
-                async with asyncio.timeout(min(wait, deadline - loop.time())):
-                    await channels.request("kernel_info_request", {}, channel="control",
-                                           iopub_grace=None, linger=True)
-                break
-            except TimeoutError:
-                wait = min(wait * 2, 2.0)  # a loaded machine answers late: wait longer
-        else:
+        if not await until_live(channels, timeout):
             log.warning("kernel %s: iopub did not answer within %.0f s", kernel.id, timeout)
     except BaseException:
         await _shut(channels)  # cancelled (the client left), or the sockets failed
         raise
     return channels
+
+
+async def until_live(channels: Channels, timeout: float) -> bool:
+    """Nudge until a nudge's idle comes back on iopub (the subscription is live); False if
+    none did within ``timeout``. Each nudge gets longer to answer: a loaded machine is slow."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    wait = NUDGE_S
+    while loop.time() < deadline:
+        try:
+            async with asyncio.timeout(min(wait, deadline - loop.time())):
+                await channels.request("kernel_info_request", {}, channel="control",
+                                       iopub_grace=None, linger=True)
+            return True
+        except TimeoutError:
+            wait = min(wait * 2, 2.0)
+    return False
 
 
 def language_of_spec(name: str) -> Language:

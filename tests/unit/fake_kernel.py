@@ -55,6 +55,7 @@ class FakeKernel:
         self.requests: list[tuple[str, dict[str, Any]]] = []
         self.inputs: list[str] = []
         self.alive = True
+        self.stopped = False
         self.interrupts = 0
         self._scripts: dict[str, Script] = {}
         self._on_input: Callable[[str], None] | None = None
@@ -76,6 +77,10 @@ class FakeKernel:
             task = asyncio.ensure_future(result)
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def stop_channels(self) -> None:
+        """The client's sockets closed (jupyter_client's KernelClient.stop_channels)."""
+        self.stopped = True
 
     def input(self, value: str) -> None:
         """The client's ``input_reply`` (what Channels.reply_input calls)."""
