@@ -399,7 +399,10 @@ class Executions:
             ooms = outcomes.oom_kills(session) - ooms
         finally:
             if req.session_id is None:
-                # Off the response path: the next execution takes another kernel anyway.
+                # Killed before the answer, so its place is free when the client sends its
+                # next request (Sessions.kill_now says why that is safe); the rest of the
+                # clean-up is off the response path.
+                self.sessions.kill_now(session)
                 task = asyncio.create_task(self._dispose(session))
                 self._disposals.add(task)
                 task.add_done_callback(self._disposals.discard)

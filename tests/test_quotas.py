@@ -299,3 +299,30 @@ def test_lone_surrogates_are_4xx_and_sessions_stay_usable() -> None:
                                   "session_id": sid}).json()
         assert body["stdout"] == "5\n", body
         api.delete(f"/api/v1/sessions/{js}/close")
+
+
+def test_a_one_shot_frees_its_place_with_its_answer_and_leaves_nothing_running() -> None:
+    # Concurrency 1: the next create right after a one-shot's answer must find the place free
+    # (no retry), and what the one-shot left running in the background must be dead by then,
+    # so a keypair never has more kernels able to run than places.
+    marker = f"{uuid.uuid4().int % 10**6 + 10**6}"
+    with run_server(default_concurrency="1", pool_python="1") as srv, srv.client() as api:
+        for _ in range(3):
+            r = api.post(EX, json={"language": "python", "code": (
+                "import subprocess\n"
+                f"subprocess.Popen(['sleep', '{marker}'], start_new_session=True)\n"
+                "print('left a sleeper')")})
+            assert r.status_code == 200 and r.json()["stdout"] == "left a sleeper\n", r.text
+            r = api.post("/session", json={"lang": "python", "name": name()})
+            assert r.status_code == 201, r.text  # not 412: the one-shot's place is free
+            # SIGKILLed before the answer: at most a moment to exit (zombies count as gone).
+            deadline = time.monotonic() + 2
+            while time.monotonic() < deadline:
+                left = [p for p in psutil.process_iter(["cmdline", "status"])
+                        if p.info["cmdline"] == ["sleep", marker]
+                        and p.info["status"] != psutil.STATUS_ZOMBIE]
+                if not left:
+                    break
+                time.sleep(0.05)
+            assert not left, left
+            assert api.delete(f"/session/{r.json()['sessionId']}").status_code == 200
