@@ -75,6 +75,10 @@ def run_server(data_dir: Path | None = None, **env: str) -> Iterator[Server]:
     if data_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="kb-test-")
         data_dir = Path(tmp.name) / "data"
+    if os.environ.get("KB_TEST_DATABASE") == "postgres" and "database_url" not in env:
+        from .pg import database_for  # every server of the run on PostgreSQL
+
+        env = {**env, "database_url": database_for(data_dir)}
     port = free_port()
     log_path = data_dir.parent / f"server-{port}.log"
     data_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,8 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
+from bridge.store import migrations
+
 from .support import ROOT, Client, Server, console_text, run_server, run_to_end
 from .test_jobs import create, finished, submit, ts
 
@@ -152,3 +154,23 @@ def test_a_second_replica_on_the_same_data_dir_starts(pg_url: str) -> None:
                 assert r.status_code == 200 and r.json()["stdout"] == "2\n"
         # A replica that stops gives its lease back.
         assert len(rows(pg_url, "SELECT holder FROM leases WHERE name LIKE 'replica:%%'")) == 1
+
+
+def test_doctor_checks_the_postgres_database(pg_url: str, tmp_path: Path) -> None:
+    from .test_ops import kb, verdicts
+
+    out = kb("doctor", "--data-dir", str(tmp_path / "d"), env={"KB_DATABASE_URL": pg_url})
+    assert verdicts(out.stdout)["database"] == "OK", out.stdout
+    assert "empty, the server will create its tables" in out.stdout
+    with run_server(database_url=pg_url):
+        pass
+    out = kb("doctor", "--data-dir", str(tmp_path / "d"), env={"KB_DATABASE_URL": pg_url})
+    assert verdicts(out.stdout)["database"] == "OK", out.stdout
+    assert f"schema version {migrations.LATEST}, 1 keypair(s)" in out.stdout
+    from .support import free_port
+
+    gone = f"postgresql://kb:pw@127.0.0.1:{free_port()}/kb"
+    out = kb("doctor", "--data-dir", str(tmp_path / "d"), env={"KB_DATABASE_URL": gone})
+    assert out.returncode == 1 and verdicts(out.stdout)["database"] == "FAIL", out.stdout
+    assert "fix: start PostgreSQL, or fix KB_DATABASE_URL" in out.stdout
+    assert ":pw@" not in out.stdout
