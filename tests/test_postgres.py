@@ -174,3 +174,26 @@ def test_doctor_checks_the_postgres_database(pg_url: str, tmp_path: Path) -> Non
     assert out.returncode == 1 and verdicts(out.stdout)["database"] == "FAIL", out.stdout
     assert "fix: start PostgreSQL, or fix KB_DATABASE_URL" in out.stdout
     assert ":pw@" not in out.stdout
+
+
+def test_a_database_restart_under_a_running_server() -> None:
+    """PostgreSQL stops: /readyz says the store is unreachable (at once, not a hang). It comes
+    back: the next executions are answered and stored, on fresh pooled connections."""
+    from .pg import postgres_cluster
+
+    with postgres_cluster() as cluster:  # a cluster of its own: this test stops it
+        url = cluster.create_database()
+        with run_server(database_url=url) as server, server.client() as c:
+            assert c.post(EX, json={"code": "print(1)", "language": "python"}).status_code == 200
+            cluster.stop()
+            started = time.monotonic()
+            r = c.get("/readyz")
+            assert r.status_code == 503 and "store unreachable" in r.json()["checks"]["store"]
+            assert time.monotonic() - started < 10
+            cluster.start()
+            for i in range(3):
+                r = c.post(EX, json={"code": f"print({i})", "language": "python"})
+                assert r.status_code == 200 and r.json()["stdout"] == f"{i}\n", r.text
+            assert c.get("/readyz").status_code == 200
+        (n,) = rows(url, "SELECT count(*) AS n FROM executions")
+        assert n == {"n": 4}
