@@ -197,3 +197,33 @@ def test_a_database_restart_under_a_running_server() -> None:
             assert c.get("/readyz").status_code == 200
         (n,) = rows(url, "SELECT count(*) AS n FROM executions")
         assert n == {"n": 4}
+
+
+def test_a_sqlite_data_dir_moves_to_postgres_with_its_keys_and_folders(pg_url: str,
+                                                                       tmp_path: Path) -> None:
+    """One server on SQLite, then `db import-sqlite` into PostgreSQL: the server started on
+    PostgreSQL with the same data dir lets the old key in and lists its folder."""
+    data_dir = tmp_path / "data"
+    with run_server(data_dir) as old, old.client() as c:
+        assert "database_url" not in old.env  # the first release's way: SQLite in the data dir
+        assert c.post("/folders", json={"name": "kept"}).status_code == 201
+        secret, access = old.secret_key, old.access_key
+    source = data_dir / "kernel-bridge.sqlite3"
+    env = {**os.environ, "KB_DATABASE_URL": pg_url}
+
+    def import_sqlite(path: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "api.cli", "db", "import-sqlite",
+                               str(path)], capture_output=True, text=True, cwd=ROOT, env=env)
+
+    out = import_sqlite(source)
+    assert out.returncode == 0, out.stderr
+    assert "keypairs: 1 copied of 1" in out.stdout and "vfolders: 1 copied of 1" in out.stdout
+    assert "keypairs: 0 copied of 1" in import_sqlite(source).stdout  # kept as they are
+    (row,) = rows(pg_url, "SELECT access_key FROM keypairs")
+    assert row["access_key"] == access
+    with run_server(data_dir, database_url=pg_url) as new, Client(new.url, secret) as c:
+        r = c.get("/folders")
+        assert r.status_code == 200, r.text
+        assert [f["name"] for f in r.json()] == ["kept"]
+    bad = import_sqlite(Path("/etc/hostname"))
+    assert bad.returncode == 2 and "file is not a database" in bad.stderr
