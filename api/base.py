@@ -12,11 +12,13 @@ from tornado.web import HTTPError, RequestHandler
 
 from bridge.errors import BridgeError
 from bridge.keypairs import Keypair
+from bridge.replicas import OwnerKind
 from bridge.service import Bridge
 
-from .auth import authenticate
+from .auth import IDENTITY_HEADER, authenticate
 from .dialect import Dialect, MalformedBody, check_encodable
 from .fields import WARNING_HEADER, describe_validation, unknown_fields, warning
+from .forward import UpstreamSocket, relay_http
 from .logs import REQUEST_ID_HEADER, request_id
 
 log = logging.getLogger("kernel_bridge.api")
@@ -37,6 +39,9 @@ class BaseHandler(RequestHandler):
     session_id: str | None = None  # for the access log, once a handler knows its session
     error: BaseException | None = None
     request_id: str
+    # What the route's first path argument names, so a request for something another replica
+    # owns is forwarded there (bridge/replicas.py OwnerKind); None: served here.
+    owner_of: ClassVar[OwnerKind | None] = None
 
     def initialize(self, bridge: Bridge) -> None:
         self.bridge = bridge
@@ -49,7 +54,27 @@ class BaseHandler(RequestHandler):
 
     async def prepare(self) -> None:
         if self.auth_required:
-            self.keypair = await authenticate(self.request, self.bridge.keypairs)
+            self.keypair = await authenticate(self.request, self.bridge.keypairs,
+                                              self.bridge.replicas)
+            if self.owner_of is not None and self.path_args:
+                await self.forward_if_elsewhere(self.owner_of, self.path_args[0])
+
+    async def forward_if_elsewhere(self, kind: OwnerKind, ident: str) -> None:
+        """Hand the request to the replica that owns ``ident`` when that is not this one: an
+        HTTP request is answered from there (raises Finish); a WebSocket gets ``upstream``.
+        Raises OwnerUnreachable (503). A forwarded request is served here, never passed on."""
+        if IDENTITY_HEADER in self.request.headers:
+            return
+        replicas = self.bridge.replicas
+        owner = await replicas.owner(kind, self.keypair.access_key, ident)
+        if owner is None:
+            return
+        identity = replicas.sign(self.keypair.access_key, self.request.method or "GET",
+                                 self.request.uri or "/")
+        if isinstance(self, UpstreamSocket):
+            await self.connect_upstream(owner, identity)
+            return
+        await relay_http(self, owner, identity)
 
     # -- request bodies ---------------------------------------------------------------------
 

@@ -106,6 +106,7 @@ async def _serve(settings: Settings, sockets: list[socket.socket], signals: Sign
         server.add_sockets(sockets)
         port = sockets[0].getsockname()[1]
         url = f"http://{settings.host}:{port}"
+        bridge.replicas.listening(url)
         print(f"kernel-bridge listening on {url} (API docs: {url}/api/docs; Ctrl-C stops it)",
               flush=True)
         if ready is not None:

@@ -29,6 +29,8 @@ from .kernels import IPC_ROOT, Kernel, launch, spec_manager
 from .keypairs import Keypair, Keypairs
 from .languages import measure_versions
 from .pool import REFILL_DELAY_S, KernelPool
+from .replicas import SCHEMA as REPLICAS_SCHEMA
+from .replicas import Replicas
 from .runs import Run
 from .sandbox import Confinement, Mount, Sandbox, base_environ
 from .session import Session, now_iso
@@ -61,9 +63,11 @@ class Bridge:
         if settings.python_env is not None:
             self.sandbox.add_python_env(settings.python_env)
         self.store = Store(settings.db_path, extra_schema=[*FOLDERS_SCHEMA, *JOBS_SCHEMA,
-                                                             *EXECUTIONS_SCHEMA, *EVENTS_SCHEMA])
+                                                             *EXECUTIONS_SCHEMA, *EVENTS_SCHEMA,
+                                                             *REPLICAS_SCHEMA])
         self.events = EventLog(self.store)
         self.keypairs = Keypairs(self.store, settings.default_concurrency)
+        self.replicas = Replicas(self.store, settings.advertise_url)
         self._keypair_watch: asyncio.Task[None] | None = None
         self.language_versions: asyncio.Task[dict[str, str]] | None = None
         self.kernelspecs = spec_manager()
@@ -168,6 +172,7 @@ class Bridge:
         self.sandbox.cgroups.sweep()
         await self.store.open()
         await self.keypairs.load()
+        await self.replicas.start()
         first = None
         if not self.keypairs.all():
             first = await self.keypairs.create()

@@ -102,6 +102,8 @@ class CreateHandler(BackendAIHandler):
 
 
 class SessionHandler(BackendAIHandler):
+    owner_of = "session"
+
     def get(self, ident: str) -> None:
         """Session info with measured usage (seed 001). 404."""
         s = self.session(ident)
@@ -176,6 +178,8 @@ class SessionHandler(BackendAIHandler):
 
 
 class InterruptHandler(BackendAIHandler):
+    owner_of = "session"
+
     async def post(self, ident: str) -> None:
         """Interrupt the running code: 204. 404."""
         await self.bridge.sessions.interrupt(self.session(ident))
@@ -183,6 +187,8 @@ class InterruptHandler(BackendAIHandler):
 
 
 class CompleteHandler(BackendAIHandler):
+    owner_of = "session"
+
     async def post(self, ident: str) -> None:
         """Completions at the cursor: {"result": {"status", "completions"}}. 404."""
         body = self.parse(Complete)

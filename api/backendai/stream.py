@@ -14,7 +14,7 @@ import logging
 from typing import Any
 
 from pydantic import ValidationError
-from tornado.websocket import WebSocketClosedError, WebSocketHandler
+from tornado.websocket import WebSocketClosedError
 
 from bridge.errors import BridgeError
 from bridge.runs import Run
@@ -23,6 +23,7 @@ from bridge.tasks import spawn
 
 from ..dialect import check_encodable
 from ..fields import describe_validation
+from ..forward import UpstreamSocket
 from .handlers import BackendAIHandler
 from .models import Execute
 
@@ -32,13 +33,16 @@ STREAM_FLUSH = 0.2  # seconds, as the real agent flushes a streaming run
 TERMINAL = ("finished", "exec-timeout")
 
 
-class StreamExecuteHandler(WebSocketHandler, BackendAIHandler):
+class StreamExecuteHandler(UpstreamSocket, BackendAIHandler):
+    owner_of = "session"
     target: Session
     run: Run | None = None
 
     async def prepare(self) -> None:
         # Auth and the session are checked before the upgrade: a plain 401/404 problem body.
         await super().prepare()
+        if self.upstream is not None:
+            return  # another replica owns the session: frames are piped there
         self.target = self.session(self.path_args[0])
 
     def check_origin(self, origin: str) -> bool:
@@ -100,5 +104,5 @@ class StreamExecuteHandler(WebSocketHandler, BackendAIHandler):
         log.info("stream of session %s closed", self.target.id)
 
 
-def routes() -> list[tuple[str, type[WebSocketHandler]]]:
+def routes() -> list[tuple[str, type[UpstreamSocket]]]:
     return [(r"/stream/(?:kernel|session)/([^/]+)/execute", StreamExecuteHandler)]

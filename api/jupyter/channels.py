@@ -8,13 +8,13 @@ import logging
 from typing import Any
 
 from tornado.iostream import StreamBufferFullError
-from tornado.websocket import WebSocketHandler
 
 from bridge.errors import BridgeError
 from bridge.gateway import Relay
 from bridge.messages import Channel, Message
 from bridge.session import Session
 
+from ..forward import UpstreamSocket
 from .base import JupyterHandler
 from .wire import V1, decode_legacy, decode_v1, encode_legacy, encode_v1
 
@@ -22,7 +22,8 @@ log = logging.getLogger("kernel_bridge.api.jupyter")
 MAX_UNREAD_BYTES = 16 * 1024 * 1024
 
 
-class ChannelsHandler(WebSocketHandler, JupyterHandler):
+class ChannelsHandler(UpstreamSocket, JupyterHandler):
+    owner_of = "kernel"
     session: Session
     relay: Relay | None = None
 
@@ -30,6 +31,8 @@ class ChannelsHandler(WebSocketHandler, JupyterHandler):
         # Auth and the kernel's existence are checked before the upgrade, so a bad request gets
         # a plain 401/404 in the dialect's shape rather than a socket that closes at once.
         await super().prepare()
+        if self.upstream is not None:
+            return  # another replica owns the kernel: frames are piped there
         self.session = self.kernel(self.path_args[0])
 
     def check_origin(self, origin: str) -> bool:

@@ -70,6 +70,8 @@ def _str_env(env: dict[str, Any] | None) -> dict[str, str]:
 
 
 class KernelHandler(JupyterHandler):
+    owner_of = "kernel"
+
     def get(self, kernel_id: str) -> None:
         """A kernel's model. 404."""
         self.send(self.bridge.gateway.model(self.kernel(kernel_id)))
@@ -81,6 +83,8 @@ class KernelHandler(JupyterHandler):
 
 
 class InterruptHandler(JupyterHandler):
+    owner_of = "kernel"
+
     async def post(self, kernel_id: str) -> None:
         """Interrupt (message mode: kernels run in bwrap): 204. 404."""
         await self.bridge.sessions.interrupt(self.kernel(kernel_id))
@@ -88,6 +92,8 @@ class InterruptHandler(JupyterHandler):
 
 
 class RestartHandler(JupyterHandler):
+    owner_of = "kernel"
+
     async def post(self, kernel_id: str) -> None:
         """Restart the kernel: 200 with its model. 404."""
         session = self.kernel(kernel_id)

@@ -76,6 +76,8 @@ class AsyncExecuteHandler(SandboxHandler):
 
 
 class StatusHandler(SandboxHandler):
+    owner_of = "execution"
+
     async def get(self, execution_id: str) -> None:
         """An execution's status and, once ended, its result. 401, 403, 404."""
         ex = await self.bridge.executions.get(self.keypair.access_key, execution_id)
@@ -127,6 +129,8 @@ class LanguageInfoHandler(SandboxHandler):
 
 
 class SessionHandler(SandboxHandler):
+    owner_of = "sandbox_session"
+
     async def delete(self, session_id: str) -> None:
         """End the named session: its kernel, state and files. 401, 403, 404."""
         await self.bridge.executions.close_session(self.keypair.access_key, session_id)
