@@ -23,10 +23,10 @@ DOCS_DIR := api/docs_assets
 
 # What `make run` needs before it serves, and what `make test` adds on top.
 SERVE_DEPS := $(BIN)/.serve toolchains docs-assets console kernelspecs
-TEST_DEPS := $(SERVE_DEPS) $(BIN)/.test sdk-venv browser-tools datascience-env $(BIN)/.deploy
+TEST_DEPS := $(SERVE_DEPS) $(BIN)/.test sdk-venv browser-tools datascience-env postgres $(BIN)/.deploy
 
 .PHONY: run test test-unit venv serve-venv sdk-venv sandbox-tools toolchains kernelspecs docs-assets bench \
-        lint typecheck settings-doc clean console browser-tools doctor deploy-check
+        lint typecheck settings-doc clean console browser-tools doctor postgres deploy-check
 
 # -- Python environments --------------------------------------------------------------------------
 
@@ -119,6 +119,17 @@ $(BIN)/.deploy: $(BIN)/.serve
 
 deploy-check: $(BIN)/.deploy
 	$(BIN)/python -m pytest tests/unit/test_deploy.py -q
+
+# PostgreSQL's server binaries for the tests with KB_DATABASE_URL: tests/pg.py makes a throw-away
+# cluster with initdb in a temp dir, run as nobody (Debian keeps initdb off PATH, under
+# /usr/lib/postgresql/VERSION/bin). The package's own cluster is not needed: none is created.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    mkdir -p /etc/postgresql-common/createcluster.d && \
+	    echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.d/kb.conf && \
+	    apt-get update -qq && $(APT_GET) postgresql; \
+	  else echo "postgresql missing: install it (the PostgreSQL tests need initdb)"; fi; }
 
 # -- what people run --------------------------------------------------------------------------------
 

@@ -12,11 +12,11 @@ from typing import Any
 from pydantic import ValidationError
 
 from bridge import __version__
-from bridge.errors import AuthFailed
+from bridge.errors import AuthFailed, StartupRefused
 from bridge.keypairs import Keypairs
 from bridge.sandbox import SandboxUnavailable
 from bridge.settings import Settings
-from bridge.store import Store
+from bridge.store import store_for
 
 # Options that set a Settings field, by field name: settings errors name the flag the user gave.
 _FLAGS = {"host": "--host", "port": "--port", "data_dir": "--data-dir"}
@@ -35,8 +35,9 @@ def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
 
 async def _keys(settings: Settings, args: argparse.Namespace) -> int:
     action, as_json = args.action, getattr(args, "json", False)
-    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # it holds secrets
-    store = Store(settings.db_path)
+    if not settings.database_url:
+        settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # it holds secrets
+    store = store_for(settings)  # PostgreSQL with KB_DATABASE_URL: what the replicas read
     await store.open()
     try:
         keypairs = Keypairs(store, settings.default_concurrency)
@@ -211,6 +212,9 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     try:
         return asyncio.run(_keys(settings, args))
+    except StartupRefused as exc:  # the database cannot be reached or is too new
+        print(f"kernel-bridge: {exc}", file=sys.stderr)
+        return 2
     except AuthFailed:
         print(f"kernel-bridge: no keypair {args.access_key!r}", file=sys.stderr)
         return 2

@@ -63,9 +63,11 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     loop = asyncio.get_running_loop()
     signals = Signals()
     signals.install(loop)
-    lock = DataDirLock(settings.data_dir)
+    # SQLite: one server per data dir. PostgreSQL: replicas share it (bridge/datadir.py).
+    lock = DataDirLock(settings.data_dir) if not settings.database_url else None
     try:
-        lock.acquire()
+        if lock is not None:
+            lock.acquire()
         sockets = bind(settings.host, settings.port)
         try:
             await _serve(settings, sockets, signals, ready)
@@ -73,7 +75,8 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
             for s in sockets:
                 s.close()
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
         signals.remove(loop)
 
 

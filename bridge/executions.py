@@ -59,21 +59,6 @@ RETENTION = timedelta(days=1)
 RATE_WINDOW_S = 60.0
 FAILED_EXIT_CODE = -1
 
-SCHEMA: list[str] = [
-    """CREATE TABLE IF NOT EXISTS executions (
-        id           TEXT PRIMARY KEY,
-        access_key   TEXT NOT NULL,
-        language     TEXT NOT NULL,
-        session_id   TEXT,
-        status       TEXT NOT NULL,
-        error        TEXT,
-        result       TEXT,
-        created_at   TEXT NOT NULL,
-        started_at   TEXT,
-        completed_at TEXT)""",
-    "CREATE INDEX IF NOT EXISTS executions_created ON executions (created_at)",
-]
-
 
 class ExecStatus(enum.Enum):
     PENDING = "pending"

@@ -42,12 +42,15 @@ from .languages import resolve
 from .session import Limits, Session, SessionState
 from .sessions import Sessions
 from .settings import Settings
-from .store import Store
+from .store import Store, columns, upsert
 from .tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
 ORIGIN = "jobs"
+# A whole row, inserted or overwritten (the same statement in SQLite and PostgreSQL).
+SAVE_SESSION = upsert("job_sessions", columns(SESSION_COLUMNS), ["id"])
+SAVE_JOB = upsert("jobs", columns(JOB_COLUMNS), ["id"])
 
 
 class JobSessions:
@@ -447,14 +450,10 @@ class JobSessions:
     # -- rows -----------------------------------------------------------------------------------
 
     async def _save(self, js: JobSession) -> None:
-        await self.store.execute(
-            f"INSERT OR REPLACE INTO job_sessions ({SESSION_COLUMNS}) VALUES "
-            f"({', '.join('?' * 21)})", js.row())
+        await self.store.execute(SAVE_SESSION, js.row())
 
     async def _save_job(self, job: Job) -> None:
-        await self.store.execute(
-            f"INSERT OR REPLACE INTO jobs ({JOB_COLUMNS}) VALUES ({', '.join('?' * 17)})",
-            job.row())
+        await self.store.execute(SAVE_JOB, job.row())
         if self.events is not None and job.status.terminal:
             await self.events.end(job_key(job.id), job.access_key, {
                 "status": job.status.value, "exit_code": job.exit_code}, owner=job.id)

@@ -39,13 +39,6 @@ IDENTITY_VERSION = "v1"
 # kernel id, a Sandbox session_id, a job session, a job, an async execution.
 OwnerKind = Literal["session", "kernel", "sandbox_session", "job_session", "job", "execution"]
 
-SCHEMA: list[str] = [
-    # One row per cluster-wide value; "secret" signs forwarded identities.
-    """CREATE TABLE IF NOT EXISTS cluster (
-        name  TEXT PRIMARY KEY,
-        value TEXT NOT NULL)""",
-]
-
 
 class BadIdentity(AuthFailed):
     def __init__(self, why: str) -> None:

@@ -1,63 +1,36 @@
-"""SQLite persistence (WAL). One connection, owned by one worker thread, so the event loop
-never blocks on disk and writes are serialised without locks of our own."""
+"""SQLite persistence (WAL), the embedded default. One connection, owned by one worker thread,
+so the event loop never blocks on disk and writes are serialised without locks of our own."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import sqlite3
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-Row = dict[str, Any]
-
-SCHEMA: list[str] = [
-    """CREATE TABLE IF NOT EXISTS keypairs (
-        access_key   TEXT PRIMARY KEY,
-        secret_key   TEXT NOT NULL,
-        secret_hash  TEXT NOT NULL UNIQUE,
-        is_active    INTEGER NOT NULL DEFAULT 1,
-        concurrency  INTEGER NOT NULL,
-        total_queries INTEGER NOT NULL DEFAULT 0,
-        created      TEXT NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS sessions (
-        id           TEXT PRIMARY KEY,
-        name         TEXT NOT NULL,
-        access_key   TEXT NOT NULL,
-        language     TEXT NOT NULL,
-        origin       TEXT NOT NULL,
-        state        TEXT NOT NULL,
-        state_reason TEXT,
-        config       TEXT NOT NULL,
-        created_at   TEXT NOT NULL,
-        terminated_at TEXT,
-        stats        TEXT)""",
-    "CREATE INDEX IF NOT EXISTS sessions_owner ON sessions (access_key, name)",
-    """CREATE TABLE IF NOT EXISTS runs (
-        id           TEXT PRIMARY KEY,
-        session_id   TEXT NOT NULL,
-        run_id       TEXT NOT NULL,
-        mode         TEXT NOT NULL,
-        code         TEXT NOT NULL,
-        options      TEXT,
-        status       TEXT NOT NULL,
-        exit_code    INTEGER,
-        created_at   TEXT NOT NULL,
-        finished_at  TEXT)""",
-    "CREATE INDEX IF NOT EXISTS runs_session ON runs (session_id, run_id)",
-]
+from ..errors import StartupRefused
+from . import migrations
+from .base import Row, Store
 
 
-class Store:
+class SqliteStore(Store):
     """Async facade over one SQLite file; every call runs on the store's own thread."""
 
-    def __init__(self, path: Path, extra_schema: Iterable[str] = ()) -> None:
+    dialect = "sqlite"
+    # julianday is a REAL with sub-millisecond precision (unixepoch('subsec') needs 3.42).
+    now_sql = "((julianday('now') - 2440587.5) * 86400.0)"
+
+    def __init__(self, path: Path, steps: Sequence[migrations.Step] = migrations.STEPS) -> None:
         self.path = path
-        self._schema = [*SCHEMA, *extra_schema]
+        self._steps = tuple(steps)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kb-store")
         self._conn: sqlite3.Connection | None = None
+
+    def describe(self) -> str:
+        return f"SQLite {self.path}"
 
     async def open(self) -> None:
         await self._call(self._open)
@@ -66,13 +39,16 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode is durable across process crashes (not power loss), which
-        # is what "persist before answering" needs, at a fraction of FULL's fsync cost.
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA busy_timeout=5000")
-        for ddl in self._schema:
-            conn.execute(ddl)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode is durable across process crashes (not power loss), which
+            # is what "persist before answering" needs, at a fraction of FULL's fsync cost.
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=5000")
+            migrate(conn, self._steps)
+        except BaseException:
+            conn.close()
+            raise
         self.path.chmod(0o600)
         self._conn = conn
 
@@ -92,7 +68,6 @@ class Store:
         return self._conn
 
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
-        """Run one statement; returns the number of changed rows."""
         return int(await self._call(lambda: self._db().execute(sql, params).rowcount))
 
     async def transaction(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
@@ -126,5 +101,32 @@ class Store:
         return result
 
 
-def dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), default=str)
+def migrate(conn: sqlite3.Connection, steps: Sequence[migrations.Step]) -> None:
+    """Apply the steps ``conn``'s database lacks, each in a transaction with its version row.
+
+    ``BEGIN IMMEDIATE`` takes the write lock before reading the version, so a ``keys create``
+    opening the file while the server starts never applies a step twice.
+    """
+    conn.execute(migrations.VERSION_TABLE)
+    latest = steps[-1].version if steps else 0
+    for step in steps:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            (current,) = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version"
+                                      ).fetchone()
+            if current > latest:
+                raise StartupRefused(f"database schema version {current} is newer than this "
+                                     f"server's ({latest}): run the newer release")
+            if current < step.version:
+                for sql in step.sql("sqlite"):
+                    conn.execute(sql)
+                conn.execute("INSERT INTO schema_version (version, name, applied_at) VALUES"
+                             " (?, ?, ?)", (step.version, step.name, _now()))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
