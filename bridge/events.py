@@ -30,7 +30,7 @@ from typing import Any
 
 from .runs import Run
 from .session import now_iso
-from .store import Store
+from .store import Row, Store
 
 log = logging.getLogger(__name__)
 
@@ -192,9 +192,28 @@ class EventLog:
         self._signals: dict[str, asyncio.Event] = {}
         self._pruner: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
+    async def start(self, end_open: bool = True) -> None:
         # Streams left open by the last server will never get their end: give it to them.
-        rows = await self.store.fetchall("SELECT key, last_id FROM event_streams WHERE ended=0")
+        # (Replicas share the table: they end only the streams of what has ended, end_orphans.)
+        if end_open:
+            await self._end(await self.store.fetchall(
+                "SELECT key, last_id FROM event_streams WHERE ended=0"))
+        self._pruner = asyncio.create_task(self._prune_forever())
+
+    async def end_orphans(self) -> None:
+        """End the open streams whose session, execution or job is over and that no live
+        writer here holds: a replica that died left them open."""
+        rows = await self.store.fetchall(
+            "SELECT key, last_id FROM event_streams es WHERE ended=0"
+            " AND NOT EXISTS (SELECT 1 FROM sessions s WHERE s.id = es.owner"
+            " AND s.state != 'TERMINATED')"
+            " AND NOT EXISTS (SELECT 1 FROM executions x WHERE x.id = es.owner"
+            " AND x.status IN ('pending', 'running'))"
+            " AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = es.owner"
+            " AND j.status IN ('queued', 'running'))")
+        await self._end([r for r in rows if r["key"] not in self._open])
+
+    async def _end(self, rows: list[Row]) -> None:
         data = json.dumps(RESTART_END)
         await self.store.transaction(
             [s for r in rows for s in (
@@ -203,7 +222,6 @@ class EventLog:
                  (r["key"], r["last_id"] + 1, data)),
                 ("UPDATE event_streams SET last_id=?, ended=1 WHERE key=?",
                  (r["last_id"] + 1, r["key"])))])
-        self._pruner = asyncio.create_task(self._prune_forever())
 
     async def stop(self) -> None:
         if self._pruner is not None:

@@ -44,6 +44,7 @@ from .errors import (
 from .events import EventLog, execution_key
 from .execution_scripts import execution_scripts
 from .languages import Language, resolve
+from .replicas import owned_by
 from .runs import Liveness, Program, Run, RunState
 from .session import Session, SessionState, now_iso
 from .sessions import Sessions
@@ -170,6 +171,7 @@ class Executions:
         self.store = store
         self.sessions = sessions
         self.events = events  # each execution's event stream (bridge.events)
+        self.owner: str | None = None  # this replica's id when replicas share the store
         self._start_kernel = start_kernel  # a named session's batch kernel runs test cases
         self.limiter = RateLimiter(settings.rate_limit)
         self._live: dict[str, Execution] = {}  # async executions not yet ended
@@ -181,17 +183,24 @@ class Executions:
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        # Whatever was pending or running belonged to the previous process and is lost.
+        await self.adopt()
+        self._pruner = asyncio.create_task(self._prune_forever())
+
+    async def adopt(self) -> None:
+        """Fail the unfinished executions recorded as this server's that it does not run: at
+        start, the previous process's; with replicas, those just claimed from a dead one."""
         reason = "The server restarted before this execution ended."
+        mine, params = owned_by(self.owner)
         rows = await self.store.fetchall(
             "SELECT id, language, session_id, started_at FROM executions"
-            " WHERE status IN ('pending', 'running')")
+            f" WHERE status IN ('pending', 'running'){mine}", params)
         for row in rows:
+            if row["id"] in self._live:
+                continue
             ex = Execution(row["id"], "", row["language"], row["session_id"],
                            started_at=row["started_at"])
             ex.failed(reason)
             await self._write(ex, insert=False)
-        self._pruner = asyncio.create_task(self._prune_forever())
 
     async def stop(self) -> None:
         if self._pruner is not None:
@@ -513,10 +522,10 @@ class Executions:
         if insert:
             await self.store.execute(
                 "INSERT INTO executions (id, access_key, language, session_id, status, error,"
-                " result, created_at, started_at, completed_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " result, created_at, started_at, completed_at, owner)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (ex.id, ex.access_key, ex.language, ex.session_id, ex.status.value, ex.error,
-                 result, ex.created_at, ex.started_at, ex.completed_at))
+                 result, ex.created_at, ex.started_at, ex.completed_at, self.owner))
         else:
             await self.store.execute(
                 "UPDATE executions SET status=?, error=?, result=?, started_at=?,"

@@ -39,6 +39,7 @@ from .jobs import (
 )
 from .keypairs import Keypairs
 from .languages import resolve
+from .replicas import owned_by
 from .session import Limits, Session, SessionState
 from .sessions import Sessions
 from .settings import Settings
@@ -49,7 +50,8 @@ log = logging.getLogger(__name__)
 
 ORIGIN = "jobs"
 # A whole row, inserted or overwritten (the same statement in SQLite and PostgreSQL).
-SAVE_SESSION = upsert("job_sessions", columns(SESSION_COLUMNS), ["id"])
+# The saver is the owner: the replica that holds the session in memory runs its jobs and timers.
+SAVE_SESSION = upsert("job_sessions", [*columns(SESSION_COLUMNS), "owner"], ["id"])
 SAVE_JOB = upsert("jobs", columns(JOB_COLUMNS), ["id"])
 
 
@@ -59,6 +61,7 @@ class JobSessions:
                  events: EventLog | None = None) -> None:
         self.settings = settings
         self.events = events  # each job's event stream (bridge.events)
+        self.owner: str | None = None  # this replica's id when replicas share the store
         self.store = store
         self.keypairs = keypairs
         self.sessions = sessions
@@ -72,10 +75,21 @@ class JobSessions:
     # -- start / stop -------------------------------------------------------------------------
 
     async def start(self) -> None:
+        await self.adopt()
+        self._reaper = asyncio.create_task(self._reap_forever())
+
+    async def adopt(self) -> None:
+        """Take up the open job sessions recorded as this server's that it does not run yet:
+        at start, and (with replicas) those just claimed from a replica that died. Queued jobs
+        queue again; running ones failed with the kernel they ran in."""
         now = time.time()
+        mine, params = owned_by(self.owner)
         rows = await self.store.fetchall(
-            f"SELECT {SESSION_COLUMNS} FROM job_sessions WHERE state != 'closed'")
+            f"SELECT {SESSION_COLUMNS} FROM job_sessions WHERE state != 'closed'{mine}", params)
+        adopted: list[JobSession] = []
         for row in rows:
+            if row["id"] in self._live:
+                continue
             js = JobSession.from_row(row)
             jobs = [Job.from_row(r) for r in await self.store.fetchall(
                 f"SELECT {JOB_COLUMNS} FROM jobs WHERE session_id=? AND status IN"
@@ -95,10 +109,11 @@ class JobSessions:
             if js.state is State.ACTIVE and not js.has_work and js.idle_deadline is None:
                 js.idle_deadline = now + (js.interactive_ttl or 0)
             self._live[js.id] = js
+            adopted.append(js)
             await self._save(js)
         # Deadlines that passed while the server was down fire now, stamped with their own time.
         await self._fire_due(now)
-        for js in list(self._live.values()):
+        for js in adopted:
             await self._maybe_close(js)
             if js.state is not State.CLOSED and js.mode == "dedicated" and js.activated_at:
                 # Noted after the deadlines fired, so the note is the last word until the
@@ -107,7 +122,6 @@ class JobSessions:
                                     "state are gone, the next job starts a fresh kernel")
                 await self._save(js)
             self._pump(js)
-        self._reaper = asyncio.create_task(self._reap_forever())
 
     async def stop(self) -> None:
         """Stop timers and jobs; jobs cut short are recorded as failed (their kernels go too)."""
@@ -450,7 +464,7 @@ class JobSessions:
     # -- rows -----------------------------------------------------------------------------------
 
     async def _save(self, js: JobSession) -> None:
-        await self.store.execute(SAVE_SESSION, js.row())
+        await self.store.execute(SAVE_SESSION, (*js.row(), self.owner))
 
     async def _save_job(self, job: Job) -> None:
         await self.store.execute(SAVE_JOB, job.row())

@@ -17,15 +17,18 @@ Nothing here speaks HTTP; the owner lookup reads the store.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
 import secrets
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from .datadir import PRESENCE_PREFIX
 from .errors import AuthFailed
 from .store import Store
 
@@ -38,6 +41,14 @@ IDENTITY_VERSION = "v1"
 # What a route names, for the owner lookup: a session by name or id (Backend.AI), a Jupyter
 # kernel id, a Sandbox session_id, a job session, a job, an async execution.
 OwnerKind = Literal["session", "kernel", "sandbox_session", "job_session", "job", "execution"]
+
+
+def owned_by(owner: str | None) -> tuple[str, tuple[str, ...]]:
+    """An SQL condition (`` AND …``) for the rows ``owner`` owns; with one server (no owner
+    ids), every row is its own."""
+    if owner is None:
+        return "", ()
+    return " AND owner = ?", (owner,)
 
 
 class BadIdentity(AuthFailed):
@@ -88,16 +99,47 @@ def verify_identity(secret: str | None, value: str, method: str, uri: str,
     return Identity(replica=replica, access_key=access_key)
 
 
-class Replicas:
-    """This replica's identity and the cluster's secret; later, leases and owners.
+# One query per kind: the owner of what the route names (of this keypair, still live), with the
+# owner's URL when its presence lease (bridge/datadir.py ReplicaPresence) still holds.
+_OWNER_SQL: dict[str, str] = {
+    "session": "SELECT owner FROM sessions WHERE access_key = ? AND (id = ? OR name = ?)"
+               " AND state != 'TERMINATED'",
+    "kernel": "SELECT owner FROM sessions WHERE access_key = ? AND id = ? AND id = ?"
+              " AND state != 'TERMINATED'",
+    "sandbox_session": "SELECT owner FROM sessions WHERE access_key = ? AND name = ?"
+                       " AND name = ? AND origin = 'sandbox' AND state != 'TERMINATED'",
+    # A job session, or another dialect's session shown as one (GET /api/v1/sessions/{id}).
+    "job_session": "SELECT owner FROM job_sessions WHERE access_key = ? AND id = ? AND id = ?"
+                   " UNION ALL SELECT owner FROM sessions WHERE access_key = ? AND id = ?"
+                   " AND id = ? AND state != 'TERMINATED'",
+    "job": "SELECT js.owner FROM jobs j JOIN job_sessions js ON js.id = j.session_id"
+           " WHERE j.access_key = ? AND j.id = ? AND j.id = ?",
+    "execution": "SELECT owner FROM executions WHERE access_key = ? AND id = ? AND id = ?",
+}
 
-    ``advertise_url`` is how other replicas reach this one; it is known once the server has
-    its port (:meth:`listening`).
+
+# What a replica owns until it is finished; a dead replica's unfinished rows are adopted.
+_UNFINISHED = {
+    "sessions": "state != 'TERMINATED'",
+    "job_sessions": "state != 'closed'",
+    "executions": "status IN ('pending', 'running')",
+}
+
+
+class Replicas:
+    """This replica's identity, the cluster's secret, and who owns what.
+
+    ``advertise_url`` is how other replicas reach this one: the operator's
+    ``KB_ADVERTISE_URL``, else the address the server listens on (:meth:`listening`).
+    ``replica_id`` is the presence lease's id when the store is shared (PostgreSQL); a
+    server alone on SQLite is never forwarded to and forwards nothing.
     """
 
-    def __init__(self, store: Store, advertise_url: str | None) -> None:
+    def __init__(self, store: Store, advertise_url: str | None,
+                 replica_id: str | None = None) -> None:
         self._store = store
-        self.id = uuid.uuid4().hex[:16]
+        self.clustered = replica_id is not None
+        self.id = replica_id or uuid.uuid4().hex[:16]
         self.advertise_url = advertise_url
         self.secret: str | None = None
 
@@ -107,26 +149,86 @@ class Replicas:
             "INSERT INTO cluster (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
             ("secret", secrets.token_urlsafe(32)))
         row = await self._store.fetchone("SELECT value FROM cluster WHERE name=?", ("secret",))
-        assert row is not None  # written just above
+        if row is None:
+            raise RuntimeError("the cluster secret was not stored")
         self.secret = str(row["value"])
+        if self.clustered:
+            if self.advertise_url is None:
+                raise RuntimeError("Replicas.listening() must come before start()")
+            await self._store.execute(
+                f"INSERT INTO replicas (id, url, started_at) VALUES (?, ?, {self._store.now_sql})"
+                " ON CONFLICT (id) DO UPDATE SET url = excluded.url",
+                (self.id, self.advertise_url))
+            log.info("replica %s advertises %s", self.id, self.advertise_url)
 
     def listening(self, url: str) -> None:
         """The server listens at ``url``: the advertised URL unless the operator set one."""
         if self.advertise_url is None:
             self.advertise_url = url
-        log.info("replica %s advertises %s", self.id, self.advertise_url)
 
-    @property
-    def clustered(self) -> bool:
-        """Other replicas may share this store (not yet: the shared store is PostgreSQL)."""
-        return False
+    async def live(self) -> dict[str, str]:
+        """The replicas whose presence lease holds, this one included: id → URL."""
+        if not self.clustered:
+            return {self.id: self.advertise_url or ""}
+        rows = await self._store.fetchall(
+            "SELECT r.id, r.url FROM replicas r JOIN leases l ON l.name = ? || r.id"
+            f" WHERE l.expires > {self._store.now_sql}", (PRESENCE_PREFIX,))
+        return {str(r["id"]): str(r["url"]) for r in rows}
+
+    async def others(self) -> list[str]:
+        """The other live replicas' ids (whose sessions, jobs and executions are theirs)."""
+        return [rid for rid in await self.live() if rid != self.id]
 
     async def owner(self, kind: OwnerKind, access_key: str, ident: str) -> str | None:
         """The URL of the live replica that owns ``ident`` (of ``access_key``) when that is
-        not this one; None when it is this one, nobody's, or there is no cluster."""
+        not this one; None when it is this one, nobody's, a dead replica's (served here, so
+        the failover decides), or there is no cluster."""
         if not self.clustered:
             return None
+        params: tuple[str, ...] = (access_key, ident, ident)
+        if kind == "job_session":
+            params = params * 2
+        owners = {r["owner"] for r in await self._store.fetchall(_OWNER_SQL[kind], params)}
+        owners.discard(None)
+        if not owners or self.id in owners:
+            return None
+        live = await self.live()
+        for rid in sorted(str(o) for o in owners):
+            if rid in live:
+                return live[rid]
         return None
+
+    async def claim_orphans(self) -> int:
+        """Make this replica the owner of every unfinished session, job session and execution
+        whose owner is no live replica (a dead one, or none recorded); returns how many rows
+        it took. Two replicas claiming at once each take a row at most once: the database
+        re-checks the condition on a row another claim has just changed."""
+        if not self.clustered:
+            return 0
+        live = list(await self.live())
+        if self.id not in live:
+            return 0  # our own lease lapsed: we are the one others are adopting from
+        marks = ", ".join("?" * len(live))
+        taken = 0
+        for table, unfinished in _UNFINISHED.items():
+            taken += await self._store.execute(
+                f"UPDATE {table} SET owner = ? WHERE {unfinished}"
+                f" AND (owner IS NULL OR owner NOT IN ({marks}))", (self.id, *live))
+        if taken:
+            log.warning("replica %s adopted %d sessions, job sessions and executions of "
+                        "replicas that are gone", self.id, taken)
+        return taken
+
+    async def watch(self, interval: float, adopt: Callable[[], Awaitable[None]]) -> None:
+        """Every ``interval`` seconds, claim what replicas whose lease ran out owned, and have
+        ``adopt`` take it up. A failed round is retried at the next."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if await self.claim_orphans():
+                    await adopt()
+            except Exception:
+                log.exception("failover round failed; retrying in %.0f s", interval)
 
     def sign(self, access_key: str, method: str, uri: str) -> str:
         """A forwarded request's identity header. Raises RuntimeError before start()."""

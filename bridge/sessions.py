@@ -29,6 +29,7 @@ from .errors import (
 from .kernels import Kernel, Usage
 from .keypairs import Keypairs
 from .languages import Language
+from .replicas import owned_by
 from .runs import Program, Run, RunState
 from .sandbox import Confinement, Mount
 from .session import Limits, Session, SessionState, now_iso
@@ -76,17 +77,36 @@ class Sessions:
         self._reaper: asyncio.Task[None] | None = None
         self.on_terminated: list[Callable[[Session], Any]] = []
         self.on_submit: list[Callable[[Session, Run], Any]] = []  # e.g. event streams
+        self.owner: str | None = None  # this replica's id when replicas share the store
 
     # -- lifecycle of the registry ----------------------------------------------------------
 
     async def start(self) -> None:
         # Kernels do not survive a server restart: their sessions ended with the old process,
         # and so did their files (a server that was killed could not remove them).
-        await self.store.execute(
-            "UPDATE sessions SET state='TERMINATED', state_reason='server-restarted',"
-            " terminated_at=? WHERE state != 'TERMINATED'", (now_iso(),))
-        await asyncio.to_thread(self.volumes.sweep_sessions, self.settings.sessions_dir)
+        if self.owner is None:
+            await self.store.execute(
+                "UPDATE sessions SET state='TERMINATED', state_reason='server-restarted',"
+                " terminated_at=? WHERE state != 'TERMINATED'", (now_iso(),))
+            await asyncio.to_thread(self.volumes.sweep_sessions, self.settings.sessions_dir)
+        else:  # replicas share the sessions dir: only what this one adopted is swept
+            await self.end_unrun("server-restarted")
         self._reaper = asyncio.create_task(self._reap_forever())
+
+    async def end_unrun(self, reason: str) -> None:
+        """End the sessions recorded as this replica's that it does not run (claimed from a
+        replica that died: bridge/replicas.py), and remove their working dirs."""
+        mine, params = owned_by(self.owner)
+        rows = await self.store.fetchall(
+            f"SELECT id FROM sessions WHERE state != 'TERMINATED'{mine}", params)
+        for row in rows:
+            sid = str(row["id"])
+            if sid in self._by_id:
+                continue
+            await self.store.execute(
+                "UPDATE sessions SET state='TERMINATED', state_reason=?, terminated_at=?"
+                " WHERE id=? AND state != 'TERMINATED'", (reason, now_iso(), sid))
+            await self.volumes.remove(self.settings.sessions_dir / sid)
 
     async def stop(self) -> None:
         await cancel_and_wait(self._reaper)
@@ -161,9 +181,9 @@ class Sessions:
             await self._attach_kernel(session, fresh=True)
             await self.store.execute(
                 "INSERT INTO sessions (id, name, access_key, language, origin, state, config,"
-                " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " created_at, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (sid, session.name, access_key, language.name, origin, session.state.value,
-                 dumps(config), session.created_at))
+                 dumps(config), session.created_at, self.owner))
         except BaseException:
             # Nothing half-made stays: not the kernel, not the dir, not the place.
             del self._by_id[sid]

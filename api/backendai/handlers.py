@@ -71,6 +71,8 @@ class CreateHandler(BackendAIHandler):
         sessions = self.bridge.sessions
         name = body.session_name
         if name is not None:
+            # A session of this name on another replica: that replica reuses (or refuses) it.
+            await self.forward_if_elsewhere("session", name)
             existing = sessions.find(self.keypair.access_key, name)
             if existing is not None:
                 if not body.reuseIfExists:

@@ -63,6 +63,8 @@ class ExecuteHandler(SandboxHandler):
     async def post(self) -> None:
         """Run code and answer with its result. 400, 401, 403, 422, 429."""
         req = self.request_for(self.parse(ExecuteRequest))
+        if req.session_id is not None:  # its kernel may be another replica's
+            await self.forward_if_elsewhere("sandbox_session", req.session_id)
         result = await self.bridge.executions.run(self.keypair.access_key, req)
         self.send(asdict(result))
 
@@ -71,6 +73,8 @@ class AsyncExecuteHandler(SandboxHandler):
     async def post(self) -> None:
         """Accept code to run in the background: ``status: pending``. 400, 401, 403, 422, 429."""
         req = self.request_for(self.parse(ExecuteRequest))
+        if req.session_id is not None:  # its kernel may be another replica's
+            await self.forward_if_elsewhere("sandbox_session", req.session_id)
         ex = await self.bridge.executions.submit(self.keypair.access_key, req)
         self.send(render_status(ex))
 
