@@ -4,7 +4,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from .pg import Cluster, postgres_cluster
+from .pg import Cluster, shared_cluster
 from .support import USED_DATA_DIRS, Client, Server, run_server, unmount_leftovers
 
 
@@ -33,9 +33,8 @@ def client(server: Server) -> Iterator[Client]:
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[Cluster]:
     """One throw-away PostgreSQL cluster for the whole run, started by the first test that asks
-    (tests/pg.py); stopped and removed at the end."""
-    with postgres_cluster() as cluster:
-        yield cluster
+    (tests/pg.py); stopped and removed when the run ends."""
+    yield shared_cluster()
 
 
 @pytest.fixture

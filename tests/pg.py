@@ -3,15 +3,20 @@ user (postgres refuses root: ``nobody`` when we are root), listening on a unix s
 dir and on a free port of 127.0.0.1, stopped and removed at the end.
 
 Debian's ``postgresql`` package (``make postgres``) provides the binaries. The fixtures in
-``tests/conftest.py`` start one cluster per test session, lazily, and give each test a fresh
+``tests/conftest.py`` start one cluster per test run, lazily, and give each test a fresh
 database of its own::
 
     def test_x(pg_url: str) -> None:       # postgresql://kb@127.0.0.1:PORT/t_…
         with run_server(database_url=pg_url) as server: ...
+
+``KB_TEST_DATABASE=postgres pytest tests/test_backendai.py`` runs any server test with every
+server on a fresh PostgreSQL database (tests/support.py asks :func:`database_for`).
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import glob
 import os
 import pwd
@@ -51,6 +56,7 @@ class Cluster:
     port: int
     bin: Path
     _run_as: dict[str, Any]
+    fsync: bool = False
 
     @property
     def socket_dir(self) -> Path:
@@ -79,14 +85,15 @@ class Cluster:
         self.pg_ctl("stop", "-m", "fast", "-w")
 
     def start(self) -> None:
-        options = (f"-k {self.root} -h 127.0.0.1 -p {self.port} -c max_connections=300"
-                   # A throw-away cluster: no fsync (tests on a shared 2-core machine).
-                   " -c fsync=off -c full_page_writes=off")
+        options = f"-k {self.root} -h 127.0.0.1 -p {self.port} -c max_connections=300"
+        if not self.fsync:  # a throw-away cluster on a shared 2-core machine
+            options += " -c fsync=off -c full_page_writes=off"
         self.pg_ctl("start", "-w", "-t", "60", "-l", str(self.root / "server.log"), "-o", options)
 
 
 @contextmanager
-def postgres_cluster() -> Iterator[Cluster]:
+def postgres_cluster(fsync: bool = False) -> Iterator[Cluster]:
+    """``fsync=True``: durable commits, as a real deployment (bench/store.py measures both)."""
     bindir = pg_bin()
     run_as: dict[str, Any] = {}
     root = Path(tempfile.mkdtemp(prefix="kb-pg-"))
@@ -95,7 +102,7 @@ def postgres_cluster() -> Iterator[Cluster]:
         os.chown(root, user.pw_uid, user.pw_gid)
         run_as = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": [],
                   "env": {"PATH": os.environ.get("PATH", ""), "LANG": "C.UTF-8"}}
-    cluster = Cluster(root, free_port(), bindir, run_as)
+    cluster = Cluster(root, free_port(), bindir, run_as, fsync)
     try:
         subprocess.run([str(bindir / "initdb"), "-D", str(root / "data"), "-U", SUPERUSER,
                         "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"],
@@ -109,3 +116,30 @@ def postgres_cluster() -> Iterator[Cluster]:
             except subprocess.CalledProcessError:
                 cluster.pg_ctl("stop", "-m", "immediate", "-w")
         shutil.rmtree(root, ignore_errors=True)
+
+
+_shared: Cluster | None = None
+_shared_cm: contextlib.ExitStack | None = None
+
+
+def shared_cluster() -> Cluster:
+    """The run's one cluster, started on first use and removed when the interpreter exits."""
+    global _shared, _shared_cm
+    if _shared is None:
+        stack = contextlib.ExitStack()
+        _shared = stack.enter_context(postgres_cluster())
+        _shared_cm = stack
+        atexit.register(stack.close)
+    return _shared
+
+
+_by_data_dir: dict[Path, str] = {}
+
+
+def database_for(data_dir: Path) -> str:
+    """A database on the shared cluster for this data dir: a new one the first time, the same
+    one for a server restarted on the same dir (dropped with the cluster)."""
+    key = Path(os.path.realpath(data_dir))
+    if key not in _by_data_dir:
+        _by_data_dir[key] = shared_cluster().create_database()
+    return _by_data_dir[key]
