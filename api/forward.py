@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.httputil import HTTPHeaders, ResponseStartLine, parse_response_start_line
@@ -162,9 +161,11 @@ async def connect_websocket(handler: RequestHandler, owner: str,
 
 
 class UpstreamSocket(WebSocketHandler):
-    """A WebSocket handler that pipes to the owner's socket once ``upstream`` is set (by
-    :meth:`BaseHandler.prepare`); otherwise the handler's own behaviour runs. List it first in
-    the bases so its methods come before the handler's."""
+    """A WebSocket handler that can pipe to the owner's socket instead of serving it here.
+
+    :meth:`BaseHandler.prepare` sets ``upstream`` when another replica owns the route's
+    session; the handler's ``open``, ``on_message``, ``on_close`` and ``select_subprotocol``
+    then hand over to the ``pipe_*`` methods first thing."""
 
     upstream: WebSocketClientConnection | None = None
     _pump: asyncio.Task[None] | None = None
@@ -173,17 +174,12 @@ class UpstreamSocket(WebSocketHandler):
         """Pipe this socket to ``owner``'s, once upgraded. Raises OwnerUnreachable."""
         self.upstream = await connect_websocket(self, owner, identity)
 
-    def select_subprotocol(self, subprotocols: list[str]) -> str | None:
-        if self.upstream is not None:
-            return self.upstream.selected_subprotocol
-        return super().select_subprotocol(subprotocols)
+    def pipe_subprotocol(self, upstream: WebSocketClientConnection) -> str | None:
+        return upstream.selected_subprotocol  # what the owner chose of the client's offer
 
-    def open(self, *args: Any, **kwargs: Any) -> Awaitable[None] | None:
-        if self.upstream is None:
-            return super().open(*args, **kwargs)
+    def pipe_open(self, upstream: WebSocketClientConnection) -> None:
         self.set_nodelay(True)  # small frames must not wait for Nagle (DESIGN.md)
-        self._pump = spawn(self._from_owner(self.upstream))
-        return None
+        self._pump = spawn(self._from_owner(upstream))
 
     async def _from_owner(self, upstream: WebSocketClientConnection) -> None:
         while True:
@@ -197,14 +193,9 @@ class UpstreamSocket(WebSocketHandler):
                 upstream.close()
                 return
 
-    def on_message(self, message: str | bytes) -> Awaitable[None] | None:
-        if self.upstream is None:
-            return super().on_message(message)
-        return self.upstream.write_message(message, binary=isinstance(message, bytes))
+    async def pipe_message(self, upstream: WebSocketClientConnection,
+                           message: str | bytes) -> None:
+        await upstream.write_message(message, binary=isinstance(message, bytes))
 
-    def on_close(self) -> None:
-        if self.upstream is None:
-            super().on_close()
-            return
-        self.upstream.close(self.close_code, self.close_reason)
-
+    def pipe_close(self, upstream: WebSocketClientConnection) -> None:
+        upstream.close(self.close_code, self.close_reason)

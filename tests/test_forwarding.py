@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import requests
@@ -68,6 +69,22 @@ class ForwardSocket(UpstreamSocket, BaseHandler):
     async def prepare(self) -> None:
         await self.connect_upstream(self.target.owner,
                                      self.target.identity("GET", self.request.uri or "/"))
+
+    def select_subprotocol(self, subprotocols: list[str]) -> str | None:
+        assert self.upstream is not None
+        return self.pipe_subprotocol(self.upstream)
+
+    def open(self, *args: Any, **kwargs: Any) -> None:
+        assert self.upstream is not None
+        self.pipe_open(self.upstream)
+
+    async def on_message(self, message: str | bytes) -> None:
+        assert self.upstream is not None
+        await self.pipe_message(self.upstream, message)
+
+    def on_close(self) -> None:
+        assert self.upstream is not None
+        self.pipe_close(self.upstream)
 
 
 @contextmanager

@@ -49,9 +49,15 @@ class StreamExecuteHandler(UpstreamSocket, BackendAIHandler):
         return True  # every connection carries its own credentials; no cookies to ride on
 
     def open(self, *args: Any, **kwargs: Any) -> None:
+        if self.upstream is not None:
+            self.pipe_open(self.upstream)
+            return
         self.set_nodelay(True)  # small frames must not wait for Nagle (DESIGN.md)
 
     async def on_message(self, message: str | bytes) -> None:
+        if self.upstream is not None:
+            await self.pipe_message(self.upstream, message)
+            return
         text = message.decode(errors="replace") if isinstance(message, bytes) else message
         try:
             if self.run is None:
@@ -100,6 +106,9 @@ class StreamExecuteHandler(UpstreamSocket, BackendAIHandler):
             return False
 
     def on_close(self) -> None:
+        if self.upstream is not None:
+            self.pipe_close(self.upstream)
+            return
         # The run goes on to its end in the session, as a REST run would if its client left.
         log.info("stream of session %s closed", self.target.id)
 

@@ -41,6 +41,8 @@ class ChannelsHandler(UpstreamSocket, JupyterHandler):
         return True
 
     def select_subprotocol(self, subprotocols: list[str]) -> str | None:
+        if self.upstream is not None:
+            return self.pipe_subprotocol(self.upstream)
         return V1 if V1 in subprotocols else None
 
     @property
@@ -48,6 +50,9 @@ class ChannelsHandler(UpstreamSocket, JupyterHandler):
         return self.selected_subprotocol == V1
 
     async def open(self, *args: Any, **kwargs: Any) -> None:
+        if self.upstream is not None:
+            self.pipe_open(self.upstream)
+            return
         # Small frames must leave at once: Nagle's algorithm costs ~40 ms a message (DESIGN.md).
         self.set_nodelay(True)
         # A client that does not read while its kernel floods would have the server buffer the
@@ -76,6 +81,9 @@ class ChannelsHandler(UpstreamSocket, JupyterHandler):
             self.close(1000, "kernel shut down")
 
     async def on_message(self, message: str | bytes) -> None:
+        if self.upstream is not None:
+            await self.pipe_message(self.upstream, message)
+            return
         if self.relay is None:
             return
         try:
@@ -86,6 +94,8 @@ class ChannelsHandler(UpstreamSocket, JupyterHandler):
             log.info("kernel %s: dropped a client frame: %s", self.session.id, exc.message)
 
     def on_close(self) -> None:
+        if self.upstream is not None:
+            self.pipe_close(self.upstream)
         if self.relay is not None:
             relay, self.relay = self.relay, None
             asyncio.get_running_loop().create_task(relay.close())

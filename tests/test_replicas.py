@@ -1,0 +1,154 @@
+"""Two real replicas on one PostgreSQL database and one data dir (issue 16): any replica answers
+any request, the one that owns a session serving it (the other forwards, signed)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from .jupyter_support import KernelSocket, execute_request
+from .pg import Cluster
+from .support import Client, Server, run_server
+
+LEASE_S = "4"
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory,
+         pg_cluster: Cluster) -> Iterator[tuple[Server, Server]]:
+    url = pg_cluster.create_database()
+    data = tmp_path_factory.mktemp("replicas") / "data"
+    try:
+        with run_server(data, database_url=url, lease_s=LEASE_S) as one, \
+                run_server(data, database_url=url, lease_s=LEASE_S) as two:
+            yield one, two
+    finally:
+        pg_cluster.drop_database(url)
+
+
+@pytest.fixture
+def clients(pair: tuple[Server, Server]) -> Iterator[tuple[Client, Client]]:
+    one, two = pair
+    # One keypair, used at both doors.
+    with Client(one.url, one.secret_key) as c1, Client(two.url, one.secret_key) as c2:
+        yield c1, c2
+
+
+def query(client: Client, session: str, code: str) -> dict[str, object]:
+    r = client.post(f"/kernel/{session}", json={"mode": "query", "code": code})
+    assert r.status_code == 200, r.text
+    result: dict[str, object] = r.json()["result"]
+    return result
+
+
+def test_a_session_of_replica_1_is_used_through_replica_2(
+        clients: tuple[Client, Client]) -> None:
+    c1, c2 = clients
+    r = c1.post("/kernel/create", json={"lang": "python", "clientSessionToken": "shared-1"})
+    assert r.status_code == 201, r.text
+    assert query(c1, "shared-1", "x = 42")["status"] == "finished"
+    # Queried through replica 2: the kernel replica 1 started, with its state.
+    assert query(c2, "shared-1", "print(x)")["console"] == [["stdout", "42\n"]]
+    info = c2.get("/kernel/shared-1")
+    assert info.status_code == 200 and info.json()["numQueriesExecuted"] == 2
+    # Reuse by name through replica 2 finds replica 1's session, not a second one.
+    again = c2.post("/kernel/create", json={"lang": "python", "clientSessionToken": "shared-1"})
+    assert again.status_code == 200 and again.json()["created"] is False
+    assert again.json()["sessionId"] == r.json()["sessionId"]
+
+    up = c2.post("/kernel/shared-1/upload", files=[("src", ("via-2.txt", b"two\n"))])
+    assert up.status_code == 204, up.text
+    assert query(c1, "shared-1", "print(open('via-2.txt').read(), end='')")["console"] == \
+        [["stdout", "two\n"]]
+    listing = c2.get("/kernel/shared-1/files", json={"path": "."})
+    assert "via-2.txt" in {f["filename"] for f in json.loads(listing.json()["files"])}
+    single = c2.get("/kernel/shared-1/download_single", params={"file": "via-2.txt"})
+    assert single.status_code == 200 and single.content == b"two\n"
+    multi = c2.get("/kernel/shared-1/download", params={"files": "via-2.txt"})
+    assert multi.status_code == 200 and b"two\n" in multi.content
+
+    gone = c2.delete("/kernel/shared-1")
+    assert gone.status_code == 200, gone.text
+    assert c1.get("/kernel/shared-1").status_code == 404
+    assert c2.get("/kernel/shared-1").status_code == 404
+
+
+def test_a_jupyter_socket_through_replica_2_drives_replica_1s_kernel(
+        pair: tuple[Server, Server], clients: tuple[Client, Client]) -> None:
+    one, two = pair
+    c1, c2 = clients
+    r = c1.post("/api/kernels", json={"name": "python3"})
+    assert r.status_code == 201, r.text
+    kid = r.json()["id"]
+    try:
+        assert c2.get(f"/api/kernels/{kid}").json()["id"] == kid
+        sock = KernelSocket(two.url, kid, one.secret_key, v1=True)
+        try:
+            msg_id = sock.send("shell", execute_request("k = 'set via replica 2'\nprint(k)"))
+            iopub, reply = sock.until_done(msg_id)
+            assert reply["content"]["status"] == "ok"
+            assert [m["content"]["text"] for m in iopub if m["msg_type"] == "stream"] == \
+                ["set via replica 2\n"]
+        finally:
+            sock.close()
+        direct = KernelSocket(one.url, kid, one.secret_key)
+        try:
+            assert direct.run("print(k)")[0] == "set via replica 2\n"
+        finally:
+            direct.close()
+    finally:
+        assert c2.delete(f"/api/kernels/{kid}").status_code == 204
+    assert c1.get(f"/api/kernels/{kid}").status_code == 404
+
+
+def test_sandbox_executions_work_through_either(clients: tuple[Client, Client]) -> None:
+    c1, c2 = clients
+    for c in (c1, c2):
+        r = c.post("/api/v1/execute", json={"language": "python", "code": "print(6 * 7)"})
+        assert r.status_code == 200 and r.json()["stdout"] == "42\n", r.text
+    # A named session made through replica 1 keeps its state through replica 2.
+    first = c1.post("/api/v1/execute", json={"language": "python", "code": "n = 7",
+                                             "session_id": "sbx-1"})
+    assert first.status_code == 200 and first.json()["exit_code"] == 0, first.text
+    second = c2.post("/api/v1/execute", json={"language": "python", "code": "print(n * 6)",
+                                              "session_id": "sbx-1"})
+    assert second.json()["stdout"] == "42\n", second.text
+    # An async execution accepted by replica 1, followed through replica 2.
+    sub = c1.post("/api/v1/execute/async", json={"language": "python",
+                                                  "code": "import time; time.sleep(1); print('done')"})
+    eid = sub.json()["execution_id"]
+    deadline = time.monotonic() + 60
+    while True:
+        status = c2.get(f"/api/v1/execute/status/{eid}").json()
+        if status["status"] in ("completed", "failed") or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert status["status"] == "completed" and status["result"]["stdout"] == "done\n", status
+    events = c2.get(f"/api/v1/execute/{eid}/events")
+    assert events.status_code == 200 and "event: end" in events.text
+    assert c2.delete("/api/v1/execute/session/sbx-1").status_code == 200
+
+
+def test_a_job_session_works_through_either(clients: tuple[Client, Client]) -> None:
+    c1, c2 = clients
+    r = c1.post("/api/v1/sessions", json={"mode": "dedicated", "max_ttl": 120})
+    assert r.status_code in (200, 201), r.text
+    sid = r.json()["id"]
+    jobs = []
+    for c, code in ((c2, "acc = [1]"), (c1, "acc.append(2)"), (c2, "print(acc)")):
+        j = c.post(f"/api/v1/sessions/{sid}/jobs", json={"code": code})
+        assert j.status_code in (200, 201), j.text
+        jobs.append(j.json()["id"])
+    deadline = time.monotonic() + 60
+    while True:
+        last = c2.get(f"/api/v1/jobs/{jobs[-1]}").json()
+        if last["status"] in ("completed", "failed") or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert last["status"] == "completed" and last["stdout"] == "[1, 2]\n", last
+    assert c2.get(f"/api/v1/sessions/{sid}").json()["id"] == sid
+    assert c2.delete(f"/api/v1/sessions/{sid}/close").status_code == 204
+    assert c1.get(f"/api/v1/sessions/{sid}").json()["state"] == "closed"
