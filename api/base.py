@@ -42,6 +42,9 @@ class BaseHandler(RequestHandler):
     # What the route's first path argument names, so a request for something another replica
     # owns is forwarded there (bridge/replicas.py OwnerKind); None: served here.
     owner_of: ClassVar[OwnerKind | None] = None
+    # A POST here may start a kernel: with replicas, the keypair's kernels on the others are
+    # counted first, so its concurrency holds across the cluster.
+    admits: ClassVar[bool] = False
 
     def initialize(self, bridge: Bridge) -> None:
         self.bridge = bridge
@@ -58,6 +61,8 @@ class BaseHandler(RequestHandler):
                                               self.bridge.replicas)
             if self.owner_of is not None and self.path_args:
                 await self.forward_if_elsewhere(self.owner_of, self.path_args[0])
+            if self.admits and self.request.method == "POST":
+                await self.bridge.replicas.count_elsewhere(self.keypair.access_key)
 
     async def forward_if_elsewhere(self, kind: OwnerKind, ident: str) -> None:
         """Hand the request to the replica that owns ``ident`` when that is not this one: an

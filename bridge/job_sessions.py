@@ -313,6 +313,7 @@ class JobSessions:
             self._start(oldest, oldest.queue.popleft())
 
     def _start(self, js: JobSession, job: Job) -> None:
+        log.info("job %s of session %s starts", job.id, js.id)
         now = time.time()
         job.status, job.started_at = JobStatus.RUNNING, now
         js.job_started(job, now)
@@ -419,6 +420,7 @@ class JobSessions:
         if js.state is State.CLOSED or js.accepting_jobs or js.has_work:
             return
         js.transition(State.CLOSED, js.close_reason or "closed", at)
+        log.info("job session %s closed: %s", js.id, js.state_reason)
         self._live.pop(js.id, None)
         await self._save(js)
         if js.kernel is not None:

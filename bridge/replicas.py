@@ -142,6 +142,7 @@ class Replicas:
         self.id = replica_id or uuid.uuid4().hex[:16]
         self.advertise_url = advertise_url
         self.secret: str | None = None
+        self._elsewhere: dict[str, int] = {}
 
     async def start(self) -> None:
         # The first replica to start makes the secret; the others (and restarts) read it.
@@ -198,6 +199,30 @@ class Replicas:
                 return live[rid]
         return None
 
+    # -- places held elsewhere: a keypair's concurrency counts its kernels on every replica --
+
+    def held_elsewhere(self, access_key: str) -> int:
+        """Kernels ``access_key`` holds on other replicas, as last counted."""
+        return self._elsewhere.get(access_key, 0)
+
+    async def count_elsewhere(self, access_key: str | None = None) -> None:
+        """Count the live sessions other replicas hold, for one keypair (before it is admitted
+        here) or for all (the periodic count)."""
+        if not self.clustered:
+            return
+        sql = ("SELECT access_key, COUNT(*) AS n FROM sessions WHERE state != 'TERMINATED'"
+               " AND owner IS NOT NULL AND owner != ?")
+        params: tuple[str, ...] = (self.id,)
+        if access_key is not None:
+            sql += " AND access_key = ?"
+            params += (access_key,)
+        rows = await self._store.fetchall(sql + " GROUP BY access_key", params)
+        counts = {str(r["access_key"]): int(r["n"]) for r in rows}
+        if access_key is not None:
+            self._elsewhere[access_key] = counts.get(access_key, 0)
+        else:
+            self._elsewhere = counts
+
     async def claim_orphans(self) -> int:
         """Make this replica the owner of every unfinished session, job session and execution
         whose owner is no live replica (a dead one, or none recorded); returns how many rows
@@ -220,11 +245,13 @@ class Replicas:
         return taken
 
     async def watch(self, interval: float, adopt: Callable[[], Awaitable[None]]) -> None:
-        """Every ``interval`` seconds, claim what replicas whose lease ran out owned, and have
-        ``adopt`` take it up. A failed round is retried at the next."""
+        """Every ``interval`` seconds, count what other replicas hold, claim what replicas
+        whose lease ran out owned, and have ``adopt`` take it up. A failed round is retried at
+        the next."""
         while True:
             await asyncio.sleep(interval)
             try:
+                await self.count_elsewhere()
                 if await self.claim_orphans():
                     await adopt()
             except Exception:

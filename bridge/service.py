@@ -100,6 +100,7 @@ class Bridge:
         if self.replicas.clustered:
             # What this replica starts is recorded as its own: other replicas forward to it.
             self.sessions.owner = self.executions.owner = self.jobs.owner = self.replicas.id
+            self.admission.elsewhere = self.replicas.held_elsewhere
         metrics.watch(self)
 
     async def start_kernel(self, spec: str, confinement: Confinement) -> Kernel:

@@ -152,3 +152,70 @@ def test_a_job_session_works_through_either(clients: tuple[Client, Client]) -> N
     assert c2.get(f"/api/v1/sessions/{sid}").json()["id"] == sid
     assert c2.delete(f"/api/v1/sessions/{sid}/close").status_code == 204
     assert c1.get(f"/api/v1/sessions/{sid}").json()["state"] == "closed"
+
+
+def submit(client: Client, sid: str, code: str) -> str:
+    r = client.post(f"/api/v1/sessions/{sid}/jobs", json={"code": code})
+    assert r.status_code in (200, 201), r.text
+    return str(r.json()["id"])
+
+
+def job(client: Client, job_id: str) -> dict[str, object]:
+    r = client.get(f"/api/v1/jobs/{job_id}")
+    assert r.status_code == 200, r.text
+    body: dict[str, object] = r.json()
+    return body
+
+
+def wait_for(what: str, check: object, timeout: float) -> float:
+    """Poll ``check()`` until true; returns when (monotonic). Fails after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if check():  # type: ignore[operator]
+            return time.monotonic()
+        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f} s"
+        time.sleep(0.2)
+
+
+def test_kill_9_of_a_replica_hands_its_work_over_once(tmp_path: pytest.TempPathFactory,
+                                                       pg_url: str) -> None:
+    data = tmp_path / "data"  # type: ignore[operator]
+    lease = float(LEASE_S)
+    with run_server(data, database_url=pg_url, lease_s=LEASE_S) as one, \
+            run_server(data, database_url=pg_url, lease_s=LEASE_S) as two:
+        c1, c2 = Client(one.url, one.secret_key), Client(two.url, one.secret_key)
+        # Replica 1 owns a dedicated job session: one job running, three queued behind it.
+        sid = c1.post("/api/v1/sessions", json={"mode": "dedicated", "max_ttl": 600}).json()["id"]
+        running = submit(c1, sid, "import time; time.sleep(120)")
+        queued = [submit(c1, sid, f"print('job {i}')") for i in range(3)]
+        wait_for("the first job runs", lambda: job(c1, running)["status"] == "running", 60)
+        # …and a job session whose max_ttl runs out after the failover.
+        ttl = c1.post("/api/v1/sessions", json={"mode": "dedicated", "max_ttl": 15}).json()["id"]
+        first = submit(c1, ttl, "print('starts the max_ttl clock')")
+        wait_for("the TTL session's job ends", lambda: job(c1, first)["status"] == "completed",
+                 60)
+
+        one.process.kill()  # SIGKILL: no goodbye, the lease just stops being renewed
+        one.process.wait()
+        killed = time.monotonic()
+        # A third replica starts at once and races replica 2 for the dead one's work.
+        with run_server(data, database_url=pg_url, lease_s=LEASE_S) as three:
+            c3 = Client(three.url, one.secret_key)
+            done = wait_for("the queued jobs run elsewhere", lambda: all(
+                job(c2, q)["status"] == "completed" for q in queued), lease * 3 + 60)
+            print(f"failover: queued jobs done {done - killed:.1f} s after the kill "
+                  f"(lease {lease:g} s)")
+            lost = job(c3, running)
+            assert lost["status"] == "failed" and "lost" in str(lost["stderr"]), lost
+            assert [job(c3, q)["stdout"] for q in queued] == [f"job {i}\n" for i in range(3)]
+            wait_for("the max_ttl fires", lambda: c2.get(f"/api/v1/sessions/{ttl}").json()[
+                "state"] == "closed", 60)
+            closed = c3.get(f"/api/v1/sessions/{ttl}").json()
+            assert "max_ttl" in closed["state_reason"], closed
+            time.sleep(lease)  # a second firing, were there one, would come within this
+            logs = two.log() + three.log()
+            # Each queued job started exactly once in the cluster, on one replica.
+            for q in queued:
+                assert logs.count(f"job {q} of session") == 1, q
+            assert logs.count(f"job session {ttl} closed") == 1
+            assert [t["status"] for t in closed["timestamps"]].count("closed") == 1

@@ -59,6 +59,8 @@ class HelloHandler(BackendAIHandler):
 
 
 class CreateHandler(BackendAIHandler):
+    admits = True
+
     async def post(self) -> None:
         """Create (or reuse) a session. 201 created, 200 reused; 400/406/412."""
         body = self.parse(CreateSession)

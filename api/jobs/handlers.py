@@ -61,6 +61,8 @@ class JobsHandler(BaseHandler):
 
 
 class SessionsHandler(JobsHandler):
+    admits = True
+
     async def post(self) -> None:
         """Open a session: 200 with the session. 400, 401, 429 (keypair's kernels in use)."""
         body = self.parse(CreateSession)
@@ -105,6 +107,7 @@ class CloseHandler(JobsHandler):
 
 class SessionJobsHandler(JobsHandler):
     owner_of = "job_session"
+    admits = True
 
     async def post(self, ident: str) -> None:
         """Queue a job: 200 with the job (status queued or later). 400, 401, 404, 409."""

@@ -51,6 +51,8 @@ class KernelspecResourceHandler(JupyterHandler):
 
 
 class KernelsHandler(JupyterHandler):
+    admits = True
+
     def get(self) -> None:
         """Every live kernel (session) of this keypair."""
         gw = self.bridge.gateway

@@ -60,6 +60,8 @@ def render_status(ex: Execution) -> dict[str, Any]:
 
 
 class ExecuteHandler(SandboxHandler):
+    admits = True
+
     async def post(self) -> None:
         """Run code and answer with its result. 400, 401, 403, 422, 429."""
         req = self.request_for(self.parse(ExecuteRequest))
@@ -70,6 +72,8 @@ class ExecuteHandler(SandboxHandler):
 
 
 class AsyncExecuteHandler(SandboxHandler):
+    admits = True
+
     async def post(self) -> None:
         """Accept code to run in the background: ``status: pending``. 400, 401, 403, 422, 429."""
         req = self.request_for(self.parse(ExecuteRequest))
@@ -89,6 +93,8 @@ class StatusHandler(SandboxHandler):
 
 
 class BatchHandler(SandboxHandler):
+    admits = True
+
     async def post(self) -> None:
         """Up to 10 executions in order; per-item failures are exit code -1.
 
