@@ -154,6 +154,35 @@ def test_a_job_session_works_through_either(clients: tuple[Client, Client]) -> N
     assert c1.get(f"/api/v1/sessions/{sid}").json()["state"] == "closed"
 
 
+def test_a_keypairs_concurrency_holds_across_replicas(pair: tuple[Server, Server]) -> None:
+    one, two = pair
+    _, secret = one.new_keypair()  # concurrency 5, the default
+    with Client(one.url, secret) as c1, Client(two.url, secret) as c2:
+        made = []
+        try:
+            for i, c in enumerate((c1, c2, c1, c2, c1)):
+                r = c.post("/kernel/create", json={"lang": "python",
+                                                   "clientSessionToken": f"quota-{i}"})
+                assert r.status_code == 201, r.text
+                made.append(f"quota-{i}")
+            # Three on replica 1, two on replica 2: the sixth is refused at either door.
+            for c in (c1, c2):
+                r = c.post("/kernel/create", json={"lang": "python",
+                                                   "clientSessionToken": "quota-6"})
+                assert r.status_code == 412, r.text
+                assert "quota" in r.json()["type"]
+            # A place freed on replica 2 is usable through replica 1.
+            assert c1.delete("/kernel/quota-1").status_code == 200  # forwarded to replica 2
+            made.remove("quota-1")
+            r = c1.post("/kernel/create", json={"lang": "python",
+                                                "clientSessionToken": "quota-6"})
+            assert r.status_code == 201, r.text
+            made.append("quota-6")
+        finally:
+            for name in made:
+                c1.delete(f"/kernel/{name}")
+
+
 def submit(client: Client, sid: str, code: str) -> str:
     r = client.post(f"/api/v1/sessions/{sid}/jobs", json={"code": code})
     assert r.status_code in (200, 201), r.text
