@@ -3,6 +3,7 @@ place that turns exceptions into a dialect's error body."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any, ClassVar, TypeVar
@@ -18,7 +19,7 @@ from bridge.service import Bridge
 from .auth import IDENTITY_HEADER, authenticate
 from .dialect import Dialect, MalformedBody, check_encodable
 from .fields import WARNING_HEADER, describe_validation, unknown_fields, warning
-from .forward import UpstreamSocket, relay_http
+from .forward import UpstreamSocket, fetch_json, relay_http
 from .logs import REQUEST_ID_HEADER, request_id
 
 log = logging.getLogger("kernel_bridge.api")
@@ -80,6 +81,17 @@ class BaseHandler(RequestHandler):
             await self.connect_upstream(owner, identity)
             return
         await relay_http(self, owner, identity)
+
+    async def from_other_replicas(self) -> list[Any]:
+        """The items this GET lists on every other live replica (a list route whose items
+        live where their kernels do); [] without replicas, and for a forwarded request."""
+        replicas = self.bridge.replicas
+        if not replicas.clustered or IDENTITY_HEADER in self.request.headers:
+            return []
+        urls = [url for rid, url in (await replicas.live()).items() if rid != replicas.id]
+        identity = replicas.sign(self.keypair.access_key, "GET", self.request.uri or "/")
+        answers = await asyncio.gather(*(fetch_json(self, url, identity) for url in urls))
+        return [item for answer in answers if isinstance(answer, list) for item in answer]
 
     # -- request bodies ---------------------------------------------------------------------
 

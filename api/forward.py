@@ -11,8 +11,9 @@ forwarded again (the owner serves it or answers 404), so a stale owner record ca
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.httputil import HTTPHeaders, ResponseStartLine, parse_response_start_line
@@ -134,6 +135,20 @@ async def relay_http(handler: BaseHandler, owner: str, identity: str) -> None:
     if not handler._finished:
         handler.finish()
     raise Finish()
+
+
+async def fetch_json(handler: RequestHandler, replica: str, identity: str) -> Any:
+    """``handler``'s GET, answered by another replica (a list the caller merges); None when
+    that replica does not answer."""
+    request = HTTPRequest(_owner_url(replica, handler.request.uri or "/"),
+                          headers=_upstream_headers(handler, identity),
+                          connect_timeout=CONNECT_TIMEOUT_S, request_timeout=10)
+    try:
+        response = await http_client().fetch(request)
+        return json.loads(response.body)
+    except (OSError, HTTPClientError, TimeoutError, ValueError) as exc:
+        log.warning("replica %s did not list: %s", replica, exc)
+        return None
 
 
 def _client_gone(handler: BaseHandler) -> bool:

@@ -24,7 +24,7 @@ import logging
 import time
 import uuid
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -172,6 +172,7 @@ class Executions:
         self.sessions = sessions
         self.events = events  # each execution's event stream (bridge.events)
         self.owner: str | None = None  # this replica's id when replicas share the store
+        self.shared_rate: Callable[[str, int, int], Awaitable[None]] | None = None
         self._start_kernel = start_kernel  # a named session's batch kernel runs test cases
         self.limiter = RateLimiter(settings.rate_limit)
         self._live: dict[str, Execution] = {}  # async executions not yet ended
@@ -235,7 +236,7 @@ class Executions:
         """Run one execution to its end. Raises InvalidRequest, RateLimited, QuotaExceeded.
 
         ``observe`` is handed the run as it is queued (the web console streams its output)."""
-        self.admit(access_key, [req])
+        await self.admit(access_key, [req])
         ex = self._new(access_key, req)
         result = await self._execute(ex, req, observe=observe)
         await self._write(ex, insert=True)
@@ -243,7 +244,7 @@ class Executions:
 
     async def submit(self, access_key: str, req: ExecutionRequest) -> Execution:
         """Accept an execution to run in the background; recorded as pending before return."""
-        self.admit(access_key, [req])
+        await self.admit(access_key, [req])
         ex = self._new(access_key, req)
         # Queued for a place now, so a full queue is a 429 before anything is recorded.
         ticket = self._reserve(ex, req)
@@ -268,7 +269,7 @@ class Executions:
         """
         if len(reqs) > MAX_BATCH:
             raise InvalidRequest(f"Maximum {MAX_BATCH} executions allowed in a batch")
-        self.admit(access_key, reqs)
+        await self.admit(access_key, reqs)
         results = []
         for req in reqs:
             ex = self._new(access_key, req)
@@ -300,7 +301,7 @@ class Executions:
 
     # -- checks -----------------------------------------------------------------------------------
 
-    def admit(self, access_key: str, reqs: Iterable[ExecutionRequest]) -> None:
+    async def admit(self, access_key: str, reqs: Iterable[ExecutionRequest]) -> None:
         """Refuse the whole request, counting nothing, unless every item can run.
 
         Raises InvalidRequest, RateLimited.
@@ -325,6 +326,8 @@ class Executions:
                     f"{lang.name} kernels take environment variables only when they start: "
                     "send 'environment' without 'session_id' for this language.")
         self.limiter.acquire(access_key, len(reqs))
+        if self.shared_rate is not None:  # replicas: the limit is the cluster's
+            await self.shared_rate(access_key, len(reqs), self.limiter.limit)
 
     # -- running ----------------------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .datadir import PRESENCE_PREFIX
-from .errors import AuthFailed
+from .errors import AuthFailed, RateLimited
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 # before it sends the request, so this only needs to cover clock skew between hosts.
 IDENTITY_MAX_AGE_S = 60.0
 IDENTITY_VERSION = "v1"
+LIVE_CACHE_S = 1.0
 # What a route names, for the owner lookup: a session by name or id (Backend.AI), a Jupyter
 # kernel id, a Sandbox session_id, a job session, a job, an async execution.
 OwnerKind = Literal["session", "kernel", "sandbox_session", "job_session", "job", "execution"]
@@ -143,6 +144,10 @@ class Replicas:
         self.advertise_url = advertise_url
         self.secret: str | None = None
         self._elsewhere: dict[str, int] = {}
+        # Whether a kind's ident names something this replica runs (its registries, in
+        # memory): the owner lookup then costs no database trip (Bridge sets it).
+        self.runs_here: Callable[[OwnerKind, str, str], bool] = lambda kind, key, ident: False
+        self._live: tuple[float, dict[str, str]] = (0.0, {})
 
     async def start(self) -> None:
         # The first replica to start makes the secret; the others (and restarts) read it.
@@ -167,14 +172,20 @@ class Replicas:
         if self.advertise_url is None:
             self.advertise_url = url
 
-    async def live(self) -> dict[str, str]:
-        """The replicas whose presence lease holds, this one included: id → URL."""
+    async def live(self, max_age: float = 0.0) -> dict[str, str]:
+        """The replicas whose presence lease holds, this one included: id → URL; as read at
+        most ``max_age`` seconds ago (0: read now)."""
         if not self.clustered:
             return {self.id: self.advertise_url or ""}
+        read_at, known = self._live
+        if max_age and time.monotonic() - read_at < max_age:
+            return known
         rows = await self._store.fetchall(
             "SELECT r.id, r.url FROM replicas r JOIN leases l ON l.name = ? || r.id"
             f" WHERE l.expires > {self._store.now_sql}", (PRESENCE_PREFIX,))
-        return {str(r["id"]): str(r["url"]) for r in rows}
+        known = {str(r["id"]): str(r["url"]) for r in rows}
+        self._live = (time.monotonic(), known)
+        return known
 
     async def others(self) -> list[str]:
         """The other live replicas' ids (whose sessions, jobs and executions are theirs)."""
@@ -184,7 +195,7 @@ class Replicas:
         """The URL of the live replica that owns ``ident`` (of ``access_key``) when that is
         not this one; None when it is this one, nobody's, a dead replica's (served here, so
         the failover decides), or there is no cluster."""
-        if not self.clustered:
+        if not self.clustered or self.runs_here(kind, access_key, ident):
             return None
         params: tuple[str, ...] = (access_key, ident, ident)
         if kind == "job_session":
@@ -193,7 +204,9 @@ class Replicas:
         owners.discard(None)
         if not owners or self.id in owners:
             return None
-        live = await self.live()
+        # Liveness as read within a second: a replica found dead since is forwarded to at most
+        # that long (a 503), and the failover takes over within the lease anyway.
+        live = await self.live(max_age=LIVE_CACHE_S)
         for rid in sorted(str(o) for o in owners):
             if rid in live:
                 return live[rid]
@@ -222,6 +235,37 @@ class Replicas:
             self._elsewhere[access_key] = counts.get(access_key, 0)
         else:
             self._elsewhere = counts
+
+    # -- the rate limit, across replicas ---------------------------------------------------------
+
+    async def count_rate(self, access_key: str, n: int, limit: int) -> None:
+        """Count ``n`` executions of ``access_key`` in the cluster's minute, or none of them.
+
+        A sliding minute estimated from two fixed ones (this minute's count plus the last
+        one's, weighted by how much of it still lies in the window), as every replica adds
+        to the same rows. Raises RateLimited."""
+        if not self.clustered:
+            return
+        now = time.time()
+        minute = int(now // 60)
+        row = await self._store.fetchone(
+            "INSERT INTO rate_counts (access_key, minute, n) VALUES (?, ?, ?)"
+            " ON CONFLICT (access_key, minute) DO UPDATE SET n = rate_counts.n + excluded.n"
+            " RETURNING n", (access_key, minute, n))
+        before = await self._store.fetchone(
+            "SELECT n FROM rate_counts WHERE access_key = ? AND minute = ?",
+            (access_key, minute - 1))
+        last = int(before["n"]) if before else 0
+        estimate = int(row["n"] if row else n) + last * (1 - (now % 60) / 60)
+        if estimate > limit:
+            await self._store.execute(
+                "UPDATE rate_counts SET n = n - ? WHERE access_key = ? AND minute = ?",
+                (n, access_key, minute))
+            raise RateLimited(limit)
+
+    async def _prune_rates(self) -> None:
+        await self._store.execute("DELETE FROM rate_counts WHERE minute < ?",
+                                  (int(time.time() // 60) - 2,))
 
     async def claim_orphans(self) -> int:
         """Make this replica the owner of every unfinished session, job session and execution
@@ -252,6 +296,7 @@ class Replicas:
             await asyncio.sleep(interval)
             try:
                 await self.count_elsewhere()
+                await self._prune_rates()
                 if await self.claim_orphans():
                     await adopt()
             except Exception:

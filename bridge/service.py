@@ -26,7 +26,7 @@ from .kernels import IPC_ROOT, Kernel, launch, spec_manager
 from .keypairs import Keypair, Keypairs
 from .languages import measure_versions
 from .pool import REFILL_DELAY_S, KernelPool
-from .replicas import Replicas
+from .replicas import OwnerKind, Replicas
 from .runs import Run
 from .sandbox import Confinement, Mount, Sandbox, base_environ
 from .session import Session, now_iso
@@ -101,6 +101,8 @@ class Bridge:
             # What this replica starts is recorded as its own: other replicas forward to it.
             self.sessions.owner = self.executions.owner = self.jobs.owner = self.replicas.id
             self.admission.elsewhere = self.replicas.held_elsewhere
+            self.executions.shared_rate = self.replicas.count_rate
+            self.replicas.runs_here = self._runs_here
         metrics.watch(self)
 
     async def start_kernel(self, spec: str, confinement: Confinement) -> Kernel:
@@ -205,6 +207,15 @@ class Bridge:
         # Asked once, off the start path: the first GET …/execute/languages awaits it.
         self.language_versions = asyncio.create_task(measure_versions())
         return Started(first_keypair=first)
+
+    def _runs_here(self, kind: OwnerKind, access_key: str, ident: str) -> bool:
+        """Whether this replica runs what a route names (no database trip for its own)."""
+        if kind in ("session", "kernel"):
+            return self.sessions.find(access_key, ident) is not None
+        if kind == "sandbox_session":
+            return any(s.name == ident and s.origin == "sandbox"
+                       for s in self.sessions.all(access_key))
+        return False
 
     async def _adopt_claimed(self) -> None:
         """A replica died and this one claimed what it owned: run it from here."""

@@ -85,6 +85,10 @@ def test_a_jupyter_socket_through_replica_2_drives_replica_1s_kernel(
     kid = r.json()["id"]
     try:
         assert c2.get(f"/api/kernels/{kid}").json()["id"] == kid
+        # JupyterLab polls the list and takes a kernel missing from it for culled: every
+        # replica lists every replica's kernels, each once.
+        for c in (c1, c2):
+            assert [k["id"] for k in c.get("/api/kernels").json()].count(kid) == 1
         sock = KernelSocket(two.url, kid, one.secret_key, v1=True)
         try:
             msg_id = sock.send("shell", execute_request("k = 'set via replica 2'\nprint(k)"))
@@ -248,3 +252,20 @@ def test_kill_9_of_a_replica_hands_its_work_over_once(tmp_path: pytest.TempPathF
                 assert logs.count(f"job {q} of session") == 1, q
             assert logs.count(f"job session {ttl} closed") == 1
             assert [t["status"] for t in closed["timestamps"]].count("closed") == 1
+
+
+def test_the_rate_limit_holds_across_replicas(tmp_path: pytest.TempPathFactory,
+                                              pg_url: str) -> None:
+    data = tmp_path / "data"  # type: ignore[operator]
+    with run_server(data, database_url=pg_url, rate_limit="3") as one, \
+            run_server(data, database_url=pg_url, rate_limit="3") as two:
+        c1, c2 = Client(one.url, one.secret_key), Client(two.url, one.secret_key)
+        body = {"language": "python", "code": "print(1)"}
+        for c in (c1, c2, c1):
+            r = c.post("/api/v1/execute", json=body)
+            assert r.status_code == 200, r.text
+        # Three in this minute, two on replica 1 and one on replica 2: the fourth is refused
+        # at either door, though neither replica alone has seen three.
+        for c in (c2, c1):
+            r = c.post("/api/v1/execute", json=body)
+            assert r.status_code == 429, r.text

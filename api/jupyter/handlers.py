@@ -53,10 +53,11 @@ class KernelspecResourceHandler(JupyterHandler):
 class KernelsHandler(JupyterHandler):
     admits = True
 
-    def get(self) -> None:
-        """Every live kernel (session) of this keypair."""
+    async def get(self) -> None:
+        """Every live kernel (session) of this keypair, on every replica."""
         gw = self.bridge.gateway
-        self.send([gw.model(s) for s in gw.kernels(self.keypair.access_key)])
+        mine = [gw.model(s) for s in gw.kernels(self.keypair.access_key)]
+        self.send(mine + await self.from_other_replicas())
 
     async def post(self) -> None:
         """Start a kernel: 201 with its model. 400, 403 over quota, 404 no such kernelspec."""

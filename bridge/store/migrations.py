@@ -205,6 +205,12 @@ REPLICAS = Step(3, "replicas: the cluster secret, each replica's URL, who owns w
     "ALTER TABLE executions ADD COLUMN owner TEXT",
     "ALTER TABLE job_sessions ADD COLUMN owner TEXT",
     "CREATE INDEX sessions_by_owner ON sessions (owner, state)",
+    # Sandbox executions per keypair per minute (Unix time // 60), counted by every replica.
+    """CREATE TABLE rate_counts (
+        access_key TEXT NOT NULL,
+        minute     BIGINT NOT NULL,
+        n          INTEGER NOT NULL,
+        PRIMARY KEY (access_key, minute))""",
 ))
 
 # In order, numbered 1, 2, 3, … without gaps (tests/unit/test_store.py checks it).
