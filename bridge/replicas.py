@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .datadir import PRESENCE_PREFIX
-from .errors import AuthFailed, RateLimited
+from .errors import AuthFailed, RateLimited, StartupRefused
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -168,8 +168,14 @@ class Replicas:
             log.info("replica %s advertises %s", self.id, self.advertise_url)
 
     def listening(self, url: str) -> None:
-        """The server listens at ``url``: the advertised URL unless the operator set one."""
+        """The server listens at ``url``: the advertised URL unless the operator set one.
+        Raises StartupRefused for a wildcard address other replicas cannot reach."""
         if self.advertise_url is None:
+            host = url.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+            if self.clustered and host in ("0.0.0.0", "::", ""):
+                raise StartupRefused(
+                    f"listening on {url}, other replicas cannot reach this one: set "
+                    "KB_ADVERTISE_URL to its address (e.g. http://$(POD_IP):8002)")
             self.advertise_url = url
 
     async def live(self, max_age: float = 0.0) -> dict[str, str]:

@@ -41,3 +41,22 @@ def test_stale_malformed_and_unclustered_are_refused() -> None:
             verify_identity(SECRET, bad, "GET", "/", now=1000)
     with pytest.raises(BadIdentity, match="not part of a cluster"):
         verify_identity(None, value, "GET", "/", now=1000)
+
+
+def test_a_replica_never_advertises_a_wildcard_address() -> None:
+    from typing import Any, cast
+
+    from bridge.errors import StartupRefused
+    from bridge.replicas import Replicas
+
+    store = cast(Any, None)  # listening() reads no table
+    replica = Replicas(store, None, replica_id="r1")
+    with pytest.raises(StartupRefused, match="KB_ADVERTISE_URL"):
+        replica.listening("http://0.0.0.0:8002")
+    replica.listening("http://10.0.0.7:8002")
+    assert replica.advertise_url == "http://10.0.0.7:8002"
+    told = Replicas(store, "http://kb-0.kb:8002", replica_id="r2")
+    told.listening("http://0.0.0.0:8002")  # the operator's URL stands
+    assert told.advertise_url == "http://kb-0.kb:8002"
+    alone = Replicas(store, None)  # no shared store: nobody forwards here
+    alone.listening("http://0.0.0.0:8002")
