@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import websocket
 
 from .jupyter_support import KernelSocket, execute_request
 from .pg import Cluster
@@ -106,6 +107,32 @@ def test_a_jupyter_socket_through_replica_2_drives_replica_1s_kernel(
     finally:
         assert c2.delete(f"/api/kernels/{kid}").status_code == 204
     assert c1.get(f"/api/kernels/{kid}").status_code == 404
+
+
+def test_a_backendai_stream_through_replica_2_drives_replica_1s_session(
+        pair: tuple[Server, Server], clients: tuple[Client, Client]) -> None:
+    one, two = pair
+    c1, _ = clients
+    assert c1.post("/session", json={"lang": "python", "name": "streamed-1"}).status_code == 201
+    try:
+        ws = websocket.create_connection(
+            two.url.replace("http://", "ws://") + "/stream/session/streamed-1/execute",
+            header=[f"X-API-Key: {one.secret_key}"], timeout=30)
+        ws.send(json.dumps({"code": "name = input('who? ')\nprint('hi', name)",
+                            "mode": "query", "options": {}}))
+        got = [json.loads(ws.recv())]
+        while got[-1]["status"] not in ("waiting-input", "finished", "error"):
+            got.append(json.loads(ws.recv()))
+        assert got[-1]["status"] == "waiting-input", got
+        ws.send("replica")  # the input frame travels to the owner too
+        got = [json.loads(ws.recv())]
+        while got[-1]["status"] not in ("finished", "error"):
+            got.append(json.loads(ws.recv()))
+        assert "".join(v for f in got for k, v in f["console"] if k == "stdout") == \
+            "hi replica\n"
+        ws.close()
+    finally:
+        c1.delete("/session/streamed-1")
 
 
 def test_sandbox_executions_work_through_either(clients: tuple[Client, Client]) -> None:
