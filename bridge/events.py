@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -41,6 +41,7 @@ MERGE_LIMIT = 64 * 1024  # characters of output in one event (merged up to, spli
 PAGE = 256  # rows a reader fetches at a time
 POLL_S = 1.0  # a waiting reader looks again at least this often (writers in other processes)
 RETENTION = timedelta(days=1)
+PRUNE_EVERY_S = 600.0
 RESTART_END = {"status": "failed", "error": "The server restarted before this ended."}
 
 
@@ -191,6 +192,8 @@ class EventLog:
         self._open: dict[str, Stream] = {}
         self._signals: dict[str, asyncio.Event] = {}
         self._pruner: asyncio.Task[None] | None = None
+        # Whether this server prunes this round (replicas: one of them, bridge/replicas.py).
+        self.turn: Callable[[str, float], Awaitable[bool]] = _always
 
     async def start(self, end_open: bool = True) -> None:
         # Streams left open by the last server will never get their end: give it to them.
@@ -327,12 +330,17 @@ class EventLog:
         while True:
             cutoff = (datetime.now(UTC) - RETENTION).isoformat()
             with contextlib.suppress(Exception):
-                await self.store.transaction([
-                    ("DELETE FROM events WHERE key IN (SELECT key FROM event_streams WHERE"
-                     " created_at < ?)", (cutoff,)),
-                    ("DELETE FROM event_streams WHERE created_at < ?", (cutoff,)),
-                ])
-            await asyncio.sleep(600)
+                if await self.turn("prune-events", PRUNE_EVERY_S):
+                    await self.store.transaction([
+                        ("DELETE FROM events WHERE key IN (SELECT key FROM event_streams"
+                         " WHERE created_at < ?)", (cutoff,)),
+                        ("DELETE FROM event_streams WHERE created_at < ?", (cutoff,)),
+                    ])
+            await asyncio.sleep(PRUNE_EVERY_S)
+
+
+async def _always(name: str, every: float) -> bool:
+    return True
 
 
 def _gap(last: int, next_id: int) -> Event:

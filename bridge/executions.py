@@ -173,6 +173,8 @@ class Executions:
         self.events = events  # each execution's event stream (bridge.events)
         self.owner: str | None = None  # this replica's id when replicas share the store
         self.shared_rate: Callable[[str, int, int], Awaitable[None]] | None = None
+        # Whether this server prunes this round (replicas: one of them, bridge/replicas.py).
+        self.turn: Callable[[str, float], Awaitable[bool]] | None = None
         self._start_kernel = start_kernel  # a named session's batch kernel runs test cases
         self.limiter = RateLimiter(settings.rate_limit)
         self._live: dict[str, Execution] = {}  # async executions not yet ended
@@ -226,7 +228,9 @@ class Executions:
         while True:
             cutoff = (datetime.now(UTC) - RETENTION).isoformat()
             with contextlib.suppress(Exception):
-                await self.store.execute("DELETE FROM executions WHERE created_at < ?", (cutoff,))
+                if self.turn is None or await self.turn("prune-executions", 600):
+                    await self.store.execute("DELETE FROM executions WHERE created_at < ?",
+                                             (cutoff,))
             await asyncio.sleep(600)
 
     # -- the three ways in ------------------------------------------------------------------------

@@ -242,6 +242,17 @@ class Replicas:
         else:
             self._elsewhere = counts
 
+    # -- scheduled work, once in the cluster -------------------------------------------------------
+
+    async def turn(self, name: str, every: float) -> bool:
+        """Whether this replica does the periodic work ``name`` this round: the replica that
+        holds the lease ``timer:<name>`` does, and keeps it by doing it every ``every``
+        seconds; once it stops (dies), the next replica to try takes it over. Always True
+        without replicas."""
+        if not self.clustered:
+            return True
+        return await self._store.try_lease(f"timer:{name}", self.id, every * 1.5)
+
     # -- the rate limit, across replicas ---------------------------------------------------------
 
     async def count_rate(self, access_key: str, n: int, limit: int) -> None:
@@ -302,7 +313,8 @@ class Replicas:
             await asyncio.sleep(interval)
             try:
                 await self.count_elsewhere()
-                await self._prune_rates()
+                if await self.turn("prune-rates", interval):
+                    await self._prune_rates()
                 if await self.claim_orphans():
                     await adopt()
             except Exception:

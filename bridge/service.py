@@ -103,6 +103,7 @@ class Bridge:
             self.admission.elsewhere = self.replicas.held_elsewhere
             self.executions.shared_rate = self.replicas.count_rate
             self.replicas.runs_here = self._runs_here
+            self.events.turn = self.executions.turn = self.replicas.turn  # pruning, once
         metrics.watch(self)
 
     async def start_kernel(self, spec: str, confinement: Confinement) -> Kernel:

@@ -3,6 +3,7 @@ any request, the one that owns a session serving it (the other forwards, signed)
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
@@ -296,3 +297,28 @@ def test_the_rate_limit_holds_across_replicas(tmp_path: pytest.TempPathFactory,
         for c in (c2, c1):
             r = c.post("/api/v1/execute", json=body)
             assert r.status_code == 429, r.text
+
+
+def test_scheduled_work_has_one_doer_that_a_survivor_takes_over(pg_url: str) -> None:
+    from bridge.replicas import Replicas
+    from bridge.store.postgres import PostgresStore
+
+    async def scenario() -> None:
+        stores = [PostgresStore(pg_url) for _ in range(2)]
+        for s in stores:
+            await s.open()
+        try:
+            a, b = (Replicas(s, f"http://r{i}", replica_id=f"r{i}") for i, s in
+                    enumerate(stores))
+            # Rounds every 0.4 s: the first to try does the work, every round, alone.
+            for _ in range(3):
+                assert (await a.turn("prune", 0.4), await b.turn("prune", 0.4)) == (True, False)
+                await asyncio.sleep(0.4)
+            await asyncio.sleep(0.7)  # a stops (dies): its hold runs out after 1.5 rounds
+            assert await b.turn("prune", 0.4) is True
+            assert await a.turn("prune", 0.4) is False  # and stays b's
+        finally:
+            for s in stores:
+                await s.close()
+
+    asyncio.run(scenario())
