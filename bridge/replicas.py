@@ -18,6 +18,7 @@ Nothing here speaks HTTP; the owner lookup reads the store.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -196,6 +197,15 @@ class Replicas:
     async def others(self) -> list[str]:
         """The other live replicas' ids (whose sessions, jobs and executions are theirs)."""
         return [rid for rid in await self.live() if rid != self.id]
+
+    async def others_on_this_host(self) -> list[str]:
+        """Other live replicas on this host (presence ids begin with the host's name)."""
+        if not self.clustered:
+            return []
+        host = self.id.split(":", 1)[0] + ":"
+        with contextlib.suppress(Exception):  # stopping: a database gone says nothing
+            return [r for r in await self.others() if r.startswith(host)]
+        return []
 
     async def owner(self, kind: OwnerKind, access_key: str, ident: str) -> str | None:
         """The URL of the live replica that owns ``ident`` (of ``access_key``) when that is

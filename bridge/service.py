@@ -250,7 +250,9 @@ class Bridge:
         await self.events.stop()
         await self.pool.stop()
         await asyncio.gather(*(line.close() for line in (self.zygotes or {}).values()))
-        await asyncio.to_thread(self.volumes.unmount_folders, self.settings.folders_dir)
+        # Replicas on this host share the folders' mounts: the last one to stop unmounts them.
+        if not await self.replicas.others_on_this_host():
+            await asyncio.to_thread(self.volumes.unmount_folders, self.settings.folders_dir)
         if self.presence is not None:
             await self.presence.stop()
         await self.store.close()

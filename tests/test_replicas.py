@@ -322,3 +322,20 @@ def test_scheduled_work_has_one_doer_that_a_survivor_takes_over(pg_url: str) -> 
                 await s.close()
 
     asyncio.run(scenario())
+
+
+def test_a_folder_outlives_a_replica_that_stops_beside_it(tmp_path: pytest.TempPathFactory,
+                                                          pg_url: str) -> None:
+    data = tmp_path / "data"  # type: ignore[operator]
+    with run_server(data, database_url=pg_url) as one:
+        c1 = Client(one.url, one.secret_key)
+        with run_server(data, database_url=pg_url) as two:
+            c2 = Client(two.url, one.secret_key)
+            assert c1.post("/folders", json={"name": "shared-f"}).status_code == 201
+            up = c2.post("/folders/shared-f/upload", files=[("src", ("kept.txt", b"kept\n"))])
+            assert up.status_code == 201, up.text
+        # Replica 2 stopped; replica 1, on the same host, still serves the folder's files
+        # (the folder's filesystem stays mounted while a replica here runs).
+        r = c1.get("/folders/shared-f/download_single", params={"file": "kept.txt"})
+        assert r.status_code == 200 and r.content == b"kept\n", r.text
+        assert c1.delete("/folders/shared-f").status_code == 204
