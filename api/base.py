@@ -9,8 +9,9 @@ import logging
 from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ValidationError
-from tornado.web import HTTPError, RequestHandler
+from tornado.web import Finish, HTTPError, RequestHandler
 
+from bridge import metrics
 from bridge.errors import BridgeError
 from bridge.keypairs import Keypair
 from bridge.replicas import OwnerKind
@@ -19,7 +20,7 @@ from bridge.service import Bridge
 from .auth import IDENTITY_HEADER, authenticate
 from .dialect import Dialect, MalformedBody, check_encodable
 from .fields import WARNING_HEADER, describe_validation, unknown_fields, warning
-from .forward import UpstreamSocket, fetch_json, relay_http
+from .forward import OwnerUnreachable, UpstreamSocket, fetch_json, relay_http
 from .logs import REQUEST_ID_HEADER, request_id
 
 log = logging.getLogger("kernel_bridge.api")
@@ -77,10 +78,19 @@ class BaseHandler(RequestHandler):
             return
         identity = replicas.sign(self.keypair.access_key, self.request.method or "GET",
                                  self.request.uri or "/")
-        if isinstance(self, UpstreamSocket):
-            await self.connect_upstream(owner, identity)
-            return
-        await relay_http(self, owner, identity)
+        transport = "websocket" if isinstance(self, UpstreamSocket) else "http"
+        try:
+            if isinstance(self, UpstreamSocket):
+                await self.connect_upstream(owner, identity)
+                metrics.FORWARDED.labels(transport, "ok").inc()
+                return
+            await relay_http(self, owner, identity)
+        except OwnerUnreachable:
+            metrics.FORWARDED.labels(transport, "unreachable").inc()
+            raise
+        except Finish:
+            metrics.FORWARDED.labels(transport, "ok").inc()
+            raise
 
     async def from_other_replicas(self) -> list[Any]:
         """The items this GET lists on every other live replica (a list route whose items

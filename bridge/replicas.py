@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from . import metrics
 from .datadir import PRESENCE_PREFIX
 from .errors import AuthFailed, RateLimited, StartupRefused
 from .store import Store
@@ -311,6 +312,7 @@ class Replicas:
                 f"UPDATE {table} SET owner = ? WHERE {unfinished}"
                 f" AND (owner IS NULL OR owner NOT IN ({marks}))", (self.id, *live))
         if taken:
+            metrics.ADOPTED.inc(taken)
             log.warning("replica %s adopted %d sessions, job sessions and executions of "
                         "replicas that are gone", self.id, taken)
         return taken

@@ -72,6 +72,10 @@ def test_a_session_of_replica_1_is_used_through_replica_2(
     multi = c2.get("/kernel/shared-1/download", params={"files": "via-2.txt"})
     assert multi.status_code == 200 and b"two\n" in multi.content
 
+    scrape = c2.get("/metrics").text
+    assert 'kernel_bridge_forwarded_requests_total{outcome="ok",transport="http"}' in scrape \
+        or 'kernel_bridge_forwarded_requests_total{transport="http",outcome="ok"}' in scrape
+
     gone = c2.delete("/kernel/shared-1")
     assert gone.status_code == 200, gone.text
     assert c1.get("/kernel/shared-1").status_code == 404
