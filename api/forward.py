@@ -124,16 +124,15 @@ async def relay_http(handler: BaseHandler, owner: str, identity: str) -> None:
         header_callback=on_header, streaming_callback=on_chunk)
     try:
         await http_client().fetch(upstream, raise_error=False)
-    except StreamClosedError:
-        if not started:
-            raise OwnerUnreachable(owner, "the connection closed") from None
-        return  # the client left mid-stream: nothing more to send
-    except (TimeoutError, OSError, HTTPClientError) as exc:
+    except (TimeoutError, OSError, HTTPClientError) as exc:  # StreamClosedError is an OSError
         if not started:
             raise OwnerUnreachable(owner, str(exc) or type(exc).__name__) from None
-        log.warning("relay from %s cut short: %s", owner, exc)
-    if not handler._finished:
-        handler.finish()
+        if not _client_gone(handler):
+            log.warning("relay from %s cut short: %s", owner, exc)
+        # A body cut short must not reach the client as a whole one: its connection ends
+        # without the last chunk (and a client that left has nothing more to get).
+        if handler.request.connection is not None:
+            handler.request.connection.close()  # type: ignore[attr-defined]
     raise Finish()
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import requests
-from tornado.web import Application
+from tornado.web import Application, RequestHandler
 
 from api.auth import IDENTITY_HEADER
 from api.backendai.errors import BACKENDAI
@@ -87,18 +87,26 @@ class ForwardSocket(UpstreamSocket, BaseHandler):
         self.pipe_close(self.upstream)
 
 
+class CutShort(RequestHandler):
+    """An owner that dies mid-answer: part of a body, then the connection drops."""
+
+    async def get(self) -> None:
+        self.write(b"the first half")
+        await self.flush()
+        assert self.request.connection is not None
+        self.request.connection.close()  # type: ignore[attr-defined]
+
+
 @contextmanager
-def forwarder(target: Target) -> Iterator[str]:
-    """A tornado server on a thread of its own that forwards everything to the owner."""
+def background_app(routes: list[Any]) -> Iterator[str]:
+    """A tornado app serving ``routes`` on a thread of its own; yields its URL."""
     port = free_port()
     loop = asyncio.new_event_loop()
     ready = threading.Event()
     stop = asyncio.Event()
 
     async def serve() -> None:
-        app = Application([(r"/api/kernels/[^/]+/channels", ForwardSocket, {"target": target}),
-                           (r"/.*", Forward, {"target": target})])
-        server = app.listen(port, "127.0.0.1")
+        server = Application(routes).listen(port, "127.0.0.1")
         ready.set()
         await stop.wait()
         server.stop()
@@ -112,6 +120,14 @@ def forwarder(target: Target) -> Iterator[str]:
         loop.call_soon_threadsafe(stop.set)
         thread.join(10)
         loop.close()
+
+
+@contextmanager
+def forwarder(target: Target) -> Iterator[str]:
+    """A server that forwards everything to the target's owner."""
+    with background_app([(r"/api/kernels/[^/]+/channels", ForwardSocket, {"target": target}),
+                         (r"/.*", Forward, {"target": target})]) as url:
+        yield url
 
 
 def cluster_secret(server: Server) -> str:
@@ -266,3 +282,11 @@ def test_an_unreachable_owner_is_a_503(owner: Server) -> None:
         r = requests.get(f"{url}/kernel/anything", timeout=60)
     assert r.status_code == 503
     assert "unreachable" in r.json()["msg"]
+
+
+def test_a_body_cut_short_at_the_owner_is_cut_short_for_the_client(owner: Server) -> None:
+    # Never a clean answer with half a file: the client sees its connection fail.
+    cut = (requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError)
+    with background_app([(r"/.*", CutShort)]) as dying, \
+            forwarder(Target(dying, "s", owner.access_key)) as url, pytest.raises(cut):
+        requests.get(f"{url}/kernel/x/download_single", timeout=30)
