@@ -6,6 +6,7 @@
 #                   extras, the Backend.AI SDK venv, then pytest
 #   make test-unit  the unit layer only (tests/unit: no server, no kernel), in seconds
 #   make lint typecheck
+#   make deploy-check  the Dockerfile (hadolint) and deploy/k8s (Kubernetes' schemas), offline
 #
 # Installs are stamp files, so a second `make run` starts at once. To add a step, write a target
 # that makes a stamp (or checks for a command) and list it in SERVE_DEPS or TEST_DEPS.
