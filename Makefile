@@ -123,12 +123,11 @@ deploy-check: $(BIN)/.deploy
 
 # PostgreSQL's server binaries for the tests with KB_DATABASE_URL: tests/pg.py makes a throw-away
 # cluster with initdb in a temp dir, run as nobody (Debian keeps initdb off PATH, under
-# /usr/lib/postgresql/VERSION/bin). The package's own cluster is not needed: none is created.
+# /usr/lib/postgresql/VERSION/bin). The package's own "main" cluster, if its install makes one,
+# is not used.
 postgres:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    mkdir -p /etc/postgresql-common/createcluster.d && \
-	    echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.d/kb.conf && \
 	    apt-get update -qq && $(APT_GET) postgresql; \
 	  else echo "postgresql missing: install it (the PostgreSQL tests need initdb)"; fi; }
 

@@ -102,9 +102,11 @@ async def _serve(settings: Settings, sockets: list[socket.socket], signals: Sign
                   flush=True)
         else:
             # Secrets are shown once, at the first start: say how to get one now.
-            print(f"{len(bridge.keypairs.all())} keypair(s) in {settings.data_dir}. Lost the "
-                  "secret key? Make another: kernel-bridge keys create --data-dir "
-                  f"{settings.data_dir} --json", flush=True)
+            where, how = (f"{settings.data_dir}", f"--data-dir {settings.data_dir}")
+            if settings.database_url:  # the URL may hold a password: not printed
+                where, how = bridge.store.describe(), "(with the same KB_DATABASE_URL)"
+            print(f"{len(bridge.keypairs.all())} keypair(s) in {where}. Lost the secret key? "
+                  f"Make another: kernel-bridge keys create {how} --json", flush=True)
         if signals.stop.is_set():  # a signal arrived during start-up
             return
         server = HTTPServer(make_app(bridge), xheaders=False, max_body_size=64 * 1024 * 1024)

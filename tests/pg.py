@@ -10,7 +10,10 @@ database of its own::
         with run_server(database_url=pg_url) as server: ...
 
 ``KB_TEST_DATABASE=postgres pytest tests/test_backendai.py`` runs any server test with every
-server on a fresh PostgreSQL database (tests/support.py asks :func:`database_for`).
+server on a fresh PostgreSQL database (tests/support.py asks :func:`database_for`; a server
+restarted on the same data dir gets the same database). Tests that open the SQLite file
+themselves, run the CLI without the server's environment, or expect the data dir's flock do not
+apply there (three in tests/test_lifecycle.py and tests/test_backendai_limits.py).
 """
 
 from __future__ import annotations

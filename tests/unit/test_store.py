@@ -256,3 +256,23 @@ def test_placeholders_become_psycopg_ones_outside_literals() -> None:
 def test_a_url_is_logged_without_its_password() -> None:
     assert redact("postgresql://kb:s3cret@db:5432/kb") == "postgresql://kb:***@db:5432/kb"
     assert redact("postgresql://kb@db/kb") == "postgresql://kb@db/kb"
+
+
+def test_a_replica_keeps_its_presence_while_it_runs(tmp_path: Path) -> None:
+    """The lease that stands for the flock with PostgreSQL: renewed past its lifetime while the
+    replica runs, listed to the others, and given back at its stop."""
+    from bridge.datadir import ReplicaPresence
+
+    async def body(store: Store) -> None:
+        other = ReplicaPresence(store, ttl_s=0.3, replica_id="b")
+        assert await other.start() == []
+        me = ReplicaPresence(store, ttl_s=0.3, replica_id="a")
+        assert await me.start() == ["b"]
+        await asyncio.sleep(1.0)  # three lifetimes: only renewal keeps them
+        assert await me.others() == ["b"] and await other.others() == ["a"]
+        await other.stop()
+        assert await me.others() == []
+        await me.stop()
+        assert await store.leases("replica:") == {}
+
+    with_store(lambda: SqliteStore(tmp_path / "db.sqlite3"), body)
