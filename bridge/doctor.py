@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 from .cgroups import Cgroups
-from .kernels import IPC_ROOT, ipc_root_problem
+from .ipc import IPC_ROOT, ipc_root_problem
 from .languages import LANGUAGES, Language
 from .settings import Settings
 
@@ -147,6 +147,26 @@ def disk_quota(settings: Settings) -> Check:
         return Check("disk quota", verdict, f"no free loop device: {out}",
                      "free loop devices (losetup -D) or raise max_loop")
     return Check("disk quota", "ok", f"loop devices available (next free: {out})")
+
+
+def provisioner() -> Check:
+    """The kb-sandbox entry point every shipped kernelspec names: without it (an install older
+    than pyproject.toml's), no kernel starts."""
+    from importlib.metadata import entry_points
+
+    from .kernels import PROVISIONERS
+    from .provisioner import NAME, SandboxProvisioner
+
+    found = entry_points(group=PROVISIONERS, name=NAME)
+    try:
+        ours = any(ep.load() is SandboxProvisioner for ep in found)
+    except Exception:
+        ours = False
+    if not ours:
+        return Check("provisioner", "fail", f"the {NAME!r} kernel provisioner is not registered "
+                     "(an outdated install): no kernel can start",
+                     f"{sys.executable} -m pip install -e . (or make venv)")
+    return Check("provisioner", "ok", f"{NAME} registered ({PROVISIONERS})")
 
 
 # -- the server's own files ------------------------------------------------------------------------
@@ -282,8 +302,8 @@ def checks(settings: Settings, *, versions: bool = True) -> list[Callable[[], Ch
     url = settings.database_url
     store: Callable[[], Check] = ((lambda: postgres_database(url)) if url
                                   else (lambda: database(settings.db_path)))
-    return [*sandbox, lambda: disk_quota(settings), ipc_root, lambda: data_dir(settings.data_dir),
-            lambda: free_space(settings.data_dir), store,
+    return [*sandbox, provisioner, lambda: disk_quota(settings), ipc_root,
+            lambda: data_dir(settings.data_dir), lambda: free_space(settings.data_dir), store,
             *(lambda lang=lang: toolchain(lang, versions) for lang in LANGUAGES)]
 
 

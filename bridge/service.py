@@ -15,20 +15,21 @@ from typing import Any
 from . import batch, metrics
 from .admission import Admission
 from .datadir import ReplicaPresence
-from .disk import Volumes, sweep_ipc
+from .disk import Volumes
 from .errors import AuthFailed
 from .events import EventLog, run_key
 from .executions import Executions
 from .folders import Folders
 from .gateway import Gateway
+from .ipc import IPC_ROOT, ipc_root, sweep_ipc
 from .job_sessions import JobSessions
-from .kernels import IPC_ROOT, Kernel, launch, spec_manager
+from .kernels import Kernel, launch, spec_manager
 from .keypairs import Keypair, Keypairs
 from .languages import measure_versions
 from .pool import REFILL_DELAY_S, KernelPool
 from .replicas import OwnerKind, Replicas
 from .runs import Run
-from .sandbox import Confinement, Mount, Sandbox, base_environ
+from .sandbox import Confinement, Mount, Sandbox, SandboxUnavailable, base_environ
 from .session import Session, now_iso
 from .sessions import Sessions
 from .settings import Settings
@@ -72,14 +73,15 @@ class Bridge:
         self._failover: asyncio.Task[None] | None = None
         self.language_versions: asyncio.Task[dict[str, str]] | None = None
         self.kernelspecs = spec_manager()
-        # The zygote's own environment: a kernel's, without any client's values.
+        # The keepers (the plain one, and zygotes unless KB_ZYGOTE=off): the parents of every
+        # kernel, outliving this process. Their environment: a kernel's, without any client's.
         pythons = [sys.executable, settings.python_interpreter or sys.executable]
-        self.zygotes = (zygote_lines(base_environ({}, self.sandbox.tool_path),
-                                     settings.zygote_max_forks, pythons)
-                        if settings.zygote == "on" else None)
+        self.zygotes = zygote_lines(base_environ({}, self.sandbox.tool_path),
+                                    settings.zygote_max_forks, pythons,
+                                    fork=settings.zygote == "on", sockets_dir=IPC_ROOT)
         # New sessions that fit take a pre-started kernel (bridge/pool.py), whatever the dialect.
         self.volumes = Volumes(settings)  # session dirs and folders with a disk quota
-        refill = ZYGOTE_REFILL_DELAY_S if self.zygotes else REFILL_DELAY_S
+        refill = ZYGOTE_REFILL_DELAY_S if settings.zygote == "on" else REFILL_DELAY_S
         self.pool = KernelPool(settings, self.start_kernel, volumes=self.volumes,
                                refill_delay=refill)
         # Every kernel a keypair holds, whatever the dialect, is admitted here first.
@@ -99,7 +101,8 @@ class Bridge:
                                 open_ttl=settings.job_open_ttl_s, events=self.events)
         if self.replicas.clustered:
             # What this replica starts is recorded as its own: other replicas forward to it.
-            self.sessions.owner = self.executions.owner = self.jobs.owner = self.replicas.id
+            self.sessions.records.owner = self.replicas.id
+            self.executions.owner = self.jobs.records.owner = self.replicas.id
             self.admission.elsewhere = self.replicas.held_elsewhere
             self.executions.shared_rate = self.replicas.count_rate
             self.replicas.runs_here = self._runs_here
@@ -175,8 +178,12 @@ class Bridge:
         self.volumes.require(self.sandbox.enabled)  # Raises QuotaUnavailable
         log.info("%s", self.volumes.describe())
         await asyncio.to_thread(self.volumes.mount_folders, self.settings.folders_dir)
-        await asyncio.to_thread(sweep_ipc, IPC_ROOT)
-        # Kernel cgroups left empty by a server that died (its kernels died with it).
+        # Kernels a server that is gone left running (with their keepers), their IPC dirs and
+        # its keepers' sockets. TODO(lifecycle): after re-adoption, keep what was adopted.
+        with contextlib.suppress(SandboxUnavailable):  # each kernel's start then says why
+            await asyncio.to_thread(ipc_root)
+        await asyncio.to_thread(sweep_ipc, set(), IPC_ROOT, self.sandbox.cgroups)
+        # Kernel cgroups left empty by a server that died or by the sweep.
         self.sandbox.cgroups.sweep()
         await self.store.open()  # Raises StartupRefused
         log.info("state in %s", self.store.describe())
@@ -202,11 +209,11 @@ class Bridge:
             await self.events.end_orphans()
             self._failover = spawn(self.replicas.watch(self.settings.lease_s / 3,
                                                        self._adopt_claimed))
-        for line in (self.zygotes or {}).values():
+        for line in self.zygotes.values():
             line.start()
         self.pool.start()
         # Asked once, off the start path: the first GET …/execute/languages awaits it.
-        self.language_versions = asyncio.create_task(measure_versions())
+        self.language_versions = spawn(measure_versions())
         return Started(first_keypair=first)
 
     def _runs_here(self, kind: OwnerKind, access_key: str, ident: str) -> bool:
@@ -227,7 +234,7 @@ class Bridge:
 
     def runs_in_flight(self) -> int:
         """Runs executing right now, in every dialect (what a graceful shutdown waits for)."""
-        return sum(1 for s in self.sessions.all() if s.current is not None)
+        return sum(1 for s in self.sessions.all() if s.queue.current is not None)
 
     async def drain(self, grace: float, hurry: asyncio.Event) -> None:
         """Let running runs finish, up to ``grace`` seconds or until ``hurry`` is set."""
@@ -249,7 +256,7 @@ class Bridge:
         await self.sessions.stop()
         await self.events.stop()
         await self.pool.stop()
-        await asyncio.gather(*(line.close() for line in (self.zygotes or {}).values()))
+        await asyncio.gather(*(line.close() for line in self.zygotes.values()))
         # Replicas on this host share the folders' mounts: the last one to stop unmounts them.
         if not await self.replicas.others_on_this_host():
             await asyncio.to_thread(self.volumes.unmount_folders, self.settings.folders_dir)

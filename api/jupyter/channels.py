@@ -13,6 +13,7 @@ from bridge.errors import BridgeError
 from bridge.gateway import Relay
 from bridge.messages import Channel, Message
 from bridge.session import Session
+from bridge.tasks import spawn
 
 from ..forward import UpstreamSocket
 from .base import JupyterHandler
@@ -98,7 +99,7 @@ class ChannelsHandler(UpstreamSocket, JupyterHandler):
             self.pipe_close(self.upstream)
         if self.relay is not None:
             relay, self.relay = self.relay, None
-            asyncio.get_running_loop().create_task(relay.close())
+            spawn(relay.close())
 
 
 def _ignore_closed(fut: asyncio.Future[None]) -> None:

@@ -9,16 +9,16 @@ Callers write one SQL text for both backends:
 - booleans as 0/1 in ``INTEGER`` columns (a Python ``bool`` is sent as an int);
 - :meth:`Store.execute` answers the number of rows changed, the same in both.
 
-Writes (:meth:`~Store.execute`, :meth:`~Store.executemany`, :meth:`~Store.transaction`, and
-the lease calls) are applied in the order they were called, one at a time, and committed before
-the call returns: a later save of a row never loses to an earlier one.
+Writes (:meth:`~Store.execute`, :meth:`~Store.transaction`, and the lease calls) are applied in
+the order they were called, one at a time, and committed before the call returns: a later save
+of a row never loses to an earlier one.
 """
 
 from __future__ import annotations
 
 import abc
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 Row = dict[str, Any]
@@ -48,9 +48,6 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
         """Run one statement; returns the number of changed rows."""
-
-    @abc.abstractmethod
-    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None: ...
 
     @abc.abstractmethod
     async def transaction(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:

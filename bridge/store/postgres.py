@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -103,14 +103,6 @@ class PostgresStore(Store):
         async with self._write_lock, self._writer.connection() as conn:
             cur = await conn.execute(to_pg(sql), _params(params))
             return max(cur.rowcount, 0)
-
-    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
-        args = [_params(r) for r in rows]
-        if not args:
-            return
-        async with (self._write_lock, self._writer.connection() as conn, conn.transaction(),
-                    conn.cursor() as cur):
-            await cur.executemany(to_pg(sql), args)
 
     async def transaction(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
         if not statements:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -80,10 +80,6 @@ class SqliteStore(Store):
                     db.execute(sql, params)
 
         await self._call(fn)
-
-    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
-        rows = list(rows)
-        await self._call(lambda: self._db().executemany(sql, rows))
 
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
         def fn() -> Row | None:
