@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,29 @@ async def _keys(settings: Settings, args: argparse.Namespace) -> int:
                           f"concurrency={r['concurrency']}  queries={r['totalQueries']}")
     finally:
         await store.close()
+    return 0
+
+
+async def _import_sqlite(settings: Settings, source: Path) -> int:
+    from bridge.store.copy import import_sqlite
+
+    if not source.is_file():
+        print(f"kernel-bridge: {source}: no such file", file=sys.stderr)
+        return 2
+    store = store_for(settings)
+    if not settings.database_url and source.resolve() == settings.db_path.resolve():
+        print("kernel-bridge: that is this data dir's own database", file=sys.stderr)
+        return 2
+    await store.open()
+    try:
+        copied = await import_sqlite(source, store)
+    except sqlite3.Error as exc:
+        print(f"kernel-bridge: {source}: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        await store.close()
+    for table, (n, of) in copied.items():
+        print(f"{table}: {n} copied of {of}")
     return 0
 
 
@@ -141,6 +165,18 @@ def parser() -> argparse.ArgumentParser:
                       help="sessions it may hold at once (at least 1)")
     _data_dir_option(conc)
 
+    db = sub.add_parser("db", help="the database (KB_DATABASE_URL, else the data dir's SQLite)",
+                        description="Work on the database the server uses.")
+    db_sub = db.add_subparsers(dest="action", required=True, metavar="ACTION")
+    imp = db_sub.add_parser(
+        "import-sqlite", help="copy a SQLite file's keypairs and folders into this database",
+        description="Copy the keypairs and folder records of a kernel-bridge SQLite file (an "
+                    "old data dir's kernel-bridge.sqlite3) into the database the server uses "
+                    "(PostgreSQL with KB_DATABASE_URL). Keys already there are kept as they "
+                    "are; sessions, runs and history are not copied.")
+    imp.add_argument("sqlite", type=Path, metavar="FILE", help="the SQLite file to read")
+    _data_dir_option(imp)
+
     specs = sub.add_parser("kernelspecs", help="install the shipped kernels into Jupyter",
                            description="Install kernel-bridge's kernels into a Jupyter, so "
                                        "JupyterLab users get the same kernels.")
@@ -211,6 +247,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             print(f"installed {name} in {path}")
         return 0
     try:
+        if args.command == "db":
+            return asyncio.run(_import_sqlite(settings, args.sqlite))
         return asyncio.run(_keys(settings, args))
     except StartupRefused as exc:  # the database cannot be reached or is too new
         print(f"kernel-bridge: {exc}", file=sys.stderr)

@@ -174,3 +174,56 @@ def test_doctor_checks_the_postgres_database(pg_url: str, tmp_path: Path) -> Non
     assert out.returncode == 1 and verdicts(out.stdout)["database"] == "FAIL", out.stdout
     assert "fix: start PostgreSQL, or fix KB_DATABASE_URL" in out.stdout
     assert ":pw@" not in out.stdout
+
+
+def test_a_database_restart_under_a_running_server() -> None:
+    """PostgreSQL stops: /readyz says the store is unreachable (at once, not a hang). It comes
+    back: the next executions are answered and stored, on fresh pooled connections."""
+    from .pg import postgres_cluster
+
+    with postgres_cluster() as cluster:  # a cluster of its own: this test stops it
+        url = cluster.create_database()
+        with run_server(database_url=url) as server, server.client() as c:
+            assert c.post(EX, json={"code": "print(1)", "language": "python"}).status_code == 200
+            cluster.stop()
+            started = time.monotonic()
+            r = c.get("/readyz")
+            assert r.status_code == 503 and "store unreachable" in r.json()["checks"]["store"]
+            assert time.monotonic() - started < 10
+            cluster.start()
+            for i in range(3):
+                r = c.post(EX, json={"code": f"print({i})", "language": "python"})
+                assert r.status_code == 200 and r.json()["stdout"] == f"{i}\n", r.text
+            assert c.get("/readyz").status_code == 200
+        (n,) = rows(url, "SELECT count(*) AS n FROM executions")
+        assert n == {"n": 4}
+
+
+def test_a_sqlite_data_dir_moves_to_postgres_with_its_keys_and_folders(pg_url: str,
+                                                                       tmp_path: Path) -> None:
+    """One server on SQLite, then `db import-sqlite` into PostgreSQL: the server started on
+    PostgreSQL with the same data dir lets the old key in and lists its folder."""
+    data_dir = tmp_path / "data"
+    with run_server(data_dir) as old, old.client() as c:
+        assert "database_url" not in old.env  # the first release's way: SQLite in the data dir
+        assert c.post("/folders", json={"name": "kept"}).status_code == 201
+        secret, access = old.secret_key, old.access_key
+    source = data_dir / "kernel-bridge.sqlite3"
+    env = {**os.environ, "KB_DATABASE_URL": pg_url}
+
+    def import_sqlite(path: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "api.cli", "db", "import-sqlite",
+                               str(path)], capture_output=True, text=True, cwd=ROOT, env=env)
+
+    out = import_sqlite(source)
+    assert out.returncode == 0, out.stderr
+    assert "keypairs: 1 copied of 1" in out.stdout and "vfolders: 1 copied of 1" in out.stdout
+    assert "keypairs: 0 copied of 1" in import_sqlite(source).stdout  # kept as they are
+    (row,) = rows(pg_url, "SELECT access_key FROM keypairs")
+    assert row["access_key"] == access
+    with run_server(data_dir, database_url=pg_url) as new, Client(new.url, secret) as c:
+        r = c.get("/folders")
+        assert r.status_code == 200, r.text
+        assert [f["name"] for f in r.json()] == ["kept"]
+    bad = import_sqlite(Path("/etc/hostname"))
+    assert bad.returncode == 2 and "file is not a database" in bad.stderr

@@ -68,7 +68,8 @@ class StoreContract:
                                          (insert, ("f1", "dup", "ak", "t"))])
             assert await store.fetchall("SELECT id FROM vfolders") == []
             await store.transaction([(insert, ("f1", "one", "ak", "t"))])
-            await store.executemany(insert, [("f2", "two", "ak", "t"), ("f3", "x", "ak", "t")])
+            await store.transaction([(insert, ("f2", "two", "ak", "t")),
+                                     (insert, ("f3", "x", "ak", "t"))])
             rows = await store.fetchall("SELECT id FROM vfolders ORDER BY id")
             assert [r["id"] for r in rows] == ["f1", "f2", "f3"]
 
