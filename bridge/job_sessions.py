@@ -11,6 +11,7 @@ a fresh kernel, so earlier in-memory state is gone.
 
 from __future__ import annotations
 
+import logging
 import time
 
 from .errors import Conflict, InvalidRequest, JobNotFound, SessionNotFound
@@ -36,6 +37,8 @@ from .sessions import Sessions
 from .settings import Settings
 from .store import Store
 
+log = logging.getLogger(__name__)
+
 
 class JobSessions:
     def __init__(self, settings: Settings, store: Store, keypairs: Keypairs,
@@ -55,8 +58,19 @@ class JobSessions:
     # -- start / stop -------------------------------------------------------------------------
 
     async def start(self) -> None:
+        await self.adopt()
+        self.reaper.start()
+
+    async def adopt(self) -> None:
+        """Take up the open job sessions recorded as this server's that it does not run yet:
+        at start, and (with replicas) those just claimed from a replica that died. Queued jobs
+        queue again; running ones failed with the kernel they ran in."""
         now = time.time()
+        adopted: list[JobSession] = []
         for js in await self.records.open_sessions():
+            if js.id in self._live:
+                continue
+            adopted.append(js)
             for job in await self.records.unfinished_jobs(js):
                 if job.status is JobStatus.RUNNING:
                     job.end(JobStatus.FAILED, FAILED_EXIT_CODE, stdout=job.stdout,
@@ -72,7 +86,7 @@ class JobSessions:
             await self.records.save(js)
         # Deadlines that passed while the server was down fire now, stamped with their own time.
         await self.reaper.fire_due(now)
-        for js in list(self._live.values()):
+        for js in adopted:
             await self._maybe_close(js)
             if js.state is not State.CLOSED and js.mode == "dedicated" and js.activated_at:
                 # Noted after the deadlines fired, so the note is the last word until the
@@ -81,7 +95,6 @@ class JobSessions:
                                     "state are gone, the next job starts a fresh kernel")
                 await self.records.save(js)
             self.worker.pump(js)
-        self.reaper.start()
 
     async def stop(self) -> None:
         """Stop timers and jobs; jobs cut short are recorded as failed (their kernels go too)."""
@@ -252,6 +265,7 @@ class JobSessions:
         if js.state is State.CLOSED or js.accepting_jobs or js.has_work:
             return
         js.transition(State.CLOSED, js.close_reason or "closed", at)
+        log.info("job session %s closed: %s", js.id, js.state_reason)
         self._live.pop(js.id, None)
         await self.records.save(js)
         if js.session is not None:

@@ -89,6 +89,7 @@ class JobWorker:
             self._start(oldest, oldest.queue.popleft())
 
     def _start(self, js: JobSession, job: Job) -> None:
+        log.info("job %s of session %s starts", job.id, js.id)
         now = time.time()
         job.status, job.started_at = JobStatus.RUNNING, now
         js.job_started(job, now)

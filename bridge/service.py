@@ -27,6 +27,7 @@ from .kernels import Kernel, launch, spec_manager
 from .keypairs import Keypair, Keypairs
 from .languages import measure_versions
 from .pool import REFILL_DELAY_S, KernelPool
+from .replicas import OwnerKind, Replicas
 from .runs import Run
 from .sandbox import Confinement, Mount, Sandbox, SandboxUnavailable, base_environ
 from .session import Session, now_iso
@@ -62,11 +63,14 @@ class Bridge:
         # holds every table.
         self.store = store_for(settings)
         # With PostgreSQL, replicas share the data dir: each announces itself with a lease.
-        self.presence = (ReplicaPresence(self.store) if self.store.dialect == "postgres"
-                         else None)
+        self.presence = (ReplicaPresence(self.store, ttl_s=settings.lease_s)
+                         if self.store.dialect == "postgres" else None)
         self.events = EventLog(self.store)
         self.keypairs = Keypairs(self.store, settings.default_concurrency)
+        self.replicas = Replicas(self.store, settings.advertise_url,
+                                 self.presence.id if self.presence is not None else None)
         self._keypair_watch: asyncio.Task[None] | None = None
+        self._failover: asyncio.Task[None] | None = None
         self.language_versions: asyncio.Task[dict[str, str]] | None = None
         self.kernelspecs = spec_manager()
         # The keepers (the plain one, and zygotes unless KB_ZYGOTE=off): the parents of every
@@ -95,6 +99,14 @@ class Bridge:
         self.gateway = Gateway(self.sessions, self.kernelspecs)
         self.jobs = JobSessions(settings, self.store, self.keypairs, self.sessions,
                                 open_ttl=settings.job_open_ttl_s, events=self.events)
+        if self.replicas.clustered:
+            # What this replica starts is recorded as its own: other replicas forward to it.
+            self.sessions.records.owner = self.replicas.id
+            self.executions.owner = self.jobs.records.owner = self.replicas.id
+            self.admission.elsewhere = self.replicas.held_elsewhere
+            self.executions.shared_rate = self.replicas.count_rate
+            self.replicas.runs_here = self._runs_here
+            self.events.turn = self.executions.turn = self.replicas.turn  # pruning, once
         metrics.watch(self)
 
     async def start_kernel(self, spec: str, confinement: Confinement) -> Kernel:
@@ -180,20 +192,45 @@ class Bridge:
             log.info("replica %s; other live replicas: %s", self.presence.id,
                      ", ".join(others) or "none")
         await self.keypairs.load()
+        await self.replicas.start()
         first = None
         if not self.keypairs.all():
             first = await self.keypairs.create()
         self._keypair_watch = spawn(self.keypairs.watch(KEYPAIR_RELOAD_S))
-        await self.events.start()  # before the records whose streams it ends
+        # Replicas: what dead replicas (or this one's previous life) left unfinished is ours now;
+        # what live ones own stays theirs.
+        await self.replicas.claim_orphans()
+        clustered = self.replicas.clustered
+        await self.events.start(end_open=not clustered)  # before the records it ends
         await self.sessions.start()
         await self.jobs.start()  # after sessions: a reloaded job may start a kernel
         await self.executions.start()  # marks executions cut off by the last stop as failed
+        if clustered:
+            await self.events.end_orphans()
+            self._failover = spawn(self.replicas.watch(self.settings.lease_s / 3,
+                                                       self._adopt_claimed))
         for line in self.zygotes.values():
             line.start()
         self.pool.start()
         # Asked once, off the start path: the first GET …/execute/languages awaits it.
         self.language_versions = spawn(measure_versions())
         return Started(first_keypair=first)
+
+    def _runs_here(self, kind: OwnerKind, access_key: str, ident: str) -> bool:
+        """Whether this replica runs what a route names (no database trip for its own)."""
+        if kind in ("session", "kernel"):
+            return self.sessions.find(access_key, ident) is not None
+        if kind == "sandbox_session":
+            return any(s.name == ident and s.origin == "sandbox"
+                       for s in self.sessions.all(access_key))
+        return False
+
+    async def _adopt_claimed(self) -> None:
+        """A replica died and this one claimed what it owned: run it from here."""
+        await self.sessions.end_unrun("replica-lost")
+        await self.jobs.adopt()  # queued jobs run here, once: the claim moved them
+        await self.executions.adopt()
+        await self.events.end_orphans()
 
     def runs_in_flight(self) -> int:
         """Runs executing right now, in every dialect (what a graceful shutdown waits for)."""
@@ -211,6 +248,7 @@ class Bridge:
                 await asyncio.wait_for(hurry.wait(), timeout=min(0.1, left))
 
     async def stop(self) -> None:
+        await cancel_and_wait(self._failover)
         await cancel_and_wait(self._keypair_watch)
         await cancel_and_wait(self.language_versions)
         await self.jobs.stop()  # records cut-short jobs before their kernels go
@@ -219,7 +257,9 @@ class Bridge:
         await self.events.stop()
         await self.pool.stop()
         await asyncio.gather(*(line.close() for line in self.zygotes.values()))
-        await asyncio.to_thread(self.volumes.unmount_folders, self.settings.folders_dir)
+        # Replicas on this host share the folders' mounts: the last one to stop unmounts them.
+        if not await self.replicas.others_on_this_host():
+            await asyncio.to_thread(self.volumes.unmount_folders, self.settings.folders_dir)
         if self.presence is not None:
             await self.presence.stop()
         await self.store.close()

@@ -20,6 +20,7 @@ SERVER_RESTARTED = "server-restarted"
 class SessionRecords:
     def __init__(self, store: Store) -> None:
         self.store = store
+        self.owner: str | None = None  # this replica's id when replicas share the store
 
     async def end_all(self, reason: str = SERVER_RESTARTED) -> None:
         """Every session not yet ended is, now (its kernel went with the last process)."""
@@ -27,14 +28,21 @@ class SessionRecords:
             "UPDATE sessions SET state='TERMINATED', state_reason=?, terminated_at=?"
             " WHERE state != 'TERMINATED'", (reason, now_iso()))
 
+    async def end(self, session_id: str, reason: str) -> None:
+        """End one session's row that no kernel here serves (a dead replica's, claimed)."""
+        await self.store.execute(
+            "UPDATE sessions SET state='TERMINATED', state_reason=?, terminated_at=?"
+            " WHERE id=? AND state != 'TERMINATED'", (reason, now_iso(), session_id))
+
     async def created(self, session: Session) -> None:
         config = {"limits": session.limits.__dict__, "mounts": [m.target for m in session.mounts],
                   "environ": session.environ}
         await self.store.execute(
             "INSERT INTO sessions (id, name, access_key, language, origin, state, config,"
-            " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            " created_at, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (session.id, session.name, session.access_key, session.language.name,
-             session.origin, session.state.value, dumps(config), session.created_at))
+             session.origin, session.state.value, dumps(config), session.created_at,
+             self.owner))
 
     async def set_state(self, session: Session) -> None:
         await self.store.execute(

@@ -23,6 +23,7 @@ from .keypairs import Keypairs
 from .languages import Language
 from .outcomes import ExitRule
 from .reaper import Reaper
+from .replicas import owned_by
 from .runs import Program, Run, code_program
 from .sandbox import Confinement, Mount
 from .session import MAIN, Attached, Limits, Session, SessionState
@@ -71,9 +72,25 @@ class Sessions:
     async def start(self) -> None:
         # Kernels do not survive a server restart: their sessions ended with the old process,
         # and so did their files (a server that was killed could not remove them).
-        await self.records.end_all()
-        await asyncio.to_thread(self.volumes.sweep_sessions, self.settings.sessions_dir)
+        if self.records.owner is None:
+            await self.records.end_all()
+            await asyncio.to_thread(self.volumes.sweep_sessions, self.settings.sessions_dir)
+        else:  # replicas share the sessions dir: only what this one adopted is swept
+            await self.end_unrun("server-restarted")
         self.reaper.start()
+
+    async def end_unrun(self, reason: str) -> None:
+        """End the sessions recorded as this replica's that it does not run (claimed from a
+        replica that died: bridge/replicas.py), and remove their working dirs."""
+        mine, params = owned_by(self.records.owner)
+        rows = await self.store.fetchall(
+            f"SELECT id FROM sessions WHERE state != 'TERMINATED'{mine}", params)
+        for row in rows:
+            sid = str(row["id"])
+            if sid in self._by_id:
+                continue
+            await self.records.end(sid, reason)
+            await self.volumes.remove(self.settings.sessions_dir / sid)
 
     async def stop(self) -> None:
         await self.reaper.stop()

@@ -39,6 +39,14 @@ class Settings(BaseSettings):
     server_name: str = "kernel-bridge"
     """This server's name (the job sessions' `backend_name`)."""
 
+    # Replicas (API.md "Second release"): several servers on one database and one storage root.
+    advertise_url: str | None = None
+    """This replica's internal URL, where other replicas forward requests for the sessions it
+    owns (default: `http://<host>:<port>`; set it when the host is `0.0.0.0` or behind NAT)."""
+    lease_s: float = Field(15.0, gt=0)
+    """Seconds a replica's lease lasts: a replica that has not renewed it for this long is
+    dead, and another adopts its sessions."""
+
     # Sandbox: "auto" uses bubblewrap when present and refuses to start without it;
     # "off" runs kernels unconfined (an explicit operator choice, warned about at start).
     sandbox: Literal["auto", "on", "off"] = "auto"
