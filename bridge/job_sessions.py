@@ -91,17 +91,25 @@ class JobSessions:
                     self._jobs[job.id] = job
             if js.state is State.ACTIVE and not js.has_work and js.idle_deadline is None:
                 js.idle_deadline = now + (js.interactive_ttl or 0)
+            if js.mode == "dedicated":
+                # Its kernel, re-adopted by the registry (bridge/adoption.py), state intact.
+                js.kernel = self.sessions.find(js.access_key, js.id)
             self._live[js.id] = js
             await self._save(js)
+        # Kernels of jobs that ended with the old server (a batch job's, a closed session's).
+        owned = {js.kernel for js in self._live.values()}
+        for orphan in [k for k in self.sessions.all() if k.origin == ORIGIN and k not in owned]:
+            await self._drop_kernel(orphan, "its job ended with the server")
         # Deadlines that passed while the server was down fire now, stamped with their own time.
         await self._fire_due(now)
         for js in list(self._live.values()):
             await self._maybe_close(js)
-            if js.state is not State.CLOSED and js.mode == "dedicated" and js.activated_at:
+            if js.state is not State.CLOSED and js.kernel is None and js.activated_at \
+                    and js.mode == "dedicated":
                 # Noted after the deadlines fired, so the note is the last word until the
                 # session's next transition.
-                js.state_reason += (f"; the server restarted at {iso(now)}: the kernel and its "
-                                    "state are gone, the next job starts a fresh kernel")
+                js.state_reason += (f"; the server restarted at {iso(now)}: the kernel and "
+                                    "its state are gone, the next job starts a fresh kernel")
                 await self._save(js)
             self._pump(js)
         self._reaper = asyncio.create_task(self._reap_forever())

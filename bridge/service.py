@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import batch, metrics
+from . import batch, kernels, metrics
 from .admission import Admission
+from .adoption import SCHEMA as ADOPTION_SCHEMA
+from .adoption import Adopted
 from .disk import Volumes, sweep_ipc
-from .errors import AuthFailed
+from .errors import AuthFailed, KernelStartFailed
 from .events import SCHEMA as EVENTS_SCHEMA
 from .events import EventLog, run_key
 from .executions import SCHEMA as EXECUTIONS_SCHEMA
@@ -61,7 +63,8 @@ class Bridge:
         if settings.python_env is not None:
             self.sandbox.add_python_env(settings.python_env)
         self.store = Store(settings.db_path, extra_schema=[*FOLDERS_SCHEMA, *JOBS_SCHEMA,
-                                                             *EXECUTIONS_SCHEMA, *EVENTS_SCHEMA])
+                                                             *EXECUTIONS_SCHEMA, *EVENTS_SCHEMA,
+                                                             *ADOPTION_SCHEMA])
         self.events = EventLog(self.store)
         self.keypairs = Keypairs(self.store, settings.default_concurrency)
         self._keypair_watch: asyncio.Task[None] | None = None
@@ -90,6 +93,7 @@ class Bridge:
         self.folders.in_use = self._mounted_in
         self.folders.own = self.sandbox.own
         self.gateway = Gateway(self.sessions, self.kernelspecs)
+        self.adopted = Adopted()  # what the last start re-adopted
         self.jobs = JobSessions(settings, self.store, self.keypairs, self.sessions,
                                 open_ttl=settings.job_open_ttl_s, events=self.events)
         metrics.watch(self)
@@ -106,6 +110,17 @@ class Bridge:
             raise
         finally:
             metrics.KERNEL_STARTS.labels(spec).observe(time.monotonic() - started)
+
+    async def adopt_kernel(self, record: dict[str, Any]) -> Kernel:
+        """A kernel a previous server started, from its record. Raises KernelStartFailed
+        (KernelGone: it is dead)."""
+        adopt = getattr(kernels, "adopt", None)  # provisional until s2-kernels lands
+        if adopt is None:
+            raise KernelStartFailed("this release cannot adopt a kernel")
+        kernel: Kernel = await adopt(record, sandbox=self.sandbox, ksm=self.kernelspecs,
+                                     timeout=self.settings.kernel_start_timeout,
+                                     zygotes=self.zygotes)
+        return kernel
 
     async def mounts_for(self, access_key: str, specs: list[str]) -> tuple[Mount, ...]:
         """Resolve ``name`` / ``name:alias`` mount specs to this keypair's folders.
@@ -163,9 +178,6 @@ class Bridge:
         self.volumes.require(self.sandbox.enabled)  # Raises QuotaUnavailable
         log.info("%s", self.volumes.describe())
         await asyncio.to_thread(self.volumes.mount_folders, self.settings.folders_dir)
-        await asyncio.to_thread(sweep_ipc, IPC_ROOT)
-        # Kernel cgroups left empty by a server that died (its kernels died with it).
-        self.sandbox.cgroups.sweep()
         await self.store.open()
         await self.keypairs.load()
         first = None
@@ -173,7 +185,14 @@ class Bridge:
             first = await self.keypairs.create()
         self._keypair_watch = spawn(self.keypairs.watch(KEYPAIR_RELOAD_S))
         await self.events.start()  # before the records whose streams it ends
-        await self.sessions.start()
+        self.adopted = await self.sessions.start(self.adopt_kernel)
+        log.info("re-adopted %d session(s) in %.2f s; %d left in ERROR (kernel gone), "
+                 "%d run(s) cut short by the last stop ended", len(self.adopted.sessions),
+                 self.adopted.seconds, len(self.adopted.dead), self.adopted.runs_ended)
+        # Only now: what the adopted kernels use is kept, what no live session owns goes
+        # (IPC mounts of a dead server, cgroups left empty).
+        await asyncio.to_thread(sweep_ipc, IPC_ROOT, self.adopted.ipc_dirs)
+        self.sandbox.cgroups.sweep()
         await self.jobs.start()  # after sessions: a reloaded job may start a kernel
         await self.executions.start()  # marks executions cut off by the last stop as failed
         for line in (self.zygotes or {}).values():
@@ -203,7 +222,8 @@ class Bridge:
         await cancel_and_wait(self.language_versions)
         await self.jobs.stop()  # records cut-short jobs before their kernels go
         await self.executions.stop()  # likewise for async executions
-        await self.sessions.stop()
+        # --keep-kernels: the sessions' kernels stay up, detached, for the next server.
+        await self.sessions.stop(keep_kernels=self.settings.keep_kernels)
         await self.events.stop()
         await self.pool.stop()
         await asyncio.gather(*(line.close() for line in (self.zygotes or {}).values()))

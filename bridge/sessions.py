@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from . import metrics
+from . import adoption, metrics
 from .admission import Admission, Holder, Ticket
 from .channels import Channels
 from .disk import Volumes
@@ -79,17 +79,36 @@ class Sessions:
 
     # -- lifecycle of the registry ----------------------------------------------------------
 
-    async def start(self) -> None:
-        # Kernels do not survive a server restart: their sessions ended with the old process,
-        # and so did their files (a server that was killed could not remove them).
-        await self.store.execute(
-            "UPDATE sessions SET state='TERMINATED', state_reason='server-restarted',"
-            " terminated_at=? WHERE state != 'TERMINATED'", (now_iso(),))
-        await asyncio.to_thread(self.volumes.sweep_sessions, self.settings.sessions_dir)
+    async def start(self, adopt: adoption.AdoptKernel | None = None) -> adoption.Adopted:
+        """Re-adopt every session a previous server left alive (bridge/adoption.py); only
+        then sweep the session dirs no live session owns."""
+        adopted = await adoption.readopt(self, adopt)
+        await asyncio.to_thread(self.volumes.sweep_sessions, self.settings.sessions_dir,
+                                adopted.workdirs)
         self._reaper = asyncio.create_task(self._reap_forever())
+        return adopted
 
-    async def stop(self) -> None:
+    def attach_adopted(self, session: Session, kernel: Kernel) -> None:
+        session.kernel = kernel
+        session.channels = Channels(kernel.client)
+        session.channels.start()
+
+    def register_adopted(self, session: Session) -> None:
+        """A rebuilt session joins the registry: its place, its worker, idle from now."""
+        # Granted whatever the limits say now: the kernel already runs (or its files wait).
+        session.ticket = self.admission.adopt(
+            session.access_key, (session.name, session.id, session.origin),
+            session.limits.mem_kib * 1024)
+        self._by_id[session.id] = session
+        session.last_activity = time.monotonic()
+        session._worker = asyncio.create_task(self._work(session))
+
+    async def stop(self, keep_kernels: bool = False) -> None:
         await cancel_and_wait(self._reaper)
+        if keep_kernels:
+            await asyncio.gather(*(self._detach(s) for s in self.all()),
+                                 return_exceptions=True)
+            return
         await asyncio.gather(*(self.destroy(s, "server-shutdown") for s in self.all()),
                              return_exceptions=True)
         # Destroys already under way (a timer's, a client's) end before the server does, and
@@ -98,6 +117,23 @@ class Sessions:
             async with s.lock:
                 if not s.alive and s.id in self._by_id:
                     await self.volumes.remove(s.workdir)
+
+    async def _detach(self, session: Session) -> None:
+        """Let go of the session's kernel, leaving it running (and its record, dir and row)
+        for the next server; per-run extra kernels are not adopted and stop."""
+        async with session.lock:
+            if session._worker is not None:
+                await cancel_and_wait(session._worker)
+            extras = list(session.extra_kernels.values())
+            session.extra_kernels = {}
+            await asyncio.gather(*(self._stop_kernel(k, c, True) for k, c in extras),
+                                 return_exceptions=True)
+            if session.channels is not None:
+                await session.channels.stop()
+            detach = getattr(session.kernel, "detach", None)  # provisional: s2-kernels
+            if detach is not None:
+                detach()
+            session.kernel, session.channels = None, None
 
     # -- queries ------------------------------------------------------------------------------
 
@@ -155,15 +191,16 @@ class Sessions:
                           environ=dict(environ or {}), network=network, on_timeout=on_timeout)
         session.ticket = ticket
         self._by_id[sid] = session
-        config = {"limits": limits.__dict__, "mounts": [m.target for m in mounts],
-                  "environ": session.environ}
         try:
             await self._attach_kernel(session, fresh=True)
-            await self.store.execute(
-                "INSERT INTO sessions (id, name, access_key, language, origin, state, config,"
-                " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (sid, session.name, access_key, language.name, origin, session.state.value,
-                 dumps(config), session.created_at))
+            # The row and the kernel's record together, before anyone is told: a server that
+            # starts after this one died finds the kernel (bridge/adoption.py).
+            await self.store.transaction([
+                ("INSERT INTO sessions (id, name, access_key, language, origin, state, config,"
+                 " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                 (sid, session.name, access_key, language.name, origin, session.state.value,
+                  dumps(adoption.config_of(session)), session.created_at)),
+                adoption.record_statement(session)])
         except BaseException:
             # Nothing half-made stays: not the kernel, not the dir, not the place.
             del self._by_id[sid]
@@ -240,9 +277,10 @@ class Sessions:
             await self.volumes.remove(session.workdir)
             stats = {"cpu_used": usage.cpu_ms, "mem_max_bytes": usage.mem_max_bytes,
                      "mem_cur_bytes": usage.mem_bytes}
-            await self.store.execute(
-                "UPDATE sessions SET state='TERMINATED', state_reason=?, terminated_at=?,"
-                " stats=? WHERE id=?", (reason, now_iso(), dumps(stats), session.id))
+            await self.store.transaction([
+                ("UPDATE sessions SET state='TERMINATED', state_reason=?, terminated_at=?,"
+                 " stats=? WHERE id=?", (reason, now_iso(), dumps(stats), session.id)),
+                adoption.forget_statement(session.id)])
             del self._by_id[session.id]
         for callback in self.on_terminated:
             with contextlib.suppress(Exception):
@@ -280,9 +318,10 @@ class Sessions:
                 session.state = SessionState.RUNNING if session.alive else session.state
             session.last_activity = time.monotonic()
             if session.alive:  # back from ERROR (a dead kernel) in the record too
-                await self.store.execute(
-                    "UPDATE sessions SET state=?, state_reason='' WHERE id=?",
-                    (session.state.value, session.id))
+                await self.store.transaction([
+                    ("UPDATE sessions SET state=?, state_reason='' WHERE id=?",
+                     (session.state.value, session.id)),
+                    adoption.record_statement(session)])  # a new process, new handles
 
     async def interrupt(self, session: Session) -> None:
         """Interrupt whatever the session's kernels are running (fire and forget)."""
