@@ -204,11 +204,14 @@ class Bridge:
 
     def runs_in_flight(self) -> int:
         """Runs executing right now, in every dialect (what a graceful shutdown waits for)."""
-        return sum(1 for s in self.sessions.all() if s.current is not None)
+        # A job between its record and its run holds no session's run yet: counted as well.
+        return max(sum(1 for s in self.sessions.all() if s.current is not None),
+                   self.jobs.jobs_running)
 
     async def drain(self, grace: float, hurry: asyncio.Event) -> None:
         """Let running runs finish, up to ``grace`` seconds or until ``hurry`` is set."""
         deadline = asyncio.get_running_loop().time() + grace
+        self.jobs.pause()  # queued jobs are the next server's (or cancelled by the stop)
         while self.runs_in_flight() and not hurry.is_set():
             left = deadline - asyncio.get_running_loop().time()
             if left <= 0:
