@@ -230,5 +230,8 @@ class Bridge:
         await self.events.stop()
         await self.pool.stop()
         await asyncio.gather(*(line.close() for line in (self.zygotes or {}).values()))
-        await asyncio.to_thread(self.volumes.unmount_folders, self.settings.folders_dir)
+        if not self.settings.keep_kernels:
+            # Kept kernels may have folders bound: they stay mounted for the next server, as
+            # a killed server's do (mount_folders keeps a mounted folder as it is).
+            await asyncio.to_thread(self.volumes.unmount_folders, self.settings.folders_dir)
         await self.store.close()
