@@ -188,8 +188,9 @@ def test_a_kernel_that_died_while_the_server_was_down_leaves_error_not_404(
 def test_restart_with_50_idle_sessions_adopts_all(tmp_path: Path) -> None:
     data = tmp_path / "data"
     n = 50
-    with run_server(data, pool_python="0", default_concurrency="64",
-                    zygote_max_forks="200") as first:
+    # 50 kernels within the host memory budget: a 256 MiB cap each.
+    settings = {"pool_python": "0", "default_concurrency": "64", "default_mem_kib": "262144"}
+    with run_server(data, **settings) as first:
         c = first.client()
         secret = first.secret_key
         for i in range(n):
@@ -199,7 +200,7 @@ def test_restart_with_50_idle_sessions_adopts_all(tmp_path: Path) -> None:
         first.process.kill()
         first.process.wait()
     started = time.monotonic()
-    with run_server(data, pool_python="0", default_concurrency="64") as second:
+    with run_server(data, **settings) as second:
         ready = time.monotonic() - started
         c = second.client(secret)
         for i in range(n):
