@@ -46,9 +46,9 @@ def one_round(n: int) -> tuple[float, float, float, float]:
             secret = first.secret_key
 
             def make(i: int) -> None:
-                r = c.post("/session", json={"lang": "python", "name": f"s{i}"})
+                r = c.post("/session", json={"lang": "python", "name": f"sess{i}"})
                 r.raise_for_status()
-                query(c, f"s{i}", f"v = {i}")
+                query(c, f"sess{i}", f"v = {i}")
 
             with ThreadPoolExecutor(4) as pool:
                 list(pool.map(make, range(n)))
@@ -59,7 +59,7 @@ def one_round(n: int) -> tuple[float, float, float, float]:
             ready = time.monotonic() - started
             c = second.client(secret)
             with ThreadPoolExecutor(8) as pool:
-                outs = list(pool.map(lambda i: query(c, f"s{i}", "print(v)"), range(n)))
+                outs = list(pool.map(lambda i: query(c, f"sess{i}", "print(v)"), range(n)))
             answered = time.monotonic() - started
             assert outs == [f"{i}\n" for i in range(n)], outs
             m = re.search(r"re-adopted (\d+) session\(s\) in ([\d.]+) s", second.log())

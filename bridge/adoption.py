@@ -50,9 +50,9 @@ ADOPT_CONCURRENCY = 16
 # state_reason of a session whose kernel is gone when the server starts.
 KERNEL_GONE = "kernel-died-while-server-down"
 NO_RECORD = "kernel-not-recorded"
-RUN_LOST = ("[kernel-bridge: the server stopped while this run was {state}; the run ended "
-            "without its result. The session and its kernel are intact: run it again if "
-            "needed.]")
+# (A run's row says "queued" until it ends: whether it had started is not known here.)
+RUN_LOST = ("[kernel-bridge: the server stopped before this run ended; its result is lost. "
+            "The session and its kernel are intact: run it again if needed.]")
 
 AdoptKernel = Callable[[dict[str, Any]], Awaitable["Kernel"]]
 
@@ -207,8 +207,7 @@ async def end_lost_runs(sessions: Sessions, live: list[Session]) -> int:
         if session is not None and r["run_id"] not in session.runs:
             run = Run(run_id=r["run_id"], mode=r["mode"], code=r["code"],
                       program=_never)
-            run.cancel(RUN_LOST.format(state="queued" if r["status"] == "queued"
-                                       else "running"))
+            run.cancel(RUN_LOST)
             session.runs[run.run_id] = run
         statements.append((
             "UPDATE runs SET status=?, exit_code=?, finished_at=? WHERE session_id=? AND"

@@ -84,8 +84,9 @@ class JobSessions:
             for job in jobs:
                 if job.status is JobStatus.RUNNING:
                     job.end(JobStatus.FAILED, FAILED_EXIT_CODE, stdout=job.stdout,
-                            stderr="The server restarted while this job ran; it was lost with "
-                                   "its kernel.\n", at=now)
+                            stderr="The server restarted while this job ran: its output and "
+                                   "exit code are lost (a kernel the new server re-adopted "
+                                   "went on running it).\n", at=now)
                     await self._save_job(job)
                 else:
                     js.queue.append(job)
