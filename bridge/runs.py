@@ -40,6 +40,11 @@ KILLED_EXIT_CODE = 130  # Backend.AI's code for a run whose kernel died
 FAILED_EXIT_CODE = 1  # a run whose program could not start (e.g. its batch kernel)
 LIVENESS_INTERVAL = 0.5
 CAP_CHECK_INTERVAL = 0.05  # how soon a run whose output passed its cap interrupts the kernel
+# Output already in flight keeps arriving after an interrupt; a second SIGINT while ipykernel is
+# still unwinding the first (formatting its traceback) can land in its own code and kill the
+# kernel, so interrupt again only while no reply has come and output still flows this long after
+# the last interrupt (code that catches KeyboardInterrupt and goes on printing).
+REINTERRUPT_AFTER_S = 5.0
 INPUT_SETTLE_S = 0.02
 RESET_SETTLE_S = 0.2  # after a reset, how long a dying kernel takes to be seen dead
 
@@ -146,6 +151,7 @@ class Run:
         self._bytes = 0
         self._dropped = 0
         self._interrupted_at = 0  # self._dropped when the kernel was last interrupted
+        self._interrupt_time = 0.0  # time.monotonic() of that interrupt
         self._deadline: float | None = None
         self._waiting: Liveness | None = None
         self._stdin_lines = deque(self.stdin.splitlines()) if self.stdin is not None else None
@@ -379,7 +385,8 @@ class Run:
                     async with asyncio.timeout(self._wait_slice()):
                         await finished.wait()
                 except TimeoutError:
-                    await self._stop_flood(kernel)
+                    if not got_reply:
+                        await self._stop_flood(kernel)
                     if not await kernel.is_alive():
                         raise KernelDied("The kernel died while running this code "
                                          "(killed, out of memory, or exited).") from None
@@ -400,8 +407,10 @@ class Run:
     async def _stop_flood(self, kernel: Liveness) -> None:
         """Interrupt the kernel while its output is being dropped: output past the cap is neither
         kept nor worth producing. Again on a later tick if the code ignored the interrupt."""
-        if kernel.interrupt is not None and self._dropped > self._interrupted_at:
+        if (kernel.interrupt is not None and self._dropped > self._interrupted_at
+                and time.monotonic() - self._interrupt_time >= REINTERRUPT_AFTER_S):
             self._interrupted_at = self._dropped
+            self._interrupt_time = time.monotonic()
             await kernel.interrupt()
 
     def _on_input_request(self, kernel: Liveness, content: dict[str, Any]) -> None:
