@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .jupyter_support import KernelSocket
-from .support import Client, Server, run_server
+from .support import Client, Server, console_text, run_server, run_to_end
 
 EX = "/api/v1/execute"
 JOBS = "/api/v1"
@@ -127,7 +127,9 @@ def test_kill_9_then_restart_adopts_every_dialect(tmp_path: Path) -> None:
                                             "runId": "slow"}).json()["result"]
         assert cut["status"] == "finished" and cut["exitCode"] == 130, cut
         assert "server stopped before this run ended" in cut["console"][-1][1], cut
-        assert execute(c, "busy", "print('after')")["console"] == [["stdout", "after\n"]]
+        # (It waits behind the cut run's code, which the kernel went on running.)
+        after = run_to_end(c, "/session", "busy", "print('after')")
+        assert console_text(after, "stdout") == "after\n", after
         # The job in flight failed with its reason (its kernel went on and finished it); the
         # queued ones ran after it, in order, in the same kernel (its state intact).
         jc = second.client(before.secret)
@@ -154,7 +156,9 @@ def test_sigterm_with_keep_kernels_loses_no_run(tmp_path: Path) -> None:
         done = [wait_job(jc, j) for j in before.jobs]
         assert [j["status"] for j in done] == ["completed"] * 3, done
         assert done[2]["stdout"] == "['kept', 'slow', 'second', 'third']\n", done
-        assert execute(c, "busy", "print('after')")["console"] == [["stdout", "after\n"]]
+        # (It waits behind the cut run's code, which the kernel went on running.)
+        after = run_to_end(c, "/session", "busy", "print('after')")
+        assert console_text(after, "stdout") == "after\n", after
 
 
 def test_a_kernel_that_died_while_the_server_was_down_leaves_error_not_404(
