@@ -34,24 +34,15 @@ sys.path.insert(0, str(ROOT))
 import psutil  # noqa: E402
 from jupyter_client.manager import AsyncKernelManager  # noqa: E402
 
-from bench.oneshot import cold_once, one_shot  # noqa: E402
+from bench.oneshot import cold_once, one_shot, stock_manager  # noqa: E402
 from bridge.kernels import Kernel, launch, spec_manager  # noqa: E402
 from bridge.pool import warm_up  # noqa: E402
 from bridge.sandbox import Confinement, Sandbox, base_environ  # noqa: E402
-from bridge.zygote import Zygotes  # noqa: E402
+from bridge.zygote import KEEPER, Zygotes, private_bytes  # noqa: E402
 from tests.support import run_server  # noqa: E402
 
 MIB = 1024 * 1024
 MEM_CAP = 1 << 30
-
-
-def private_bytes(pid: int) -> int:
-    total = 0
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            if line.startswith(("Private_Clean:", "Private_Dirty:")):
-                total += int(line.split()[1]) * 1024
-    return total
 
 
 def pss_bytes(pid: int) -> int:
@@ -62,11 +53,13 @@ def pss_bytes(pid: int) -> int:
     return 0
 
 
-async def start_many(n: int, concurrency: int, sandbox: Sandbox,
+async def start_many(n: int, concurrency: int, sandbox: Sandbox, keeper: Zygotes,
                      zygotes: Zygotes | None) -> tuple[float, list[Kernel], float]:
-    """Start ``n`` kernels, ``concurrency`` at a time → (starts per second, the kernels, CPU
-    seconds per start: this process, each kernel's process tree with its sandbox, the zygote).
+    """Start ``n`` kernels, ``concurrency`` at a time, forked by ``zygotes`` or (None) spawned
+    cold by ``keeper`` → (starts per second, the kernels, CPU seconds per start: this process,
+    each kernel's process tree with its sandbox, the zygote).
     """
+    lines = {KEEPER: keeper, **({} if zygotes is None else {zygotes.python: zygotes})}
     ksm = spec_manager()
     gate = asyncio.Semaphore(concurrency)
 
@@ -75,19 +68,15 @@ async def start_many(n: int, concurrency: int, sandbox: Sandbox,
             wd = Path(tempfile.mkdtemp(prefix="kb-bench-"))
             return await launch("kb-python", Confinement(workdir=wd, ipc_dir=wd,
                                                          mem_bytes=MEM_CAP),
-                                sandbox, ksm, 120,
-                                zygotes=None if zygotes is None else {zygotes.python: zygotes})
+                                sandbox, ksm, 120, zygotes=lines)
 
     z = zygotes.current.pid if zygotes is not None and zygotes.current is not None else 0
     t0, c0, z0 = time.perf_counter(), own_cpu(), tree_cpu(z) if z else 0.0
     kernels = list(await asyncio.gather(*(one() for _ in range(n))))
     rate = n / (time.perf_counter() - t0)
-    # A forked kernel is the zygote's child: counted in its tree, not in this process's.
+    # A forked kernel and its sandbox are the zygote's children: counted in its tree.
     trees = (tree_cpu(z) - z0) if z else sum(tree_cpu(k.manager.provisioner.pid)  # type: ignore
                                                for k in kernels)
-    if z:
-        trees += sum(tree_cpu(h.pid) for k in kernels
-                     if (h := getattr(k.manager.provisioner, "_holder", None)) is not None)
     return rate, kernels, (own_cpu() - c0 + trees) / n
 
 
@@ -116,13 +105,12 @@ def own_cpu() -> float:
 async def stock_starts(n: int, concurrency: int) -> tuple[float, float]:
     """AsyncKernelManager.start_kernel + wait_for_ready of kb-python, no sandbox, no zygote
     → (starts per second, CPU seconds per start)."""
-    ksm = spec_manager()
     gate = asyncio.Semaphore(concurrency)
     managers: list[AsyncKernelManager] = []
 
     async def one() -> None:
         async with gate:
-            km = AsyncKernelManager(kernel_name="kb-python", kernel_spec_manager=ksm)
+            km = stock_manager()
             await km.start_kernel()
             kc = km.client()
             kc.start_channels()
@@ -151,9 +139,9 @@ def kernel_pid(k: Kernel) -> int:
 def kernel_tree(k: Kernel) -> list[psutil.Process]:
     pid = k.manager.provisioner.pid  # type: ignore[union-attr]
     procs = [psutil.Process(pid)]
-    holder = getattr(k.manager.provisioner, "_holder", None)
-    if holder is not None:
-        h = psutil.Process(holder.pid)
+    nest = getattr(k.manager.provisioner, "nest", None)
+    if nest is not None:
+        h = psutil.Process(nest.pid)
         procs += [h, *h.children(recursive=True)]
     return procs
 
@@ -170,19 +158,21 @@ async def memory(kernels: list[Kernel]) -> tuple[float, float]:
 
 async def starts_and_memory(args: argparse.Namespace) -> dict[str, float]:
     sandbox = Sandbox("auto", pids=256)
+    keeper = Zygotes(base_environ({}, sandbox.tool_path), 0, plain=True)
+    keeper.start()
     zygotes = Zygotes(base_environ({}, sandbox.tool_path), 10_000)
     zygotes.start()
     assert zygotes.current is not None
     await zygotes.current.ready
     out: dict[str, float] = {}
-    await start_many(4, args.concurrency, sandbox, zygotes)  # warm the caches
+    await start_many(4, args.concurrency, sandbox, keeper, zygotes)  # warm the caches
     out["zygote_rate"], kernels, out["zygote_cpu"] = await start_many(
-        args.kernels, args.concurrency, sandbox, zygotes)
+        args.kernels, args.concurrency, sandbox, keeper, zygotes)
     print(f"  zygote: {out['zygote_rate']:.1f}/s", flush=True)
     out["zygote_unique"], _ = await memory(kernels[:20])
     await asyncio.gather(*(k.shutdown() for k in kernels), return_exceptions=True)
     out["cold_rate"], cold, out["cold_cpu"] = await start_many(args.cold, args.concurrency,
-                                                               sandbox, None)
+                                                               sandbox, keeper, None)
     print(f"  cold: {out['cold_rate']:.1f}/s", flush=True)
     out["cold_unique"], _ = await memory(cold)
     await asyncio.gather(*(k.shutdown() for k in cold), return_exceptions=True)
@@ -192,13 +182,14 @@ async def starts_and_memory(args: argparse.Namespace) -> dict[str, float]:
     idle: list[Kernel] = []
     for _ in range(0, args.idle, 10):  # in tens: a start that fails does not lose the others
         _, more, _ = await start_many(min(10, args.idle - len(idle)), args.concurrency,
-                                      sandbox, zygotes)
+                                      sandbox, keeper, zygotes)
         idle += more
     _, pss = await memory(idle)
     assert zygotes.current is not None
     out["idle_total"] = pss + pss_bytes(zygotes.current.pid) / MIB
     await asyncio.gather(*(k.shutdown() for k in idle), return_exceptions=True)
     await zygotes.close()
+    await keeper.close()
     return out
 
 

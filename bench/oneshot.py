@@ -48,9 +48,17 @@ def one_shot(client: Client) -> float:
     return elapsed
 
 
+def stock_manager() -> AsyncKernelManager:
+    """kb-python as stock jupyter_client starts it: its local provisioner, no sandbox."""
+    km = AsyncKernelManager(kernel_name="kb-python", kernel_spec_manager=spec_manager())
+    assert km.kernel_spec is not None
+    km.kernel_spec.metadata["kernel_provisioner"] = {"provisioner_name": "local-provisioner"}
+    return km
+
+
 async def cold_once() -> float:
     t = time.perf_counter()
-    km = AsyncKernelManager(kernel_name="kb-python", kernel_spec_manager=spec_manager())
+    km = stock_manager()
     await km.start_kernel()
     kc = km.client()
     kc.start_channels()

@@ -26,7 +26,7 @@ from .errors import BridgeError, KernelStartFailed
 from .languages import resolve
 from .runs import Run, RunState
 from .sandbox import Mount
-from .session import Limits, Session, SessionState, now_iso
+from .session import MAIN, Limits, Session, SessionState, now_iso
 from .store import Row, dumps
 
 if TYPE_CHECKING:
@@ -44,7 +44,6 @@ SCHEMA: list[str] = [
         updated_at   TEXT NOT NULL,
         PRIMARY KEY (session_id, role))""",
 ]
-MAIN = "main"  # the session's language kernel (extra kernels, e.g. batch's bash, are per run)
 # Adoptions at once: each is a few round trips to a kernel; more only queue on the loop.
 ADOPT_CONCURRENCY = 16
 # state_reason of a session whose kernel is gone when the server starts.
@@ -69,20 +68,16 @@ def config_of(session: Session) -> dict[str, Any]:
 
 def record_of(kernel: Kernel) -> str:
     """The kernel's record as stored (JSON)."""
-    record_fn = getattr(kernel, "record", None)  # provisional until s2-kernels lands
-    record: dict[str, Any] = (record_fn() if record_fn is not None else
-                              {"kernel_id": kernel.id, "ipc_dir": str(kernel.ipc_dir),
-                               "spec": kernel.spec})
-    return dumps(record)
+    return dumps(kernel.record())
 
 
 def record_statement(session: Session) -> tuple[str, tuple[Any, ...]]:
     """The upsert of the session's main kernel record (after a create or a restart)."""
-    assert session.kernel is not None
+    assert session.main_kernel is not None
     return ("INSERT INTO kernels (session_id, role, record, updated_at) VALUES (?, ?, ?, ?)"
             " ON CONFLICT (session_id, role) DO UPDATE SET record=excluded.record,"
             " updated_at=excluded.updated_at",
-            (session.id, MAIN, record_of(session.kernel), now_iso()))
+            (session.id, MAIN, record_of(session.main_kernel), now_iso()))
 
 
 def forget_statement(session_id: str) -> tuple[str, tuple[Any, ...]]:
@@ -126,7 +121,7 @@ class Adopted:
 
     @property
     def ipc_dirs(self) -> set[Path]:
-        return {s.kernel.ipc_dir for s in self.sessions if s.kernel is not None}
+        return {k.ipc_dir for s in self.sessions if (k := s.main_kernel) is not None}
 
 
 async def readopt(sessions: Sessions, adopt: AdoptKernel | None) -> Adopted:
@@ -168,19 +163,18 @@ async def readopt(sessions: Sessions, adopt: AdoptKernel | None) -> Adopted:
                     log.info("session %s: kernel gone (%s)", session.id, exc)
                     reason = KERNEL_GONE
                 else:
-                    sessions.attach_adopted(session, kernel)
-        if reason:
-            session.state, session.state_reason = SessionState.ERROR, reason
-            done.dead.append(session)
-        else:
-            done.sessions.append(session)
-        sessions.register_adopted(session)
+                    sessions.readopt(session, kernel)
+                    done.sessions.append(session)
+                    return
+        session.state, session.state_reason = SessionState.ERROR, reason
+        done.dead.append(session)
+        sessions.readopt(session, None)
 
     await asyncio.gather(*(one(r) for r in rows))
     # A one-shot's session (a notebook run, a Sandbox execution without session_id) served the
     # execution the old server lost: nothing in it is wanted any more.
-    for s in [s for s in done.sessions if one_shot(s)]:
-        done.sessions.remove(s)
+    for s in [s for s in (*done.sessions, *done.dead) if one_shot(s)]:
+        (done.sessions if s in done.sessions else done.dead).remove(s)
         done.ended.append(s.id)
         await sessions.destroy(s, "server-restarted", now=True)
     statements: list[tuple[str, tuple[Any, ...]]] = [
@@ -204,11 +198,11 @@ async def end_lost_runs(sessions: Sessions, live: list[Session]) -> int:
     statements = []
     for r in rows:
         session = by_id.get(r["session_id"])
-        if session is not None and r["run_id"] not in session.runs:
+        if session is not None and not session.has_run(r["run_id"]):
             run = Run(run_id=r["run_id"], mode=r["mode"], code=r["code"],
                       program=_never)
             run.cancel(RUN_LOST)
-            session.runs[run.run_id] = run
+            session.add_run(run)
         statements.append((
             "UPDATE runs SET status=?, exit_code=?, finished_at=? WHERE session_id=? AND"
             " run_id=?", (RunState.FAILED.value, 130, now_iso(), r["session_id"], r["run_id"])))

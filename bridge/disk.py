@@ -373,7 +373,8 @@ def mount_ipc(path: Path) -> None:
     st = os.stat(path)
     data = (f"{IPC_TMPFS},mode={st.st_mode & 0o7777:o},uid={st.st_uid},gid={st.st_gid}"
             ).encode()
-    source = f"{IPC_SOURCE}-{os.getpid()}".encode()
+    # Not the server's pid: the kernel outlives the server (kernels.sweep_ipc decides what goes).
+    source = f"{IPC_SOURCE}-kernel".encode()
     if _libc.mount(source, os.fsencode(str(path)), b"tmpfs",
                    MS_NOSUID | MS_NODEV | MS_NOEXEC, data) != 0:
         err = ctypes.get_errno()
@@ -384,21 +385,3 @@ def unmount_ipc(path: Path) -> None:
     if os.path.ismount(path) and mounted().get(os.path.realpath(path), ("", ""))[1].startswith(
             IPC_SOURCE):
         umount(path)
-
-
-def sweep_ipc(root: Path, keep: Collection[Path] = ()) -> None:
-    """Unmount IPC tmpfs mounts left by servers that are gone (the pid in their source), but
-    those of kernels this server adopted (``keep``)."""
-    kept = {os.path.realpath(p) for p in keep}
-    for point, (fstype, source) in mounted().items():
-        if fstype != "tmpfs" or not source.startswith(IPC_SOURCE + "-"):
-            continue
-        if Path(point).parent != Path(os.path.realpath(root)) or point in kept:
-            continue
-        pid = source.rsplit("-", 1)[-1]
-        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
-            try:
-                umount(point)
-                shutil.rmtree(point, ignore_errors=True)
-            except OSError as exc:
-                log.warning("cannot unmount %s: %s", point, exc)

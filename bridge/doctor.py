@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 from .cgroups import Cgroups
-from .kernels import IPC_ROOT, ipc_root_problem
+from .ipc import IPC_ROOT, ipc_root_problem
 from .languages import LANGUAGES, Language
 from .settings import Settings
 
@@ -149,6 +149,26 @@ def disk_quota(settings: Settings) -> Check:
     return Check("disk quota", "ok", f"loop devices available (next free: {out})")
 
 
+def provisioner() -> Check:
+    """The kb-sandbox entry point every shipped kernelspec names: without it (an install older
+    than pyproject.toml's), no kernel starts."""
+    from importlib.metadata import entry_points
+
+    from .kernels import PROVISIONERS
+    from .provisioner import NAME, SandboxProvisioner
+
+    found = entry_points(group=PROVISIONERS, name=NAME)
+    try:
+        ours = any(ep.load() is SandboxProvisioner for ep in found)
+    except Exception:
+        ours = False
+    if not ours:
+        return Check("provisioner", "fail", f"the {NAME!r} kernel provisioner is not registered "
+                     "(an outdated install): no kernel can start",
+                     f"{sys.executable} -m pip install -e . (or make venv)")
+    return Check("provisioner", "ok", f"{NAME} registered ({PROVISIONERS})")
+
+
 # -- the server's own files ------------------------------------------------------------------------
 
 def ipc_root(root: Path = IPC_ROOT) -> Check:
@@ -251,8 +271,9 @@ def checks(settings: Settings, *, versions: bool = True) -> list[Callable[[], Ch
     if settings.sandbox == "off":
         sandbox = [lambda: Check("sandbox", "skip", "KB_SANDBOX=off / --no-sandbox: kernels "
                                  "run unconfined (unsafe)")]
-    return [*sandbox, lambda: disk_quota(settings), ipc_root, lambda: data_dir(settings.data_dir),
-            lambda: free_space(settings.data_dir), lambda: database(settings.db_path),
+    return [*sandbox, provisioner, lambda: disk_quota(settings), ipc_root,
+            lambda: data_dir(settings.data_dir), lambda: free_space(settings.data_dir),
+            lambda: database(settings.db_path),
             *(lambda lang=lang: toolchain(lang, versions) for lang in LANGUAGES)]
 
 

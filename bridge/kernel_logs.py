@@ -3,7 +3,9 @@
 Kernels write diagnostics (tracebacks of the kernel machinery, not user output: that travels on
 iopub) to stderr. Inherited as-is they would land between the server's records and break a
 ``KB_LOG_FORMAT=json`` log; relayed, each line is a ``kernel_bridge.kernel`` record with the
-kernel's id. The pipe is read on the event loop (no thread per kernel).
+kernel's id. The pipe is read on the event loop (no thread per kernel). A kernel held by a keeper
+(``kernelspecs/_zygote.py``) has its stderr read by the keeper instead, which sends each line to
+whichever server is connected (:func:`record` here), before and after a restart of the server.
 """
 
 from __future__ import annotations
@@ -51,8 +53,7 @@ class StderrRelay:
         for line in lines:
             text = line.decode(errors="replace").rstrip()
             if text:
-                log.warning("kernel %s: %s", self.kernel_id, text[:MAX_LINE],
-                            extra={"kernel_id": self.kernel_id})
+                record(self.kernel_id, text)
 
     def close(self) -> None:
         if self._read_fd < 0:
@@ -70,5 +71,9 @@ class StderrRelay:
     def _on_flush(self) -> None:
         text = self._buf.decode(errors="replace").strip()
         self._buf = b""
-        log.warning("kernel %s: %s", self.kernel_id, text[:MAX_LINE],
-                    extra={"kernel_id": self.kernel_id})
+        record(self.kernel_id, text)
+
+
+def record(kernel_id: str, text: str) -> None:
+    """One line of a kernel's stderr as a log record (also for lines a keeper relays)."""
+    log.warning("kernel %s: %s", kernel_id, text[:MAX_LINE], extra={"kernel_id": kernel_id})

@@ -21,7 +21,8 @@ process itself. Locally, two walls, both always up:
   that live outside ``/usr`` (read-only), the session dir at ``/home/work`` (HOME and cwd; mounted
   folders under it, read-only ones really read-only), a private ``/tmp``, ``/dev/shm`` and
   ``/dev``, a read-only ``/proc`` of a new PID namespace, new net / IPC / UTS / cgroup
-  namespaces, a new terminal session (no TIOCSTI), death with the server. The server's data dir
+  namespaces, a new terminal session (no TIOCSTI), death with its keeper (its parent, which
+  outlives the server: :mod:`bridge.provisioner`). The server's data dir
   and source tree are masked should an operator place them under a bound tree.
 * **cgroups** (:mod:`bridge.cgroups`): a per-kernel cgroup joined before exec (as root, before
   bwrap starts) carries the memory cap (the OOM killer ends the kernel) and the process cap
@@ -235,7 +236,7 @@ class Sandbox:
         assert self.bwrap is not None
         launch = HostLaunch(["bwrap"], self.bwrap, dict(HOST_ENV))
         try:
-            fds = [_memfd("kb-kernel", self._launcher_payload(cmd, kernel_env)),
+            fds = [self.payload_fd(cmd, kernel_env),
                    _memfd("kb-seccomp", self.seccomp_bpf),
                    _memfd("kb-passwd", self._passwd()), _memfd("kb-group", self._group())]
             launch.fds += fds
@@ -248,6 +249,22 @@ class Sandbox:
         launch.argv += ["--args", str(launch.fds[-1]), "--", LAUNCHER_PYTHON, "-I", "-S",
                         LAUNCHER, str(fds[0])]
         return launch
+
+    def payload_fd(self, cmd: list[str], kernel_env: Mapping[str, str]) -> int:
+        """A memfd with the kernel's command and environment (client values) in the launcher's
+        format: what a cold kernel's launcher and a forked kernel alone read. Raises
+        ValueError."""
+        return _memfd("kb-kernel", self._launcher_payload(cmd, kernel_env))
+
+    def rlimit_as(self, conf: Confinement, cgroup: KernelCgroup | None) -> int:
+        """The address-space cap of a sandboxed kernel without a cgroup (0: none).
+
+        RLIMIT_AS counts address space, not RSS: room is left for the runtime's reservations
+        (an idle ipykernel maps ~700 MB) while a runaway allocation is still stopped well
+        before the machine is at risk."""
+        if not self.enabled or cgroup is not None or not conf.mem_bytes:
+            return 0
+        return conf.mem_bytes + RLIMIT_AS_SLACK
 
     def _launcher_payload(self, cmd: list[str], kernel_env: Mapping[str, str]) -> bytes:
         """What ``kernelspecs/_enter.py`` reads: NUL-separated uid, gid, cwd, argc, argv, then
@@ -351,7 +368,9 @@ class Sandbox:
         return self.cgroups.create(name, conf.mem_bytes, conf.pids or self.default_pids)
 
     def preexec(self, conf: Confinement, cgroup: KernelCgroup | None) -> Callable[[], None]:
-        mem = conf.mem_bytes if self.enabled and cgroup is None else 0
+        """What runs between fork and exec of a kernel the server starts itself (a keeper does
+        the same in its child: ``kernelspecs/_zygote.py``, ``Zygote.spawn``)."""
+        cap = self.rlimit_as(conf, cgroup)
 
         def limit() -> None:  # runs in the child between fork and exec, as root
             # bwrap makes mount points with the umask: a server's 077 would shut the sandbox
@@ -359,11 +378,7 @@ class Sandbox:
             os.umask(0o022)
             if cgroup is not None:
                 cgroup.join()
-            if mem:
-                # RLIMIT_AS counts address space, not RSS: leave room for the runtime's
-                # reservations (an idle ipykernel maps ~700 MB) while still stopping a
-                # runaway allocation well before the machine is at risk.
-                cap = mem + RLIMIT_AS_SLACK
+            if cap:
                 resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 

@@ -16,8 +16,8 @@ from . import batch, kernels, metrics
 from .admission import Admission
 from .adoption import SCHEMA as ADOPTION_SCHEMA
 from .adoption import Adopted
-from .disk import Volumes, sweep_ipc
-from .errors import AuthFailed, KernelStartFailed
+from .disk import Volumes
+from .errors import AuthFailed
 from .events import SCHEMA as EVENTS_SCHEMA
 from .events import EventLog, run_key
 from .executions import SCHEMA as EXECUTIONS_SCHEMA
@@ -25,14 +25,15 @@ from .executions import Executions
 from .folders import SCHEMA as FOLDERS_SCHEMA
 from .folders import Folders
 from .gateway import Gateway
+from .ipc import IPC_ROOT, ipc_root, set_owner_scope, sweep_ipc
 from .job_sessions import JobSessions
 from .jobs import SCHEMA as JOBS_SCHEMA
-from .kernels import IPC_ROOT, Kernel, launch, spec_manager
+from .kernels import Kernel, launch, spec_manager
 from .keypairs import Keypair, Keypairs
 from .languages import measure_versions
 from .pool import REFILL_DELAY_S, KernelPool
 from .runs import Run
-from .sandbox import Confinement, Mount, Sandbox, base_environ
+from .sandbox import Confinement, Mount, Sandbox, SandboxUnavailable, base_environ
 from .session import Session, now_iso
 from .sessions import Sessions
 from .settings import Settings
@@ -70,14 +71,16 @@ class Bridge:
         self._keypair_watch: asyncio.Task[None] | None = None
         self.language_versions: asyncio.Task[dict[str, str]] | None = None
         self.kernelspecs = spec_manager()
-        # The zygote's own environment: a kernel's, without any client's values.
+        set_owner_scope(settings.data_dir)  # what this server's IPC sweep may judge
+        # The keepers (the plain one, and zygotes unless KB_ZYGOTE=off): the parents of every
+        # kernel, outliving this process. Their environment: a kernel's, without any client's.
         pythons = [sys.executable, settings.python_interpreter or sys.executable]
-        self.zygotes = (zygote_lines(base_environ({}, self.sandbox.tool_path),
-                                     settings.zygote_max_forks, pythons)
-                        if settings.zygote == "on" else None)
+        self.zygotes = zygote_lines(base_environ({}, self.sandbox.tool_path),
+                                    settings.zygote_max_forks, pythons,
+                                    fork=settings.zygote == "on", sockets_dir=IPC_ROOT)
         # New sessions that fit take a pre-started kernel (bridge/pool.py), whatever the dialect.
         self.volumes = Volumes(settings)  # session dirs and folders with a disk quota
-        refill = ZYGOTE_REFILL_DELAY_S if self.zygotes else REFILL_DELAY_S
+        refill = ZYGOTE_REFILL_DELAY_S if settings.zygote == "on" else REFILL_DELAY_S
         self.pool = KernelPool(settings, self.start_kernel, volumes=self.volumes,
                                refill_delay=refill)
         # Every kernel a keypair holds, whatever the dialect, is admitted here first.
@@ -114,13 +117,9 @@ class Bridge:
     async def adopt_kernel(self, record: dict[str, Any]) -> Kernel:
         """A kernel a previous server started, from its record. Raises KernelStartFailed
         (KernelGone: it is dead)."""
-        adopt = getattr(kernels, "adopt", None)  # provisional until s2-kernels lands
-        if adopt is None:
-            raise KernelStartFailed("this release cannot adopt a kernel")
-        kernel: Kernel = await adopt(record, sandbox=self.sandbox, ksm=self.kernelspecs,
-                                     timeout=self.settings.kernel_start_timeout,
-                                     zygotes=self.zygotes)
-        return kernel
+        return await kernels.adopt(record, sandbox=self.sandbox, ksm=self.kernelspecs,
+                                   timeout=self.settings.kernel_start_timeout,
+                                   zygotes=self.zygotes)
 
     async def mounts_for(self, access_key: str, specs: list[str]) -> tuple[Mount, ...]:
         """Resolve ``name`` / ``name:alias`` mount specs to this keypair's folders.
@@ -178,6 +177,8 @@ class Bridge:
         self.volumes.require(self.sandbox.enabled)  # Raises QuotaUnavailable
         log.info("%s", self.volumes.describe())
         await asyncio.to_thread(self.volumes.mount_folders, self.settings.folders_dir)
+        with contextlib.suppress(SandboxUnavailable):  # each kernel's start then says why
+            await asyncio.to_thread(ipc_root)
         await self.store.open()
         await self.keypairs.load()
         first = None
@@ -189,23 +190,24 @@ class Bridge:
         log.info("re-adopted %d session(s) in %.2f s; %d left in ERROR (kernel gone), "
                  "%d run(s) cut short by the last stop ended", len(self.adopted.sessions),
                  self.adopted.seconds, len(self.adopted.dead), self.adopted.runs_ended)
-        # Only now: what the adopted kernels use is kept, what no live session owns goes
-        # (IPC mounts of a dead server, cgroups left empty).
-        await asyncio.to_thread(sweep_ipc, IPC_ROOT, self.adopted.ipc_dirs)
+        # Only now: what the adopted kernels use is kept; kernels a server that is gone left
+        # running and nobody adopted (pooled ones, one-shots, half-made sessions) go with their
+        # IPC dirs and keepers' sockets, then the cgroups left empty.
+        await asyncio.to_thread(sweep_ipc, self.adopted.ipc_dirs, IPC_ROOT, self.sandbox.cgroups)
         self.sandbox.cgroups.sweep()
         await self.jobs.start()  # after sessions: a reloaded job may start a kernel
         await self.executions.start()  # marks executions cut off by the last stop as failed
-        for line in (self.zygotes or {}).values():
+        for line in self.zygotes.values():
             line.start()
         self.pool.start()
         # Asked once, off the start path: the first GET …/execute/languages awaits it.
-        self.language_versions = asyncio.create_task(measure_versions())
+        self.language_versions = spawn(measure_versions())
         return Started(first_keypair=first)
 
     def runs_in_flight(self) -> int:
         """Runs executing right now, in every dialect (what a graceful shutdown waits for)."""
         # A job between its record and its run holds no session's run yet: counted as well.
-        return max(sum(1 for s in self.sessions.all() if s.current is not None),
+        return max(sum(1 for s in self.sessions.all() if s.queue.current is not None),
                    self.jobs.jobs_running)
 
     async def drain(self, grace: float, hurry: asyncio.Event) -> None:
@@ -229,8 +231,9 @@ class Bridge:
         await self.sessions.stop(keep_kernels=self.settings.keep_kernels)
         await self.events.stop()
         await self.pool.stop()
-        await asyncio.gather(*(line.close() for line in (self.zygotes or {}).values()))
-        if not self.settings.keep_kernels:
+        keep = self.settings.keep_kernels
+        await asyncio.gather(*(line.close(keep) for line in self.zygotes.values()))
+        if not keep:
             # Kept kernels may have folders bound: they stay mounted for the next server, as
             # a killed server's do (mount_folders keeps a mounted folder as it is).
             await asyncio.to_thread(self.volumes.unmount_folders, self.settings.folders_dir)

@@ -1,15 +1,19 @@
-"""The server's side of the zygote (``kernelspecs/_zygote.py``): start it, ask it for kernels,
-learn how they ended, recycle it.
+"""The server's side of the keepers (``kernelspecs/_zygote.py``): start them, ask them for
+kernels, learn how they ended, recycle them, and reach those a previous server left.
 
-One :class:`Zygotes` per server. It keeps one *current* zygote that takes forks and the retired
-ones that still reap kernels they forked (a retired zygote exits once its last kernel has).
-The current one is replaced after ``max_forks`` forks (its children share one hash secret,
-ASLR layout and stack canary) or once its own memory has grown (what it dirtied is no longer
-shared with new kernels). If it dies, forks fail with :class:`ZygoteUnavailable` and the caller
-cold-starts; a new one is started at most every ``RESTART_BACKOFF_S``.
+A *keeper* is the parent and reaper of the kernels it started, and outlives the server
+(issue 15). A *zygote* is a keeper with a pre-imported template that forks Python kernels; the
+*plain* keeper has none and spawns every other kernel (:func:`for_interpreters` gives a server
+both). One :class:`Zygotes` per line. It keeps one *current* process that takes requests and
+the retired ones that still hold kernels (a retired keeper exits once its last kernel has). A
+zygote is replaced after ``max_forks`` forks (its children share one hash secret, ASLR layout
+and stack canary) or once its own memory has grown (what it dirtied is no longer shared with new
+kernels). If one dies, requests fail with :class:`ZygoteUnavailable` and the caller starts the
+kernel another way; a new one is started at most every ``RESTART_BACKOFF_S``.
 
-Talking to it is one SOCK_SEQPACKET socketpair: JSON messages, file descriptors by SCM_RIGHTS,
-read on the event loop (``add_reader``); nothing here blocks.
+Talking to the keepers this server started is one SOCK_SEQPACKET socketpair each (a
+:class:`ZygoteProcess`); a later server reaches them on the socket each listens on in the IPC
+root (:mod:`bridge.keeper`). Nothing here blocks.
 """
 
 from __future__ import annotations
@@ -17,10 +21,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import logging
 import os
-import signal
 import site
 import socket
 import subprocess
@@ -29,6 +31,8 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from .keeper import Keeper, ZygoteUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -42,27 +46,24 @@ INTERPRETER_ENV = ("PYTHON", "LD_", "MALLOC_", "GLIBC_", "LANG", "LC_", "OPENBLA
 TEMPLATE_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                 "NUMEXPR_NUM_THREADS": "1", "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
 READY_TIMEOUT_S = 30.0
-FORK_TIMEOUT_S = 10.0
 RESTART_BACKOFF_S = 5.0
 GROWTH_LIMIT_BYTES = 48 * 1024 * 1024  # the template's own private growth that retires it
 GROWTH_CHECK_EVERY = 25
-MAX_UNCLAIMED_EXITS = 1024
+KEEPER = ""  # the plain keeper's key among the server's lines (zygote lines: an interpreter)
 
 
-class ZygoteUnavailable(RuntimeError):
-    """No zygote can fork this kernel now; start it cold."""
-
-
-def for_interpreters(env: Mapping[str, str], max_forks: int,
-                     pythons: list[str]) -> dict[str, Zygotes]:
-    """A zygote line per interpreter kernels start with: the server's own, and an operator's
-    Python environment when our kernel package can be put on its path without the server's
-    site-packages (a checkout): a foreign interpreter must not import the server's packages."""
+def for_interpreters(env: Mapping[str, str], max_forks: int, pythons: list[str], *,
+                     fork: bool = True, sockets_dir: Path | None = None) -> dict[str, Zygotes]:
+    """The server's keepers: the plain keeper that spawns cold kernels (key :data:`KEEPER`),
+    and with ``fork`` a zygote line per interpreter kernels start with: the server's own, and an
+    operator's Python environment when our kernel package can be put on its path without the
+    server's site-packages (a checkout): a foreign interpreter must not import the server's
+    packages. Each listens in ``sockets_dir`` for a later server to adopt its kernels."""
     pkg_parent = str(kernel_package().parent)
-    lines = {}
-    for python in dict.fromkeys(pythons):
+    lines = {KEEPER: Zygotes(env, 0, plain=True, sockets_dir=sockets_dir)}
+    for python in dict.fromkeys(pythons) if fork else ():
         if python == sys.executable or pkg_parent not in site.getsitepackages():
-            lines[python] = Zygotes(env, max_forks, python)
+            lines[python] = Zygotes(env, max_forks, python, sockets_dir=sockets_dir)
     return lines
 
 
@@ -90,122 +91,49 @@ def private_bytes(pid: int) -> int:
     return total
 
 
-def _kill(pidfd: int) -> None:
-    with contextlib.suppress(OSError):
-        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-    os.close(pidfd)
+class ZygoteProcess(Keeper):
+    """One running zygote (or plain keeper) this server started: its process, its socket."""
 
-
-class ZygoteProcess:
-    """One running zygote: its process, its socket and what it told us."""
-
-    def __init__(self, env: Mapping[str, str], python: str) -> None:
-        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    def __init__(self, env: Mapping[str, str], python: str, *, listen: str = "",
+                 plain: bool = False) -> None:
+        sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        argv = [python, "-m", "kernelspecs._zygote", "--control", str(theirs.fileno())]
+        if listen:
+            argv += ["--listen", listen]
+        if plain:
+            argv.append("--plain")
         try:
+            # Its own session: a terminal's ^C to the server's group does not reach it.
             self.proc = subprocess.Popen(
-                [python, "-m", "kernelspecs._zygote", "--control", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),), env=dict(env), cwd="/", stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, start_new_session=True)
+                argv, pass_fds=(theirs.fileno(),), env=dict(env), cwd="/",
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
         finally:
             theirs.close()
-        self.sock.setblocking(False)
-        self.pid = self.proc.pid
-        loop = asyncio.get_running_loop()
-        self.ready: asyncio.Future[dict[str, Any]] = loop.create_future()
-        self.closed: asyncio.Future[None] = loop.create_future()
-        self.replies: dict[int, asyncio.Future[tuple[int, int]]] = {}
-        self.exits: dict[int, int] = {}
+        super().__init__(sock, self.proc.pid, listen)
+        self.plain = plain
         self.forks = 0
         self.baseline = 0
         self.retired = False
-        loop.add_reader(self.sock.fileno(), self._readable)
 
-    def _readable(self) -> None:
-        while True:
-            try:
-                data, fds, _flags, _addr = socket.recv_fds(self.sock, 1 << 20, 4)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                data, fds = b"", []
-            if not data:
-                self._gone()
-                return
-            self._message(json.loads(data), fds)
-
-    def _message(self, msg: dict[str, Any], fds: list[int]) -> None:
-        if "exit" in msg:
-            self.exits[int(msg["exit"])] = int(msg["status"])
-            while len(self.exits) > MAX_UNCLAIMED_EXITS:  # kernels nobody polled after a kill
-                del self.exits[next(iter(self.exits))]
-        elif msg.get("ready"):
-            with contextlib.suppress(OSError):
-                self.baseline = private_bytes(self.pid)
-            if not self.ready.done():
-                self.ready.set_result(msg)
-        elif "id" in msg:
-            fut = self.replies.pop(int(msg["id"]), None)
-            if fut is None or fut.done():
-                for fd in fds:  # a fork whose asker gave up: it must not run unowned
-                    _kill(fd)
-            elif "pid" in msg and fds:
-                fut.set_result((int(msg["pid"]), fds[0]))
-            else:
-                for fd in fds:
-                    os.close(fd)
-                fut.set_exception(ZygoteUnavailable(msg.get("error", "no pid")))
+    def _on_ready(self, msg: dict[str, Any]) -> None:
+        with contextlib.suppress(OSError):
+            self.baseline = private_bytes(self.pid)
+        super()._on_ready(msg)
 
     def _gone(self) -> None:
-        with contextlib.suppress(Exception):
-            asyncio.get_running_loop().remove_reader(self.sock.fileno())
-        self.sock.close()
-        err = ZygoteUnavailable("the zygote exited")
-        if not self.ready.done():
-            self.ready.set_exception(err)
-            self.ready.exception()  # retrieved: nobody may be waiting
-        for fut in self.replies.values():
-            if not fut.done():
-                fut.set_exception(err)
-        self.replies.clear()
-        if not self.closed.done():
-            self.closed.set_result(None)
+        super()._gone()
         self._reap()
 
     def _reap(self, tries: int = 100) -> None:
         """Reap the exited zygote without blocking the loop (it exits just after its socket
-        closes)."""
+        closes, or, holding kernels, much later: then whoever is our init reaps it)."""
         if self.proc.poll() is None and tries > 0:
-            asyncio.get_running_loop().call_later(0.05, self._reap, tries - 1)
+            with contextlib.suppress(RuntimeError):  # the loop is closing
+                asyncio.get_running_loop().call_later(0.05, self._reap, tries - 1)
 
-    @property
-    def alive(self) -> bool:
-        return not self.closed.done()
-
-    def send(self, msg: dict[str, Any], fds: list[int] | None = None) -> None:
-        if not self.alive:
-            raise ZygoteUnavailable("the zygote exited")
-        try:
-            socket.send_fds(self.sock, [json.dumps(msg).encode()], fds or [])
-        except OSError as exc:
-            raise ZygoteUnavailable(f"cannot reach the zygote: {exc}") from exc
-
-    async def fork(self, req: dict[str, Any], fds: list[int], rid: int) -> tuple[int, int]:
-        fut: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
-        self.replies[rid] = fut
+    async def fork(self, req: dict[str, Any], fds: list[int]) -> tuple[int, int]:
         self.forks += 1
-        done = False
-        try:
-            self.send({**req, "op": "fork", "id": rid}, fds)
-            async with asyncio.timeout(FORK_TIMEOUT_S):
-                result = await fut
-            done = True
-            return result
-        except TimeoutError as exc:
-            raise ZygoteUnavailable("the zygote did not answer") from exc
-        finally:
-            self.replies.pop(rid, None)
-            if not done and fut.done() and not fut.cancelled() and fut.exception() is None:
-                _kill(fut.result()[1])  # forked, but nobody is left to take it
+        return await self.start("fork", req, fds)
 
     def retire(self) -> None:
         self.retired = True
@@ -218,21 +146,32 @@ class ZygoteProcess:
         except OSError:
             return False
 
-    async def stop(self) -> None:
+    async def stop(self, keep_kernels: bool = False) -> None:
+        if keep_kernels:
+            self.detach()
+            return
+        with contextlib.suppress(ZygoteUnavailable):
+            self.send({"op": "stop"})  # kills what it still holds and exits
         if self.alive:
-            self._gone()  # closing our end: the zygote kills what it still holds and exits
-        with contextlib.suppress(Exception):
-            self.proc.kill()
+            self._gone()
         with contextlib.suppress(Exception):
             await asyncio.to_thread(self.proc.wait, 5)
+        with contextlib.suppress(Exception):
+            self.proc.kill()
 
 
 class Zygotes:
-    """The server's zygotes: forks kernels, knows their exit codes, recycles and restarts."""
+    """One line of keepers: the zygotes of one interpreter (forks kernels, recycled after
+    ``max_forks`` or growth, restarted when one dies), or with ``plain`` the keeper that spawns
+    cold kernels. Each process it started holds its kernels beyond the server's life and
+    listens in ``sockets_dir`` for a later server to adopt them."""
 
     def __init__(self, env: Mapping[str, str], max_forks: int,
-                 python: str = sys.executable) -> None:
+                 python: str = sys.executable, *, plain: bool = False,
+                 sockets_dir: Path | None = None) -> None:
         self.python = python  # one zygote line per interpreter (KB_PYTHON_ENV has its own)
+        self.plain = plain
+        self.sockets_dir = sockets_dir
         pkg_parent = str(kernel_package().parent)
         # Our kernel package for the template: a checkout is not a site dir (and kernels see it
         # elsewhere: the child puts the kernel's own PYTHONPATH in place of this one).
@@ -241,7 +180,6 @@ class Zygotes:
         self.max_forks = max_forks
         self.current: ZygoteProcess | None = None
         self.retired: list[ZygoteProcess] = []
-        self._ids = itertools.count(1)
         self._last_start = 0.0
         self.started = 0  # zygotes started (for tests and the bench)
 
@@ -251,8 +189,12 @@ class Zygotes:
 
     def _spawn(self) -> ZygoteProcess | None:
         self._last_start = time.monotonic()
+        listen = ""
+        if self.sockets_dir is not None:
+            kind = "keeper" if self.plain else "zygote"
+            listen = str(self.sockets_dir / f"{kind}-{os.getpid()}-{next(_serial)}.sock")
         try:
-            self.current = ZygoteProcess(self.env, self.python)
+            self.current = ZygoteProcess(self.env, self.python, listen=listen, plain=self.plain)
         except OSError as exc:
             log.warning("cannot start the zygote (%s); kernels start cold", exc)
             self.current = None
@@ -262,7 +204,7 @@ class Zygotes:
 
     async def _usable(self) -> ZygoteProcess:
         z = self.current
-        if z is not None and z.alive and (z.forks >= self.max_forks or (
+        if z is not None and z.alive and not self.plain and (z.forks >= self.max_forks or (
                 z.forks and z.forks % GROWTH_CHECK_EVERY == 0 and z.grown())):
             log.info("recycling the zygote after %d forks", z.forks)
             z.retire()
@@ -270,7 +212,9 @@ class Zygotes:
             z = None
         if z is None or not z.alive:
             if z is not None:
-                log.warning("the zygote died; kernels start cold until a new one is ready")
+                log.warning("the %s died; kernels start cold until a new one is ready",
+                            "keeper" if self.plain else "zygote")
+                z.proc.poll()  # reaped if it already exited
             if time.monotonic() - self._last_start < RESTART_BACKOFF_S and z is not None:
                 raise ZygoteUnavailable("the zygote died moments ago")
             z = self._spawn()
@@ -288,17 +232,21 @@ class Zygotes:
         """A kernel forked per ``req`` → (host pid, pidfd, its zygote). The caller owns the
         pidfd. Raises ZygoteUnavailable (then nothing was started)."""
         z = await self._usable()
-        pid, pidfd = await z.fork(req, fds, next(self._ids))
+        pid, pidfd = await z.fork(req, fds)
         return pid, pidfd, z
 
-    def exit_status(self, pid: int) -> int | None:
-        for z in (self.current, *self.retired):
-            if z is not None and pid in z.exits:
-                return z.exits.pop(pid)
-        return None
+    async def keeper(self) -> ZygoteProcess:
+        """The process that spawns and holds the next kernel. Raises ZygoteUnavailable."""
+        return await self._usable()
 
-    async def close(self) -> None:
+    async def close(self, keep_kernels: bool = False) -> None:
+        """Stop every zygote of the line, killing their kernels; with ``keep_kernels`` only
+        let go of them: they keep their kernels for the next server (``serve
+        --keep-kernels``)."""
         zs = [z for z in (self.current, *self.retired) if z is not None]
         self.current = None
         self.retired = []
-        await asyncio.gather(*(z.stop() for z in zs), return_exceptions=True)
+        await asyncio.gather(*(z.stop(keep_kernels) for z in zs), return_exceptions=True)
+
+
+_serial = itertools.count(1)

@@ -95,12 +95,11 @@ def verify(uid: int, gid: int) -> None:
         _fail("still root")
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) != 2 or not argv[1].isdigit():
-        _fail("usage: _enter.py FD")
-    with os.fdopen(int(argv[1]), "rb") as f:
+def read_payload(fd: int) -> tuple[int, int, str, list[str], dict[str, str]]:
+    """The launch descriptor → (uid, gid, working dir, the kernel's argv, its environment).
+    Also read by a zygote-forked kernel (``kernelspecs/_zygote.py``): one format for both."""
+    with os.fdopen(fd, "rb") as f:
         fields = f.read().decode().split("\0")
-    os.closerange(3, 1 << 16)  # nothing of the server's reaches the kernel
     try:
         uid, gid, cwd, argc = int(fields[0]), int(fields[1]), fields[2], int(fields[3])
     except (IndexError, ValueError):
@@ -109,6 +108,14 @@ def main(argv: list[str]) -> None:
     env = dict(pair.split("=", 1) for pair in fields[4 + argc:] if "=" in pair)
     if not command:
         _fail("no kernel command")
+    return uid, gid, cwd, command, env
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 2 or not argv[1].isdigit():
+        _fail("usage: _enter.py FD")
+    uid, gid, cwd, command, env = read_payload(int(argv[1]))
+    os.closerange(3, 1 << 16)  # nothing of the server's reaches the kernel
     drop_privileges(uid, gid)
     verify(uid, gid)
     try:

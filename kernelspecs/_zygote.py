@@ -9,30 +9,34 @@ threaded server — in a clean environment, as ``python -m kernelspecs._zygote -
   stays single-threaded with no zmq context and no event loop: all of those are made per kernel,
   after the fork.
 * **Control.** One SOCK_SEQPACKET socket to the server: JSON requests, file descriptors by
-  SCM_RIGHTS. ``fork`` answers ``{"pid": N}`` with a pidfd of the kernel; kernel exits come back
-  as ``{"exit": pid, "status": code}`` (the zygote is the kernels' reaper). ``retire`` stops
-  forking; the zygote exits once its last kernel has. End-of-file (the server is gone) kills
-  the kernels and exits; so does the server's death (PR_SET_PDEATHSIG).
-* **Sandboxed child** (the server started a bubblewrap *holder* for the kernel): the child joins
+  SCM_RIGHTS. ``fork`` answers ``{"pid": N}`` with a pidfd of the kernel, ``spawn`` (fork + exec
+  of a prepared command: a cold kernel's bubblewrap, a forked kernel's sandbox holder) likewise;
+  kernel exits come back as ``{"exit": pid, "status": code}``. ``retire`` stops forking; the
+  zygote exits once its last kernel has. ``stop`` kills the kernels and exits.
+* **Keeper** (issue 15): the zygote is the parent and reaper of every kernel it started and
+  does not die with the server. End-of-file on the control socket (the server was killed,
+  upgraded, stopped with ``--keep-kernels``) retires it: it keeps its kernels, answers a later
+  server on its ``--listen`` socket (``adopt``: a pidfd of a kernel it still holds, or how it
+  ended) and exits with its last kernel. ``--plain`` makes a keeper without a template: it
+  spawns cold kernels and never forks.
+* **Sandboxed child** (we spawned a bubblewrap *holder* for the kernel first): the child joins
   the kernel's cgroups first (memory is charged to whoever touches it first), enters the
   holder's namespaces with ``setns(pidfd)`` and its root with ``fchdir`` + ``chroot``, then
   forks once more so the kernel is inside the holder's PID namespace (the zygote, a child
-  subreaper, inherits it). The kernel drops privileges (:func:`confine`), takes its own
-  environment, reseeds, and runs its module as ``python -m`` would.
+  subreaper, inherits it). The kernel drops privileges (``confine``), takes its own
+  environment, reseeds, and runs its module as ``python -m`` would (``kernelspecs/_child.py``).
 """
 
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
-import ctypes
+import fcntl
 import gc
 import importlib
 import json
 import os
 import resource
-import runpy
 import selectors
 import signal
 import socket
@@ -43,194 +47,16 @@ import time
 import traceback
 from typing import Any
 
+from ._child import PR_SET_CHILD_SUBREAPER, become_kernel, enter_sandbox, prctl
+
 # Modules a kernel of ours runs with ``-m``; only these are forked (others start cold).
 KERNEL_MODULES = ("ipykernel_launcher", "kernelspecs.bash_kernel", "kernelspecs.compiled_kernel")
 PRELOAD = ("kernelspecs._enter", "zmq", "tornado.ioloop", "IPython", "jupyter_client.session",
            "ipykernel.kernelapp", "ipykernel.ipkernel", "ipykernel.zmqshell", "kernelspecs._kernel",
            "kernelspecs.bash_kernel", "kernelspecs.compiled_kernel")
 MAX_MSG = 1 << 20
-
-CLONE_NEWNS = 0x00020000
-CLONE_NEWCGROUP = 0x02000000
-CLONE_NEWUTS = 0x04000000
-CLONE_NEWIPC = 0x08000000
-CLONE_NEWPID = 0x20000000
-CLONE_NEWNET = 0x40000000
-SANDBOX_NAMESPACES = (CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWPID
-                      | CLONE_NEWNET)
-PR_SET_PDEATHSIG = 1
-PR_SET_DUMPABLE = 4
-PR_SET_CHILD_SUBREAPER = 36
-PR_SET_SECCOMP = 22
-SECCOMP_MODE_FILTER = 2
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _check(ret: int, what: str) -> None:
-    if ret != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-
-
-def _prctl(option: int, arg: int = 0) -> None:
-    _check(_libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0), f"prctl({option})")
-
-
-# -- the kernel side of a fork ------------------------------------------------------------------
-
-
-def confine(req: dict[str, Any]) -> None:
-    """Drop every privilege, exactly as the sandbox launcher does for a cold kernel (its own
-    functions: the sandbox uid and gid, no capability in any set, ``no_new_privs``), then the
-    server's seccomp filter, which bubblewrap installs for a cold kernel, and the launcher's
-    fail-closed check. The one place a forked kernel is confined after entering its sandbox.
-    """
-    from ._enter import drop_privileges, verify
-
-    uid, gid = int(req["uid"]), int(req["gid"])
-    drop_privileges(uid, gid)
-    # A uid change leaves a process undumpable (its /proc files root's: no /proc/self/fd,
-    # environ, mem for its own user); the cold kernel's execve made it dumpable again.
-    _prctl(PR_SET_DUMPABLE, 1)
-    if req.get("seccomp"):
-        _install_filter(bytes.fromhex(req["seccomp"]))
-    verify(uid, gid)
-    with open("/proc/self/status") as f:
-        if "Seccomp:\t2" not in f.read() and req.get("seccomp"):
-            raise RuntimeError("no seccomp filter")
-
-
-def _install_filter(bpf: bytes) -> None:
-    """Install a compiled seccomp BPF program (8-byte ``sock_filter`` entries)."""
-    prog = ctypes.create_string_buffer(bpf, len(bpf))
-
-    class SockFprog(ctypes.Structure):
-        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
-
-    fprog = SockFprog(len(bpf) // 8, ctypes.addressof(prog))
-    _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0),
-           "seccomp")
-
-
-def _enter_sandbox(req: dict[str, Any], holder: int, root: int) -> None:
-    """Join the kernel's cgroups, then the holder's namespaces and root (before any thread)."""
-    for procs in req.get("cgroup_procs", []):
-        fd = os.open(procs, os.O_WRONLY)
-        try:
-            os.write(fd, str(os.getpid()).encode())
-        finally:
-            os.close(fd)
-    _check(_libc.setns(holder, SANDBOX_NAMESPACES), "setns")
-    os.fchdir(root)
-    os.chroot(".")
-    os.close(root)
-    os.close(holder)
-
-
-def _read_payload(fd: int) -> dict[str, Any]:
-    """The kernel's own part of the request (its environment, client values included, and
-    argv), from the memfd the server wrote: read only here, in the kernel, so no tenant's
-    values ever sit in the zygote's memory, which every later kernel starts from."""
-    chunks = []
-    while chunk := os.read(fd, 1 << 16):
-        chunks.append(chunk)
-    os.close(fd)
-    payload: dict[str, Any] = json.loads(b"".join(chunks))
-    return payload
-
-
-def _become_kernel(req: dict[str, Any], payload_fd: int) -> None:
-    """Runs in the kernel process: confine, take the kernel's identity, run its module."""
-    code = 0
-    try:
-        req = {**req, **_read_payload(payload_fd)}
-        os.setsid()  # bwrap --new-session: no TIOCSTI into anyone's terminal
-        null = os.open("/dev/null", os.O_RDWR)
-        os.dup2(null, 0)
-        os.dup2(null, 1)  # a kernel's stdout is banners; its stderr stays the server's log
-        os.close(null)
-        for name in os.listdir("/proc/self/fd"):
-            fd = int(name)
-            if fd > 2:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        if req.get("rlimit_as"):
-            cap = int(req["rlimit_as"])
-            resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-        os.chdir(req["cwd"])
-        if req.get("sandboxed"):
-            confine(req)
-        else:  # unsandboxed kernels die with their zygote, which dies with the server
-            _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-            if os.getppid() != req["zygote"]:
-                os._exit(1)
-        env = {str(k): str(v) for k, v in req["env"].items()}
-        os.environ.clear()
-        os.environ.update(env)
-        time.tzset()
-        _retitle(req["cmdline"])
-        _fix_paths(req, env)
-        sys.argv = [req["module"], *req["args"]]
-        gc.enable()
-        _reseed()
-        # runpy would reuse a preloaded entry module's loader, which reads the host path of
-        # its source; imported afresh it is found where the sandbox shows our package.
-        sys.modules.pop(req["module"], None)
-        runpy.run_module(req["module"], run_name="__main__", alter_sys=True)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except BaseException:
-        traceback.print_exc()
-        code = 70
-    with contextlib.suppress(BaseException):
-        atexit._run_exitfuncs()
-    with contextlib.suppress(BaseException):
-        sys.stdout.flush()
-        sys.stderr.flush()
-    os._exit(code)
-
-
-def _retitle(argv: list[str]) -> None:
-    """Show the kernel's own command in /proc/<pid>/cmdline (ps, psutil), not the zygote's.
-
-    PR_SET_MM needs CAP_SYS_RESOURCE, which containers often withhold; so, as setproctitle does,
-    the title is written over the zygote's argv and environ strings (contiguous at the top of
-    the stack). Call after the environment was replaced: libc no longer points into them.
-    """
-    with open("/proc/self/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    # fields[0] is stat field 3; arg_start..env_end are fields 48..51
-    arg_start, arg_end, _env_start, env_end = (int(x) for x in fields[45:49])
-    room = env_end - arg_start
-    title = " ".join(argv).encode(errors="surrogateescape")[:room - 1]
-    if len(title) < arg_end - arg_start:  # fits the argv area: a NUL-separated argv
-        title = b"\0".join(a.encode(errors="surrogateescape") for a in argv)
-    # Longer: the kernel reads a setproctitle-style title up to its NUL (psutil splits it).
-    ctypes.memmove(arg_start, title + b"\0" * (room - len(title)), room)
-
-
-def _fix_paths(req: dict[str, Any], env: dict[str, str]) -> None:
-    """sys.path as ``python -m`` in the kernel's environment would have it; our kernel package
-    at the path the sandbox shows it (a lazy import must find it there)."""
-    ours = set(req.get("zygote_pythonpath", []))
-    base = [p for p in sys.path if p and p not in ours]
-    extra = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    sys.path[:] = [os.getcwd(), *extra, *base]
-    pkg = sys.modules.get("kernelspecs")
-    where = req.get("kernel_package")
-    if pkg is not None and where:
-        pkg.__path__[:] = [where]
-
-
-def _reseed() -> None:
-    # random reseeds itself after fork (os.register_at_fork); numpy's legacy global RNG does not.
-    nprandom = sys.modules.get("numpy.random")
-    if nprandom is not None:
-        with contextlib.suppress(Exception):
-            nprandom.seed()
-
+MAX_EXITS = 4096  # exit statuses kept for a server that adopts later
+MAX_LOG_LINE = 8192
 
 # -- the template -------------------------------------------------------------------------------
 
@@ -273,11 +99,19 @@ def _warm_up() -> int:
 
 
 class Zygote:
-    def __init__(self, control: socket.socket) -> None:
-        self.control = control
+    """The fork-server's loop. Also the *keeper* of every kernel it started (forked or spawned):
+    their parent and reaper, for as long as any of them lives, whatever becomes of the server."""
+
+    def __init__(self, control: socket.socket, listener: socket.socket | None) -> None:
+        self.control: socket.socket | None = control
+        self.listener = listener
+        self.peers: list[socket.socket] = []  # later servers that adopted our kernels
         self.pid = os.getpid()
         self.children: set[int] = set()
+        self.exited: dict[int, int] = {}  # kept for a server that adopts after the exit
+        self.logs: dict[int, list[Any]] = {}  # kernels' stderr pipes → [kernel name, partial]
         self.retiring = False
+        self.plain = False
         self.forks = 0
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
@@ -285,26 +119,98 @@ class Zygote:
         signal.set_wakeup_fd(self.wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
         self.selector = selectors.DefaultSelector()
-        self.selector.register(self.control, selectors.EVENT_READ)
+        self.selector.register(control, selectors.EVENT_READ)
+        if listener is not None:
+            self.selector.register(listener, selectors.EVENT_READ)
         self.selector.register(self.wake_r, selectors.EVENT_READ)
 
-    def send(self, msg: dict[str, Any], fds: list[int] | None = None) -> None:
-        socket.send_fds(self.control, [json.dumps(msg).encode()], fds or [])
+    def send(self, msg: dict[str, Any], fds: list[int] | None = None,
+             to: socket.socket | None = None) -> None:
+        sock = to or self.control
+        if sock is None:
+            return
+        with contextlib.suppress(OSError):  # a peer that went away mid-send: it is dropped
+            socket.send_fds(sock, [json.dumps(msg).encode()], fds or [])
 
     def serve(self) -> None:
         while True:
             for key, _ in self.selector.select():
-                if key.fileobj is self.control:
-                    data, fds, _flags, _addr = socket.recv_fds(self.control, MAX_MSG, 8)
-                    if not data:
-                        self.stop()
-                    self.handle(json.loads(data), fds)
+                sock = key.fileobj
+                if sock is self.listener:
+                    self.accept()
+                elif isinstance(sock, socket.socket):
+                    self.receive(sock)
+                elif sock in self.logs:
+                    self.drain(int(sock))
                 else:
                     with contextlib.suppress(BlockingIOError):
                         os.read(self.wake_r, 4096)
             self.reap()
             if self.retiring and not self.children:
-                os._exit(0)
+                self.leave()
+
+    def accept(self) -> None:
+        assert self.listener is not None
+        with contextlib.suppress(OSError):
+            peer, _ = self.listener.accept()
+            self.peers.append(peer)
+            self.selector.register(peer, selectors.EVENT_READ)
+
+    def receive(self, sock: socket.socket) -> None:
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MSG, 8)
+        except OSError:
+            data, fds = b"", []
+        if data:
+            self.handle(json.loads(data), fds, sock)
+            return
+        self.selector.unregister(sock)
+        sock.close()
+        if sock is self.control:
+            # The server is gone (killed, upgraded, stopped with --keep-kernels): its kernels
+            # live on. Fork no more; keep reaping them for whoever adopts them; leave with the
+            # last one.
+            self.control = None
+            self.retiring = True
+        else:
+            self.peers.remove(sock)
+
+    def log_pipe(self, req: dict[str, Any]) -> int:
+        """A pipe for the new kernel's stderr when ``req`` names a ``log``: we read it and pass
+        each line to whichever server is connected (none: dropped), so the kernel never writes
+        into a closed or full pipe, whatever becomes of the server. → its write end, or -1."""
+        if not req.get("log"):
+            return -1
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        self.logs[r] = [str(req["log"]), b""]
+        self.selector.register(r, selectors.EVENT_READ)
+        return w
+
+    def drain(self, fd: int) -> None:
+        name, buf = self.logs[fd]
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        if not chunk and buf:  # the end: what is left is a line too
+            lines, buf = [*lines, buf], b""
+        if len(buf) > MAX_LOG_LINE:
+            lines, buf = [*lines, buf], b""
+        self.logs[fd][1] = buf
+        for line in lines:
+            text = line.decode(errors="replace").rstrip()
+            for sock in [self.control, *self.peers]:
+                if text and sock is not None:
+                    self.send({"log": name, "line": text[:MAX_LOG_LINE]}, to=sock)
+        if not chunk:
+            self.selector.unregister(fd)
+            os.close(fd)
+            del self.logs[fd]
 
     def reap(self) -> None:
         while True:
@@ -315,46 +221,138 @@ class Zygote:
             if pid == 0:
                 return
             self.children.discard(pid)
-            self.send({"exit": pid, "status": os.waitstatus_to_exitcode(status)})
+            code = os.waitstatus_to_exitcode(status)
+            self.exited[pid] = code
+            while len(self.exited) > MAX_EXITS:
+                del self.exited[next(iter(self.exited))]
+            for sock in [self.control, *self.peers]:
+                if sock is not None:
+                    self.send({"exit": pid, "status": code}, to=sock)
+
+    def leave(self) -> None:
+        if self.listener is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.listener.getsockname())
+        os._exit(0)
 
     def stop(self) -> None:
+        """Kill every kernel, reap it, and leave: the server stops and takes its kernels."""
         for pid in self.children:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
-        os._exit(0)
+        for pid in self.children:
+            with contextlib.suppress(OSError):
+                os.waitpid(pid, 0)
+        self.leave()
 
-    def handle(self, req: dict[str, Any], fds: list[int]) -> None:
+    def handle(self, req: dict[str, Any], fds: list[int], sock: socket.socket) -> None:
         op = req.get("op")
         try:
             if op == "retire":
                 self.retiring = True
+            elif op == "stop" and sock is self.control:
+                self.stop()
             elif op == "stats":
                 self.send({"id": req.get("id"), "forks": self.forks,
-                           "children": len(self.children)})
-            elif op == "fork" and not self.retiring:
-                pid = self.fork(req, fds)
-                pidfd = os.pidfd_open(pid)
-                try:
-                    self.send({"id": req["id"], "pid": pid}, [pidfd])
-                finally:
-                    os.close(pidfd)
+                           "children": len(self.children)}, to=sock)
+            elif op == "adopt":  # a later server takes over a kernel: a pidfd, or how it ended
+                pid = int(req["pid"])
+                if pid in self.children:  # not reaped: the pid cannot have been reused
+                    self._reply_pidfd(req, pid, sock)
+                elif pid in self.exited:
+                    self.send({"id": req.get("id"), "gone": pid, "status": self.exited[pid]},
+                              to=sock)
+                else:
+                    self.send({"id": req.get("id"), "error": f"no kernel {pid} here"}, to=sock)
+            elif op in ("fork", "spawn") and not self.retiring and sock is self.control:
+                pid = self.fork(req, fds) if op == "fork" else self.spawn(req, fds)
+                self._reply_pidfd(req, pid, sock)
             else:
-                self.send({"id": req.get("id"), "error": f"refused {op!r}"})
+                self.send({"id": req.get("id"), "error": f"refused {op!r}"}, to=sock)
         except Exception as exc:
-            self.send({"id": req.get("id"), "error": f"{type(exc).__name__}: {exc}"})
+            self.send({"id": req.get("id"), "error": f"{type(exc).__name__}: {exc}"}, to=sock)
         finally:
             for fd in fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
 
+    def _reply_pidfd(self, req: dict[str, Any], pid: int, sock: socket.socket) -> None:
+        pidfd = os.pidfd_open(pid)
+        try:
+            self.send({"id": req["id"], "pid": pid}, [pidfd], to=sock)
+        finally:
+            os.close(pidfd)
+
+    def spawn(self, req: dict[str, Any], fds: list[int]) -> int:
+        """fork + exec of a prepared command (a cold kernel's bubblewrap, a forked kernel's
+        sandbox holder): what ``subprocess`` with ``pass_fds`` and a preexec would do, here so
+        the process is ours to reap and outlives the server. ``req["fds"]``: the descriptor
+        number each received one must have in the child (the command names them)."""
+        targets = [int(t) for t in req["fds"]]
+        stderr = self.log_pipe(req)
+        if stderr >= 0:
+            fds.append(stderr)  # closed with the received ones once the child has it
+            targets.append(2)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(err_r)
+                self._after_fork()
+                os.setsid()
+                os.umask(0o022)  # bwrap makes mount points with it (see Sandbox.preexec)
+                for procs in req.get("cgroup_procs", []):
+                    with open(procs, "w") as f:
+                        f.write(str(os.getpid()))
+                resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+                if req.get("rlimit_as"):
+                    cap = int(req["rlimit_as"])
+                    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+                # Out of the way of every target first, then each to its number.
+                low = max([*targets, *fds, 2, err_w]) + 1
+                err_w = fcntl.fcntl(err_w, fcntl.F_DUPFD_CLOEXEC, low)
+                moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, low) for fd in fds]
+                null = os.open("/dev/null", os.O_RDWR)
+                for std in (0, 1, 2):
+                    if std not in targets:
+                        os.dup2(null, std)
+                for fd, target in zip(moved, targets, strict=True):
+                    os.dup2(fd, target)  # inheritable
+                keep = {0, 1, 2, err_w, *targets}
+                for name in os.listdir("/proc/self/fd"):
+                    if int(name) not in keep:
+                        with contextlib.suppress(OSError):
+                            os.close(int(name))
+                os.chdir(req.get("cwd") or "/")
+                os.execve(req["executable"], req["argv"], req["env"])
+            except BaseException as exc:
+                with contextlib.suppress(BaseException):
+                    os.write(err_w, f"{type(exc).__name__}: {exc}".encode()[:4000])
+            os._exit(127)
+        os.close(err_w)
+        data = b""
+        while chunk := os.read(err_r, 4096):  # end-of-file at the exec
+            data += chunk
+        os.close(err_r)
+        self.children.add(pid)
+        if data:
+            raise RuntimeError(f"cannot start {req['argv'][:1]}: {data.decode(errors='replace')}")
+        return pid
+
     def fork(self, req: dict[str, Any], fds: list[int]) -> int:
+        if self.plain:
+            raise RuntimeError("a keeper without a template does not fork")
         if threading.active_count() != 1 or len(os.listdir("/proc/self/task")) != 1:
             raise RuntimeError("zygote is not single-threaded; refusing to fork")
         req["zygote"] = self.pid
         self.forks += 1
         # Descriptors by name: [holder, root] when sandboxed, [stderr], then the payload.
         named = dict(zip(req["fds"], fds, strict=True))
-        stderr, payload = named.get("stderr", -1), named["payload"]
+        stderr, payload = self.log_pipe(req), named["payload"]
+        if stderr < 0:
+            stderr = named.get("stderr", -1)
+        else:
+            fds.append(stderr)  # closed with the received ones once the child has it
         if not req.get("sandboxed"):
             pid = os.fork()
             if pid == 0:
@@ -364,7 +362,7 @@ class Zygote:
                 for procs in req.get("cgroup_procs", []):
                     with open(procs, "w") as f:
                         f.write(str(os.getpid()))
-                _become_kernel(req, payload)
+                become_kernel(req, payload)
             self.children.add(pid)
             return pid
         holder, root = named["holder"], named["root"]
@@ -376,11 +374,11 @@ class Zygote:
                 self._after_fork()
                 if stderr >= 0:
                     os.dup2(stderr, 2)  # before the sandbox: the kernel keeps it as its fd 2
-                _enter_sandbox(req, holder, root)
+                enter_sandbox(req, holder, root)
                 kernel = os.fork()
                 if kernel == 0:
                     os.close(w)
-                    _become_kernel(req, payload)
+                    become_kernel(req, payload)
                 os.write(w, str(kernel).encode())
                 os._exit(0)
             except BaseException:
@@ -406,7 +404,11 @@ class Zygote:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         self.selector.close()
-        self.control.close()
+        for sock in [self.control, self.listener, *self.peers]:
+            if sock is not None:
+                sock.close()
+        for fd in self.logs:
+            os.close(fd)
         os.close(self.wake_r)
         os.close(self.wake_w)
 
@@ -414,25 +416,38 @@ class Zygote:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="kernelspecs._zygote")
     parser.add_argument("--control", type=int, required=True)
+    parser.add_argument("--listen", default="", help="socket path where a later server adopts")
+    parser.add_argument("--plain", action="store_true", help="a keeper: spawns, never forks")
     args = parser.parse_args(argv)
-    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() == 1:
-        sys.exit(1)  # the server is already gone
-    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    # No PR_SET_PDEATHSIG: kernels outlive the server (issue 15), and we are their parent.
+    prctl(PR_SET_CHILD_SUBREAPER, 1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when we stop
     if sys.path and sys.path[0] == os.getcwd():
         del sys.path[0]  # python -m put our cwd first; a kernel gets its own (_fix_paths)
     control = socket.socket(fileno=args.control)
     started = time.monotonic()
-    learned = _warm_up()
-    gc.collect()
-    gc.freeze()
-    gc.disable()
-    zygote = Zygote(control)
+    learned = 0
+    if not args.plain:
+        learned = _warm_up()
+        gc.collect()
+        gc.freeze()
+        gc.disable()
+    listener = None
+    if args.listen:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(args.listen)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        old = os.umask(0o077)  # root's alone, like the IPC root it lives in
+        try:
+            listener.bind(args.listen)
+        finally:
+            os.umask(old)
+        listener.listen(8)
+    zygote = Zygote(control, listener)
+    zygote.plain = args.plain
     zygote.send({"ready": True, "pid": os.getpid(), "modules": len(sys.modules),
                  "learned": learned, "warm_up_s": round(time.monotonic() - started, 3)})
     zygote.serve()
-
 
 if __name__ == "__main__":
     main()

@@ -144,7 +144,8 @@ def pool_settled(server: Server, kernels: int, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(psutil.Error):  # a process may end while we look
-            pythons = [p for p in server_proc.children(recursive=True) if p.name() == "python"]
+            pythons = [p for p in server_proc.children(recursive=True)  # not the keepers
+                       if "ipykernel_launcher" in " ".join(p.cmdline())]
             if len(pythons) >= kernels and all(p.cpu_percent(0.1) < 5 for p in pythons):
                 return
         time.sleep(0.1)

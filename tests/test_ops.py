@@ -244,7 +244,7 @@ def test_doctor_passes_here(tmp_path: Path) -> None:
     took = time.monotonic() - started
     assert out.returncode == 0, out.stdout + out.stderr
     v = verdicts(out.stdout)
-    for name in ("bubblewrap", "user namespaces", "seccomp", "cgroups", "disk quota",
+    for name in ("bubblewrap", "user namespaces", "seccomp", "cgroups", "provisioner", "disk quota",
                  "IPC root", "data dir", "free space", "database", "language python",
                  "language c"):
         assert v.get(name) == "OK", (name, out.stdout)

@@ -68,11 +68,23 @@ def probe(api: Client, name: str) -> dict[str, Any]:
     return value
 
 
+def zygotes_of(srv: Server) -> list[psutil.Process]:
+    """The server's zygotes (not its plain keeper, which only spawns cold kernels)."""
+    return [p for p in psutil.Process(srv.process.pid).children()
+            if "kernelspecs._zygote" in (cmd := " ".join(p.cmdline())) and "--plain" not in cmd]
+
+
+def cmdline(p: psutil.Process) -> str:
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:  # gone, or a zombie
+        return ""
+
+
 def zygote_of(srv: Server) -> psutil.Process:
-    for p in psutil.Process(srv.process.pid).children():
-        if "kernelspecs._zygote" in " ".join(p.cmdline()):
-            return p
-    raise AssertionError("no zygote under the server")
+    found = zygotes_of(srv)
+    assert found, "no zygote under the server"
+    return found[0]
 
 
 def test_forked_kernels_are_confined_like_cold_ones(api: Client) -> None:
@@ -86,7 +98,8 @@ def test_forked_kernels_are_confined_like_cold_ones(api: Client) -> None:
     api.delete(f"/session/{name}")
 
 
-def test_random_state_differs_across_twenty_fresh_kernels(api: Client) -> None:
+def fresh_probes(api: Client, n: int = 20) -> list[dict[str, Any]]:
+    """Probes of ``n`` fresh kernels, each in a session of its own, four at a time."""
     def one(_: int) -> dict[str, Any]:
         name = create(api)
         try:
@@ -95,7 +108,11 @@ def test_random_state_differs_across_twenty_fresh_kernels(api: Client) -> None:
             api.delete(f"/session/{name}")
 
     with ThreadPoolExecutor(4) as pool:
-        probes = list(pool.map(one, range(20)))
+        return list(pool.map(one, range(n)))
+
+
+def test_random_state_differs_across_twenty_fresh_kernels(api: Client) -> None:
+    probes = fresh_probes(api)
     assert all(p["ppid"] == 0 for p in probes), [p["ppid"] for p in probes]
     assert len({p["random"] for p in probes}) == 20
     assert len({p["uuid"] for p in probes}) == 20
@@ -173,19 +190,46 @@ def test_dead_zygote_means_cold_starts_then_a_new_zygote(srv: Server, api: Clien
     assert zygote_of(srv).pid != zygote.pid
 
 
-def test_sigkilled_server_leaves_no_orphan_kernels() -> None:
+def test_sigkilled_server_leaves_its_kernels_held_by_their_keepers() -> None:
+    """Kernels are not children that die with the server (issue 15): after a kill -9 they run
+    on, children of their zygote or keeper, which reap them (no zombie) and leave with the last
+    one."""
     with run_server(zygote="on", pool_python="1") as s, s.client() as api:
         names = [create(api) for _ in range(2)]
         for n in names:
             assert probe(api, n)["ppid"] == 0
         server = psutil.Process(s.process.pid)
         tree = server.children(recursive=True)
-        kernels = [p for p in tree if "ipykernel_launcher" in " ".join(p.cmdline())]
+        kernels = [p for p in tree if "ipykernel_launcher" in cmdline(p)]
+        keepers = [p for p in tree if "kernelspecs._zygote" in cmdline(p)]
         assert len(kernels) >= 2 and any(p.name() == "bwrap" for p in tree)
         os.kill(s.process.pid, signal.SIGKILL)
         s.process.wait(10)
-        _gone, alive = psutil.wait_procs(tree, timeout=15)
+        time.sleep(1)
+        for k in kernels:
+            assert k.is_running() and k.status() != psutil.STATUS_ZOMBIE
+            assert "kernelspecs._zygote" in " ".join(k.parent().cmdline())
+        # Killed now, each is reaped by its keeper, and the keepers leave after their last.
+        for k in kernels:
+            k.kill()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(psutil.pid_exists(k.pid) for k in kernels):
+            time.sleep(0.1)
+        assert not any(psutil.pid_exists(k.pid) for k in kernels)
+        # What else is left (pooled kernels, sandbox holders) goes with a sweep (next start).
+        from bridge.ipc import IPC_ROOT, set_owner_scope, sweep_ipc
+        from bridge.sandbox import Sandbox
+
+        set_owner_scope(s.data_dir)  # a sweep judges only its own data dir's kernels
+        sweep_ipc(set(), IPC_ROOT, Sandbox("on").cgroups)
+        _gone, alive = psutil.wait_procs([p for p in tree if p not in keepers], timeout=15)
         assert not alive, [(p.pid, p.cmdline()) for p in alive]
+        for k in keepers:  # exited (a zombie of whoever our init is, at most)
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and k.is_running() and \
+                    k.status() != psutil.STATUS_ZOMBIE:
+                time.sleep(0.1)
+            assert not k.is_running() or k.status() == psutil.STATUS_ZOMBIE
 
 
 def test_only_plain_python_kernels_in_a_plain_environment_are_forked() -> None:
@@ -206,8 +250,7 @@ def test_zygote_recycled_after_max_forks_and_its_kernels_live_on() -> None:
         assert all(probe(api, n)["ppid"] == 0 for n in names)
         third = create(api)  # past max_forks: a fresh zygote forks it
         assert probe(api, third)["ppid"] == 0
-        zygotes = [p for p in psutil.Process(s.process.pid).children()
-                   if "kernelspecs._zygote" in " ".join(p.cmdline())]
+        zygotes = zygotes_of(s)
         assert first.pid in {z.pid for z in zygotes} and len(zygotes) == 2
         # The retired zygote still reaps its kernels; they keep working.
         assert probe(api, names[0])["ppid"] == 0
@@ -276,19 +319,10 @@ def test_python_env_kernels_fork_from_their_own_zygote_and_numpy_differs() -> No
     env = ROOT / ".venv-datascience"
     assert (env / "bin" / "python").exists(), "run `make datascience-env`"
     with run_server(zygote="on", pool_python="0", python_env=str(env)) as s, s.client() as api:
-        def one(_: int) -> dict[str, Any]:
-            name = create(api)
-            try:
-                return probe(api, name)
-            finally:
-                api.delete(f"/session/{name}")
-
-        with ThreadPoolExecutor(4) as pool:
-            probes = list(pool.map(one, range(20)))
+        probes = fresh_probes(api)
         assert all(p["ppid"] == 0 for p in probes), [p["ppid"] for p in probes]
         assert all(p["numpy"] is not None for p in probes)  # the environment's numpy
         assert len({p["numpy"] for p in probes}) == 20
         assert len({p["random"] for p in probes}) == 20
-        zygotes = [p for p in psutil.Process(s.process.pid).children()
-                   if "kernelspecs._zygote" in " ".join(p.cmdline())]
+        zygotes = zygotes_of(s)
         assert any(str(env) in z.cmdline()[0] for z in zygotes), [z.cmdline() for z in zygotes]

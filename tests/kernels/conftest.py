@@ -34,6 +34,9 @@ def installed_kernelspecs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     for name, src in spec_dirs().items():
         spec = json.loads((src / "kernel.json").read_text())
         spec["argv"][0] = sys.executable
+        # Started here as any Jupyter would, by its local provisioner (the kb-sandbox
+        # provisioner serves kernel-bridge only), as `kernel-bridge kernelspecs install` does.
+        spec["metadata"].pop("kernel_provisioner", None)
         (root / "kernels" / name).mkdir(parents=True)
         (root / "kernels" / name / "kernel.json").write_text(json.dumps(spec))
     saved = {key: os.environ.get(key) for key in ("JUPYTER_PATH", "PYTHONPATH")}
