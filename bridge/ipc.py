@@ -72,10 +72,14 @@ FRESH_S = 60.0  # an unclaimed dir this young is a kernel starting right now
 _scope = ""
 
 
+def scope_of(data_dir: Path) -> str:
+    return hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:32]
+
+
 def set_owner_scope(data_dir: Path) -> None:
     """Name the data dir this process's kernels belong to (once, before any kernel starts)."""
     global _scope
-    _scope = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:32]
+    _scope = scope_of(data_dir)
 
 
 def claim(ipc_dir: Path) -> None:
@@ -83,14 +87,14 @@ def claim(ipc_dir: Path) -> None:
     (ipc_dir / OWNER).write_text(f"{os.getpid()} {start_time(os.getpid())}")
 
 
-def _owner_alive(ipc_dir: Path, mounts: Mapping[str, tuple[str, str]]) -> bool:
+def _owner_alive(ipc_dir: Path, mounts: Mapping[str, tuple[str, str]], scope: str) -> bool:
     """Whether a live server runs the kernel of ``ipc_dir``. A dir without an owner file is an
     older server's: its tmpfs source names that server's pid; unmounted, it is left alone
     unless no socket is in it."""
     try:
         pid, start = (ipc_dir / OWNER).read_text().split()
         with contextlib.suppress(FileNotFoundError):  # (none: a server before scopes)
-            if (ipc_dir / SCOPE).read_text() != _scope:
+            if (ipc_dir / SCOPE).read_text() != scope:
                 return True  # another data dir's: not ours to judge
         return str(start_time(int(pid))) == start
     except FileNotFoundError:
@@ -110,13 +114,15 @@ def remove_ipc(ipc_dir: Path) -> None:
     shutil.rmtree(ipc_dir, ignore_errors=True)
 
 
-def sweep_ipc(keep: set[Path], root: Path = IPC_ROOT, cgroups: Cgroups | None = None) -> int:
+def sweep_ipc(keep: set[Path], root: Path = IPC_ROOT, cgroups: Cgroups | None = None, *,
+              scope: str | None = None) -> int:
     """What servers that are gone left in the IPC root and no kept kernel uses: kernel dirs not
     in ``keep`` whose server is gone (their kernels, still held by a keeper, are killed through
     their cgroup first; the keeper reaps them and exits with its last one), and the sockets of
     keepers that exited. Returns how many kernel dirs went. Run it once the kernels to keep were
-    adopted."""
+    adopted. ``scope``: whose dirs it judges (default: this process's data dir's)."""
     kept = {Path(os.path.realpath(p)) for p in keep}
+    mine = _scope if scope is None else scope
     mounts = mounted()
     removed = 0
     try:
@@ -126,7 +132,7 @@ def sweep_ipc(keep: set[Path], root: Path = IPC_ROOT, cgroups: Cgroups | None = 
     for entry in entries:
         with contextlib.suppress(OSError):
             if entry.is_dir() and not entry.is_symlink():
-                if Path(os.path.realpath(entry)) in kept or _owner_alive(entry, mounts):
+                if Path(os.path.realpath(entry)) in kept or _owner_alive(entry, mounts, mine):
                     continue
                 if cgroups is not None and cgroups.enabled:
                     dirs = {c: p / entry.name for c, p in cgroups.parents.items()}
