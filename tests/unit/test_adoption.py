@@ -126,8 +126,7 @@ def test_readopt_adopts_ends_and_explains(tmp_path: Path) -> None:
             assert kept == {"live", "shot"}  # (shot's goes with its destroy, faked here)
             # The lost run ends, recorded, with a reason its client reads on its next call.
             run = done.sessions[0].get_run("slow")
-            assert run.state is RunState.CANCELLED and run.transcript[-1] == [
-                "stderr", RUN_LOST + "\n"]
+            assert run.state is RunState.CANCELLED and run.text("stderr") == RUN_LOST + "\n"
             row = await store.fetchone("SELECT status, exit_code FROM runs WHERE run_id='slow'")
             assert row == {"status": "failed", "exit_code": 130}
         finally:
