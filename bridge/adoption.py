@@ -35,15 +35,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SCHEMA: list[str] = [
-    # One row per kernel a live session holds; gone with the session.
-    """CREATE TABLE IF NOT EXISTS kernels (
-        session_id   TEXT NOT NULL,
-        role         TEXT NOT NULL,
-        record       TEXT NOT NULL,
-        updated_at   TEXT NOT NULL,
-        PRIMARY KEY (session_id, role))""",
-]
+# (The kernels table: bridge/store/migrations.py, step KERNELS.)
 # Adoptions at once: each is a few round trips to a kernel; more only queue on the loop.
 ADOPT_CONCURRENCY = 16
 # state_reason of a session whose kernel is gone when the server starts.

@@ -69,9 +69,14 @@ class Sessions:
 
     # -- lifecycle of the registry ----------------------------------------------------------
 
-    async def start(self, adopt: adoption.AdoptKernel | None = None) -> adoption.Adopted:
+    async def start(self, adopt: adoption.AdoptKernel | None = None, *,
+                    exclusive: bool = True) -> adoption.Adopted:
         """Re-adopt every session a previous server left alive (bridge/adoption.py); only
-        then sweep the session dirs no live session owns."""
+        then sweep the session dirs no live session owns. Not ``exclusive`` (other live
+        replicas share the store and the sessions dir): neither, the sessions are theirs."""
+        if not exclusive:
+            self.reaper.start()
+            return adoption.Adopted()
         adopted = await adoption.readopt(self, adopt)
         await asyncio.to_thread(self.volumes.sweep_sessions, self.settings.sessions_dir,
                                 adopted.workdirs)

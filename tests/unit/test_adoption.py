@@ -13,7 +13,7 @@ from bridge.errors import UnknownLanguage
 from bridge.languages import resolve
 from bridge.sandbox import Mount
 from bridge.session import Limits, Session
-from bridge.store import Store, dumps
+from bridge.store import SqliteStore, Store, dumps
 
 
 def _session(**kw: object) -> Session:
@@ -79,12 +79,12 @@ class Registry:
 
 
 def test_readopt_adopts_ends_and_explains(tmp_path: Path) -> None:
-    from bridge.adoption import KERNEL_GONE, RUN_LOST, SCHEMA, readopt
+    from bridge.adoption import KERNEL_GONE, RUN_LOST, readopt
     from bridge.errors import KernelGone
     from bridge.runs import RunState
 
     async def scenario() -> None:
-        store = Store(tmp_path / "db.sqlite3", extra_schema=SCHEMA)
+        store = SqliteStore(tmp_path / "db.sqlite3")
         await store.open()
         try:
             live, dead = _session(id="live", name="live"), _session(id="dead", name="dead")
