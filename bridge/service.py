@@ -6,11 +6,14 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from . import batch, kernels, metrics
 from .admission import Admission
@@ -43,6 +46,13 @@ KEYPAIR_RELOAD_S = 5.0
 # A forked kernel is ~50 ms of CPU: the pool refills once the execution that took a kernel has
 # had the CPU for its own few milliseconds (at once, the refill slowed that execution by ~40%).
 ZYGOTE_REFILL_DELAY_S = 0.05
+
+
+def _may_be_alive(replica_id: str) -> bool:
+    """False for a replica id (``host:pid:…``) of this host whose process is gone."""
+    host, _, rest = replica_id.partition(":")
+    pid = rest.partition(":")[0]
+    return host != socket.gethostname() or not pid.isdigit() or psutil.pid_exists(int(pid))
 
 
 @dataclass
@@ -193,7 +203,10 @@ class Bridge:
         await self.events.start()  # before the records whose streams it ends
         # Other live replicas on this database run their own sessions: none is re-adopted (or
         # its dir swept) here. (A dead replica's are claimed by the replicas' own protocol.)
-        self.adopted = await self.sessions.start(self.adopt_kernel, exclusive=not others)
+        # A lease left by a server of this host that is gone (this one's predecessor, killed)
+        # is no live replica.
+        live = [o for o in others if _may_be_alive(o)]
+        self.adopted = await self.sessions.start(self.adopt_kernel, exclusive=not live)
         log.info("re-adopted %d session(s) in %.2f s; %d left in ERROR (kernel gone), "
                  "%d run(s) cut short by the last stop ended", len(self.adopted.sessions),
                  self.adopted.seconds, len(self.adopted.dead), self.adopted.runs_ended)
