@@ -149,7 +149,7 @@ def test_sigterm_with_keep_kernels_loses_no_run(tmp_path: Path) -> None:
     with sqlite3.connect(data / "kernel-bridge.sqlite3") as db:
         status = db.execute("SELECT status FROM runs WHERE run_id='slow'").fetchone()[0]
     assert status == "finished"  # drained, not cut short
-    with run_server(data, keep_kernels="true") as second:
+    with run_server(data) as second:  # (and its own stop then shuts the kernels down)
         c = check_adopted(second, before)
         # Nothing was lost: every job completed, in order, in the one kernel.
         jc = second.client(before.secret)
