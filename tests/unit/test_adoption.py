@@ -71,6 +71,9 @@ class Registry:
         self.joined: dict[str, object] = {}  # session id → its kernel (None: left in ERROR)
         self.destroyed: list[tuple[str, str]] = []
 
+    def registered(self, session_id: str) -> bool:
+        return session_id in self.joined
+
     def readopt(self, session: Session, kernel: object) -> None:
         self.joined[session.id] = kernel
 
