@@ -145,6 +145,11 @@ class BaseHandler(RequestHandler):
         exc = exc_info[1] if exc_info else None
         self.error = exc  # the access log and the refusal metrics read it
         status, code, message = self.dialect.lookup(exc, status_code)
+        if status >= 500 and not isinstance(exc, (BridgeError, HTTPError)):
+            # A bug's own text (a path, a SQL statement, a repr) is for the log, which has it
+            # under this request id (log_exception); the client gets the id to quote.
+            message = (f"Internal server error (request id {self.request_id}); the server's "
+                       "log has the details.")
         self.set_status(status)
         if status == 405:
             allowed = ", ".join(allowed_methods(type(self)))
@@ -160,4 +165,6 @@ class BaseHandler(RequestHandler):
             log.info("%s %s → %s: %s", self.request.method, self.request.path,
                      type(value).__name__, value)
         else:
-            super().log_exception(typ, value, tb)
+            log.error("Uncaught exception in %s %s (request id %s)", self.request.method,
+                      self.request.path, self.request_id, exc_info=(typ, value, tb),
+                      extra={"request_id": self.request_id})

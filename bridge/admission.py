@@ -127,6 +127,13 @@ class Admission:
                                 "the most this keypair may queue.")
         return ticket
 
+    def adopt(self, access_key: str, holder: Holder, mem_bytes: int) -> Ticket:
+        """A ticket granted whatever the limits say now: for a kernel a previous server
+        started (bridge/adoption.py), which runs already and keeps its place."""
+        ticket = Ticket(access_key, holder, mem_bytes, self._concurrency(access_key))
+        self._grant(ticket)
+        return ticket
+
     async def wait(self, ticket: Ticket, until: float | None) -> None:
         """Until ``ticket`` is granted, or the loop time ``until``: then it is withdrawn and the
         refusal raised (QuotaExceeded or HostBudgetExceeded)."""

@@ -344,7 +344,9 @@ async def adopt(record: Mapping[str, Any], *, sandbox: Sandbox, ksm: KernelSpecM
     harden(client.context)
     client.start_channels()
     try:
-        await wait_ready(client, timeout)
+        # On control: a kernel the old server left mid-cell answers there at once (on shell
+        # only once the cell ends, and a long cell must not look like a dead kernel).
+        await wait_ready(client, timeout, control=True)
     except RuntimeError as exc:
         client.stop_channels()
         await _drop(km, ipc_dir)

@@ -77,6 +77,10 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(30.0, ge=0)
     """On SIGTERM, seconds running runs may take to finish before the server stops (a second
     signal stops it at once)."""
+    keep_kernels: bool = False
+    """On stop (after the drain), leave every session's kernel running for the next server on
+    this data dir, which adopts them (`serve --keep-kernels`; for upgrades). Off: stop shuts
+    kernels down. A killed server's kernels are adopted either way."""
 
     # Session limits (Backend.AI seed 001/002). Zero means "no limit".
     default_query_timeout_ms: int = Field(0, ge=0)

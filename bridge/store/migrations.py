@@ -213,6 +213,17 @@ REPLICAS = Step(3, "replicas: the cluster secret, each replica's URL, who owns w
         PRIMARY KEY (access_key, minute))""",
 ))
 
+KERNELS = Step(4, "kernels: what reaches a live session's kernels (bridge/adoption.py)", (
+    # Kernel.record() as JSON, one row per kernel a live session holds (role "main": its
+    # language kernel); written with the session's row, gone with it. It holds the kernel's key.
+    """CREATE TABLE kernels (
+        session_id   TEXT NOT NULL,
+        role         TEXT NOT NULL,
+        record       TEXT NOT NULL,
+        updated_at   TEXT NOT NULL,
+        PRIMARY KEY (session_id, role))""",
+))
+
 # In order, numbered 1, 2, 3, … without gaps (tests/unit/test_store.py checks it).
-STEPS: tuple[Step, ...] = (FIRST_RELEASE, LEASES, REPLICAS)
+STEPS: tuple[Step, ...] = (FIRST_RELEASE, LEASES, REPLICAS, KERNELS)
 LATEST = STEPS[-1].version
