@@ -58,7 +58,7 @@ def ipc_root_problem(root: Path = IPC_ROOT) -> str:
 
 
 OWNER = "owner"  # "<pid> <start time>" of the server that runs the kernel of an IPC dir
-HELD = "held"  # its keeper and pids, for a sweep to stop a kernel nobody adopted
+HELD = "held"  # [{keeper, pid}] of its processes, for a sweep to stop a kernel nobody adopted
 FRESH_S = 60.0  # an unclaimed dir this young is a kernel starting right now
 
 
@@ -113,8 +113,8 @@ def sweep_ipc(keep: set[Path], root: Path = IPC_ROOT, cgroups: Cgroups | None = 
                     if any(d.is_dir() for d in dirs.values()):
                         KernelCgroup(cgroups.version, dirs).kill()
                 with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                    held = json.loads((entry / HELD).read_text())
-                    kill_held(held["keeper"], [int(p) for p in held["pids"]])
+                    for held in json.loads((entry / HELD).read_text()):
+                        kill_held(held["keeper"], [int(held["pid"])])
                 remove_ipc(entry)
                 removed += 1
             elif (entry.is_socket() and entry.name.startswith(("keeper-", "zygote-"))

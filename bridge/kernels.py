@@ -113,9 +113,9 @@ class Kernel:
         sweep needs to stop the kernel should nobody adopt it (``held``: no key in it)."""
         prov = self.manager.provisioner
         self._info = {} if prov is None else dict(await prov.get_provisioner_info())
-        keeper, pid = self._info.get("keeper"), self._info.get("pid")
+        keeper, pid, nest = (self._info.get(k) for k in ("keeper", "pid", "nest"))
         if keeper and pid:
-            held = {"keeper": keeper, "pids": [p for p in (pid, self._info.get("nest")) if p]}
+            held = [{"keeper": keeper, "pid": pid}, *([nest] if nest else [])]
             (self.ipc_dir / HELD).write_text(json.dumps(held))
 
     def record(self) -> dict[str, Any]:

@@ -131,7 +131,7 @@ class SandboxProvisioner(LocalProvisioner):
             zline = lines.get(raw[0]) if raw and self.fork else None
             if zline is not None and forkable(raw, self.confinement.environ, zline.python):
                 try:
-                    await self._held(*await forked.fork(self, zline, raw))
+                    await self._held(*await forked.fork(self, zline, raw, lines.get(KEEPER)))
                     self.from_zygote = True
                     return self.connection_info
                 except ZygoteUnavailable as exc:
@@ -304,7 +304,8 @@ class SandboxProvisioner(LocalProvisioner):
         info.update(
             keeper=None if self.keeper is None else self.keeper.handle(),
             forked=self.from_zygote,
-            nest=None if self.nest is None else self.nest.pid,
+            nest=None if self.nest is None else {"pid": self.nest.pid,
+                                                 "keeper": self.nest.keeper.handle()},
             cgroup=None if self.cgroup is None else {
                 "version": self.cgroup.version,
                 "dirs": {k: str(v) for k, v in self.cgroup.dirs.items()}},
@@ -336,8 +337,9 @@ class SandboxProvisioner(LocalProvisioner):
             self.gone_reason = f"it exited (status {status}) while no server watched it"
             return
         self._pidfd = pidfd
-        if info.get("nest"):
-            self.nest = await forked.Nest.adopt(keeper, int(info["nest"]))
+        nest = info.get("nest")
+        if nest:
+            self.nest = await forked.Nest.adopt(nest["keeper"], int(nest["pid"]))
 
     # -- usage ----------------------------------------------------------------------------------
 
