@@ -14,6 +14,7 @@ from bridge.disk import disk_full
 from bridge.errors import BridgeError, InvalidRequest, NotFound
 
 Body = dict[str, Any] | list[Any]
+INTERNAL_ERROR = "Internal server error"
 
 
 class MalformedBody(InvalidRequest):
@@ -76,7 +77,10 @@ class Dialect:
             for cls in type(exc).__mro__:
                 if cls in self.table:
                     code, slug = self.table[cls]
-                    message = exc.message if isinstance(exc, BridgeError) else str(exc)
+                    # Never an unexpected exception's own text: it may carry internals
+                    # (paths, queries). The log has it.
+                    message = (exc.message if isinstance(exc, BridgeError)
+                               else INTERNAL_ERROR)
                     return code, slug, message
         return status, self._code_for_status(status), HTTPStatus(status).phrase
 

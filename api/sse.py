@@ -96,7 +96,7 @@ class RunEventsHandler(EventStream, BackendAIHandler):
         400, 401, 404."""
         access_key = self.keypair.access_key
         live = self.bridge.sessions.find(access_key, ident)
-        if live is not None and run_id in live.runs:
+        if live is not None and live.has_run(run_id):
             key: str | None = run_key(live.id, run_id)
         else:
             key = await self.bridge.events.find_run(access_key, ident, run_id)

@@ -74,7 +74,7 @@ class WhoamiHandler(ConsoleHandler):
     def get(self) -> None:
         """Sign-in check: the keypair and the languages this server can run."""
         self.send({"access_key": self.keypair.access_key,
-                   "languages": [lang.name for lang in languages.LANGUAGES if lang.available]})
+                   "languages": [lang.name for lang in languages.available()]})
 
 
 class SessionsHandler(ConsoleHandler):

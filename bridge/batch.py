@@ -21,18 +21,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .channels import Channels
 from .errors import InvalidRequest
 from .kernels import Kernel
 from .languages import BATCH_KERNELSPEC, Language
 from .runs import Liveness, Program, Run
 from .sandbox import Confinement
-from .session import Session
+from .session import BATCH, Attached, Session
 
 StartKernel = Callable[[str, Confinement], Awaitable[Kernel]]
 
 BUILD_FAILED_EXIT_CODE = 127  # "command not found": exec after a failed build (seed 002)
-EXTRA_KERNEL = "batch"  # the key in Session.extra_kernels
 
 
 @dataclass(frozen=True)
@@ -70,18 +68,14 @@ def in_subshell(command: str) -> str:
 
 async def bash_kernel(session: Session, start_kernel: StartKernel) -> Liveness:
     """The session's batch kernel, started on first use. Raises KernelStartFailed."""
-    found = session.extra_kernels.get(EXTRA_KERNEL)
+    found = session.kernels.get(BATCH)
     if found is None:
-        kernel: Kernel = await start_kernel(BATCH_KERNELSPEC, session.confinement())
-        channels = Channels(kernel.client)
-        channels.start()
+        found = Attached.start(await start_kernel(BATCH_KERNELSPEC, session.confinement()))
         if not session.alive:  # destroyed while the kernel started: do not leak it
-            await channels.stop()
-            await kernel.shutdown()
+            await found.stop()
             raise InvalidRequest("The session ended while its batch kernel was starting.")
-        found = session.extra_kernels[EXTRA_KERNEL] = (kernel, channels)
-    kernel, channels = found
-    return Liveness(channels, kernel.is_alive, kernel.interrupt)
+        session.kernels[BATCH] = found
+    return found.liveness()
 
 
 def program(session: Session, options: BatchOptions, start_kernel: StartKernel) -> Program:

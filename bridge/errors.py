@@ -9,6 +9,7 @@
      │    └── KeypairNotFound
      ├── InvalidRequest            the caller's input is wrong; nothing was changed
      │    ├── UnknownLanguage
+     │    ├── LanguageUnavailable  a known language whose toolchain this server lacks
      │    ├── LimitExceeded        asks for more than the server's hard limits
      │    └── UnsafePath           a path that leaves the session's working dir
      ├── AuthFailed                missing, unknown, inactive or badly signed credentials
@@ -83,6 +84,15 @@ class InvalidRequest(BridgeError):
 class UnknownLanguage(InvalidRequest):
     def __init__(self, language: str, known: list[str]) -> None:
         super().__init__(f"Unsupported language: {language}. Known: {', '.join(known)}.")
+        self.language = language
+
+
+class LanguageUnavailable(InvalidRequest):
+    """A known language whose toolchain this server lacks (see languages.require_available)."""
+
+    def __init__(self, language: str, missing: tuple[str, ...]) -> None:
+        super().__init__(f"Language {language!r} is not available on this server "
+                         f"(missing {', '.join(missing)}).")
         self.language = language
 
 

@@ -39,13 +39,12 @@ from .errors import (
     KernelError,
     QuotaExceeded,
     RateLimited,
-    SessionNotFound,
 )
 from .events import EventLog, execution_key
 from .execution_scripts import execution_scripts
-from .languages import Language, resolve
+from .languages import Language, require_available, resolve
 from .runs import Liveness, Program, Run, RunState
-from .session import Session, SessionState, now_iso
+from .session import Session, now_iso
 from .sessions import Sessions
 from .settings import Settings
 from .store import Store, dumps
@@ -311,9 +310,7 @@ class Executions:
         reqs = list(reqs)
         for req in reqs:
             lang = req.language
-            if not lang.available:
-                raise InvalidRequest(f"Language {lang.name!r} is not available on this server "
-                                     f"(missing {', '.join(lang.toolchain)}).")
+            require_available(lang)
             if not 0 < req.timeout <= MAX_TIMEOUT_S:
                 raise InvalidRequest(f"timeout must be more than 0 and at most "
                                      f"{MAX_TIMEOUT_S:g} seconds.")
@@ -509,14 +506,13 @@ class Executions:
         if session.language.name != lang.name:
             raise InvalidRequest(f"Session {name!r} runs {session.language.name}, "
                                  f"not {lang.name}.")
-        if session.state is SessionState.ERROR:
+        if await session.kernel_dead():
             await self.sessions.restart(session)  # its kernel died in an earlier execution
         return session
 
     async def _dispose(self, session: Session) -> None:
-        with contextlib.suppress(SessionNotFound):
-            # Killed, not asked to exit: nothing in it is kept, and its place is wanted.
-            await self.sessions.destroy(session, "one-shot-finished", now=True)
+        # Killed, not asked to exit: nothing in it is kept, and its place is wanted.
+        await self.sessions.discard(session, "one-shot-finished", now=True)
 
     async def _write(self, ex: Execution, *, insert: bool) -> None:
         if ex.status in (ExecStatus.COMPLETED, ExecStatus.FAILED):

@@ -28,10 +28,11 @@ from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
 from .errors import InvalidRequest, KernelDied, NotFound, UnsafePath
 from .kernels import Kernel
-from .languages import LANGUAGES, Language, resolve
+from .languages import LANGUAGES, Language, available, resolve
 from .messages import Channel, Message
-from .session import Session
+from .session import Hold, Session
 from .sessions import Sessions
+from .tasks import spawn
 from .wire import guard, harden
 
 log = logging.getLogger(__name__)
@@ -51,9 +52,9 @@ ENV_PREFIXES = ("KERNEL_", "JPY_")
 # pre-started one from the pool (bridge/pool.py): keeping them made every notebook wait for a
 # cold kernel start (2–7 s on a busy machine), during which JupyterLab silently drops a cell that
 # is run (it has no kernel to send it to until the start request answers).
+GATEWAY_ENV = frozenset({"KERNEL_LAUNCH_TIMEOUT", "KERNEL_WORKING_DIR", "JPY_SESSION_NAME"})
 # Bounds Activity.requests: a request the kernel never said idle after is dropped past this.
 MAX_PENDING_REQUESTS = 1000
-GATEWAY_ENV = frozenset({"KERNEL_LAUNCH_TIMEOUT", "KERNEL_WORKING_DIR", "JPY_SESSION_NAME"})
 
 
 class NoSuchKernelspec(NotFound):
@@ -125,7 +126,7 @@ class Activity:
     name: str  # the kernelspec name the client asked for
     execution_state: str = "idle"
     relays: set[Relay] = field(default_factory=set)
-    holding: bool = False  # the kernel is busy for a relayed request: keep the reaper off
+    hold: Hold | None = None  # the kernel is busy for a relayed request: keep the reaper off
     # Ids of the requests clients sent through the relays, until the kernel is idle after them.
     # Only their statuses are the client's: the server's own requests (readiness probes after a
     # start or restart, the relays' connect-time nudges) make the kernel busy for a moment too.
@@ -150,10 +151,9 @@ class Gateway:
         # the server runs.
         if self._specs is None:
             specs = {}
-            for lang in LANGUAGES:
-                if lang.available:
-                    with contextlib.suppress(NoSuchKernel):
-                        specs[lang.kernelspec] = self._spec_model(lang.kernelspec)
+            for lang in available():
+                with contextlib.suppress(NoSuchKernel):
+                    specs[lang.kernelspec] = self._spec_model(lang.kernelspec)
             for alias, spec in SPEC_ALIASES.items():
                 if spec in specs:
                     specs[alias] = self._spec_model(spec, alias)
@@ -225,14 +225,13 @@ class Gateway:
                 language = language_of_spec(name)
             except InvalidRequest:
                 raise NoSuchKernelspec(name) from None
-        if not language.available:
+        if not language.available:  # a Jupyter client asked for a spec we do not list
             raise NoSuchKernelspec(name)
         environ = {k: str(v) for k, v in (env or {}).items()
                    if k.startswith(ENV_PREFIXES) and k not in GATEWAY_ENV}
         session = await self.sessions.create(access_key, language, origin="jupyter",
                                              environ=environ)
         self._activity[session.id] = Activity(name=name)
-        session.last_activity = time.monotonic()  # idle from now, not from before the start
         return session
 
     def kernels(self, access_key: str) -> list[Session]:
@@ -273,12 +272,13 @@ class Gateway:
             # its own, but a SUB socket's subscription reaches the new kernel some time later
             # (what is published before is lost) and a DEALER may stay paired with nothing. So
             # give every relay a new client, known live like the first (see connect()).
-            if session.kernel is not None:
+            kernel = session.main_kernel
+            if kernel is not None:
                 for relay in list(act.relays):
-                    await relay.reconnect(session.kernel)
+                    await relay.reconnect(kernel)
         finally:
             act.requests.clear()  # the old kernel will not say idle after them
-            act.execution_state = "idle" if session.kernel is not None else "dead"
+            act.execution_state = "idle" if session.main is not None else "dead"
             for relay in list(act.relays):
                 relay.status(act.execution_state)
 
@@ -287,11 +287,10 @@ class Gateway:
     async def connect(self, session: Session, deliver: Callable[[Channel, Message], None],
                       on_close: Callable[[], None]) -> Relay:
         """A relay between one client connection and the session's kernel. Raises KernelDied."""
-        if session.kernel is None:
-            raise KernelDied("The kernel is not running; restart it.")
-        session.last_activity = time.monotonic()
+        kernel = session.require_main().kernel
+        session.touch()
         relay = Relay(self, session, deliver, on_close)
-        relay.start(*await connect(session.kernel))
+        relay.start(*await connect(kernel))
         self._activity_of(session).relays.add(relay)
         return relay
 
@@ -302,7 +301,7 @@ class Gateway:
         return act
 
     def observe(self, session: Session, msg: Message) -> None:
-        session.last_activity = time.monotonic()
+        session.touch()
         if msg["header"].get("msg_type") != "status":
             return
         act = self._activity_of(session)
@@ -311,9 +310,8 @@ class Gateway:
             return  # the server's own request, not one of the client's (see Activity.requests)
         act.execution_state = str(msg["content"].get("execution_state", act.execution_state))
         # A cell running for a Jupyter client is not idleness: hold the session while busy.
-        if act.execution_state == "busy" and not act.holding:
-            session.holds += 1
-            act.holding = True
+        if act.execution_state == "busy" and act.hold is None:
+            act.hold = session.hold()
         elif act.execution_state == "idle":
             act.requests.discard(parent)
             if not act.requests:
@@ -328,9 +326,9 @@ class Gateway:
 
     @staticmethod
     def _release(session: Session, act: Activity) -> None:
-        if act.holding:
-            session.holds -= 1
-            act.holding = False
+        if act.hold is not None:
+            act.hold.release()
+            act.hold = None
 
     def detach(self, relay: Relay) -> None:
         act = self._activity.get(relay.session.id)
@@ -343,7 +341,7 @@ class Gateway:
         act = self._activity.pop(session.id, None)
         if act is not None:
             for relay in list(act.relays):
-                asyncio.get_running_loop().create_task(relay.close())
+                spawn(relay.close())
 
 
 class Relay:
@@ -396,7 +394,7 @@ class Relay:
         wire = {"header": header, "parent_header": msg.get("parent_header") or {},
                 "metadata": msg.get("metadata") or {}, "content": msg.get("content") or {},
                 "buffers": msg.get("buffers") or []}
-        self.session.last_activity = time.monotonic()
+        self.session.touch()
         self.gateway.sent(self.session, str(header["msg_id"]))
         getattr(self._client, f"{channel}_channel").send(wire)
 
@@ -426,7 +424,7 @@ class Relay:
             try:
                 self._deliver(channel, msg)
             except Exception:
-                asyncio.get_running_loop().create_task(self.close())
+                spawn(self.close())
                 return
 
     async def close(self) -> None:

@@ -244,7 +244,7 @@ class JobSession:
         self.running: set[Job] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.busy_since: float | None = None
-        self.kernel: Session | None = None  # dedicated: the bridge session that keeps state
+        self.session: Session | None = None  # dedicated: the bridge session that keeps state
         self.next_seq = 0
 
     # -- the state machine ----------------------------------------------------------------------
@@ -367,12 +367,12 @@ def view_of(s: Session, interactive_ttl: int = DEFAULT_INTERACTIVE_TTL["dedicate
     """
     mono_now, now = time.monotonic(), time.time()
     started = datetime.fromisoformat(s.created_at).timestamp()
-    runs = [r for r in s.runs.values() if r.started_at is not None]
+    runs = s.started_runs()
     first = min((r.started_at for r in runs if r.started_at is not None), default=None)
     last_start = max((r.started_at for r in runs if r.started_at is not None), default=None)
     last_end = max((r.finished_at for r in runs if r.finished_at is not None), default=None)
     elapsed = sum((r.finished_at or now) - (r.started_at or now) for r in runs)
-    idle_for = mono_now - s.last_activity
+    idle_for = s.idle_for(mono_now)
     view = JobSession(id=s.name, access_key=s.access_key, mode="dedicated",
                       language=s.language.name, max_ttl=None, interactive_ttl=interactive_ttl,
                       environment=dict(s.environ), started_at=started, origin=s.origin,
@@ -386,7 +386,7 @@ def view_of(s: Session, interactive_ttl: int = DEFAULT_INTERACTIVE_TTL["dedicate
     view.activated_at = activated
     view.state = State.ACTIVE
     view.timestamps.append((State.ACTIVE.value, activated))
-    if not s.busy and idle_for >= interactive_ttl:
+    if s.idle(interactive_ttl, mono_now):
         view.state = State.INACTIVE
         view.timestamps.append((State.INACTIVE.value, now - idle_for + interactive_ttl))
     return view

@@ -14,7 +14,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 
-from .errors import UnknownLanguage
+from .errors import LanguageUnavailable, UnknownLanguage
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,12 @@ class Language:
 
     @property
     def available(self) -> bool:
-        return all(shutil.which(tool) for tool in self.toolchain)
+        """The one test of availability: every toolchain binary is on the server's PATH."""
+        return not self.missing
+
+    @property
+    def missing(self) -> tuple[str, ...]:
+        return tuple(tool for tool in self.toolchain if not shutil.which(tool))
 
 
 # A Makefile in the working dir wins over the build defaults (seed 002, Backend.AI runners).
@@ -125,6 +130,19 @@ def names() -> list[str]:
     return [lang.name for lang in LANGUAGES]
 
 
+def available() -> list[Language]:
+    """The languages this server can run now (their toolchains are installed)."""
+    return [lang for lang in LANGUAGES if lang.available]
+
+
+def require_available(lang: Language) -> Language:
+    """``lang``, if this server can run it. Raises LanguageUnavailable (the one message)."""
+    missing = lang.missing
+    if missing:
+        raise LanguageUnavailable(lang.name, missing)
+    return lang
+
+
 def resolve(name_or_image: str) -> Language:
     """Find a language by name, alias or Backend.AI image reference. Raises UnknownLanguage."""
     key = name_or_image.strip().lower()
@@ -161,5 +179,4 @@ async def _version(lang: Language) -> str:
 
 async def measure_versions() -> dict[str, str]:
     """Each available language's toolchain version ("3.11.7"), asking one toolchain at a time."""
-    return {lang.name: await _version(lang)
-            for lang in LANGUAGES if lang.available and lang.version_cmd}
+    return {lang.name: await _version(lang) for lang in available() if lang.version_cmd}

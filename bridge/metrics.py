@@ -156,7 +156,7 @@ class LiveCollector(Collector):
         for s in bridge.sessions.all():
             tally[(s.origin, s.language.name, s.state.value)] += 1
             by_key[s.access_key] += 1
-            waiting += s.queued
+            waiting += s.queue.waiting
         for labels, n in sorted(tally.items()):
             sessions.add_metric(list(labels), n)
         queued.add_metric([], waiting)

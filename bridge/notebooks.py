@@ -8,7 +8,6 @@ handed in ready, and cells are executed one by one with ``async_execute_cell``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import re
@@ -26,9 +25,9 @@ from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernel
 from nbformat import NotebookNode
 from nbformat.warnings import MissingIDFieldWarning
 
-from .errors import InvalidRequest, KernelDied, SessionNotFound
+from .errors import InvalidRequest
 from .gateway import language_of_spec, open_client
-from .languages import Language
+from .languages import Language, require_available
 from .session import Session
 from .sessions import Sessions
 from .wire import guard
@@ -170,9 +169,7 @@ async def execute(nb: NotebookNode, session: Session, *, timeout: float | None =
 
     Raises KernelDied when the session has no running kernel.
     """
-    kernel = session.kernel
-    if kernel is None:
-        raise KernelDied("The session's kernel is not running; restart the session.")
+    kernel = session.require_main().kernel  # Raises KernelDied
     started = time.monotonic()
     kc = await open_client(kernel)
     guards = guard(kc, ("shell", "iopub", "stdin", "control"))  # see bridge/wire.py
@@ -184,28 +181,26 @@ async def execute(nb: NotebookNode, session: Session, *, timeout: float | None =
     client.kc = kc
     client.reset_execution_trackers()
     failure: CellFailure | None = None
-    session.holds += 1  # a long notebook is not idleness
     try:
-        total = len(nb.cells)
-        for index, cell in enumerate(nb.cells):
-            session.last_activity = time.monotonic()
-            try:
-                await client.async_execute_cell(cell, index,
-                                                execution_count=client.code_cells_executed + 1)
-            except CellTimeoutError as exc:
-                await kernel.interrupt()
-                failure = CellFailure(index, "CellTimeoutError",
-                                      f"Cell {index} did not finish within {timeout} s.",
-                                      [str(exc).splitlines()[0]])
-            except (CellExecutionError, DeadKernelError) as exc:
-                failure = _failure(index, cell, exc)
-            if progress is not None:
-                progress(index + 1, total, cell)
-            if failure is not None:
-                break
+        with session.hold():  # a long notebook is not idleness
+            total = len(nb.cells)
+            for index, cell in enumerate(nb.cells):
+                session.touch()
+                try:
+                    await client.async_execute_cell(cell, index,
+                                                    execution_count=client.code_cells_executed + 1)
+                except CellTimeoutError as exc:
+                    await kernel.interrupt()
+                    failure = CellFailure(index, "CellTimeoutError",
+                                          f"Cell {index} did not finish within {timeout} s.",
+                                          [str(exc).splitlines()[0]])
+                except (CellExecutionError, DeadKernelError) as exc:
+                    failure = _failure(index, cell, exc)
+                if progress is not None:
+                    progress(index + 1, total, cell)
+                if failure is not None:
+                    break
     finally:
-        session.holds -= 1
-        session.last_activity = time.monotonic()
         for task in guards:
             task.cancel()
         kc.stop_channels()
@@ -228,14 +223,11 @@ async def run_notebook(sessions: Sessions, access_key: str, nb: NotebookNode, *,
         inject_parameters(nb, parameters or {}, session.language)
         return await execute(nb, session, timeout=timeout, allow_errors=allow_errors,
                              progress=progress)
-    lang = language_of(nb, language)
-    if not lang.available:
-        raise InvalidRequest(f"Language {lang.name!r} is not available on this server.")
+    lang = require_available(language_of(nb, language))
     inject_parameters(nb, parameters or {}, lang)
     session = await sessions.create(access_key, lang, origin="notebook")
     try:
         return await execute(nb, session, timeout=timeout, allow_errors=allow_errors,
                              progress=progress)
     finally:
-        with contextlib.suppress(SessionNotFound):  # culled meanwhile: already gone
-            await sessions.destroy(session, "notebook-finished")
+        await sessions.discard(session, "notebook-finished")  # unless culled meanwhile

@@ -40,7 +40,7 @@ class Ending:
 
 def oom_kills(session: Session) -> int:
     """How many processes the memory cap of the session's kernel has killed so far."""
-    kernel = session.kernel
+    kernel = session.main_kernel
     cgroup = kernel.cgroup if kernel is not None else None
     return cgroup.oom_kills() if cgroup is not None else 0
 

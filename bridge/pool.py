@@ -151,8 +151,7 @@ class KernelPool:
         stock = self._stock.setdefault(language.name, deque())
         while len(stock) < self.size(language):
             metrics.POOL_REFILLS.labels(language.name).inc()
-            stock.append(asyncio.create_task(self._start_one(language, delay),
-                                             name=f"pool-{language.name}"))
+            stock.append(spawn(self._start_one(language, delay), name=f"pool-{language.name}"))
 
     async def _start_one(self, language: Language, delay: float = 0.0) -> Kernel:
         if delay:

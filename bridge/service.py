@@ -186,12 +186,12 @@ class Bridge:
             line.start()
         self.pool.start()
         # Asked once, off the start path: the first GET …/execute/languages awaits it.
-        self.language_versions = asyncio.create_task(measure_versions())
+        self.language_versions = spawn(measure_versions())
         return Started(first_keypair=first)
 
     def runs_in_flight(self) -> int:
         """Runs executing right now, in every dialect (what a graceful shutdown waits for)."""
-        return sum(1 for s in self.sessions.all() if s.current is not None)
+        return sum(1 for s in self.sessions.all() if s.queue.current is not None)
 
     async def drain(self, grace: float, hurry: asyncio.Event) -> None:
         """Let running runs finish, up to ``grace`` seconds or until ``hurry`` is set."""

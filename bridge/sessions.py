@@ -1,42 +1,34 @@
-"""The session registry: create, find, restart, destroy and reap sessions, and run their runs.
+"""The session registry: create, find, adopt, restart and destroy sessions, and queue their runs.
 
-Runs of a session execute one at a time, FIFO, on the session's worker task. Idle and CPU-credit
-limits are enforced by the registry's reaper, never by request handlers. The model itself is
-:mod:`bridge.session`.
+The registry holds every live session by id. Around it: the model (:mod:`bridge.session`), the
+worker that runs each session's queue one run at a time, FIFO (:mod:`bridge.worker`), the reaper
+that ends idle sessions and spent CPU credit (:mod:`bridge.reaper`), and their rows in the store
+(:mod:`bridge.session_records`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from . import metrics
 from .admission import Admission, Holder, Ticket
-from .channels import Channels
 from .disk import Volumes
-from .errors import (
-    Conflict,
-    InvalidRequest,
-    InvalidTransition,
-    RunNotFound,
-    SessionNotFound,
-)
+from .errors import InvalidRequest, SessionNotFound
 from .kernels import Kernel, Usage
 from .keypairs import Keypairs
 from .languages import Language
-from .runs import Program, Run, RunState
+from .reaper import Reaper
+from .runs import Program, Run
 from .sandbox import Confinement, Mount
-from .session import Limits, Session, SessionState, now_iso
+from .session import MAIN, Attached, Limits, Session, SessionState
+from .session_records import SessionRecords
 from .settings import Settings
-from .store import Store, dumps
-from .tasks import cancel_and_wait, spawn
-
-log = logging.getLogger(__name__)
+from .store import Store
+from .worker import Worker
 
 # Starts a kernel for a session (spec, confinement) → Kernel: the one launch function.
 KernelFactory = Callable[[str, Confinement], Any]
@@ -73,7 +65,10 @@ class Sessions:
         self._start_kernel = start_kernel
         self.pool = pool
         self._by_id: dict[str, Session] = {}
-        self._reaper: asyncio.Task[None] | None = None
+        self.records = SessionRecords(store)
+        self.worker = Worker(self.records, self.restart, self.discard)
+        self.reaper = Reaper(settings.reaper_interval_s, lambda: self._by_id.values(),
+                             self.discard)
         self.on_terminated: list[Callable[[Session], Any]] = []
         self.on_submit: list[Callable[[Session, Run], Any]] = []  # e.g. event streams
 
@@ -82,14 +77,12 @@ class Sessions:
     async def start(self) -> None:
         # Kernels do not survive a server restart: their sessions ended with the old process,
         # and so did their files (a server that was killed could not remove them).
-        await self.store.execute(
-            "UPDATE sessions SET state='TERMINATED', state_reason='server-restarted',"
-            " terminated_at=? WHERE state != 'TERMINATED'", (now_iso(),))
+        await self.records.end_all()
         await asyncio.to_thread(self.volumes.sweep_sessions, self.settings.sessions_dir)
-        self._reaper = asyncio.create_task(self._reap_forever())
+        self.reaper.start()
 
     async def stop(self) -> None:
-        await cancel_and_wait(self._reaper)
+        await self.reaper.stop()
         await asyncio.gather(*(self.destroy(s, "server-shutdown") for s in self.all()),
                              return_exceptions=True)
         # Destroys already under way (a timer's, a client's) end before the server does, and
@@ -148,34 +141,36 @@ class Sessions:
             if ticket is not None:
                 self.admission.release(ticket)
             raise
-        # A pooled kernel brings its own working dir; the session adopts it (_attach_kernel).
+        # A pooled kernel brings its own working dir; the session adopts it (_attach_main).
         workdir = self.settings.sessions_dir / sid
         session = Session(id=sid, name=name or sid, access_key=access_key, language=language,
                           origin=origin, limits=limits, workdir=workdir, mounts=mounts,
                           environ=dict(environ or {}), network=network, on_timeout=on_timeout)
         session.ticket = ticket
         self._by_id[sid] = session
-        config = {"limits": limits.__dict__, "mounts": [m.target for m in mounts],
-                  "environ": session.environ}
         try:
-            await self._attach_kernel(session, fresh=True)
-            await self.store.execute(
-                "INSERT INTO sessions (id, name, access_key, language, origin, state, config,"
-                " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (sid, session.name, access_key, language.name, origin, session.state.value,
-                 dumps(config), session.created_at))
+            await self._attach_main(session, fresh=True)
+            await self.records.created(session)
         except BaseException:
             # Nothing half-made stays: not the kernel, not the dir, not the place.
             del self._by_id[sid]
-            with contextlib.suppress(Exception):
-                await self._stop_kernel(session.kernel, session.channels)
+            main = session.kernels.pop(MAIN, None)
+            if main is not None:
+                with contextlib.suppress(Exception):
+                    await main.stop()
             self.admission.release(ticket)
             await self.volumes.remove(session.workdir)
             raise
-        # Idle from now: a slow kernel start (a loaded machine) is not idleness to be reaped.
-        session.last_activity = time.monotonic()
-        session._worker = asyncio.create_task(self._work(session))
+        self.adopt(session)
         return session
+
+    def adopt(self, session: Session) -> None:
+        """Take ``session`` (its kernels attached, its row written) into the registry and start
+        running its queue. Idle from now: a slow kernel start (a loaded machine), or the time a
+        session was not in a registry, is not idleness to be reaped."""
+        self._by_id[session.id] = session
+        session.touch()
+        self.worker.start(session)
 
     def reserve(self, access_key: str, holder: Holder, limits: Limits | None = None, *,
                 wait: bool, origin: str = "backendai") -> Ticket:
@@ -196,7 +191,7 @@ class Sessions:
                       mem_kib=self.settings.default_mem_kib,
                       idle_timeout_s=self.settings.idle_timeout_s)
 
-    async def _attach_kernel(self, session: Session, fresh: bool = False) -> None:
+    async def _attach_main(self, session: Session, fresh: bool = False) -> None:
         # Only a new session may take a pooled kernel: a re-attached one keeps its files.
         kernel: Kernel | None = None
         if fresh and self.pool is not None:
@@ -209,9 +204,7 @@ class Sessions:
             kernel = await self._start_kernel(session.language.kernelspec,
                                               session.confinement())
         session.workdir = kernel.confinement.workdir
-        session.kernel = kernel
-        session.channels = Channels(kernel.client)
-        session.channels.start()
+        session.kernels[MAIN] = Attached.start(kernel)
 
     async def destroy(self, session: Session, reason: str = "user-requested", *,
                       now: bool = False) -> Usage:
@@ -222,74 +215,54 @@ class Sessions:
             usage = session.usage()
             session.state = SessionState.TERMINATED
             session.state_reason = reason
-            if session._worker is not None:
-                session._worker.cancel()
-            while not session._queue.empty():
-                session._queue.get_nowait().cancel(f"Session ended: {reason}.")
-            kernels = [(session.kernel, session.channels), *session.extra_kernels.values()]
-            metrics.kernels_stopped([k for k, _ in kernels if k is not None],
-                                    session.language.name)
-            session.kernel, session.channels, session.extra_kernels = None, None, {}
+            session.queue.close(reason)
+            attached = list(session.kernels.values())
+            session.kernels = {}
+            metrics.kernels_stopped([a.kernel for a in attached], session.language.name)
             try:
-                await asyncio.gather(*(self._stop_kernel(k, c, now) for k, c in kernels),
-                                     return_exceptions=True)
+                await asyncio.gather(*(a.stop(now) for a in attached), return_exceptions=True)
             finally:
                 # The place is free once the kernels are gone, not before.
                 if session.ticket is not None:
                     self.admission.release(session.ticket)
             await self.volumes.remove(session.workdir)
-            stats = {"cpu_used": usage.cpu_ms, "mem_max_bytes": usage.mem_max_bytes,
-                     "mem_cur_bytes": usage.mem_bytes}
-            await self.store.execute(
-                "UPDATE sessions SET state='TERMINATED', state_reason=?, terminated_at=?,"
-                " stats=? WHERE id=?", (reason, now_iso(), dumps(stats), session.id))
+            await self.records.ended(session, reason, usage)
             del self._by_id[session.id]
         for callback in self.on_terminated:
             with contextlib.suppress(Exception):
                 callback(session)
         return usage
 
-    @staticmethod
-    async def _stop_kernel(kernel: Kernel | None, channels: Channels | None,
-                           now: bool = False) -> None:
-        if channels is not None:
-            await channels.stop()
-        if kernel is not None:
-            await kernel.shutdown(now)
-
     async def restart(self, session: Session) -> None:
         """Restart the language kernel: globals gone, age and CPU credit go on, idle resets."""
         async with session.lock:
             if not session.alive:
                 raise SessionNotFound(session.name)
-            running = session.current is not None and not session.current.done
-            if running and session.kernel is not None:
+            main = session.main
+            if session.queue.running and main is not None:
                 # The running run loses its kernel; end it rather than leave it hanging.
                 with contextlib.suppress(Exception):
-                    await session.kernel.interrupt()
+                    await main.kernel.interrupt()
             session.state = SessionState.RESTARTING
             try:
-                if session.kernel is None or session.channels is None:
-                    await self._attach_kernel(session)
+                if main is None:
+                    await self._attach_main(session)
                 else:
-                    await session.kernel.restart(self.settings.kernel_start_timeout)
-                    session.channels.rebind(session.kernel.client)
-                    await session.channels.stop()
-                    session.channels.start()
+                    await main.kernel.restart(self.settings.kernel_start_timeout)
+                    main.channels.rebind(main.kernel.client)
+                    await main.channels.stop()
+                    main.channels.start()
             finally:
                 session.state = SessionState.RUNNING if session.alive else session.state
-            session.last_activity = time.monotonic()
+            session.touch()
             if session.alive:  # back from ERROR (a dead kernel) in the record too
-                await self.store.execute(
-                    "UPDATE sessions SET state=?, state_reason='' WHERE id=?",
-                    (session.state.value, session.id))
+                session.state_reason = ""
+                await self.records.set_state(session)
 
     async def interrupt(self, session: Session) -> None:
         """Interrupt whatever the session's kernels are running (fire and forget)."""
-        kernels = [k for k, _ in session.extra_kernels.values()]
-        if session.kernel is not None:
-            kernels.append(session.kernel)
-        await asyncio.gather(*(k.interrupt() for k in kernels), return_exceptions=True)
+        await asyncio.gather(*(a.kernel.interrupt() for a in session.kernels.values()),
+                             return_exceptions=True)
 
     async def complete(self, session: Session, code: str, cursor_pos: int,
                        timeout: float = 5.0) -> list[str]:
@@ -316,29 +289,18 @@ class Sessions:
     # -- runs ---------------------------------------------------------------------------------
 
     async def submit(self, session: Session, run: Run) -> Run:
-        """Queue a run (FIFO per session), recording it before anyone is told about it."""
+        """Queue a run (FIFO per session), recording it before anyone is told about it.
+        Raises SessionNotFound, InvalidTransition, Conflict (see Session.add_run)."""
         if not session.alive:
             raise SessionNotFound(session.name)
-        if run.run_id in session.runs:
-            raise InvalidTransition(f"run {run.run_id}", "new", "already submitted")
-        waiting = session.current
-        if waiting is not None and waiting.state is RunState.WAITING_INPUT:
-            # Queued behind it, the new run would answer `continued` until someone answers.
-            raise Conflict(f"Run {waiting.run_id} waits for input: answer it (mode 'input' "
-                           "with that runId) or interrupt it before sending another run.")
-        session.runs[run.run_id] = run
+        session.add_run(run)
         for hook in self.on_submit:
             hook(session, run)
-        session.num_queries += 1
-        session.last_activity = time.monotonic()
         # Queue first: the kernel starts on the code while the record is written, and the
         # caller is answered only after the write (persist before answering, at no latency).
-        session._queue.put_nowait(run)
+        session.queue.put(run)
         await self.store.transaction([
-            ("INSERT INTO runs (id, session_id, run_id, mode, code, options, status, created_at)"
-             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-             (str(uuid.uuid4()), session.id, run.run_id, run.mode, run.code,
-              dumps(run.options), RunState.QUEUED.value, now_iso())),
+            self.records.run_queued(session, run),
             self.keypairs.note_query(session.access_key),
         ])
         return run
@@ -362,88 +324,7 @@ class Sessions:
                    options=options or {}, timeout=timeout, stdin=stdin,
                    output_limit=self.settings.output_limit)
 
-    def get_run(self, session: Session, run_id: str) -> Run:
-        run = session.runs.get(run_id)
-        if run is None:
-            raise RunNotFound(run_id)
-        return run
-
-    async def _work(self, session: Session) -> None:
-        while True:
-            run = await session._queue.get()
-            session.current = run
-            try:
-                await self._run_one(session, run)
-            finally:
-                # Only once the outcome is stored: a graceful shutdown waits for this.
-                session.current = None
-            if run.state is RunState.TIMED_OUT and session.on_timeout == "destroy":
-                return
-
-    async def _run_one(self, session: Session, run: Run) -> None:
-        try:
-            await run.execute()
-        finally:
-            session.last_activity = time.monotonic()
-        # Before anything yields: a client told "finished, 130" must find the session in
-        # ERROR when it looks next (poll() of a local kernel does not suspend).
-        kernel = session.kernel
-        died = run.state is RunState.FAILED and kernel is not None and not await kernel.is_alive()
-        metrics.run_ended(run, session.language.name, died,
-                          died and kernel is not None and _oom_killed(kernel))
-        if died:
-            session.state = SessionState.ERROR
-            session.state_reason = "kernel-died"
-            await self.store.execute(
-                "UPDATE sessions SET state=?, state_reason=? WHERE id=?",
-                (session.state.value, session.state_reason, session.id))
-        await self.store.execute(
-            "UPDATE runs SET status=?, exit_code=?, finished_at=? WHERE session_id=? AND"
-            " run_id=?", (run.state.value, run.exit_code, now_iso(), session.id, run.run_id))
-        # Keep only runs a client may still be reading; drop the old finished ones.
-        if len(session.runs) > 64:
-            for rid in [r for r, x in session.runs.items() if x.done][:-32]:
-                del session.runs[rid]
-        if run.state is RunState.TIMED_OUT:
-            if session.on_timeout == "destroy":
-                spawn(self._destroy_quietly(session, "exec-timeout"))
-                return
-            # Inline, not as a task: the next queued run must find the new kernel, not the
-            # old one still busy with the timed-out code.
-            await self._restart_quietly(session)
-
-    async def _destroy_quietly(self, session: Session, reason: str) -> None:
+    async def discard(self, session: Session, reason: str, *, now: bool = False) -> None:
+        """Destroy ``session`` unless it is already gone (reaped, closed by its client)."""
         with contextlib.suppress(SessionNotFound):
-            await self.destroy(session, reason)
-
-    async def _restart_quietly(self, session: Session) -> None:
-        try:
-            await self.restart(session)
-        except Exception:
-            log.exception("restart of session %s failed", session.id)
-            await self._destroy_quietly(session, "restart-failed")
-
-    # -- the reaper ---------------------------------------------------------------------------
-
-    async def _reap_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.reaper_interval_s)
-            try:
-                await self.reap()
-            except Exception:
-                log.exception("reaper pass failed")
-
-    async def reap(self) -> None:
-        now = time.monotonic()
-        for s in list(self._by_id.values()):
-            if not s.alive or s.lock.locked() or s.kernel is None:
-                continue  # (no kernel yet: still starting, and not idle however long it takes)
-            if not s.busy and now - s.last_activity > s.limits.idle_timeout_s:
-                await self._destroy_quietly(s, "idle-timeout")
-            elif s.limits.max_cpu_credit_ms and s.usage().cpu_ms > s.limits.max_cpu_credit_ms:
-                await self._destroy_quietly(s, "cpu-credit-exhausted")
-
-
-def _oom_killed(kernel: Kernel) -> bool:
-    cg = kernel.cgroup
-    return cg is not None and cg.oom_kills() > 0
+            await self.destroy(session, reason, now=now)

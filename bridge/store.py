@@ -106,10 +106,6 @@ class Store:
 
         await self._call(fn)
 
-    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
-        rows = list(rows)
-        await self._call(lambda: self._db().executemany(sql, rows))
-
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
         def fn() -> Row | None:
             row = self._db().execute(sql, params).fetchone()

@@ -6,6 +6,7 @@ ends (see the asyncio.create_task docs). ``spawn`` holds it until it is done.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 from collections.abc import Coroutine
@@ -15,8 +16,8 @@ T = TypeVar("T")
 _running: set[asyncio.Task[Any]] = set()
 
 
-def spawn(coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
-    task = asyncio.create_task(coro)
+def spawn(coro: Coroutine[Any, Any, T], name: str | None = None) -> asyncio.Task[T]:
+    task = asyncio.create_task(coro, name=name)
     _running.add(task)
     task.add_done_callback(_running.discard)
     return task
@@ -29,3 +30,18 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+class Background(abc.ABC):
+    """One task that runs :meth:`forever` from :meth:`start` until :meth:`stop` (a reaper)."""
+
+    _task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = spawn(self.forever())
+
+    async def stop(self) -> None:
+        await cancel_and_wait(self._task)
+
+    @abc.abstractmethod
+    async def forever(self) -> None: ...

@@ -39,6 +39,9 @@ class KernelSocket:
                  timeout: float = 30) -> None:
         url = base_url.replace("http", "ws", 1) + f"/api/kernels/{kernel_id}/channels"
         self.v1 = v1
+        # Messages of other requests that arrived while one was awaited (a reply on shell can
+        # overtake the previous request's idle on iopub): kept for when they are awaited.
+        self.backlog: list[dict[str, Any]] = []
         self.ws = websocket.create_connection(
             url, header=[f"Authorization: token {secret}"], timeout=timeout,
             subprotocols=[V1] if v1 else None)
@@ -73,10 +76,13 @@ class KernelSocket:
         reply: dict[str, Any] | None = None
         idle = False
         deadline = time.monotonic() + timeout
+        mine = [m for m in self.backlog if m["parent_header"].get("msg_id") == msg_id]
+        self.backlog = [m for m in self.backlog if m not in mine]
         while not (idle and reply is not None):
             assert time.monotonic() < deadline, f"no reply to {msg_id} in {timeout} s"
-            msg = self.recv()
+            msg = mine.pop(0) if mine else self.recv()
             if msg["parent_header"].get("msg_id") != msg_id:
+                self.backlog.append(msg)
                 continue
             if msg["channel"] == "shell":
                 reply = msg

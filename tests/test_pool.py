@@ -13,6 +13,8 @@ from bridge.sandbox import Confinement, Mount
 from bridge.service import Bridge
 from bridge.settings import Settings
 
+from .waiting import until
+
 PYTHON = languages.resolve("python")
 
 
@@ -54,6 +56,16 @@ def settings(tmp_path: Path, size: int = 2) -> Settings:
     return s
 
 
+async def filled_pool(tmp_path: Path) -> tuple[Settings, FakeLaunch, KernelPool]:
+    """A pool of two fake python kernels, started and full."""
+    s = settings(tmp_path)
+    launch = FakeLaunch()
+    pool = KernelPool(s, launch, no_warm_up)  # type: ignore[arg-type]
+    pool.start()
+    await until(lambda: pool.ready(PYTHON) == 2)
+    return s, launch, pool
+
+
 def request(s: Settings, **changes: object) -> Confinement:
     base = Confinement(workdir=s.sessions_dir / "asked", ipc_dir=s.sessions_dir / "asked",
                        mem_bytes=s.default_mem_kib * 1024)
@@ -72,8 +84,8 @@ def test_concurrent_takes_never_share_a_kernel_and_stock_refills(tmp_path: Path)
         # Each kernel runs in its own fresh dir, which the taker adopts.
         dirs = {k.confinement.workdir for k in taken if k is not None}
         assert len(dirs) == 6 and all(d.is_dir() and d.name.startswith("pool-") for d in dirs)
-        await asyncio.sleep(0.5)
-        assert pool.ready(PYTHON) == 2  # refilled in the background to its size
+        await until(lambda: pool.ready(PYTHON) == 2)  # refilled in the background to its size
+        assert len(launch.started) == 2 + 6  # one replacement per kernel taken, no more
         await pool.stop()
 
     asyncio.run(main())
@@ -81,10 +93,7 @@ def test_concurrent_takes_never_share_a_kernel_and_stock_refills(tmp_path: Path)
 
 def test_requests_that_do_not_fit_get_none(tmp_path: Path) -> None:
     async def main() -> None:
-        s = settings(tmp_path)
-        pool = KernelPool(s, FakeLaunch(), no_warm_up)  # type: ignore[arg-type]
-        pool.start()
-        await asyncio.sleep(0.2)
+        s, _, pool = await filled_pool(tmp_path)
         mount = (Mount(tmp_path, "data"),)
         for misfit in (request(s, mounts=mount), request(s, environ={"A": "1"}),
                        request(s, network=True), request(s, mem_bytes=1)):
@@ -98,15 +107,11 @@ def test_requests_that_do_not_fit_get_none(tmp_path: Path) -> None:
 
 def test_dead_kernel_is_skipped_and_drain_stops_everything(tmp_path: Path) -> None:
     async def main() -> None:
-        s = settings(tmp_path)
-        launch = FakeLaunch()
-        pool = KernelPool(s, launch, no_warm_up)  # type: ignore[arg-type]
-        pool.start()
-        await asyncio.sleep(0.2)
+        s, launch, pool = await filled_pool(tmp_path)
         launch.started[0].alive = False
         got = await pool.take(PYTHON, request(s))
         assert got is not None and got is not launch.started[0] and got.alive
-        await asyncio.sleep(0.5)
+        await until(lambda: pool.ready(PYTHON) == 2)  # the replacements started
         await pool.stop()
         in_stock = [k for k in launch.started if k is not got]
         assert in_stock and all(k.stopped for k in in_stock)
@@ -126,14 +131,11 @@ def test_sessions_take_pooled_kernels_when_they_fit(tmp_path: Path) -> None:
         assert first.first_keypair is not None
         key = first.first_keypair.access_key
         try:
-            for _ in range(600):
-                if bridge.pool.ready(PYTHON):
-                    break
-                await asyncio.sleep(0.1)
+            await until(lambda: bridge.pool.ready(PYTHON) > 0, 120, "a pooled kernel")
             pooled = await bridge.sessions.create(key, PYTHON, name="pooled")
             assert bridge.pool.taken == 1
-            assert pooled.kernel is not None
-            assert pooled.workdir == pooled.kernel.confinement.workdir
+            assert pooled.main_kernel is not None
+            assert pooled.workdir == pooled.main_kernel.confinement.workdir
             assert pooled.workdir.name.startswith("pool-")
             (pooled.workdir / "kept.txt").write_text("x")
             await bridge.sessions.restart(pooled)  # a restart keeps the session's files

@@ -12,7 +12,7 @@ from typing import Any
 
 from bridge import __version__
 from bridge.errors import InvalidRequest, RunNotFound
-from bridge.languages import resolve
+from bridge.languages import require_available, resolve
 from bridge.runs import Result
 from bridge.session import Limits, Session
 
@@ -64,10 +64,7 @@ class CreateHandler(BackendAIHandler):
         body = self.parse(CreateSession)
         if not body.language:
             raise InvalidRequest("Either 'lang' or 'image' is required.")
-        language = resolve(body.language)
-        if not language.available:
-            raise InvalidRequest(f"Language {language.name!r} is not available on this server "
-                                 f"(missing {', '.join(language.toolchain)}).")
+        language = require_available(resolve(body.language))
         sessions = self.bridge.sessions
         name = body.session_name
         if name is not None:
@@ -112,7 +109,7 @@ class SessionHandler(BackendAIHandler):
             "image": s.language.name,
             "status": s.state.value,
             "age": int((now - s.started) * 1000),
-            "idle": int((now - s.last_activity) * 1000),
+            "idle": int(s.idle_for(now) * 1000),
             "queryTimeout": s.limits.query_timeout_ms,
             "idleTimeout": int(s.limits.idle_timeout_s * 1000),
             "maxCpuCredit": s.limits.max_cpu_credit_ms,
@@ -152,15 +149,13 @@ class SessionHandler(BackendAIHandler):
         if body.mode in ("continue", "input"):
             if not body.runId:
                 raise InvalidRequest(f"mode {body.mode!r} requires the runId of its run.")
-            run = sessions.get_run(s, body.runId)
+            run = s.get_run(body.runId)
             if body.mode == "input":
                 run.feed_input(code)
             elif run.exhausted:
                 raise RunNotFound(body.runId)
         else:
-            if body.runId and body.runId in s.runs and not s.runs[body.runId].exhausted:
-                raise InvalidRequest(f"Run {body.runId!r} is still in progress.")
-            s.runs.pop(body.runId or "", None)
+            s.reuse_run_id(body.runId)
             if body.mode == "query":
                 run = sessions.query(s, code, body.runId)
             else:

@@ -21,6 +21,7 @@ TABLE: dict[type[BaseException], tuple[int, str]] = {
     e.UnknownLanguage: (400, "unsupported_language"),
     e.LimitExceeded: (400, "limit_exceeded"),
     e.AuthFailed: (401, "unauthorized"),
+    e.Forbidden: (403, "forbidden"),
     e.NotFound: (404, "not_found"),
     e.SessionNotFound: (404, "session_not_found"),
     e.JobNotFound: (404, "job_not_found"),

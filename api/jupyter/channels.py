@@ -14,6 +14,7 @@ from bridge.errors import BridgeError
 from bridge.gateway import Relay
 from bridge.messages import Channel, Message
 from bridge.session import Session
+from bridge.tasks import spawn
 
 from .base import JupyterHandler
 from .wire import V1, decode_legacy, decode_v1, encode_legacy, encode_v1
@@ -85,7 +86,7 @@ class ChannelsHandler(WebSocketHandler, JupyterHandler):
     def on_close(self) -> None:
         if self.relay is not None:
             relay, self.relay = self.relay, None
-            asyncio.get_running_loop().create_task(relay.close())
+            spawn(relay.close())
 
 
 def _ignore_closed(fut: asyncio.Future[None]) -> None:

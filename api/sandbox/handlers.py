@@ -104,7 +104,7 @@ class LanguagesHandler(SandboxHandler):
         versions = await self.bridge.language_versions if self.bridge.language_versions else {}
         self.send([Language(language=lang.name, version=versions.get(lang.name, "unknown"),
                             aliases=list(lang.aliases)).model_dump()
-                   for lang in languages.LANGUAGES if lang.available])
+                   for lang in languages.available()])
 
 
 class LanguageInfoHandler(SandboxHandler):

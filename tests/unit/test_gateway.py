@@ -7,6 +7,8 @@ from typing import Any
 
 from bridge.gateway import Gateway
 
+from .sessions_support import make_session
+
 
 def status(state: str, parent: str) -> dict[str, Any]:
     return {"header": {"msg_type": "status", "msg_id": f"s-{parent}-{state}"},
@@ -15,16 +17,14 @@ def status(state: str, parent: str) -> dict[str, Any]:
 
 def gateway_and_session() -> tuple[Gateway, Any]:
     sessions: Any = SimpleNamespace(on_terminated=[])
-    session: Any = SimpleNamespace(id="s1", holds=0, last_activity=0.0,
-                                   language=SimpleNamespace(kernelspec="kb-python"))
-    return Gateway(sessions, None), session  # type: ignore[arg-type]
+    return Gateway(sessions, None), make_session()  # type: ignore[arg-type]
 
 
 def test_the_servers_own_requests_do_not_make_the_kernel_busy() -> None:
     """A readiness probe after a restart, or a relay's connect-time nudge, is not a cell."""
     gw, session = gateway_and_session()
     gw.observe(session, status("busy", "probe"))
-    assert session.holds == 0
+    assert not session.busy
     assert gw._activity_of(session).execution_state == "idle"
 
 
@@ -32,9 +32,9 @@ def test_a_clients_request_holds_the_session_until_idle() -> None:
     gw, session = gateway_and_session()
     gw.sent(session, "cell")
     gw.observe(session, status("busy", "cell"))
-    assert session.holds == 1 and gw._activity_of(session).execution_state == "busy"
+    assert session.busy and gw._activity_of(session).execution_state == "busy"
     gw.observe(session, status("busy", "probe"))
     gw.observe(session, status("idle", "probe"))  # someone else's idle: the cell still runs
-    assert session.holds == 1 and gw._activity_of(session).execution_state == "busy"
+    assert session.busy and gw._activity_of(session).execution_state == "busy"
     gw.observe(session, status("idle", "cell"))
-    assert session.holds == 0 and gw._activity_of(session).execution_state == "idle"
+    assert not session.busy and gw._activity_of(session).execution_state == "idle"

@@ -13,6 +13,8 @@ from bridge.keypairs import Keypairs
 from bridge.settings import Settings
 from bridge.store import Store
 
+from ..waiting import until
+
 KERNEL_START_S = 0.6
 
 
@@ -28,7 +30,7 @@ class SlowKernels:
         self.ready_at = time.time()
         return object()
 
-    async def destroy(self, kernel: Any, reason: str) -> None:
+    async def discard(self, kernel: Any, reason: str, *, now: bool = False) -> None:
         self.destroyed.append(reason)
 
 
@@ -49,10 +51,7 @@ def test_open_ttl_counts_from_kernel_ready(tmp_path: Path) -> None:
             assert js.open_deadline >= kernels.ready_at + 0.4
             assert js.state.value == "open"  # the kernel took longer than the whole TTL
             # The reaper still fires it: closed, stamped with the deadline itself.
-            deadline = time.monotonic() + 30
-            while js.state.value != "closed" and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            assert js.state.value == "closed"
+            await until(lambda: js.state.value == "closed", 30, "the open TTL's close")
             assert [state for state, _ in js.timestamps] == ["open", "closed"]
             closed_at = js.timestamps[-1][1]
             assert kernels.ready_at + 0.4 <= closed_at < kernels.ready_at + 0.4 + 1.0
