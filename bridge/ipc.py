@@ -57,13 +57,25 @@ def ipc_root_problem(root: Path = IPC_ROOT) -> str:
     return ""
 
 
-OWNER = "owner"  # "<pid> <start time>" of the server that runs the kernel of an IPC dir
+OWNER = "owner"  # "<pid> <start time> <data dir>" of the server that runs an IPC dir's kernel
 HELD = "held"  # [{keeper, pid}] of its processes, for a sweep to stop a kernel nobody adopted
 FRESH_S = 60.0  # an unclaimed dir this young is a kernel starting right now
 
 
+# The data dir of this process's server. The IPC root is shared by every server of the uid on
+# the host: a server judges only its own data dir's dirs, so a kernel another data dir's server
+# left running (killed, or stopped with --keep-kernels) waits for that data dir's next server.
+_scope = ""
+
+
+def set_owner_scope(data_dir: Path) -> None:
+    """Name the data dir this process's kernels belong to (once, before any kernel starts)."""
+    global _scope
+    _scope = str(data_dir.resolve())
+
+
 def claim(ipc_dir: Path) -> None:
-    (ipc_dir / OWNER).write_text(f"{os.getpid()} {start_time(os.getpid())}")
+    (ipc_dir / OWNER).write_text(f"{os.getpid()} {start_time(os.getpid())} {_scope}")
 
 
 def _owner_alive(ipc_dir: Path, mounts: Mapping[str, tuple[str, str]]) -> bool:
@@ -71,7 +83,9 @@ def _owner_alive(ipc_dir: Path, mounts: Mapping[str, tuple[str, str]]) -> bool:
     older server's: its tmpfs source names that server's pid; unmounted, it is left alone
     unless no socket is in it."""
     try:
-        pid, start = (ipc_dir / OWNER).read_text().split()
+        pid, start, *scope = (ipc_dir / OWNER).read_text().split(maxsplit=2)
+        if (scope[0] if scope else "") != _scope:
+            return True  # another data dir's: not ours to judge
         return str(start_time(int(pid))) == start
     except FileNotFoundError:
         if time.time() - ipc_dir.stat().st_mtime < FRESH_S:  # being made: claimed next

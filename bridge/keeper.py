@@ -222,13 +222,17 @@ async def reach(handle: Mapping[str, Any]) -> Keeper:
     """The keeper a record names (one connection per keeper, shared by its kernels). Raises
     ZygoteUnavailable when it is gone or is not the one named."""
     path = str(handle["socket"])
-    keeper = _reached.get(path)
-    if keeper is None or not keeper.alive or keeper.pid != handle.get("pid"):
-        keeper = _reached[path] = await Keeper.connect(handle)
+    # One connection at a time per keeper: kernels adopted at once share it (two connections
+    # raced, and the one replaced took the pidfds it had handed out with it).
+    async with _reaching.setdefault(path, asyncio.Lock()):
+        keeper = _reached.get(path)
+        if keeper is None or not keeper.alive or keeper.pid != handle.get("pid"):
+            keeper = _reached[path] = await Keeper.connect(handle)
     return keeper
 
 
 _reached: dict[str, Keeper] = {}
+_reaching: dict[str, asyncio.Lock] = {}
 
 
 def kill_held(handle: Mapping[str, Any], pids: list[int]) -> None:

@@ -39,7 +39,16 @@ from jupyter_client.provisioning.factory import KernelProvisionerFactory
 from .cgroups import KernelCgroup
 from .disk import mount_ipc
 from .errors import KernelGone, KernelStartFailed
-from .ipc import HELD, IPC_ROOT, claim, ipc_root, ipc_root_problem, remove_ipc, sweep_ipc
+from .ipc import (
+    HELD,
+    IPC_ROOT,
+    claim,
+    ipc_root,
+    ipc_root_problem,
+    remove_ipc,
+    set_owner_scope,
+    sweep_ipc,
+)
 from .provisioner import NAME, SandboxProvisioner, Usage
 from .readiness import wait_ready
 from .sandbox import Confinement, Mount, Sandbox, SandboxUnavailable
@@ -52,7 +61,7 @@ SPECS_DIR = Path(__file__).resolve().parent.parent / "kernelspecs" / "specs"
 PROVISIONERS = "jupyter_client.kernel_provisioners"  # the entry point group
 RECORD_VERSION = 1
 __all__ = ["IPC_ROOT", "Kernel", "KernelGone", "Usage", "adopt", "ipc_root", "ipc_root_problem",
-           "launch", "sweep_ipc"]
+           "launch", "set_owner_scope", "sweep_ipc"]
 
 
 def spec_manager() -> KernelSpecManager:
@@ -344,7 +353,7 @@ async def adopt(record: Mapping[str, Any], *, sandbox: Sandbox, ksm: KernelSpecM
     harden(client.context)
     client.start_channels()
     try:
-        await wait_ready(client, timeout)
+        await wait_ready(client, timeout, control=True)  # it may be running a cell
     except RuntimeError as exc:
         client.stop_channels()
         await _drop(km, ipc_dir)

@@ -11,6 +11,7 @@ request of ours as parent; the channel pump drops them.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from queue import Empty
 from typing import Any
 
@@ -20,16 +21,23 @@ IOPUB_PROOF_S = 0.2
 SHELL_POLL_S = 1.0
 
 
-async def wait_ready(client: AsyncKernelClient, timeout: float) -> None:
+async def wait_ready(client: AsyncKernelClient, timeout: float, *,
+                     control: bool = False) -> None:
     """Return once the kernel answered ``kernel_info`` and iopub is connected.
 
+    ``control``: ask on the control channel, which a kernel answers while a cell runs (a kernel
+    re-adopted mid-cell is ready for us long before its shell is).
     Raises RuntimeError if the kernel died or did not answer within ``timeout``.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
-        msg_id = client.kernel_info()
-        reply = await _shell_reply(client, msg_id, deadline)
+        if control:
+            msg = client.session.msg("kernel_info_request")
+            client.control_channel.send(msg)
+            reply = await _reply(client.get_control_msg, msg["header"]["msg_id"], deadline)
+        else:
+            reply = await _reply(client.get_shell_msg, client.kernel_info(), deadline)
         if reply is not None:
             try:
                 await client.get_iopub_msg(timeout=IOPUB_PROOF_S)
@@ -44,15 +52,15 @@ async def wait_ready(client: AsyncKernelClient, timeout: float) -> None:
             raise RuntimeError(f"Kernel didn't respond in {timeout:.0f} seconds")
 
 
-async def _shell_reply(client: AsyncKernelClient, msg_id: str,
-                       deadline: float) -> dict[str, Any] | None:
+async def _reply(get: Callable[..., Awaitable[dict[str, Any]]], msg_id: str,
+                 deadline: float) -> dict[str, Any] | None:
     loop = asyncio.get_running_loop()
     while True:
         left = deadline - loop.time()
         if left <= 0:
             return None
         try:
-            msg: dict[str, Any] = await client.get_shell_msg(timeout=min(SHELL_POLL_S, left))
+            msg: dict[str, Any] = await get(timeout=min(SHELL_POLL_S, left))
         except Empty:
             return None
         if msg.get("parent_header", {}).get("msg_id") == msg_id:
