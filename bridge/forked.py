@@ -220,9 +220,10 @@ class Nest:
             self.pidfd = -1
 
 
-async def listening(info: Mapping[str, Any], pidfd: int) -> None:
+async def listening(info: Mapping[str, Any], pidfd: int, *, raise_on_exit: bool) -> None:
     """Return once the kernel has bound its sockets. A client that connects earlier waits
-    out zmq's reconnect interval and may miss the first iopub status: ~0.3 s per start."""
+    out zmq's reconnect interval and may miss the first iopub status: ~0.3 s per start.
+    A kernel that exits first: ZygoteUnavailable with ``raise_on_exit``, else return."""
     if info.get("transport") != "ipc":
         return
     paths = [f"{info['ip']}-{info[p]}" for p in
@@ -230,8 +231,10 @@ async def listening(info: Mapping[str, Any], pidfd: int) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + LISTEN_TIMEOUT_S
     while not all(os.path.exists(p) for p in paths):
-        if exited(pidfd):  # a kernel that cannot start: started another way
-            raise ZygoteUnavailable("the kernel exited while starting")
+        if exited(pidfd):
+            if raise_on_exit:  # a forked kernel that cannot start: started another way
+                raise ZygoteUnavailable("the kernel exited while starting")
+            return
         if loop.time() > deadline:
             return  # the client's readiness wait reports it
         await asyncio.sleep(LISTEN_POLL_S)
