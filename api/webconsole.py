@@ -18,7 +18,7 @@ from typing import Any
 from tornado.iostream import StreamClosedError
 from tornado.web import HTTPError, StaticFileHandler
 
-from bridge import languages, overview
+from bridge import languages, outcomes, overview
 from bridge.errors import SessionNotFound
 from bridge.runs import Run
 
@@ -135,7 +135,8 @@ class ExecuteHandler(SandboxHandler):
         except Exception:
             if not started.done():
                 raise  # nothing sent yet: the dialect's error body
-            self.write(json.dumps({"error": "internal", "exit_code": -1}) + "\n")
+            self.write(json.dumps({"error": "internal",
+                                   "exit_code": outcomes.FAILED_EXIT_CODE}) + "\n")
             self.finish()
             return
         if not started.done():

@@ -24,13 +24,13 @@ from typing import Any
 from .errors import InvalidRequest
 from .kernels import Kernel
 from .languages import BATCH_KERNELSPEC, Language
+from .outcomes import BUILD_FAILED_EXIT_CODE, ExitRule
 from .runs import Liveness, Program, Run
 from .sandbox import Confinement
 from .session import BATCH, Attached, Session
 
 StartKernel = Callable[[str, Confinement], Awaitable[Kernel]]
 
-BUILD_FAILED_EXIT_CODE = 127  # "command not found": exec after a failed build (seed 002)
 
 
 @dataclass(frozen=True)
@@ -83,24 +83,20 @@ def program(session: Session, options: BatchOptions, start_kernel: StartKernel) 
 
     async def run_batch(run: Run) -> None:
         target = await bash_kernel(session, start_kernel)
+
+        async def command(cmd: str, allow_stdin: bool = False) -> int:
+            if not cmd:
+                return 0  # nothing to do succeeds
+            outcome = await run.step(target, in_subshell(cmd), allow_stdin=allow_stdin)
+            return outcome.exit_code(ExitRule.PROGRAM)
+
         if options.clean_requested:
-            clean_code = 0
-            if options.clean:
-                outcome = await run.step(target, in_subshell(options.clean), allow_stdin=False)
-                clean_code = outcome.program_exit_code
-            run.mark("clean-finished", clean_code)
-        build_code = 0
-        if options.build:
-            outcome = await run.step(target, in_subshell(options.build), allow_stdin=False)
-            build_code = outcome.program_exit_code
+            run.mark("clean-finished", await command(options.clean))
+        build_code = await command(options.build)
         run.mark("build-finished", build_code)
         if build_code != 0:
             run.finish(BUILD_FAILED_EXIT_CODE)
             return
-        if not options.exec:
-            run.finish(0)
-            return
-        outcome = await run.step(target, in_subshell(options.exec), allow_stdin=True)
-        run.finish(outcome.program_exit_code)
+        run.finish(await command(options.exec, allow_stdin=True))
 
     return run_batch

@@ -1,8 +1,10 @@
-"""One reader per kernel channel, routing each message to its request by ``parent_header.msg_id``.
+"""One reader per kernel channel, routing each message to its request by ``parent_header.msg_id``,
+and the one way the core asks a kernel something: :meth:`Channels.request`.
 
 Runs of a session share the kernel's sockets. Rather than every run polling them (and stealing
-each other's messages), one pump per kernel reads shell, iopub and stdin and hands each message to
-the sink registered for its parent msg_id.
+each other's messages), one pump per kernel reads its channels and hands each message to the
+sink registered for its parent msg_id; a message nobody asked for goes to the ``default`` sink
+when there is one (a Jupyter client's relay sees everything), else nowhere.
 
 The kernel is untrusted, so the pump spends nothing on what nobody asked for: it reads the raw
 frames (the sockets are bounded by :mod:`bridge.wire`), parses only the small parent header,
@@ -10,6 +12,13 @@ and drops messages of no live request (late output of a timed-out run, another c
 traffic, a flood) without checking their signature or decoding their content. An output message
 for a run that keeps no more output is counted, not decoded. When a socket's connection is reset
 (a message over the size cap), every live request hears of it as a ``RESET`` message.
+
+:meth:`Channels.request` sends a request and waits, under the caller's deadline, for its reply
+and (for requests that run code) the kernel's ``idle`` after it, as nbclient's execute loop
+does: the reply may come before or after idle; once the reply is in, iopub gets
+``iopub_grace`` seconds of silence to bring idle (nbclient's ``iopub_timeout``, though counted
+from the last iopub message of the request rather than from the reply, so a long flush of
+output is not cut); a channel that lost messages to a reset is not waited for.
 """
 
 from __future__ import annotations
@@ -18,8 +27,8 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
 
@@ -37,6 +46,9 @@ CHANNELS: tuple[Channel, ...] = ("shell", "iopub", "stdin")
 # A message the pump makes up (never a kernel's): the channel's connection was reset, so a
 # reply or status may have been lost. Content: {"channel": <channel>}.
 RESET = "kb_connection_reset"
+# After the reply, how long iopub may stay silent before the idle status is given up for lost
+# (nbclient waits ``iopub_timeout``, 4 s, in all).
+IOPUB_GRACE_S = 4.0
 
 
 class OutputBudget(Protocol):
@@ -50,23 +62,58 @@ class OutputBudget(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class Watch:
+    """What a long request does while it waits: every ``every()`` seconds without news,
+    ``check()``, which may raise to end the wait (the kernel died)."""
+
+    every: Callable[[], float]
+    check: Callable[[], Awaitable[None]]
+
+
+@dataclass
+class Exchange:
+    """A request and what came back for it."""
+
+    msg_id: str
+    reply: Message | None = None  # None: not awaited, or lost to a reset
+    idle: bool = False  # the kernel said idle after it
+    lost: set[Channel] = field(default_factory=set)  # channels whose connection was reset
+
+    @property
+    def content(self) -> dict[str, Any]:
+        """The reply's content; {} without a reply."""
+        return dict(self.reply["content"]) if self.reply is not None else {}
+
+
 @dataclass
 class Route:
     sink: Sink
     output: OutputBudget | None = None
 
 
+def _drop(channel: Channel, msg: Message) -> None:
+    pass
+
+
 class Channels:
-    def __init__(self, client: AsyncKernelClient) -> None:
+    def __init__(self, client: AsyncKernelClient, channels: tuple[Channel, ...] = CHANNELS,
+                 default: Sink | None = None, guarded: bool = True) -> None:
+        """``default`` gets every message no request claims; ``guarded``: reconnect a socket
+        whose connection a message over the size cap reset (bridge.wire)."""
         self.client = client
+        self.channels = channels
+        self._default = default
+        self._guarded = guarded
         self._routes: dict[str, Route] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._pump(ch)) for ch in CHANNELS]
-        self._tasks += [asyncio.create_task(keep_connected(partial(self._socket, ch),
-                                                           partial(self._reset, ch)))
-                        for ch in CHANNELS]
+        self._tasks = [asyncio.create_task(self._pump(ch)) for ch in self.channels]
+        if self._guarded:
+            self._tasks += [asyncio.create_task(keep_connected(partial(self._socket, ch),
+                                                               partial(self._reset, ch)))
+                            for ch in self.channels]
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -94,6 +141,76 @@ class Channels:
 
     def reply_input(self, value: str) -> None:
         self.client.input(value)
+
+    async def request(self, msg_type: str, content: dict[str, Any], *,
+                      channel: Channel = "shell", until_idle: bool = True,
+                      on_message: Sink | None = None, output: OutputBudget | None = None,
+                      watch: Watch | None = None, iopub_grace: float | None = IOPUB_GRACE_S,
+                      linger: bool = False) -> Exchange:
+        """Send a request and wait for its reply on ``channel`` and, ``until_idle``, for the
+        kernel's idle after it (see the module doc). Every message of the request, the reply
+        included, also goes to ``on_message`` as it comes.
+
+        No deadline of its own: the caller's (``asyncio.timeout``) ends the wait with
+        TimeoutError. ``linger``: late messages of the request are swallowed afterwards, not
+        handed to the default sink. Raises whatever ``watch.check`` raises.
+        """
+        loop = asyncio.get_running_loop()
+        changed = asyncio.Event()
+        reply_type = msg_type.removesuffix("_request") + "_reply"
+        heard = 0.0  # when the reply or the request's last iopub message came
+
+        def sink(ch: Channel, msg: Message) -> None:
+            nonlocal heard
+            kind = msg["header"].get("msg_type", "")
+            # Only what may end the wait wakes the waiter: not every line of a flood.
+            if kind == RESET:
+                ex.lost.add(ch)
+                changed.set()
+            elif ch == channel and kind == reply_type:
+                ex.reply = msg
+                heard = loop.time()
+                changed.set()
+            elif ch == "iopub":
+                heard = loop.time()
+                if kind == "status" and msg["content"].get("execution_state") == "idle":
+                    ex.idle = True
+                    changed.set()
+            if on_message is not None:
+                on_message(ch, msg)
+
+        def answered() -> bool:
+            if not until_idle:
+                return ex.reply is not None or channel in ex.lost
+            # Both the reply and idle, or one of them when the other's channel lost messages.
+            return ((ex.reply is not None or channel in ex.lost)
+                    and (ex.idle or "iopub" in ex.lost) and (ex.reply is not None or ex.idle))
+
+        ex = Exchange(self.send(msg_type, content, sink, channel, output))
+        try:
+            while not answered():
+                wait = watch.every() if watch is not None else None
+                graced = until_idle and iopub_grace is not None and ex.reply is not None
+                if graced:
+                    assert iopub_grace is not None
+                    left = heard + iopub_grace - loop.time()
+                    if left <= 0:
+                        break  # the reply is in and iopub went quiet: idle was lost
+                    wait = left if wait is None else min(wait, left)
+                changed.clear()
+                try:
+                    # asyncio.timeout, unlike wait_for, costs no extra task on the hot path
+                    async with asyncio.timeout(wait):
+                        await changed.wait()
+                except TimeoutError:
+                    if watch is not None:
+                        await watch.check()
+        finally:
+            if linger:
+                self._routes[ex.msg_id] = Route(_drop)
+            else:
+                self.release(ex.msg_id)
+        return ex
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -130,7 +247,9 @@ class Channels:
         parent = _small_json(parts[2])
         route = self._routes.get(str(parent.get("msg_id", ""))) if parent else None
         if route is None:
-            return  # nobody asked: not verified, not decoded
+            if self._default is None:
+                return  # nobody asked: not verified, not decoded
+            route = Route(self._default)
         header = _small_json(parts[1])
         if header is None or len(parts[3]) > HEADER_CAP:
             return

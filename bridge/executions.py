@@ -24,7 +24,7 @@ import logging
 import time
 import uuid
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -43,7 +43,8 @@ from .errors import (
 from .events import EventLog, execution_key
 from .execution_scripts import execution_scripts
 from .languages import Language, require_available, resolve
-from .runs import Liveness, Program, Run, RunState
+from .outcomes import ExitRule, RunState
+from .runs import Liveness, Run, code_program
 from .session import Session, now_iso
 from .sessions import Sessions
 from .settings import Settings
@@ -56,7 +57,6 @@ DEFAULT_TIMEOUT_S = 30.0
 MAX_TIMEOUT_S = 300.0
 RETENTION = timedelta(days=1)
 RATE_WINDOW_S = 60.0
-FAILED_EXIT_CODE = -1
 
 SCHEMA: list[str] = [
     """CREATE TABLE IF NOT EXISTS executions (
@@ -128,7 +128,7 @@ class Execution:
                why: str = outcomes.KILLED) -> ExecutionResult:
         """End as ``failed``: exit code -1, the reason on stderr and in ``error``."""
         self.status, self.error, self.completed_at = ExecStatus.FAILED, reason, now_iso()
-        self.result = ExecutionResult(self.id, stdout, f"{reason}\n", FAILED_EXIT_CODE,
+        self.result = ExecutionResult(self.id, stdout, f"{reason}\n", outcomes.FAILED_EXIT_CODE,
                                       round(elapsed, 4), self.language, self.session_id,
                                       reason=why)
         return self.result
@@ -158,21 +158,6 @@ class RateLimiter:
         if len(seen) + n > self.limit:
             raise RateLimited(self.limit)
         seen.extend([now] * n)
-
-
-def _program(session: Session, code: str, before: str, after: str) -> Program:
-    async def program(run: Run) -> None:
-        target = session.liveness()
-        if before:
-            await run.step(target, before, allow_stdin=False)
-        outcome = await run.step(target, code)
-        # Only after a normal end: a timed-out or dead kernel is replaced, not cleaned up.
-        if after:
-            await run.step(target, after, allow_stdin=False)
-        run.outcome = outcome
-        run.finish(outcome.program_exit_code)
-
-    return program
 
 
 class Executions:
@@ -249,12 +234,8 @@ class Executions:
         ex = self._new(access_key, req)
         # Queued for a place now, so a full queue is a 429 before anything is recorded.
         ticket = self._reserve(ex, req)
-        try:
+        with self._released_on_error(ticket):
             await self._write(ex, insert=True)
-        except BaseException:
-            if ticket is not None:
-                self.sessions.admission.release(ticket)
-            raise
         self._live[ex.id] = ex
         task = asyncio.create_task(self._background(ex, req, ticket))
         self._tasks.add(task)
@@ -353,6 +334,16 @@ class Executions:
             return None
         return self.sessions.reserve(ex.access_key, (ex.id, ex.id, "execution"), wait=True)
 
+    @contextlib.contextmanager
+    def _released_on_error(self, ticket: Ticket | None) -> Iterator[None]:
+        """A place this execution holds goes back if what follows fails."""
+        try:
+            yield
+        except BaseException:
+            if ticket is not None:
+                self.sessions.admission.release(ticket)
+            raise
+
     async def _execute(self, ex: Execution, req: ExecutionRequest, *,
                        ticket: Ticket | None = None,
                        record_start: bool = False,
@@ -374,20 +365,15 @@ class Executions:
                 await self.sessions.admission.wait(ticket, deadline)
             except QuotaExceeded as exc:
                 ex.started_at = now_iso()
-                return ex.failed(f"Execution timed out after {req.timeout:g} s waiting for a "
-                                 f"kernel ({time.monotonic() - waited:.1f} s queued): "
-                                 f"{exc.message}", elapsed=0.0)
+                return ex.failed(outcomes.timed_out_waiting(
+                    req.timeout, time.monotonic() - waited, exc.message), elapsed=0.0)
         run_timeout = max(req.timeout - (loop.time() - accepted), 0.001)
         ex.status, ex.started_at = ExecStatus.RUNNING, now_iso()
         if record_start:
-            try:
+            with self._released_on_error(ticket):
                 await self.store.execute(
                     "UPDATE executions SET status=?, started_at=? WHERE id=?",
                     (ex.status.value, ex.started_at, ex.id))
-            except BaseException:
-                if ticket is not None:
-                    self.sessions.admission.release(ticket)
-                raise
         judged = testcases.Judged() if req.test_cases is not None else None
         scripts = execution_scripts(lang, req.environment, req.stdin) if judged is None \
             else ("", "")
@@ -425,8 +411,8 @@ class Executions:
         """``timeout``: what is left of the execution's after its wait for a place."""
         if judged is None or req.test_cases is None:
             before, after = scripts or ("", "")
-            run = self.sessions.new_run(session, "query", req.code,
-                                        _program(session, req.code, before, after),
+            program = code_program(session.liveness, ExitRule.PROGRAM, before, after)
+            run = self.sessions.new_run(session, "query", req.code, program,
                                         # no stdin given: programs read end-of-file
                                         timeout=timeout,
                                         stdin=req.stdin if req.stdin is not None else "")
@@ -480,19 +466,14 @@ class Executions:
                 compile_stdout=outcome.compile_stdout if outcome else None,
                 compile_stderr=outcome.compile_stderr if outcome else None)
             return ex.result
-        if run.state is RunState.TIMED_OUT:
-            reason = f"Execution timed out after {run.timeout if judged else req.timeout:g} s."
-        elif run.state is RunState.CANCELLED:
-            reason = "The session ended before this execution ran."
-        elif run.state is RunState.FINISHED:  # the judge runner stopped before its end
-            reason = "The test-case runner stopped before it finished."
-        else:
-            reason = "The kernel died while running this code (killed, out of memory, or exited)."
+        # A judged run's deadline covers every case; otherwise the run has what the wait for
+        # a place left of the request's timeout, and the request's is what the client gave.
+        limit = run.timeout if judged is not None and run.timeout else req.timeout
+        reason = outcomes.failure(run, limit)
         result = ex.failed(reason, stdout, elapsed, end.reason)
-        # Keep what the program itself wrote to stderr before the reason.
         ex.result = result = ExecutionResult(**{
-            **asdict(result), "stderr": run.text("stderr") + result.stderr, "signal": end.signal,
-            "truncated": run.truncated,
+            **asdict(result), "stderr": outcomes.failed_stderr(run, limit),
+            "signal": end.signal, "truncated": run.truncated,
             "test_results": judged.fill(len(req.test_cases or ()), reason) if judged else None})
         return result
 

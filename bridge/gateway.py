@@ -26,6 +26,7 @@ from typing import Any
 from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
+from .channels import Channels, Sink
 from .errors import InvalidRequest, KernelDied, NotFound, UnsafePath
 from .kernels import Kernel
 from .languages import LANGUAGES, Language, available, resolve
@@ -33,7 +34,7 @@ from .messages import Channel, Message
 from .session import Hold, Session
 from .sessions import Sessions
 from .tasks import spawn
-from .wire import guard, harden
+from .wire import harden
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 SPEC_ALIASES = {"python3": "kb-python", "python": "kb-python"}
 DEFAULT_SPEC = "python3"
 CLIENT_CHANNELS: frozenset[str] = frozenset({"shell", "stdin", "control"})
+RELAYED_CHANNELS: tuple[Channel, ...] = ("shell", "iopub", "stdin", "control")
+NUDGE_S = 0.3  # the first nudge's wait for its answer (see connect())
 # Only these variables of a POSTed env reach the kernel (as Kernel Gateway does): a client must
 # not set PATH, LD_PRELOAD or the like inside the sandbox.
 ENV_PREFIXES = ("KERNEL_", "JPY_")
@@ -63,44 +66,55 @@ class NoSuchKernelspec(NotFound):
 
 
 async def open_client(kernel: Kernel, timeout: float = 10.0) -> AsyncKernelClient:
-    """See :func:`connect`; the nudges' ids are dropped."""
-    client, _ = await connect(kernel, timeout)
-    return client
+    """A client of ``kernel`` for a caller that reads its sockets itself (nbclient); see
+    :func:`connect`."""
+    channels = await connect(kernel, timeout=timeout)
+    await channels.stop()
+    return channels.client
 
 
-async def connect(kernel: Kernel, timeout: float = 10.0) -> tuple[AsyncKernelClient, set[str]]:
-    """A new client of ``kernel`` with its own session id (hence its own ZMQ identity), whose
-    iopub subscription is known to be live.
+async def connect(kernel: Kernel, default: Sink | None = None,
+                  timeout: float = 10.0) -> Channels:
+    """Pumped channels of a new client of ``kernel`` with its own session id (hence its own ZMQ
+    identity), whose iopub subscription is known to be live; ``default`` gets every message
+    that is not an answer to the nudges below.
 
     ``KernelManager.client()`` would share the manager's Session object, and two DEALERs with one
     identity on the kernel's ROUTER lose each other's replies. A fresh SUB socket misses what is
     published before its subscription reaches the kernel, so nudge with ``kernel_info_request``s
-    on the control channel (answered even while a cell runs) until iopub shows something.
+    on the control channel (answered even while a cell runs) until one's idle status comes back
+    on iopub. The nudges' answers, late ones included, are nobody else's.
     """
     client = AsyncKernelClient()
     harden(client.context)  # bounded whatever the kernel sends (bridge/wire.py)
     client.load_connection_info(kernel.manager.get_connection_info())
     client.start_channels(shell=True, iopub=True, stdin=True, hb=False, control=True)
-    sent: set[str] = set()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        msg = client.session.msg("kernel_info_request", {})
-        sent.add(msg["header"]["msg_id"])
-        client.control_channel.send(msg)
+    channels = Channels(client, RELAYED_CHANNELS, default=default)
+    channels.start()
+    try:
+        if not await until_live(channels, timeout):
+            log.warning("kernel %s: iopub did not answer within %.0f s", kernel.id, timeout)
+    except BaseException:
+        await _shut(channels)  # cancelled (the client left), or the sockets failed
+        raise
+    return channels
+
+
+async def until_live(channels: Channels, timeout: float) -> bool:
+    """Nudge until a nudge's idle comes back on iopub (the subscription is live); False if
+    none did within ``timeout``. Each nudge gets longer to answer: a loaded machine is slow."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    wait = NUDGE_S
+    while loop.time() < deadline:
         try:
-            await client.get_iopub_msg(timeout=0.3)
-            break
-        except Exception:
-            continue
-    else:
-        log.warning("kernel %s: iopub did not answer within %.0f s", kernel.id, timeout)
-    # Swallow the nudges' replies so the connection's client never sees them.
-    pending = set(sent)
-    with contextlib.suppress(Exception):
-        while pending:
-            reply = await client.get_control_msg(timeout=1.0)
-            pending.discard(reply["parent_header"].get("msg_id", ""))
-    return client, sent
+            async with asyncio.timeout(min(wait, deadline - loop.time())):
+                await channels.request("kernel_info_request", {}, channel="control",
+                                       iopub_grace=None, linger=True)
+            return True
+        except TimeoutError:
+            wait = min(wait * 2, 2.0)
+    return False
 
 
 def language_of_spec(name: str) -> Language:
@@ -290,7 +304,7 @@ class Gateway:
         kernel = session.require_main().kernel
         session.touch()
         relay = Relay(self, session, deliver, on_close)
-        relay.start(*await connect(kernel))
+        await relay.open(kernel)
         self._activity_of(session).relays.add(relay)
         return relay
 
@@ -353,38 +367,32 @@ class Relay:
         self.session = session
         self._deliver = deliver
         self._on_close = on_close
-        self._client: AsyncKernelClient | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-        self._nudges: set[str] = set()
+        self._channels: Channels | None = None
+        self._closed = False
 
-    def start(self, client: AsyncKernelClient, nudges: set[str]) -> None:
-        self._client = client
-        self._nudges = nudges  # iopub status of our own connect-time requests: not the client's
-        self._tasks = [asyncio.create_task(self._pump(ch))
-                       for ch in ("shell", "iopub", "stdin", "control")]
-        # A message over the size cap resets its connection: connect again, or go deaf.
-        self._tasks += guard(client, ("shell", "iopub", "stdin", "control"))
+    async def open(self, kernel: Kernel) -> None:
+        """Connect to ``kernel``. Raises KernelDied if the client left meanwhile."""
+        channels = await connect(kernel, self._receive)
+        if self._closed:
+            await _shut(channels)
+            raise KernelDied("This connection is closed.")
+        self._channels = channels
 
     async def reconnect(self, kernel: Kernel) -> None:
         """Talk to ``kernel`` (the session's kernel after a restart) through a new client."""
-        if self._client is None:
+        if self._channels is None:
             return  # closed meanwhile
-        client, nudges = await connect(kernel)
-        old, tasks = self._client, self._tasks
+        channels = await connect(kernel, self._receive)
+        old = self._channels
         if old is None:  # closed while connecting
-            client.stop_channels()
+            await _shut(channels)
             return
-        self.start(client, nudges)  # swapped at once: a close() from now on closes the new one
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        old.stop_channels()
+        self._channels = channels  # swapped at once: a close() from now on closes the new one
+        await _shut(old)
 
     def send(self, channel: str, msg: dict[str, Any]) -> None:
         """Forward a client's message, signed with the kernel's key. Raises InvalidRequest."""
-        if self._client is None:
+        if self._channels is None:
             raise KernelDied("This connection is closed.")
         if channel not in CLIENT_CHANNELS:
             raise InvalidRequest(f"Clients may not send on channel {channel!r}.")
@@ -396,47 +404,35 @@ class Relay:
                 "buffers": msg.get("buffers") or []}
         self.session.touch()
         self.gateway.sent(self.session, str(header["msg_id"]))
-        getattr(self._client, f"{channel}_channel").send(wire)
+        getattr(self._channels.client, f"{channel}_channel").send(wire)
 
     def status(self, state: str) -> None:
         """A synthesized iopub status, for what the kernel itself cannot say (a restart)."""
-        if self._client is not None:
-            msg = self._client.session.msg("status", {"execution_state": state})
+        if self._channels is not None:
+            msg = self._channels.client.session.msg("status", {"execution_state": state})
             msg["channel"] = "iopub"
             self._deliver("iopub", msg)
 
-    async def _pump(self, channel: Channel) -> None:
-        assert self._client is not None
-        get = getattr(self._client, f"get_{channel}_msg")
-        while True:
-            try:
-                msg: Message = await get()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.info("relay %s: dropped a %s message: %s", self.session.id, channel, exc)
-                await asyncio.sleep(0.05)
-                continue
-            if channel == "iopub":
-                if msg["parent_header"].get("msg_id") in self._nudges:
-                    continue
-                self.gateway.observe(self.session, msg)
-            try:
-                self._deliver(channel, msg)
-            except Exception:
-                spawn(self.close())
-                return
+    def _receive(self, channel: Channel, msg: Message) -> None:
+        """Every message of the kernel but the nudges' answers (the channel pump's default)."""
+        if channel == "iopub":
+            self.gateway.observe(self.session, msg)
+        try:
+            self._deliver(channel, msg)
+        except Exception:
+            spawn(self.close())  # the client is gone
 
     async def close(self) -> None:
-        client, self._client = self._client, None
-        if client is None:
+        self._closed = True
+        channels, self._channels = self._channels, None
+        if channels is None:
             return
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        client.stop_channels()
+        await _shut(channels)
         self.gateway.detach(self)
         with contextlib.suppress(Exception):
             self._on_close()
+
+
+async def _shut(channels: Channels) -> None:
+    await channels.stop()
+    channels.client.stop_channels()

@@ -20,7 +20,6 @@ from .job_records import JobRecords
 from .job_worker import ORIGIN, JobWorker
 from .jobs import (
     DEFAULT_INTERACTIVE_TTL,
-    FAILED_EXIT_CODE,
     OPEN_TTL,
     Job,
     JobSession,
@@ -31,6 +30,7 @@ from .jobs import (
 )
 from .keypairs import Keypairs
 from .languages import require_available, resolve
+from .outcomes import FAILED_EXIT_CODE
 from .session import Session
 from .sessions import Sessions
 from .settings import Settings

@@ -18,9 +18,10 @@ from .admission import Ticket
 from .errors import BridgeError
 from .events import EventLog, job_key
 from .job_records import JobRecords
-from .jobs import FAILED_EXIT_CODE, Job, JobSession, JobStatus, State
+from .jobs import EXIT_RULE, Job, JobSession, JobStatus, State
 from .keypairs import Keypairs
 from .languages import resolve
+from .outcomes import FAILED_EXIT_CODE
 from .session import Limits, Session
 from .sessions import Sessions
 from .settings import Settings
@@ -102,7 +103,8 @@ class JobWorker:
         session: Session | None = None
         try:
             session, timeout = await self._session_for(js, job)
-            run = self.sessions.query(session, job.code, timeout=timeout, stdin=job.stdin or "")
+            run = self.sessions.query(session, job.code, timeout=timeout, stdin=job.stdin or "",
+                                      rule=EXIT_RULE)
             job.run = run
             if self.events is not None:
                 self.events.follow(run, job_key(job.id), job.access_key, owner=job.id,

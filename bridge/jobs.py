@@ -31,7 +31,9 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidTransition
-from .runs import Run, RunState
+from .outcomes import FAILED_EXIT_CODE as FAILED_EXIT_CODE  # the one -1, importable here too
+from .outcomes import ExitRule, RunState, exit_code, failed_stderr
+from .runs import Run
 
 if TYPE_CHECKING:
     import asyncio
@@ -46,7 +48,7 @@ DEFAULT_INTERACTIVE_TTL = {"dedicated": 60, "batch": 1}
 OPEN_TTL = 1_800
 DEFAULT_JOB_TIMEOUT = 30  # seconds, as the Sandbox dialect
 MAX_JOB_TIMEOUT = 300
-FAILED_EXIT_CODE = -1  # the Sandbox dialect's code for a job that failed or timed out
+EXIT_RULE = ExitRule.PROGRAM  # a job's exit code is its program's, as a one-shot's
 
 SCHEMA: list[str] = [
     """CREATE TABLE IF NOT EXISTS job_sessions (
@@ -174,16 +176,14 @@ class Job:
         self.run = None
 
     def record(self, run: Run) -> None:
-        """End with the result of the run that executed it."""
-        stdout, stderr, at = run.text("stdout"), run.text("stderr"), run.finished_at
+        """End with the result of the run that executed it (bridge.outcomes decides)."""
+        stdout, at = run.text("stdout"), run.finished_at
         if run.state is RunState.FINISHED:
-            code = run.outcome.program_exit_code if run.outcome else (run.exit_code or 0)
-            self.end(JobStatus.COMPLETED, code, stdout=stdout, stderr=stderr, at=at)
-        elif run.state is RunState.TIMED_OUT:
-            self.end(JobStatus.FAILED, FAILED_EXIT_CODE, stdout=stdout, at=at,
-                     stderr=stderr + f"Execution timed out after {self.timeout:g} s.\n")
+            self.end(JobStatus.COMPLETED, exit_code(run), stdout=stdout,
+                     stderr=run.text("stderr"), at=at)
         else:
-            self.end(JobStatus.FAILED, FAILED_EXIT_CODE, stdout=stdout, stderr=stderr, at=at)
+            self.end(JobStatus.FAILED, exit_code(run), stdout=stdout,
+                     stderr=failed_stderr(run, self.timeout), at=at)
         if run.started_at is not None and run.finished_at is not None:
             # The code's own run time, as the Sandbox dialect reports it: no kernel start-up.
             self.execution_time = round(run.finished_at - run.started_at, 4)

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from . import metrics
+from .channels import Channels
 from .disk import Volumes
 from .kernels import Kernel
 from .languages import LANGUAGES, Language
@@ -184,14 +185,14 @@ class KernelPool:
 
 
 async def warm_up(kernel: Kernel, code: str) -> None:
-    """Run ``code`` silently (no output, no history, no execution count) and wait for the reply.
-
-    Its iopub messages stay queued; the session's channel pump drops them later (no sink).
-    """
-    client = kernel.client
-    msg_id = client.execute(code, silent=True, store_history=False, allow_stdin=False)
-    async with asyncio.timeout(WARMUP_TIMEOUT_S):
-        while True:
-            reply = await client.get_shell_msg()
-            if reply.get("parent_header", {}).get("msg_id") == msg_id:
-                return
+    """Run ``code`` silently (no output, no history, no execution count) and wait for the
+    kernel's reply and idle, so that nothing of it is left queued for the session."""
+    channels = Channels(kernel.client, guarded=False)  # no user code has run in it yet
+    channels.start()
+    try:
+        async with asyncio.timeout(WARMUP_TIMEOUT_S):
+            await channels.request("execute_request", {
+                "code": code, "silent": True, "store_history": False, "user_expressions": {},
+                "allow_stdin": False, "stop_on_error": False})
+    finally:
+        await channels.stop()

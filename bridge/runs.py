@@ -9,16 +9,17 @@ whole run.
 
     QUEUED → RUNNING ⇄ WAITING_INPUT
                │
-               ├→ FINISHED      (program ended; exit code known)
+               ├→ FINISHED      (program ended; exit code by its kind's rule)
                ├→ TIMED_OUT     (deadline passed)
-               ├→ FAILED        (kernel died or could not be reached)
+               ├→ FAILED        (kernel died or unreachable, or its program could not start)
                └→ CANCELLED     (session closed before the run started)
+
+The states, exit codes and texts are :mod:`bridge.outcomes`'; the transitions are here.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import secrets
 import time
 from collections import deque
@@ -26,18 +27,24 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .channels import RESET
+from .channels import RESET, Watch
 from .console import ConsoleItem, from_message, merge
 from .errors import BridgeError, InvalidTransition, KernelDied
 from .messages import OUTPUT_TYPES, Channel, Message
+from .outcomes import (
+    KERNEL_DIED,
+    KILLED_EXIT_CODE,
+    NOT_STARTED_EXIT_CODE,
+    ExitRule,
+    StepOutcome,
+)
+from .outcomes import RunState as RunState  # the one RunState, also importable from here
 from .tasks import spawn
 from .wire import RESET_NOTICE
 
 if TYPE_CHECKING:
     from .channels import Channels
 
-KILLED_EXIT_CODE = 130  # Backend.AI's code for a run whose kernel died
-FAILED_EXIT_CODE = 1  # a run whose program could not start (e.g. its batch kernel)
 LIVENESS_INTERVAL = 0.5
 CAP_CHECK_INTERVAL = 0.05  # how soon a run whose output passed its cap interrupts the kernel
 # Output already in flight keeps arriving after an interrupt; a second SIGINT while ipykernel is
@@ -47,21 +54,6 @@ CAP_CHECK_INTERVAL = 0.05  # how soon a run whose output passed its cap interrup
 REINTERRUPT_AFTER_S = 5.0
 INPUT_SETTLE_S = 0.02
 RESET_SETTLE_S = 0.2  # after a reset, how long a dying kernel takes to be seen dead
-
-
-class RunState(enum.Enum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    WAITING_INPUT = "waiting-input"
-    FINISHED = "finished"
-    TIMED_OUT = "exec-timeout"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def terminal(self) -> bool:
-        return self in (RunState.FINISHED, RunState.TIMED_OUT, RunState.FAILED,
-                        RunState.CANCELLED)
 
 
 @dataclass(frozen=True)
@@ -78,34 +70,6 @@ class Result:
     exit_code: int | None
     options: dict[str, Any] | None
     console: list[ConsoleItem]
-
-
-@dataclass
-class StepOutcome:
-    """How one execute_request ended."""
-
-    status: str = "ok"  # the reply's status: ok, error, aborted
-    kernel_exit_code: int | None = None  # a process kernel's exit_code reply field
-    ename: str = ""
-    evalue: str = ""
-    signal: int | None = None  # a process kernel's: the signal that ended the program
-    stage: str = ""  # a compiled-language kernel's: "compile" or "run"
-    compile_stdout: str | None = None  # a compiled-language kernel's compiler output
-    compile_stderr: str | None = None
-
-    @property
-    def program_exit_code(self) -> int:
-        """The exit code a program would have: sys.exit(n) → n, an uncaught exception → 1."""
-        if self.kernel_exit_code is not None:
-            return self.kernel_exit_code
-        if self.ename == "SystemExit":
-            if self.evalue in ("", "None"):
-                return 0
-            try:
-                return int(self.evalue)
-            except ValueError:
-                return 1
-        return 1 if self.status != "ok" else 0
 
 
 @dataclass
@@ -138,7 +102,8 @@ class Run:
 
     state: RunState = RunState.QUEUED
     exit_code: int | None = None
-    outcome: StepOutcome | None = None
+    outcome: StepOutcome | None = None  # the reply of the step that gave the exit code
+    error: str | None = None  # what ended it when it did not finish (also on its stderr)
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None
@@ -212,11 +177,6 @@ class Run:
         """Ended, and its last result has been read: nothing more to continue."""
         return self.done and not self._records
 
-    @property
-    def transcript(self) -> list[ConsoleItem]:
-        """All console items of the run so far, merged (capped at ``output_limit``)."""
-        return merge(list(self._transcript))
-
     def text(self, stream: str) -> str:
         return "".join(v for k, v in self._transcript if k == stream)
 
@@ -245,15 +205,11 @@ class Run:
         except TimeoutError:
             self._end(RunState.TIMED_OUT, Mark("exec-timeout"))
         except KernelDied as exc:
-            self.emit(["stderr", f"{exc.message}\n"])
-            self.exit_code = KILLED_EXIT_CODE
-            self._end(RunState.FAILED, Mark("finished", KILLED_EXIT_CODE))
+            self._fail(exc.message, KILLED_EXIT_CODE)
         except BridgeError as exc:
             # The program could not go on (a batch kernel refused admission or failed to
             # start): the run fails and says why; the session's worker goes on.
-            self.emit(["stderr", f"{exc.message}\n"])
-            self.exit_code = FAILED_EXIT_CODE
-            self._end(RunState.FAILED, Mark("finished", FAILED_EXIT_CODE))
+            self._fail(exc.message, NOT_STARTED_EXIT_CODE)
         except asyncio.CancelledError:
             self._end(RunState.CANCELLED, Mark("finished", KILLED_EXIT_CODE))
             raise
@@ -264,9 +220,18 @@ class Run:
     def cancel(self, reason: str) -> None:
         """End a run that never started (its session closed)."""
         if self.state is RunState.QUEUED:
-            self.emit(["stderr", f"{reason}\n"])
+            self._say(reason)
             self._end(RunState.CANCELLED, Mark("finished", KILLED_EXIT_CODE))
             self._done.set()
+
+    def _fail(self, why: str, exit_code: int) -> None:
+        self._say(why)
+        self.exit_code = exit_code
+        self._end(RunState.FAILED, Mark("finished", exit_code))
+
+    def _say(self, why: str) -> None:
+        self.error = why
+        self.emit(["stderr", f"{why}\n"])
 
     def mark(self, status: str, exit_code: int | None = None) -> None:
         """An intermediate milestone (``clean-finished``, ``build-finished``)."""
@@ -325,73 +290,49 @@ class Run:
 
     async def step(self, kernel: Liveness, code: str, *, allow_stdin: bool = True,
                    on_stream: StreamSink | None = None) -> StepOutcome:
-        """Execute ``code`` on one kernel until its reply and idle status have both arrived.
+        """Execute ``code`` on one kernel until its reply and idle status have both arrived
+        (or iopub went quiet after the reply: :meth:`~bridge.channels.Channels.request`).
 
         Stream output goes to the run's console, or to ``on_stream`` when given (a program
         that speaks a protocol on its stdout, as the judge runner does).
         Raises KernelDied; TimeoutError propagates from the run's deadline.
         """
-        outcome = StepOutcome()
-        finished = asyncio.Event()
-        got_reply = False
-        got_idle = False
-        lost: set[str] = set()
+        notified = replied = False
 
-        def sink(channel: Channel, msg: Message) -> None:
-            nonlocal got_reply, got_idle
+        def on_message(channel: Channel, msg: Message) -> None:
+            nonlocal notified, replied
             msg_type = msg["header"].get("msg_type", "")
             content = msg["content"]
-            if msg_type == RESET:
+            if channel == "shell" and msg_type == "execute_reply":
+                replied = True
+            elif msg_type == RESET:
                 # The kernel's message was refused (over the size cap) and what it sent during
-                # the reconnect is lost: say so, and do not wait for what may have been lost.
-                lost.add(channel)
-                if len(lost) == 1:  # one notice, and none when the kernel died (resets all)
+                # the reconnect is lost: say so (once, and not when the kernel died: that
+                # resets every channel) and do not wait for what may have been lost.
+                if not notified:
+                    notified = True
                     spawn(self._notice_reset(kernel))
             elif channel == "iopub":
-                if msg_type == "status" and content.get("execution_state") == "idle":
-                    got_idle = True
-                elif msg_type == "stream" and on_stream is not None:
+                if msg_type == "stream" and on_stream is not None:
                     on_stream(str(content.get("name", "stdout")), str(content.get("text", "")))
                 elif msg_type in OUTPUT_TYPES:
                     for item in from_message(msg_type, content):
                         self.emit(item)
-            elif channel == "shell" and msg_type == "execute_reply":
-                got_reply = True
-                outcome.status = str(content.get("status", "ok"))
-                outcome.ename = str(content.get("ename", ""))
-                outcome.evalue = str(content.get("evalue", ""))
-                if isinstance(content.get("exit_code"), int):
-                    outcome.kernel_exit_code = content["exit_code"]
-                if isinstance(content.get("signal"), int):
-                    outcome.signal = content["signal"]
-                outcome.stage = str(content.get("stage", ""))
-                for name in ("compile_stdout", "compile_stderr"):
-                    if isinstance(content.get(name), str):
-                        setattr(outcome, name, content[name])
             elif channel == "stdin" and msg_type == "input_request":
                 self._on_input_request(kernel, content)
-            # Both the reply and idle, or one of them when the other's channel lost messages.
-            if ((got_reply or "shell" in lost) and (got_idle or "iopub" in lost)
-                    and (got_reply or got_idle)):
-                finished.set()
+
+        async def check() -> None:
+            if not replied:  # the code ended: what still flows is in flight, not a flood
+                await self._stop_flood(kernel)
+            if not await kernel.is_alive():
+                raise KernelDied(KERNEL_DIED)
 
         content = {"code": code, "silent": False, "store_history": True,
                    "user_expressions": {}, "allow_stdin": allow_stdin, "stop_on_error": False}
-        msg_id = kernel.channels.send("execute_request", content, sink, output=self)
-        try:
-            while not finished.is_set():
-                try:
-                    # asyncio.timeout, unlike wait_for, costs no extra task on the hot path
-                    async with asyncio.timeout(self._wait_slice()):
-                        await finished.wait()
-                except TimeoutError:
-                    if not got_reply:
-                        await self._stop_flood(kernel)
-                    if not await kernel.is_alive():
-                        raise KernelDied("The kernel died while running this code "
-                                         "(killed, out of memory, or exited).") from None
-        finally:
-            kernel.channels.release(msg_id)
+        exchange = await kernel.channels.request("execute_request", content,
+                                                 on_message=on_message, output=self,
+                                                 watch=Watch(self._wait_slice, check))
+        outcome = StepOutcome.from_reply(exchange.content)
         self.outcome = outcome
         return outcome
 
@@ -435,3 +376,22 @@ class Run:
     def _push_if_waiting(self, mark: Mark) -> None:
         if self.state is RunState.WAITING_INPUT:
             self._push(mark)
+
+
+def code_program(target: Callable[[], Liveness], rule: ExitRule, before: str = "",
+                 after: str = "") -> Program:
+    """The program of a run of code: ``before`` and ``after`` (set-up and clean-up, no stdin)
+    around ``code``, whose reply gives the run's exit code by ``rule``."""
+
+    async def program(run: Run) -> None:
+        kernel = target()
+        if before:
+            await run.step(kernel, before, allow_stdin=False)
+        outcome = await run.step(kernel, run.code)
+        # Only after a normal end: a timed-out or dead kernel is replaced, not cleaned up.
+        if after:
+            await run.step(kernel, after, allow_stdin=False)
+        run.outcome = outcome
+        run.finish(outcome.exit_code(rule))
+
+    return program

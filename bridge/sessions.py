@@ -21,8 +21,9 @@ from .errors import InvalidRequest, SessionNotFound
 from .kernels import Kernel, Usage
 from .keypairs import Keypairs
 from .languages import Language
+from .outcomes import ExitRule
 from .reaper import Reaper
-from .runs import Program, Run
+from .runs import Program, Run, code_program
 from .sandbox import Confinement, Mount
 from .session import MAIN, Attached, Limits, Session, SessionState
 from .session_records import SessionRecords
@@ -40,13 +41,6 @@ class KernelSource(Protocol):
     async def take(self, language: Language, confinement: Confinement) -> Kernel | None:
         """A running kernel confined like ``confinement`` but in its own working dir, or None."""
         ...
-
-
-async def query_program(run: Run, session: Session) -> None:
-    outcome = await run.step(session.liveness(), run.code)
-    # Backend.AI: a query on a kernel with global state exits 0 whatever the code raised;
-    # process kernels report their program's exit code.
-    run.finish(outcome.kernel_exit_code or 0)
 
 
 class Sessions:
@@ -267,24 +261,15 @@ class Sessions:
     async def complete(self, session: Session, code: str, cursor_pos: int,
                        timeout: float = 5.0) -> list[str]:
         """The kernel's completions at ``cursor_pos``; [] if it has none in ``timeout``."""
-        target = session.liveness()
-        reply: dict[str, Any] = {}
-        answered = asyncio.Event()
-
-        def sink(channel: str, msg: Any) -> None:
-            if channel == "shell" and msg["header"].get("msg_type") == "complete_reply":
-                reply.update(msg["content"])
-                answered.set()
-
-        msg_id = target.channels.send("complete_request",
-                                      {"code": code, "cursor_pos": cursor_pos}, sink)
+        channels = session.liveness().channels
         try:
-            await asyncio.wait_for(answered.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                exchange = await channels.request(
+                    "complete_request", {"code": code, "cursor_pos": cursor_pos},
+                    until_idle=False)
         except TimeoutError:
             return []
-        finally:
-            target.channels.release(msg_id)
-        return [str(m) for m in reply.get("matches", [])]
+        return [str(m) for m in exchange.content.get("matches", [])]
 
     # -- runs ---------------------------------------------------------------------------------
 
@@ -306,13 +291,11 @@ class Sessions:
         return run
 
     def query(self, session: Session, code: str, run_id: str | None = None, *,
-              timeout: float | None = None, stdin: str | None = None) -> Run:
-        """A query run for this session (not yet submitted)."""
-        async def program(run: Run) -> None:
-            await query_program(run, session)
-
-        return self.new_run(session, "query", code, program, run_id=run_id, timeout=timeout,
-                            stdin=stdin)
+              timeout: float | None = None, stdin: str | None = None,
+              rule: ExitRule = ExitRule.QUERY) -> Run:
+        """A run of ``code`` for this session (not yet submitted); its exit code by ``rule``."""
+        return self.new_run(session, "query", code, code_program(session.liveness, rule),
+                            run_id=run_id, timeout=timeout, stdin=stdin)
 
     def new_run(self, session: Session, mode: str, code: str, program: Program, *,
                 run_id: str | None = None, options: dict[str, Any] | None = None,

@@ -21,6 +21,7 @@ from typing import Any
 
 from .errors import InvalidRequest
 from .languages import Language
+from .outcomes import ExitRule
 from .runs import Liveness, Program, Run
 
 MAX_CASES = 100
@@ -110,8 +111,7 @@ def program(target: Callable[[], Awaitable[Liveness]], tag: str, judged: Judged)
                     run.emit(["stderr", line + "\n"])
 
         outcome = await run.step(await target(), RUNNER, allow_stdin=True, on_stream=on_stream)
-        run.outcome = outcome
-        run.finish(outcome.program_exit_code)
+        run.finish(outcome.exit_code(ExitRule.PROGRAM))
 
     return judge
 

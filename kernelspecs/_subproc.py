@@ -44,7 +44,7 @@ DRAIN_GRACE_SECONDS: Final = 0.2
 _READ_SIZE: Final = 65536
 
 
-class RunState(enum.Enum):
+class CommandState(enum.Enum):
     CREATED = "created"
     RUNNING = "running"
     FINISHED = "finished"
@@ -135,28 +135,28 @@ class CommandRun:
         self._env = dict(env) if env is not None else None
         self._on_output = on_output
         self._ask_input = ask_input
-        self._state = RunState.CREATED
+        self._state = CommandState.CREATED
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pid: int | None = None
         self._interrupted = False
         self._kill_timer: asyncio.TimerHandle | None = None
 
     @property
-    def state(self) -> RunState:
+    def state(self) -> CommandState:
         return self._state
 
     def interrupt(self) -> None:
         """Stop the command's process group; safe to call from any thread."""
-        if self._loop is not None and self._state is RunState.RUNNING:
+        if self._loop is not None and self._state is CommandState.RUNNING:
             self._loop.call_soon_threadsafe(self._interrupt_now)
 
     def kill(self) -> None:
         """SIGKILL the command's process group now; safe from any thread."""
-        if self._state is RunState.RUNNING:
+        if self._state is CommandState.RUNNING:
             self._signal_group(signal.SIGKILL)
 
     def _interrupt_now(self) -> None:
-        if self._state is not RunState.RUNNING or self._loop is None:
+        if self._state is not CommandState.RUNNING or self._loop is None:
             return
         self._interrupted = True
         self._signal_group(signal.SIGINT)
@@ -172,9 +172,9 @@ class CommandRun:
             os.killpg(self._pid, signum)
 
     async def run(self) -> RunResult:
-        if self._state is not RunState.CREATED:
-            raise RuntimeError(f"expected {RunState.CREATED.value}, got {self._state.value}")
-        self._state = RunState.RUNNING
+        if self._state is not CommandState.CREATED:
+            raise RuntimeError(f"expected {CommandState.CREATED.value}, got {self._state.value}")
+        self._state = CommandState.RUNNING
         self._loop = loop = asyncio.get_running_loop()
         in_r, in_w = os.pipe()
         out_r, out_w = os.pipe()
@@ -196,7 +196,7 @@ class CommandRun:
         except BaseException:
             for fd in (in_r, in_w, out_r, err_r):
                 os.close(fd)
-            self._state = RunState.FINISHED
+            self._state = CommandState.FINISHED
             raise
         finally:
             for fd in (out_w, err_w):
@@ -222,7 +222,7 @@ class CommandRun:
                 pipe.close()
             if self._kill_timer is not None:
                 self._kill_timer.cancel()
-            self._state = RunState.FINISHED
+            self._state = CommandState.FINISHED
             if proc.poll() is None:  # cancelled while running
                 proc.wait()
         return RunResult(exit_code=exit_code_of(returncode), interrupted=self._interrupted,

@@ -8,7 +8,8 @@ import pytest
 
 from bridge.errors import InvalidTransition
 from bridge.job_reaper import Action, JobReaper, due_action
-from bridge.jobs import FAILED_EXIT_CODE, Job, JobSession, JobStatus, State
+from bridge.jobs import Job, JobSession, JobStatus, State
+from bridge.outcomes import FAILED_EXIT_CODE
 
 T0 = 1_000_000.0
 
