@@ -23,10 +23,10 @@ DOCS_DIR := api/docs_assets
 
 # What `make run` needs before it serves, and what `make test` adds on top.
 SERVE_DEPS := $(BIN)/.serve toolchains docs-assets console kernelspecs
-TEST_DEPS := $(SERVE_DEPS) $(BIN)/.test sdk-venv browser-tools datascience-env
+TEST_DEPS := $(SERVE_DEPS) $(BIN)/.test sdk-venv browser-tools datascience-env postgres
 
 .PHONY: run test test-unit venv serve-venv sdk-venv sandbox-tools toolchains kernelspecs docs-assets bench \
-        lint typecheck settings-doc clean console browser-tools doctor
+        lint typecheck settings-doc clean console browser-tools doctor postgres
 
 # -- Python environments --------------------------------------------------------------------------
 
@@ -110,6 +110,16 @@ console: $(CONSOLE_DIR)/editor.js
 # A real browser for the console's (and JupyterLab's) tests: Debian's chromium and its driver.
 browser-tools:
 	$(call apt,chromium:chromium chromedriver:chromium-driver)
+
+# PostgreSQL's server binaries for the tests with KB_DATABASE_URL: tests/pg.py makes a throw-away
+# cluster with initdb in a temp dir, run as nobody (Debian keeps initdb off PATH, under
+# /usr/lib/postgresql/VERSION/bin). The package's own "main" cluster, if its install makes one,
+# is not used.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && $(APT_GET) postgresql; \
+	  else echo "postgresql missing: install it (the PostgreSQL tests need initdb)"; fi; }
 
 # -- what people run --------------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,11 +13,11 @@ from typing import Any
 from pydantic import ValidationError
 
 from bridge import __version__
-from bridge.errors import AuthFailed
+from bridge.errors import AuthFailed, StartupRefused
 from bridge.keypairs import Keypairs
 from bridge.sandbox import SandboxUnavailable
 from bridge.settings import Settings
-from bridge.store import Store
+from bridge.store import store_for
 
 # Options that set a Settings field, by field name: settings errors name the flag the user gave.
 _FLAGS = {"host": "--host", "port": "--port", "data_dir": "--data-dir"}
@@ -35,8 +36,9 @@ def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
 
 async def _keys(settings: Settings, args: argparse.Namespace) -> int:
     action, as_json = args.action, getattr(args, "json", False)
-    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # it holds secrets
-    store = Store(settings.db_path)
+    if not settings.database_url:
+        settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # it holds secrets
+    store = store_for(settings)  # PostgreSQL with KB_DATABASE_URL: what the replicas read
     await store.open()
     try:
         keypairs = Keypairs(store, settings.default_concurrency)
@@ -65,6 +67,29 @@ async def _keys(settings: Settings, args: argparse.Namespace) -> int:
                           f"concurrency={r['concurrency']}  queries={r['totalQueries']}")
     finally:
         await store.close()
+    return 0
+
+
+async def _import_sqlite(settings: Settings, source: Path) -> int:
+    from bridge.store.copy import import_sqlite
+
+    if not source.is_file():
+        print(f"kernel-bridge: {source}: no such file", file=sys.stderr)
+        return 2
+    store = store_for(settings)
+    if not settings.database_url and source.resolve() == settings.db_path.resolve():
+        print("kernel-bridge: that is this data dir's own database", file=sys.stderr)
+        return 2
+    await store.open()
+    try:
+        copied = await import_sqlite(source, store)
+    except sqlite3.Error as exc:
+        print(f"kernel-bridge: {source}: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        await store.close()
+    for table, (n, of) in copied.items():
+        print(f"{table}: {n} copied of {of}")
     return 0
 
 
@@ -140,6 +165,18 @@ def parser() -> argparse.ArgumentParser:
                       help="sessions it may hold at once (at least 1)")
     _data_dir_option(conc)
 
+    db = sub.add_parser("db", help="the database (KB_DATABASE_URL, else the data dir's SQLite)",
+                        description="Work on the database the server uses.")
+    db_sub = db.add_subparsers(dest="action", required=True, metavar="ACTION")
+    imp = db_sub.add_parser(
+        "import-sqlite", help="copy a SQLite file's keypairs and folders into this database",
+        description="Copy the keypairs and folder records of a kernel-bridge SQLite file (an "
+                    "old data dir's kernel-bridge.sqlite3) into the database the server uses "
+                    "(PostgreSQL with KB_DATABASE_URL). Keys already there are kept as they "
+                    "are; sessions, runs and history are not copied.")
+    imp.add_argument("sqlite", type=Path, metavar="FILE", help="the SQLite file to read")
+    _data_dir_option(imp)
+
     specs = sub.add_parser("kernelspecs", help="install the shipped kernels into Jupyter",
                            description="Install kernel-bridge's kernels into a Jupyter, so "
                                        "JupyterLab users get the same kernels.")
@@ -210,7 +247,12 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             print(f"installed {name} in {path}")
         return 0
     try:
+        if args.command == "db":
+            return asyncio.run(_import_sqlite(settings, args.sqlite))
         return asyncio.run(_keys(settings, args))
+    except StartupRefused as exc:  # the database cannot be reached or is too new
+        print(f"kernel-bridge: {exc}", file=sys.stderr)
+        return 2
     except AuthFailed:
         print(f"kernel-bridge: no keypair {args.access_key!r}", file=sys.stderr)
         return 2

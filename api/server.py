@@ -63,9 +63,11 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     loop = asyncio.get_running_loop()
     signals = Signals()
     signals.install(loop)
-    lock = DataDirLock(settings.data_dir)
+    # SQLite: one server per data dir. PostgreSQL: replicas share it (bridge/datadir.py).
+    lock = DataDirLock(settings.data_dir) if not settings.database_url else None
     try:
-        lock.acquire()
+        if lock is not None:
+            lock.acquire()
         sockets = bind(settings.host, settings.port)
         try:
             await _serve(settings, sockets, signals, ready)
@@ -73,7 +75,8 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
             for s in sockets:
                 s.close()
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
         signals.remove(loop)
 
 
@@ -97,9 +100,11 @@ async def _serve(settings: Settings, sockets: list[socket.socket], signals: Sign
                   flush=True)
         else:
             # Secrets are shown once, at the first start: say how to get one now.
-            print(f"{len(bridge.keypairs.all())} keypair(s) in {settings.data_dir}. Lost the "
-                  "secret key? Make another: kernel-bridge keys create --data-dir "
-                  f"{settings.data_dir} --json", flush=True)
+            where, how = (f"{settings.data_dir}", f"--data-dir {settings.data_dir}")
+            if settings.database_url:  # the URL may hold a password: not printed
+                where, how = bridge.store.describe(), "(with the same KB_DATABASE_URL)"
+            print(f"{len(bridge.keypairs.all())} keypair(s) in {where}. Lost the secret key? "
+                  f"Make another: kernel-bridge keys create {how} --json", flush=True)
         if signals.stop.is_set():  # a signal arrived during start-up
             return
         server = HTTPServer(make_app(bridge), xheaders=False, max_body_size=64 * 1024 * 1024)

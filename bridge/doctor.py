@@ -239,6 +239,34 @@ def database(db_path: Path) -> Check:
     return Check("database", "ok", f"{db_path}, {keys} keypair(s), integrity ok")
 
 
+def postgres_database(url: str) -> Check:
+    """KB_DATABASE_URL: reachable, and at a schema version this release can run."""
+    import psycopg
+
+    from .store import migrations
+    from .store.postgres import redact
+
+    where = redact(url)
+    try:
+        with psycopg.connect(url, connect_timeout=5) as con:
+            version_row = con.execute("SELECT to_regclass('schema_version') IS NOT NULL"
+                                      ).fetchone()
+            if not version_row or not version_row[0]:
+                return Check("database", "ok", f"{where}: empty, the server will create its "
+                             "tables")
+            (version,) = con.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version"
+                                     ).fetchone() or (0,)
+            (keys,) = con.execute("SELECT count(*) FROM keypairs").fetchone() or (0,)
+    except psycopg.Error as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return Check("database", "fail", f"{where}: {first}",
+                     "start PostgreSQL, or fix KB_DATABASE_URL")
+    if version > migrations.LATEST:
+        return Check("database", "fail", f"{where}: schema version {version} is newer than "
+                     f"this release's ({migrations.LATEST})", "run the newer release")
+    return Check("database", "ok", f"{where}, schema version {version}, {keys} keypair(s)")
+
+
 # -- languages ------------------------------------------------------------------------------------
 
 def toolchain(lang: Language, versions: bool = True) -> Check:
@@ -271,9 +299,11 @@ def checks(settings: Settings, *, versions: bool = True) -> list[Callable[[], Ch
     if settings.sandbox == "off":
         sandbox = [lambda: Check("sandbox", "skip", "KB_SANDBOX=off / --no-sandbox: kernels "
                                  "run unconfined (unsafe)")]
+    url = settings.database_url
+    store: Callable[[], Check] = ((lambda: postgres_database(url)) if url
+                                  else (lambda: database(settings.db_path)))
     return [*sandbox, provisioner, lambda: disk_quota(settings), ipc_root,
-            lambda: data_dir(settings.data_dir), lambda: free_space(settings.data_dir),
-            lambda: database(settings.db_path),
+            lambda: data_dir(settings.data_dir), lambda: free_space(settings.data_dir), store,
             *(lambda lang=lang: toolchain(lang, versions) for lang in LANGUAGES)]
 
 

@@ -43,26 +43,6 @@ POLL_S = 1.0  # a waiting reader looks again at least this often (writers in oth
 RETENTION = timedelta(days=1)
 RESTART_END = {"status": "failed", "error": "The server restarted before this ended."}
 
-SCHEMA: list[str] = [
-    """CREATE TABLE IF NOT EXISTS event_streams (
-        key        TEXT PRIMARY KEY,
-        access_key TEXT NOT NULL,
-        owner      TEXT NOT NULL,
-        name       TEXT,
-        run_id     TEXT,
-        created_at TEXT NOT NULL,
-        first_id   INTEGER NOT NULL DEFAULT 1,
-        last_id    INTEGER NOT NULL DEFAULT 0,
-        ended      INTEGER NOT NULL DEFAULT 0)""",
-    "CREATE INDEX IF NOT EXISTS event_streams_run ON event_streams (access_key, run_id)",
-    """CREATE TABLE IF NOT EXISTS events (
-        key   TEXT NOT NULL,
-        id    INTEGER NOT NULL,
-        event TEXT NOT NULL,
-        data  TEXT NOT NULL,
-        PRIMARY KEY (key, id)) WITHOUT ROWID""",
-]
-
 
 @dataclass(frozen=True)
 class Event:
@@ -175,8 +155,11 @@ class Stream:
         if not self._created:
             statements[:0] = [
                 ("DELETE FROM events WHERE key=?", (self.key,)),
-                ("INSERT OR REPLACE INTO event_streams (key, access_key, owner, name, run_id,"
-                 " created_at) VALUES (?, ?, ?, ?, ?, ?)", self._row)]
+                ("INSERT INTO event_streams (key, access_key, owner, name, run_id, created_at)"
+                 " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET"
+                 " access_key=excluded.access_key, owner=excluded.owner, name=excluded.name,"
+                 " run_id=excluded.run_id, created_at=excluded.created_at, first_id=1,"
+                 " last_id=0, ended=0", self._row)]
             self._created = True
         await self.log.store.transaction(statements)
         if last > self.log.max_events or self._bytes > self.log.max_bytes:
@@ -186,7 +169,7 @@ class Stream:
         # Keep the newest events within both bounds (the end, being last, is always kept).
         row = await self.log.store.fetchone(
             "SELECT MIN(id) AS first, SUM(LENGTH(data)) AS kept FROM (SELECT id, data,"
-            " SUM(LENGTH(data)) OVER (ORDER BY id DESC) AS tail FROM events WHERE key=?)"
+            " SUM(LENGTH(data)) OVER (ORDER BY id DESC) AS tail FROM events WHERE key=?) AS t"
             " WHERE tail <= ? AND id > ?",
             (self.key, self.log.max_bytes, last - self.log.max_events))
         first = int(row["first"]) if row and row["first"] is not None else last
@@ -215,7 +198,8 @@ class EventLog:
         data = json.dumps(RESTART_END)
         await self.store.transaction(
             [s for r in rows for s in (
-                ("INSERT OR IGNORE INTO events (key, id, event, data) VALUES (?, ?, 'end', ?)",
+                ("INSERT INTO events (key, id, event, data) VALUES (?, ?, 'end', ?)"
+                 " ON CONFLICT DO NOTHING",
                  (r["key"], r["last_id"] + 1, data)),
                 ("UPDATE event_streams SET last_id=?, ended=1 WHERE key=?",
                  (r["last_id"] + 1, r["key"])))])

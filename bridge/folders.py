@@ -22,29 +22,7 @@ from .disk import Volumes
 from .errors import Conflict, Forbidden, InvalidRequest, NotFound
 from .files import Area
 from .sandbox import Mount
-from .store import Store
-
-SCHEMA: list[str] = [
-    """CREATE TABLE IF NOT EXISTS vfolders (
-        id           TEXT PRIMARY KEY,
-        name         TEXT NOT NULL,
-        owner        TEXT NOT NULL,
-        created      TEXT NOT NULL,
-        UNIQUE (owner, name))""",
-    """CREATE TABLE IF NOT EXISTS vfolder_permissions (
-        folder_id    TEXT NOT NULL,
-        access_key   TEXT NOT NULL,
-        permission   TEXT NOT NULL,
-        PRIMARY KEY (folder_id, access_key))""",
-    """CREATE TABLE IF NOT EXISTS vfolder_invitations (
-        id           TEXT PRIMARY KEY,
-        folder_id    TEXT NOT NULL,
-        inviter      TEXT NOT NULL,
-        invitee      TEXT NOT NULL,
-        permission   TEXT NOT NULL,
-        state        TEXT NOT NULL,
-        created_at   TEXT NOT NULL)""",
-]
+from .store import Store, upsert
 
 NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,62}[A-Za-z0-9])?$")  # as the manager's slug
 RESERVED = frozenset({"invitations", "_"})
@@ -246,8 +224,9 @@ class Folders:
             raise Conflict(f"A virtual folder named {inv['folder_name']!r} is already visible "
                            "to this keypair.")
         await self.store.transaction([
-            (("INSERT OR REPLACE INTO vfolder_permissions (folder_id, access_key, permission)"
-              " VALUES (?, ?, ?)"), (inv["folder_id"], access_key, inv["permission"])),
+            (upsert("vfolder_permissions", ("folder_id", "access_key", "permission"),
+                    ("folder_id", "access_key")),
+             (inv["folder_id"], access_key, inv["permission"])),
             ("UPDATE vfolder_invitations SET state = 'accepted' WHERE id = ?", (inv["id"],)),
         ])
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from .events import EventLog, job_key
 from .jobs import JOB_COLUMNS, SESSION_COLUMNS, Job, JobSession
-from .store import Row, Store
+from .store import Row, Store, columns, upsert
+
+# A whole row, inserted or overwritten (the same statement in SQLite and PostgreSQL).
+SAVE_SESSION = upsert("job_sessions", columns(SESSION_COLUMNS), ["id"])
+SAVE_JOB = upsert("jobs", columns(JOB_COLUMNS), ["id"])
 
 
 class JobRecords:
@@ -13,14 +17,10 @@ class JobRecords:
         self.events = events  # a job's event stream ends when its row says it ended
 
     async def save(self, js: JobSession) -> None:
-        await self.store.execute(
-            f"INSERT OR REPLACE INTO job_sessions ({SESSION_COLUMNS}) VALUES "
-            f"({', '.join('?' * 21)})", js.row())
+        await self.store.execute(SAVE_SESSION, js.row())
 
     async def save_job(self, job: Job) -> None:
-        await self.store.execute(
-            f"INSERT OR REPLACE INTO jobs ({JOB_COLUMNS}) VALUES ({', '.join('?' * 17)})",
-            job.row())
+        await self.store.execute(SAVE_JOB, job.row())
         if self.events is not None and job.status.terminal:
             await self.events.end(job_key(job.id), job.access_key, {
                 "status": job.status.value, "exit_code": job.exit_code}, owner=job.id)

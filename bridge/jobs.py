@@ -50,51 +50,6 @@ DEFAULT_JOB_TIMEOUT = 30  # seconds, as the Sandbox dialect
 MAX_JOB_TIMEOUT = 300
 EXIT_RULE = ExitRule.PROGRAM  # a job's exit code is its program's, as a one-shot's
 
-SCHEMA: list[str] = [
-    """CREATE TABLE IF NOT EXISTS job_sessions (
-        id              TEXT PRIMARY KEY,
-        access_key      TEXT NOT NULL,
-        mode            TEXT NOT NULL,
-        language        TEXT NOT NULL,
-        environment     TEXT NOT NULL,
-        max_ttl         INTEGER NOT NULL,
-        interactive_ttl INTEGER NOT NULL,
-        state           TEXT NOT NULL,
-        state_reason    TEXT NOT NULL,
-        accepting_jobs  INTEGER NOT NULL,
-        close_reason    TEXT,
-        started_at      REAL NOT NULL,
-        activated_at    REAL,
-        closed_at       REAL,
-        last_job_started   REAL,
-        last_job_completed REAL,
-        timestamps      TEXT NOT NULL,
-        elapsed         REAL NOT NULL,
-        max_deadline    REAL,
-        idle_deadline   REAL,
-        open_deadline   REAL)""",
-    "CREATE INDEX IF NOT EXISTS job_sessions_owner ON job_sessions (access_key, started_at)",
-    """CREATE TABLE IF NOT EXISTS jobs (
-        id             TEXT PRIMARY KEY,
-        session_id     TEXT NOT NULL,
-        access_key     TEXT NOT NULL,
-        seq            INTEGER NOT NULL,
-        code           TEXT NOT NULL,
-        stdin          TEXT,
-        environment    TEXT NOT NULL,
-        timeout        REAL NOT NULL,
-        language       TEXT NOT NULL,
-        status         TEXT NOT NULL,
-        stdout         TEXT NOT NULL,
-        stderr         TEXT NOT NULL,
-        exit_code      INTEGER,
-        execution_time REAL,
-        created_at     REAL NOT NULL,
-        started_at     REAL,
-        completed_at   REAL)""",
-    "CREATE INDEX IF NOT EXISTS jobs_session ON jobs (session_id, seq)",
-]
-
 
 def iso(t: float | None) -> str | None:
     """An epoch time as IBM writes it: ``2025-01-31T12:00:00.123Z``."""

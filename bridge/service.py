@@ -14,18 +14,15 @@ from typing import Any
 
 from . import batch, metrics
 from .admission import Admission
+from .datadir import ReplicaPresence
 from .disk import Volumes
 from .errors import AuthFailed
-from .events import SCHEMA as EVENTS_SCHEMA
 from .events import EventLog, run_key
-from .executions import SCHEMA as EXECUTIONS_SCHEMA
 from .executions import Executions
-from .folders import SCHEMA as FOLDERS_SCHEMA
 from .folders import Folders
 from .gateway import Gateway
 from .ipc import IPC_ROOT, ipc_root, sweep_ipc
 from .job_sessions import JobSessions
-from .jobs import SCHEMA as JOBS_SCHEMA
 from .kernels import Kernel, launch, spec_manager
 from .keypairs import Keypair, Keypairs
 from .languages import measure_versions
@@ -35,12 +32,12 @@ from .sandbox import Confinement, Mount, Sandbox, SandboxUnavailable, base_envir
 from .session import Session, now_iso
 from .sessions import Sessions
 from .settings import Settings
-from .store import Store
+from .store import store_for
 from .tasks import cancel_and_wait, spawn
 from .zygote import for_interpreters as zygote_lines
 
 log = logging.getLogger(__name__)
-# How often the keypair cache is re-read from SQLite (keys made or deactivated by the CLI).
+# How often the keypair cache is re-read from the store (keys made or deactivated by the CLI).
 KEYPAIR_RELOAD_S = 5.0
 # A forked kernel is ~50 ms of CPU: the pool refills once the execution that took a kernel has
 # had the CPU for its own few milliseconds (at once, the refill slowed that execution by ~40%).
@@ -61,8 +58,12 @@ class Bridge:
                                pids=settings.max_pids, uid=settings.sandbox_uid)
         if settings.python_env is not None:
             self.sandbox.add_python_env(settings.python_env)
-        self.store = Store(settings.db_path, extra_schema=[*FOLDERS_SCHEMA, *JOBS_SCHEMA,
-                                                             *EXECUTIONS_SCHEMA, *EVENTS_SCHEMA])
+        # SQLite in the data dir, or PostgreSQL (KB_DATABASE_URL); bridge/store/migrations.py
+        # holds every table.
+        self.store = store_for(settings)
+        # With PostgreSQL, replicas share the data dir: each announces itself with a lease.
+        self.presence = (ReplicaPresence(self.store) if self.store.dialect == "postgres"
+                         else None)
         self.events = EventLog(self.store)
         self.keypairs = Keypairs(self.store, settings.default_concurrency)
         self._keypair_watch: asyncio.Task[None] | None = None
@@ -172,7 +173,12 @@ class Bridge:
         await asyncio.to_thread(sweep_ipc, set(), IPC_ROOT, self.sandbox.cgroups)
         # Kernel cgroups left empty by a server that died or by the sweep.
         self.sandbox.cgroups.sweep()
-        await self.store.open()
+        await self.store.open()  # Raises StartupRefused
+        log.info("state in %s", self.store.describe())
+        if self.presence is not None:
+            others = await self.presence.start()
+            log.info("replica %s; other live replicas: %s", self.presence.id,
+                     ", ".join(others) or "none")
         await self.keypairs.load()
         first = None
         if not self.keypairs.all():
@@ -214,4 +220,6 @@ class Bridge:
         await self.pool.stop()
         await asyncio.gather(*(line.close() for line in self.zygotes.values()))
         await asyncio.to_thread(self.volumes.unmount_folders, self.settings.folders_dir)
+        if self.presence is not None:
+            await self.presence.stop()
         await self.store.close()

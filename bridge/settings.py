@@ -31,8 +31,11 @@ class Settings(BaseSettings):
     port: int = Field(8002, ge=0, le=65535)
     """TCP port the server listens on."""
     data_dir: Path = Field(default_factory=_default_data_dir)
-    """SQLite database, session working dirs and virtual folders (default
-    `~/.local/share/kernel-bridge`)."""
+    """SQLite database (unless `KB_DATABASE_URL`), session working dirs and virtual folders
+    (default `~/.local/share/kernel-bridge`); replicas share one on shared storage."""
+    database_url: str | None = None
+    """`postgresql://user:password@host:port/dbname`: keep state (keypairs, sessions, runs, jobs,
+    executions, folders) in PostgreSQL, which replicas share; unset: SQLite in the data dir."""
     server_name: str = "kernel-bridge"
     """This server's name (the job sessions' `backend_name`)."""
 
@@ -125,6 +128,16 @@ class Settings(BaseSettings):
     """Warm Python kernels kept ready for one-shot executions."""
     pool_sizes: dict[str, int] = Field(default_factory=dict)
     """Warm kernels of other languages, as JSON: `{"javascript": 1}`."""
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url_is_postgres(cls, url: str | None) -> str | None:
+        if not url:
+            return None
+        if not url.startswith(("postgresql://", "postgres://")):
+            # Only the scheme: the URL may hold a password.
+            raise ValueError(f"must start with postgresql:// (not {url.split(':', 1)[0]}:)")
+        return url
 
     @field_validator("host_memory_budget")
     @classmethod

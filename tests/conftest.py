@@ -4,6 +4,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from .pg import Cluster, shared_cluster
 from .support import USED_DATA_DIRS, Client, Server, run_server, unmount_leftovers
 
 
@@ -27,3 +28,18 @@ def server() -> Iterator[Server]:
 def client(server: Server) -> Iterator[Client]:
     with server.client() as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Cluster]:
+    """One throw-away PostgreSQL cluster for the whole run, started by the first test that asks
+    (tests/pg.py); stopped and removed when the run ends."""
+    yield shared_cluster()
+
+
+@pytest.fixture
+def pg_url(pg_cluster: Cluster) -> Iterator[str]:
+    """A fresh database of this test's own, dropped afterwards."""
+    url = pg_cluster.create_database()
+    yield url
+    pg_cluster.drop_database(url)

@@ -12,7 +12,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ class Server:
     secret_key: str
     process: subprocess.Popen[str]
     log_path: Path
+    env: dict[str, str] = field(default_factory=dict)  # the KB_* settings it was started with
 
     def client(self, secret: str | None = None) -> Client:
         return Client(self.url, secret or self.secret_key)
@@ -44,7 +45,8 @@ class Server:
     def new_keypair(self) -> tuple[str, str]:
         out = subprocess.run(
             [sys.executable, "-m", "api.cli", "keys", "create", "--data-dir",
-             str(self.data_dir), "--json"], capture_output=True, text=True, check=True, cwd=ROOT)
+             str(self.data_dir), "--json"], capture_output=True, text=True, check=True, cwd=ROOT,
+            env={**os.environ, **self.env})  # KB_DATABASE_URL: the key goes where it reads
         kp = json.loads(out.stdout)
         return kp["access_key"], kp["secret_key"]
 
@@ -73,12 +75,16 @@ def run_server(data_dir: Path | None = None, **env: str) -> Iterator[Server]:
     if data_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="kb-test-")
         data_dir = Path(tmp.name) / "data"
+    if os.environ.get("KB_TEST_DATABASE") == "postgres" and "database_url" not in env:
+        from .pg import database_for  # every server of the run on PostgreSQL
+
+        env = {**env, "database_url": database_for(data_dir)}
     port = free_port()
     log_path = data_dir.parent / f"server-{port}.log"
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     # A short shutdown grace: tests end servers with runs still going.
-    environ = {**os.environ, "KB_FLUSH_INTERVAL": "2", "KB_SHUTDOWN_GRACE_S": "2", **{f"KB_{k.upper()}": v
-                                                          for k, v in env.items()}}
+    settings = {f"KB_{k.upper()}": v for k, v in env.items()}
+    environ = {**os.environ, "KB_FLUSH_INTERVAL": "2", "KB_SHUTDOWN_GRACE_S": "2", **settings}
     logf = open(log_path, "w")  # noqa: SIM115 - closed in finally
     proc = subprocess.Popen(
         [sys.executable, "-m", "api.cli", "serve", "--port", str(port), "--data-dir",
@@ -99,10 +105,12 @@ def run_server(data_dir: Path | None = None, **env: str) -> Iterator[Server]:
         if not secret:  # a reused data dir: make a keypair to talk with
             out = subprocess.run(
                 [sys.executable, "-m", "api.cli", "keys", "create", "--data-dir",
-                 str(data_dir), "--json"], capture_output=True, text=True, check=True, cwd=ROOT)
+                 str(data_dir), "--json"], capture_output=True, text=True, check=True, cwd=ROOT,
+                env=environ)
             kp = json.loads(out.stdout)
             access, secret = kp["access_key"], kp["secret_key"]
-        yield Server(f"http://127.0.0.1:{port}", port, data_dir, access, secret, proc, log_path)
+        yield Server(f"http://127.0.0.1:{port}", port, data_dir, access, secret, proc, log_path,
+                     settings)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

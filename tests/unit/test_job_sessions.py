@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from bridge.job_sessions import JobSessions
-from bridge.jobs import SCHEMA
 from bridge.keypairs import Keypairs
 from bridge.settings import Settings
-from bridge.store import Store
+from bridge.store import SqliteStore
 
 from ..waiting import until
 
@@ -39,7 +38,7 @@ def test_open_ttl_counts_from_kernel_ready(tmp_path: Path) -> None:
     machine must not eat the client's time to submit its first job."""
 
     async def scenario() -> None:
-        store = Store(tmp_path / "db.sqlite3", extra_schema=SCHEMA)
+        store = SqliteStore(tmp_path / "db.sqlite3")
         await store.open()
         kernels = SlowKernels()
         jobs = JobSessions(Settings(data_dir=tmp_path), store, Keypairs(store, 1),
