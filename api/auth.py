@@ -11,6 +11,11 @@ from tornado.httputil import HTTPServerRequest
 
 from bridge.errors import AuthFailed, InvalidRequest
 from bridge.keypairs import Keypair, Keypairs
+from bridge.replicas import Replicas
+
+# Set by a replica that forwards a request it authenticated (api/forward.py); signed with the
+# cluster secret, so a client cannot make one.
+IDENTITY_HEADER = "X-KB-Forwarded-Identity"
 
 CLOCK_SKEW = timedelta(minutes=15)
 # Since v4.20181215 the body is never part of the signature (backendai.md §4).
@@ -28,9 +33,21 @@ class BadSignatureParams(InvalidRequest):
     pass
 
 
-async def authenticate(request: HTTPServerRequest, keypairs: Keypairs) -> Keypair:
+async def authenticate(request: HTTPServerRequest, keypairs: Keypairs,
+                       replicas: Replicas | None = None) -> Keypair:
     """The keypair a request acts as. Raises AuthFailed (401) or BadSignatureParams (400)."""
     headers = request.headers
+    forwarded = headers.get(IDENTITY_HEADER)
+    if forwarded is not None:
+        # Only the signature counts: a replica vouches for a client it authenticated itself.
+        # A request carrying the header is judged by it alone, never by other credentials.
+        if replicas is None:
+            raise AuthFailed("Forwarded identity refused: this server is not a replica.")
+        identity = replicas.verify(forwarded, request.method or "GET", request.uri or "/")
+        kp = await keypairs.authenticate_access(identity.access_key)
+        if not kp.is_active:
+            raise AuthFailed("This keypair is inactive.")
+        return kp
     api_key = headers.get("X-API-Key")
     if api_key:
         return await keypairs.authenticate_secret(api_key)

@@ -31,6 +31,8 @@ def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
             overrides[name] = value
     if getattr(args, "no_sandbox", False):
         overrides["sandbox"] = "off"
+    if getattr(args, "keep_kernels", False):
+        overrides["keep_kernels"] = True
     return Settings(**overrides)
 
 
@@ -127,6 +129,9 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-sandbox", action="store_true",
                        help="run kernels unconfined (unsafe; for machines without bubblewrap; "
                             "same as KB_SANDBOX=off)")
+    serve.add_argument("--keep-kernels", action="store_true",
+                       help="on stop, leave kernels running for the next server on this data "
+                            "dir (upgrades; same as KB_KEEP_KERNELS=true)")
     serve.add_argument("--unsafe", action="store_true",
                        help="start even when a doctor check fails (each is printed)")
     doctor = sub.add_parser("doctor", help="check that this machine can run the server safely",

@@ -86,6 +86,8 @@ async def _serve(settings: Settings, sockets: list[socket.socket], signals: Sign
     if not bridge.sandbox.enabled:
         log.warning("SANDBOX OFF: kernels run unconfined with the server's rights. "
                     "Never expose this server to untrusted code.")
+    # Other replicas reach this one here (KB_ADVERTISE_URL overrides it), recorded at start.
+    bridge.replicas.listening(f"http://{settings.host}:{sockets[0].getsockname()[1]}")
     try:
         started = await bridge.start()
         log.info("sandbox: %s", bridge.sandbox.describe())

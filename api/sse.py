@@ -77,6 +77,8 @@ class EventStream(BaseHandler):
 
 
 class ExecutionEventsHandler(EventStream, SandboxHandler):
+    owner_of = "execution"
+
     async def get(self, execution_id: str) -> None:
         """An execution's events. 400 (bad Last-Event-ID), 401, 403, 404."""
         await self.bridge.executions.get(self.keypair.access_key, execution_id)
@@ -84,6 +86,8 @@ class ExecutionEventsHandler(EventStream, SandboxHandler):
 
 
 class JobEventsHandler(EventStream, JobsHandler):
+    owner_of = "job"
+
     async def get(self, job_id: str) -> None:
         """A job's events. 400, 401, 404."""
         await self.bridge.jobs.get_job(self.keypair.access_key, job_id)
@@ -91,6 +95,8 @@ class JobEventsHandler(EventStream, JobsHandler):
 
 
 class RunEventsHandler(EventStream, BackendAIHandler):
+    owner_of = "session"
+
     async def get(self, ident: str, run_id: str) -> None:
         """A Backend.AI run's events (also of an ended session, also after a restart).
         400, 401, 404."""

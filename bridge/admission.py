@@ -80,6 +80,9 @@ class Admission:
         self._held: dict[str, list[Ticket]] = {}
         self._waiting: deque[Ticket] = deque()
         self.mem_used = 0
+        # Places a keypair holds on other replicas (bridge/replicas.py keeps the count): its
+        # concurrency covers every kernel it holds in the cluster.
+        self.elsewhere: Callable[[str], int] = lambda access_key: 0
 
     # -- what the refusals and tests see -------------------------------------------------------
 
@@ -122,6 +125,13 @@ class Admission:
             raise QuotaExceeded(limit, self.holders(access_key),
                                 f"{self.waiting(access_key)} more are already waiting, "
                                 "the most this keypair may queue.")
+        return ticket
+
+    def adopt(self, access_key: str, holder: Holder, mem_bytes: int) -> Ticket:
+        """A ticket granted whatever the limits say now: for a kernel a previous server
+        started (bridge/adoption.py), which runs already and keeps its place."""
+        ticket = Ticket(access_key, holder, mem_bytes, self._concurrency(access_key))
+        self._grant(ticket)
         return ticket
 
     async def wait(self, ticket: Ticket, until: float | None) -> None:
@@ -172,7 +182,8 @@ class Admission:
     # -- internals -------------------------------------------------------------------------------
 
     def _place_free(self, ticket: Ticket) -> bool:
-        return self.held(ticket.access_key) < ticket.places
+        key = ticket.access_key
+        return self.held(key) + self.elsewhere(key) < ticket.places
 
     def _memory_free(self, mem_bytes: int) -> bool:
         return self.mem_used + mem_bytes <= self.budget

@@ -34,6 +34,7 @@ import sqlite3
 import stat
 import subprocess
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 from .errors import DiskFull
@@ -263,11 +264,13 @@ class Volumes:
         image.unlink(missing_ok=True)
         shutil.rmtree(path, ignore_errors=True)
 
-    def sweep_sessions(self, directory: Path) -> None:
-        """At start: remove every session dir a previous server left, our mounts first."""
+    def sweep_sessions(self, directory: Path, keep: Collection[Path] = ()) -> None:
+        """At start: remove every session dir a previous server left but those of the
+        sessions it re-adopted (``keep``), our mounts first."""
         if directory.is_dir():
             for child in directory.iterdir():
-                self._remove(child)
+                if child not in keep:
+                    self._remove(child)
         if self.images.is_dir():  # images whose mount point is gone
             live = {loop_backing(src) for _, src in mounted().values()}
             for image in self.images.glob(f"{directory.name}-*.img"):

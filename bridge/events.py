@@ -23,14 +23,14 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from .runs import Run
 from .session import now_iso
-from .store import Store
+from .store import Row, Store
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ MERGE_LIMIT = 64 * 1024  # characters of output in one event (merged up to, spli
 PAGE = 256  # rows a reader fetches at a time
 POLL_S = 1.0  # a waiting reader looks again at least this often (writers in other processes)
 RETENTION = timedelta(days=1)
+PRUNE_EVERY_S = 600.0
 RESTART_END = {"status": "failed", "error": "The server restarted before this ended."}
 
 
@@ -191,10 +192,31 @@ class EventLog:
         self._open: dict[str, Stream] = {}
         self._signals: dict[str, asyncio.Event] = {}
         self._pruner: asyncio.Task[None] | None = None
+        # Whether this server prunes this round (replicas: one of them, bridge/replicas.py).
+        self.turn: Callable[[str, float], Awaitable[bool]] = _always
 
-    async def start(self) -> None:
+    async def start(self, end_open: bool = True) -> None:
         # Streams left open by the last server will never get their end: give it to them.
-        rows = await self.store.fetchall("SELECT key, last_id FROM event_streams WHERE ended=0")
+        # (Replicas share the table: they end only the streams of what has ended, end_orphans.)
+        if end_open:
+            await self._end(await self.store.fetchall(
+                "SELECT key, last_id FROM event_streams WHERE ended=0"))
+        self._pruner = asyncio.create_task(self._prune_forever())
+
+    async def end_orphans(self) -> None:
+        """End the open streams whose session, execution or job is over and that no live
+        writer here holds: a replica that died left them open."""
+        rows = await self.store.fetchall(
+            "SELECT key, last_id FROM event_streams es WHERE ended=0"
+            " AND NOT EXISTS (SELECT 1 FROM sessions s WHERE s.id = es.owner"
+            " AND s.state != 'TERMINATED')"
+            " AND NOT EXISTS (SELECT 1 FROM executions x WHERE x.id = es.owner"
+            " AND x.status IN ('pending', 'running'))"
+            " AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = es.owner"
+            " AND j.status IN ('queued', 'running'))")
+        await self._end([r for r in rows if r["key"] not in self._open])
+
+    async def _end(self, rows: list[Row]) -> None:
         data = json.dumps(RESTART_END)
         await self.store.transaction(
             [s for r in rows for s in (
@@ -203,7 +225,6 @@ class EventLog:
                  (r["key"], r["last_id"] + 1, data)),
                 ("UPDATE event_streams SET last_id=?, ended=1 WHERE key=?",
                  (r["last_id"] + 1, r["key"])))])
-        self._pruner = asyncio.create_task(self._prune_forever())
 
     async def stop(self) -> None:
         if self._pruner is not None:
@@ -309,12 +330,17 @@ class EventLog:
         while True:
             cutoff = (datetime.now(UTC) - RETENTION).isoformat()
             with contextlib.suppress(Exception):
-                await self.store.transaction([
-                    ("DELETE FROM events WHERE key IN (SELECT key FROM event_streams WHERE"
-                     " created_at < ?)", (cutoff,)),
-                    ("DELETE FROM event_streams WHERE created_at < ?", (cutoff,)),
-                ])
-            await asyncio.sleep(600)
+                if await self.turn("prune-events", PRUNE_EVERY_S):
+                    await self.store.transaction([
+                        ("DELETE FROM events WHERE key IN (SELECT key FROM event_streams"
+                         " WHERE created_at < ?)", (cutoff,)),
+                        ("DELETE FROM event_streams WHERE created_at < ?", (cutoff,)),
+                    ])
+            await asyncio.sleep(PRUNE_EVERY_S)
+
+
+async def _always(name: str, every: float) -> bool:
+    return True
 
 
 def _gap(last: int, next_id: int) -> Event:

@@ -24,7 +24,7 @@ import logging
 import time
 import uuid
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -44,6 +44,7 @@ from .events import EventLog, execution_key
 from .execution_scripts import execution_scripts
 from .languages import Language, require_available, resolve
 from .outcomes import ExitRule, RunState
+from .replicas import owned_by
 from .runs import Liveness, Run, code_program
 from .session import Session, now_iso
 from .sessions import Sessions
@@ -154,6 +155,10 @@ class Executions:
         self.store = store
         self.sessions = sessions
         self.events = events  # each execution's event stream (bridge.events)
+        self.owner: str | None = None  # this replica's id when replicas share the store
+        self.shared_rate: Callable[[str, int, int], Awaitable[None]] | None = None
+        # Whether this server prunes this round (replicas: one of them, bridge/replicas.py).
+        self.turn: Callable[[str, float], Awaitable[bool]] | None = None
         self._start_kernel = start_kernel  # a named session's batch kernel runs test cases
         self.limiter = RateLimiter(settings.rate_limit)
         self._live: dict[str, Execution] = {}  # async executions not yet ended
@@ -165,17 +170,24 @@ class Executions:
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        # Whatever was pending or running belonged to the previous process and is lost.
+        await self.adopt()
+        self._pruner = asyncio.create_task(self._prune_forever())
+
+    async def adopt(self) -> None:
+        """Fail the unfinished executions recorded as this server's that it does not run: at
+        start, the previous process's; with replicas, those just claimed from a dead one."""
         reason = "The server restarted before this execution ended."
+        mine, params = owned_by(self.owner)
         rows = await self.store.fetchall(
             "SELECT id, language, session_id, started_at FROM executions"
-            " WHERE status IN ('pending', 'running')")
+            f" WHERE status IN ('pending', 'running'){mine}", params)
         for row in rows:
+            if row["id"] in self._live:
+                continue
             ex = Execution(row["id"], "", row["language"], row["session_id"],
                            started_at=row["started_at"])
             ex.failed(reason)
             await self._write(ex, insert=False)
-        self._pruner = asyncio.create_task(self._prune_forever())
 
     async def stop(self) -> None:
         if self._pruner is not None:
@@ -200,7 +212,9 @@ class Executions:
         while True:
             cutoff = (datetime.now(UTC) - RETENTION).isoformat()
             with contextlib.suppress(Exception):
-                await self.store.execute("DELETE FROM executions WHERE created_at < ?", (cutoff,))
+                if self.turn is None or await self.turn("prune-executions", 600):
+                    await self.store.execute("DELETE FROM executions WHERE created_at < ?",
+                                             (cutoff,))
             await asyncio.sleep(600)
 
     # -- the three ways in ------------------------------------------------------------------------
@@ -210,7 +224,7 @@ class Executions:
         """Run one execution to its end. Raises InvalidRequest, RateLimited, QuotaExceeded.
 
         ``observe`` is handed the run as it is queued (the web console streams its output)."""
-        self.admit(access_key, [req])
+        await self.admit(access_key, [req])
         ex = self._new(access_key, req)
         result = await self._execute(ex, req, observe=observe)
         await self._write(ex, insert=True)
@@ -218,7 +232,7 @@ class Executions:
 
     async def submit(self, access_key: str, req: ExecutionRequest) -> Execution:
         """Accept an execution to run in the background; recorded as pending before return."""
-        self.admit(access_key, [req])
+        await self.admit(access_key, [req])
         ex = self._new(access_key, req)
         # Queued for a place now, so a full queue is a 429 before anything is recorded.
         ticket = self._reserve(ex, req)
@@ -239,7 +253,7 @@ class Executions:
         """
         if len(reqs) > MAX_BATCH:
             raise InvalidRequest(f"Maximum {MAX_BATCH} executions allowed in a batch")
-        self.admit(access_key, reqs)
+        await self.admit(access_key, reqs)
         results = []
         for req in reqs:
             ex = self._new(access_key, req)
@@ -276,7 +290,7 @@ class Executions:
 
     # -- checks -----------------------------------------------------------------------------------
 
-    def admit(self, access_key: str, reqs: Iterable[ExecutionRequest]) -> None:
+    async def admit(self, access_key: str, reqs: Iterable[ExecutionRequest]) -> None:
         """Refuse the whole request, counting nothing, unless every item can run.
 
         Raises InvalidRequest, RateLimited.
@@ -299,6 +313,8 @@ class Executions:
                     f"{lang.name} kernels take environment variables only when they start: "
                     "send 'environment' without 'session_id' for this language.")
         self.limiter.acquire(access_key, len(reqs))
+        if self.shared_rate is not None:  # replicas: the limit is the cluster's
+            await self.shared_rate(access_key, len(reqs), self.limiter.limit)
 
     # -- running ----------------------------------------------------------------------------------
 
@@ -495,10 +511,10 @@ class Executions:
         if insert:
             await self.store.execute(
                 "INSERT INTO executions (id, access_key, language, session_id, status, error,"
-                " result, created_at, started_at, completed_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " result, created_at, started_at, completed_at, owner)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (ex.id, ex.access_key, ex.language, ex.session_id, ex.status.value, ex.error,
-                 result, ex.created_at, ex.started_at, ex.completed_at))
+                 result, ex.created_at, ex.started_at, ex.completed_at, self.owner))
         else:
             await self.store.execute(
                 "UPDATE executions SET status=?, error=?, result=?, started_at=?,"

@@ -2,13 +2,15 @@
 whose dirs in it are whose.
 
 Each kernel's dir holds ``owner`` (the pid and start time of the server that runs the kernel;
-a later server that adopts it claims it) and ``held`` (its keeper and pids): what a sweep needs
-to tell a live server's kernel from one a gone server left, and to stop the latter.
+a later server that adopts it claims it), ``scope`` (that server's data dir: a server judges
+only its own data dir's dirs) and ``held`` (its keeper and pids): what a sweep needs to tell a
+live server's kernel from one a gone server left, and to stop the latter.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -57,35 +59,43 @@ def ipc_root_problem(root: Path = IPC_ROOT) -> str:
     return ""
 
 
-OWNER = "owner"  # "<pid> <start time> <data dir>" of the server that runs an IPC dir's kernel
-HELD = "held"  # [{keeper, pid}] of its processes, for a sweep to stop a kernel nobody adopted
+OWNER = "owner"  # "<pid> <start time>" of the server that runs the kernel of an IPC dir
+SCOPE = "scope"  # which data dir that server serves (a digest: the dir is bound in the sandbox)
+HELD = "held"  # its keeper and pids, for a sweep to stop a kernel nobody adopted
 FRESH_S = 60.0  # an unclaimed dir this young is a kernel starting right now
 
 
 # The data dir of this process's server. The IPC root is shared by every server of the uid on
 # the host: a server judges only its own data dir's dirs, so a kernel another data dir's server
-# left running (killed, or stopped with --keep-kernels) waits for that data dir's next server.
+# left running (killed, or stopped with --keep-kernels) waits for that data dir's next server,
+# which adopts it, instead of being swept by whichever server starts first.
 _scope = ""
+
+
+def scope_of(data_dir: Path) -> str:
+    return hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:32]
 
 
 def set_owner_scope(data_dir: Path) -> None:
     """Name the data dir this process's kernels belong to (once, before any kernel starts)."""
     global _scope
-    _scope = str(data_dir.resolve())
+    _scope = scope_of(data_dir)
 
 
 def claim(ipc_dir: Path) -> None:
-    (ipc_dir / OWNER).write_text(f"{os.getpid()} {start_time(os.getpid())} {_scope}")
+    (ipc_dir / SCOPE).write_text(_scope)
+    (ipc_dir / OWNER).write_text(f"{os.getpid()} {start_time(os.getpid())}")
 
 
-def _owner_alive(ipc_dir: Path, mounts: Mapping[str, tuple[str, str]]) -> bool:
+def _owner_alive(ipc_dir: Path, mounts: Mapping[str, tuple[str, str]], scope: str) -> bool:
     """Whether a live server runs the kernel of ``ipc_dir``. A dir without an owner file is an
     older server's: its tmpfs source names that server's pid; unmounted, it is left alone
     unless no socket is in it."""
     try:
-        pid, start, *scope = (ipc_dir / OWNER).read_text().split(maxsplit=2)
-        if (scope[0] if scope else "") != _scope:
-            return True  # another data dir's: not ours to judge
+        pid, start = (ipc_dir / OWNER).read_text().split()
+        with contextlib.suppress(FileNotFoundError):  # (none: a server before scopes)
+            if (ipc_dir / SCOPE).read_text() != scope:
+                return True  # another data dir's: not ours to judge
         return str(start_time(int(pid))) == start
     except FileNotFoundError:
         if time.time() - ipc_dir.stat().st_mtime < FRESH_S:  # being made: claimed next
@@ -104,13 +114,15 @@ def remove_ipc(ipc_dir: Path) -> None:
     shutil.rmtree(ipc_dir, ignore_errors=True)
 
 
-def sweep_ipc(keep: set[Path], root: Path = IPC_ROOT, cgroups: Cgroups | None = None) -> int:
+def sweep_ipc(keep: set[Path], root: Path = IPC_ROOT, cgroups: Cgroups | None = None, *,
+              scope: str | None = None) -> int:
     """What servers that are gone left in the IPC root and no kept kernel uses: kernel dirs not
     in ``keep`` whose server is gone (their kernels, still held by a keeper, are killed through
     their cgroup first; the keeper reaps them and exits with its last one), and the sockets of
     keepers that exited. Returns how many kernel dirs went. Run it once the kernels to keep were
-    adopted."""
+    adopted. ``scope``: whose dirs it judges (default: this process's data dir's)."""
     kept = {Path(os.path.realpath(p)) for p in keep}
+    mine = _scope if scope is None else scope
     mounts = mounted()
     removed = 0
     try:
@@ -120,7 +132,7 @@ def sweep_ipc(keep: set[Path], root: Path = IPC_ROOT, cgroups: Cgroups | None = 
     for entry in entries:
         with contextlib.suppress(OSError):
             if entry.is_dir() and not entry.is_symlink():
-                if Path(os.path.realpath(entry)) in kept or _owner_alive(entry, mounts):
+                if Path(os.path.realpath(entry)) in kept or _owner_alive(entry, mounts, mine):
                     continue
                 if cgroups is not None and cgroups.enabled:
                     dirs = {c: p / entry.name for c, p in cgroups.parents.items()}

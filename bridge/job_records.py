@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from .events import EventLog, job_key
 from .jobs import JOB_COLUMNS, SESSION_COLUMNS, Job, JobSession
+from .replicas import owned_by
 from .store import Row, Store, columns, upsert
 
-# A whole row, inserted or overwritten (the same statement in SQLite and PostgreSQL).
-SAVE_SESSION = upsert("job_sessions", columns(SESSION_COLUMNS), ["id"])
+# A whole row, inserted or overwritten (the same statement in SQLite and PostgreSQL). The saver
+# is the owner: the replica that holds the session in memory runs its jobs and timers.
+SAVE_SESSION = upsert("job_sessions", [*columns(SESSION_COLUMNS), "owner"], ["id"])
 SAVE_JOB = upsert("jobs", columns(JOB_COLUMNS), ["id"])
 
 
@@ -15,9 +17,10 @@ class JobRecords:
     def __init__(self, store: Store, events: EventLog | None = None) -> None:
         self.store = store
         self.events = events  # a job's event stream ends when its row says it ended
+        self.owner: str | None = None  # this replica's id when replicas share the store
 
     async def save(self, js: JobSession) -> None:
-        await self.store.execute(SAVE_SESSION, js.row())
+        await self.store.execute(SAVE_SESSION, (*js.row(), self.owner))
 
     async def save_job(self, job: Job) -> None:
         await self.store.execute(SAVE_JOB, job.row())
@@ -26,10 +29,13 @@ class JobRecords:
                 "status": job.status.value, "exit_code": job.exit_code}, owner=job.id)
 
     async def open_sessions(self) -> list[JobSession]:
-        """Every job session not yet closed, each with its next job number."""
+        """Every job session not yet closed (with replicas: of this one), each with its next
+        job number."""
         found = []
+        mine, params = owned_by(self.owner)
         for row in await self.store.fetchall(
-                f"SELECT {SESSION_COLUMNS} FROM job_sessions WHERE state != 'closed'"):
+                f"SELECT {SESSION_COLUMNS} FROM job_sessions WHERE state != 'closed'{mine}",
+                params):
             js = JobSession.from_row(row)
             js.next_seq = int((await self.store.fetchone(
                 "SELECT COALESCE(MAX(seq), -1) + 1 AS n FROM jobs WHERE session_id=?",

@@ -3,14 +3,16 @@
 Around it: :mod:`bridge.job_worker` runs the jobs (on bridge sessions), :mod:`bridge.job_reaper`
 fires the timers, :mod:`bridge.job_records` writes every change to the store before it is
 reported. On start-up the records are reloaded: deadlines that passed while the server was down
-fire with their own timestamps, jobs that were running are failed (their kernels died with the
-server), and queued jobs run. A dedicated session's kernel cannot survive a restart: its record
+fire with their own timestamps, jobs that were running are failed (their results went with the
+server), and queued jobs run. A dedicated session's kernel is re-adopted with its state
+(bridge/adoption.py) and its queued jobs run on it, in order; when its kernel is gone, its record
 stays as it was (state, timers, timestamps) with a note in state_reason, and its next job starts
-a fresh kernel, so earlier in-memory state is gone.
+a fresh kernel.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
 from .errors import Conflict, InvalidRequest, JobNotFound, SessionNotFound
@@ -36,6 +38,8 @@ from .sessions import Sessions
 from .settings import Settings
 from .store import Store
 
+log = logging.getLogger(__name__)
+
 
 class JobSessions:
     def __init__(self, settings: Settings, store: Store, keypairs: Keypairs,
@@ -55,33 +59,60 @@ class JobSessions:
     # -- start / stop -------------------------------------------------------------------------
 
     async def start(self) -> None:
+        await self.adopt()
+        self.reaper.start()
+
+    async def adopt(self) -> None:
+        """Take up the open job sessions recorded as this server's that it does not run yet:
+        at start, and (with replicas) those just claimed from a replica that died. Queued jobs
+        queue again; running ones failed with the kernel they ran in."""
         now = time.time()
+        adopted: list[JobSession] = []
         for js in await self.records.open_sessions():
+            if js.id in self._live:
+                continue
+            adopted.append(js)
             for job in await self.records.unfinished_jobs(js):
                 if job.status is JobStatus.RUNNING:
                     job.end(JobStatus.FAILED, FAILED_EXIT_CODE, stdout=job.stdout,
-                            stderr="The server restarted while this job ran; it was lost with "
-                                   "its kernel.\n", at=now)
+                            stderr="The server restarted while this job ran: its output and "
+                                   "exit code are lost (a kernel the new server re-adopted "
+                                   "went on running it).\n", at=now)
                     await self.records.save_job(job)
                 else:
                     js.queue.append(job)
                     self._jobs[job.id] = job
             if js.state is State.ACTIVE and not js.has_work and js.idle_deadline is None:
                 js.idle_deadline = now + (js.interactive_ttl or 0)
+            if js.mode == "dedicated":
+                # Its kernel, re-adopted by the registry (bridge/adoption.py), state intact.
+                js.session = self.sessions.find(js.access_key, js.id)
             self._live[js.id] = js
             await self.records.save(js)
+        # Kernels of jobs that ended with the old server (a batch job's, a closed session's).
+        owned = {js.session for js in self._live.values()}
+        for orphan in [s for s in self.sessions.all() if s.origin == ORIGIN and s not in owned]:
+            await self.sessions.discard(orphan, "its job ended with the server")
         # Deadlines that passed while the server was down fire now, stamped with their own time.
         await self.reaper.fire_due(now)
-        for js in list(self._live.values()):
+        for js in adopted:
             await self._maybe_close(js)
-            if js.state is not State.CLOSED and js.mode == "dedicated" and js.activated_at:
+            if js.state is not State.CLOSED and js.session is None and js.activated_at \
+                    and js.mode == "dedicated":
                 # Noted after the deadlines fired, so the note is the last word until the
                 # session's next transition.
                 js.state_reason += (f"; the server restarted at {iso(now)}: the kernel and its "
                                     "state are gone, the next job starts a fresh kernel")
                 await self.records.save(js)
             self.worker.pump(js)
-        self.reaper.start()
+
+    def pause(self) -> None:
+        """A graceful stop: no more queued jobs start (they wait for the next server)."""
+        self.worker.pause()
+
+    @property
+    def jobs_running(self) -> int:
+        return self.worker.jobs_running
 
     async def stop(self) -> None:
         """Stop timers and jobs; jobs cut short are recorded as failed (their kernels go too)."""
@@ -252,6 +283,7 @@ class JobSessions:
         if js.state is State.CLOSED or js.accepting_jobs or js.has_work:
             return
         js.transition(State.CLOSED, js.close_reason or "closed", at)
+        log.info("job session %s closed: %s", js.id, js.state_reason)
         self._live.pop(js.id, None)
         await self.records.save(js)
         if js.session is not None:

@@ -53,10 +53,23 @@ class JobWorker:
         self._after_job = after_job
         self._wake = wake
         self._batch_running: dict[str, int] = defaultdict(int)  # per access key
+        self._paused = False  # draining for a stop: queued jobs wait for the next server
+
+    def pause(self) -> None:
+        """Start no more queued jobs (a graceful stop): running ones finish, queued ones stay
+        queued in the store for the next server."""
+        self._paused = True
+
+    @property
+    def jobs_running(self) -> int:
+        return sum(len(js.running) for js in self._live.values())
 
     async def stop(self) -> None:
         """Stop every job; jobs cut short are recorded as failed (their kernels go too)."""
         tasks = [t for js in self._live.values() for t in js.tasks]
+        if tasks and self._paused and not self.jobs_running:
+            # Drained: what is left is jobs' last records being written; let them land.
+            await asyncio.wait(tasks, timeout=5)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -74,6 +87,8 @@ class JobWorker:
 
     def pump(self, js: JobSession) -> None:
         """Start whatever may start now."""
+        if self._paused:
+            return
         if js.mode == "dedicated":
             if not js.running and js.queue and js.state is not State.CLOSED:
                 self._start(js, js.queue.popleft())
@@ -89,6 +104,7 @@ class JobWorker:
             self._start(oldest, oldest.queue.popleft())
 
     def _start(self, js: JobSession, job: Job) -> None:
+        log.info("job %s of session %s starts", job.id, js.id)
         now = time.time()
         job.status, job.started_at = JobStatus.RUNNING, now
         js.job_started(job, now)

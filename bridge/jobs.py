@@ -332,7 +332,10 @@ def view_of(s: Session, interactive_ttl: int = DEFAULT_INTERACTIVE_TTL["dedicate
                       language=s.language.name, max_ttl=None, interactive_ttl=interactive_ttl,
                       environment=dict(s.environ), started_at=started, origin=s.origin,
                       state_reason=f"a {s.origin} session; it ends after "
-                                   f"{s.limits.idle_timeout_s:g} s without runs",
+                                   f"{s.limits.idle_timeout_s:g} s without runs"
+                                   # a dead kernel says why (a restart brings a new one)
+                                   + (f"; its kernel is not running: {s.state_reason}"
+                                      if s.state.value == "ERROR" else ""),
                       accepting_jobs=False, elapsed=round(elapsed, 3))
     view.last_job_started, view.last_job_completed = last_start, last_end
     if s.num_queries == 0 and not s.busy:

@@ -223,7 +223,8 @@ async def reach(handle: Mapping[str, Any]) -> Keeper:
     ZygoteUnavailable when it is gone or is not the one named."""
     path = str(handle["socket"])
     # One connection at a time per keeper: kernels adopted at once share it (two connections
-    # raced, and the one replaced took the pidfds it had handed out with it).
+    # raced, and the one replaced took the pidfds it had handed out with it: busy kernels
+    # adopted together were found dead and killed).
     async with _reaching.setdefault(path, asyncio.Lock()):
         keeper = _reached.get(path)
         if keeper is None or not keeper.alive or keeper.pid != handle.get("pid"):

@@ -39,16 +39,7 @@ from jupyter_client.provisioning.factory import KernelProvisionerFactory
 from .cgroups import KernelCgroup
 from .disk import mount_ipc
 from .errors import KernelGone, KernelStartFailed
-from .ipc import (
-    HELD,
-    IPC_ROOT,
-    claim,
-    ipc_root,
-    ipc_root_problem,
-    remove_ipc,
-    set_owner_scope,
-    sweep_ipc,
-)
+from .ipc import HELD, IPC_ROOT, claim, ipc_root, ipc_root_problem, remove_ipc, sweep_ipc
 from .provisioner import NAME, SandboxProvisioner, Usage
 from .readiness import wait_ready
 from .sandbox import Confinement, Mount, Sandbox, SandboxUnavailable
@@ -61,7 +52,7 @@ SPECS_DIR = Path(__file__).resolve().parent.parent / "kernelspecs" / "specs"
 PROVISIONERS = "jupyter_client.kernel_provisioners"  # the entry point group
 RECORD_VERSION = 1
 __all__ = ["IPC_ROOT", "Kernel", "KernelGone", "Usage", "adopt", "ipc_root", "ipc_root_problem",
-           "launch", "set_owner_scope", "sweep_ipc"]
+           "launch", "sweep_ipc"]
 
 
 def spec_manager() -> KernelSpecManager:
@@ -122,8 +113,9 @@ class Kernel:
         sweep needs to stop the kernel should nobody adopt it (``held``: no key in it)."""
         prov = self.manager.provisioner
         self._info = {} if prov is None else dict(await prov.get_provisioner_info())
-        keeper, pid, nest = (self._info.get(k) for k in ("keeper", "pid", "nest"))
+        keeper, pid = self._info.get("keeper"), self._info.get("pid")
         if keeper and pid:
+            nest = self._info.get("nest")  # {pid, keeper}: the plain keeper holds it
             held = [{"keeper": keeper, "pid": pid}, *([nest] if nest else [])]
             (self.ipc_dir / HELD).write_text(json.dumps(held))
 
@@ -353,7 +345,9 @@ async def adopt(record: Mapping[str, Any], *, sandbox: Sandbox, ksm: KernelSpecM
     harden(client.context)
     client.start_channels()
     try:
-        await wait_ready(client, timeout, control=True)  # it may be running a cell
+        # On control: a kernel the old server left mid-cell answers there at once (on shell
+        # only once the cell ends, and a long cell must not look like a dead kernel).
+        await wait_ready(client, timeout, control=True)
     except RuntimeError as exc:
         client.stop_channels()
         await _drop(km, ipc_dir)

@@ -86,6 +86,13 @@ HTTP_REQUESTS = Counter(f"{PREFIX}_http_requests_total", "HTTP requests by diale
                         "class.", ["dialect", "code"], registry=REGISTRY)
 HTTP_SECONDS = Histogram(f"{PREFIX}_http_request_duration_seconds", "HTTP request handling "
                          "time by dialect.", ["dialect"], buckets=RUN_BUCKETS, registry=REGISTRY)
+# Replicas (bridge/replicas.py, api/forward.py): requests handed to the replica owning their
+# session, and what this replica took over from dead ones.
+FORWARDED = Counter(f"{PREFIX}_forwarded_requests_total", "Requests forwarded to the replica "
+                    "that owns their session, by transport (http, websocket) and outcome (ok, "
+                    "unreachable).", ["transport", "outcome"], registry=REGISTRY)
+ADOPTED = Counter(f"{PREFIX}_adopted_total", "Sessions, job sessions and executions this "
+                  "replica claimed from replicas whose lease ran out.", registry=REGISTRY)
 
 REFUSAL_REASONS = {401: "unauthorized", 403: "forbidden", 412: "quota", 429: "rate_limited",
                    503: "unavailable"}

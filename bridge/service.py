@@ -6,14 +6,18 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import batch, metrics
+import psutil
+
+from . import adoption, batch, kernels, metrics
 from .admission import Admission
+from .adoption import Adopted
 from .datadir import ReplicaPresence
 from .disk import Volumes
 from .errors import AuthFailed
@@ -21,12 +25,13 @@ from .events import EventLog, run_key
 from .executions import Executions
 from .folders import Folders
 from .gateway import Gateway
-from .ipc import IPC_ROOT, ipc_root, sweep_ipc
+from .ipc import IPC_ROOT, ipc_root, set_owner_scope, sweep_ipc
 from .job_sessions import JobSessions
 from .kernels import Kernel, launch, spec_manager
 from .keypairs import Keypair, Keypairs
 from .languages import measure_versions
 from .pool import REFILL_DELAY_S, KernelPool
+from .replicas import OwnerKind, Replicas
 from .runs import Run
 from .sandbox import Confinement, Mount, Sandbox, SandboxUnavailable, base_environ
 from .session import Session, now_iso
@@ -42,6 +47,13 @@ KEYPAIR_RELOAD_S = 5.0
 # A forked kernel is ~50 ms of CPU: the pool refills once the execution that took a kernel has
 # had the CPU for its own few milliseconds (at once, the refill slowed that execution by ~40%).
 ZYGOTE_REFILL_DELAY_S = 0.05
+
+
+def _may_be_alive(replica_id: str) -> bool:
+    """False for a replica id (``host:pid:…``) of this host whose process is gone."""
+    host, _, rest = replica_id.partition(":")
+    pid = rest.partition(":")[0]
+    return host != socket.gethostname() or not pid.isdigit() or psutil.pid_exists(int(pid))
 
 
 @dataclass
@@ -62,13 +74,17 @@ class Bridge:
         # holds every table.
         self.store = store_for(settings)
         # With PostgreSQL, replicas share the data dir: each announces itself with a lease.
-        self.presence = (ReplicaPresence(self.store) if self.store.dialect == "postgres"
-                         else None)
+        self.presence = (ReplicaPresence(self.store, ttl_s=settings.lease_s)
+                         if self.store.dialect == "postgres" else None)
         self.events = EventLog(self.store)
         self.keypairs = Keypairs(self.store, settings.default_concurrency)
+        self.replicas = Replicas(self.store, settings.advertise_url,
+                                 self.presence.id if self.presence is not None else None)
         self._keypair_watch: asyncio.Task[None] | None = None
+        self._failover: asyncio.Task[None] | None = None
         self.language_versions: asyncio.Task[dict[str, str]] | None = None
         self.kernelspecs = spec_manager()
+        set_owner_scope(settings.data_dir)  # what this server's IPC sweep may judge
         # The keepers (the plain one, and zygotes unless KB_ZYGOTE=off): the parents of every
         # kernel, outliving this process. Their environment: a kernel's, without any client's.
         pythons = [sys.executable, settings.python_interpreter or sys.executable]
@@ -93,8 +109,17 @@ class Bridge:
         self.folders.in_use = self._mounted_in
         self.folders.own = self.sandbox.own
         self.gateway = Gateway(self.sessions, self.kernelspecs)
+        self.adopted = Adopted()  # what the last start re-adopted
         self.jobs = JobSessions(settings, self.store, self.keypairs, self.sessions,
                                 open_ttl=settings.job_open_ttl_s, events=self.events)
+        if self.replicas.clustered:
+            # What this replica starts is recorded as its own: other replicas forward to it.
+            self.sessions.records.owner = self.replicas.id
+            self.executions.owner = self.jobs.records.owner = self.replicas.id
+            self.admission.elsewhere = self.replicas.held_elsewhere
+            self.executions.shared_rate = self.replicas.count_rate
+            self.replicas.runs_here = self._runs_here
+            self.events.turn = self.executions.turn = self.replicas.turn  # pruning, once
         metrics.watch(self)
 
     async def start_kernel(self, spec: str, confinement: Confinement) -> Kernel:
@@ -109,6 +134,13 @@ class Bridge:
             raise
         finally:
             metrics.KERNEL_STARTS.labels(spec).observe(time.monotonic() - started)
+
+    async def adopt_kernel(self, record: dict[str, Any]) -> Kernel:
+        """A kernel a previous server started, from its record. Raises KernelStartFailed
+        (KernelGone: it is dead)."""
+        return await kernels.adopt(record, sandbox=self.sandbox, ksm=self.kernelspecs,
+                                   timeout=self.settings.kernel_start_timeout,
+                                   zygotes=self.zygotes)
 
     async def mounts_for(self, access_key: str, specs: list[str]) -> tuple[Mount, ...]:
         """Resolve ``name`` / ``name:alias`` mount specs to this keypair's folders.
@@ -166,28 +198,48 @@ class Bridge:
         self.volumes.require(self.sandbox.enabled)  # Raises QuotaUnavailable
         log.info("%s", self.volumes.describe())
         await asyncio.to_thread(self.volumes.mount_folders, self.settings.folders_dir)
-        # Kernels a server that is gone left running (with their keepers), their IPC dirs and
-        # its keepers' sockets. TODO(lifecycle): after re-adoption, keep what was adopted.
         with contextlib.suppress(SandboxUnavailable):  # each kernel's start then says why
             await asyncio.to_thread(ipc_root)
-        await asyncio.to_thread(sweep_ipc, set(), IPC_ROOT, self.sandbox.cgroups)
-        # Kernel cgroups left empty by a server that died or by the sweep.
-        self.sandbox.cgroups.sweep()
         await self.store.open()  # Raises StartupRefused
         log.info("state in %s", self.store.describe())
+        others: list[str] = []
         if self.presence is not None:
             others = await self.presence.start()
             log.info("replica %s; other live replicas: %s", self.presence.id,
                      ", ".join(others) or "none")
         await self.keypairs.load()
+        await self.replicas.start()
         first = None
         if not self.keypairs.all():
             first = await self.keypairs.create()
         self._keypair_watch = spawn(self.keypairs.watch(KEYPAIR_RELOAD_S))
-        await self.events.start()  # before the records whose streams it ends
-        await self.sessions.start()
+        # Replicas: what dead replicas (or this one's previous life) left unfinished is ours now;
+        # what live ones own stays theirs.
+        await self.replicas.claim_orphans()
+        clustered = self.replicas.clustered
+        await self.events.start(end_open=not clustered)  # before the records whose streams it ends
+        # Other live replicas on this database run their own sessions: only this replica's rows
+        # (claimed above) are re-adopted, and no shared dir is swept. A lease left by a server of
+        # this host that is gone (this one's predecessor, killed) is no live replica.
+        live = [o for o in others if _may_be_alive(o)]
+        self.adopted = await self.sessions.start(self.adopt_kernel, exclusive=not live)
+        log.info("re-adopted %d session(s) in %.2f s; %d left in ERROR (kernel gone), "
+                 "%d run(s) cut short by the last stop ended", len(self.adopted.sessions),
+                 self.adopted.seconds, len(self.adopted.dead), self.adopted.runs_ended)
+        if not clustered:
+            # Only now: what the adopted kernels use is kept; kernels a server that is gone
+            # left running and nobody adopted (pooled ones, one-shots, half-made sessions) go
+            # with their IPC dirs and keepers' sockets, then the cgroups left empty. (Replicas
+            # on one host leave a dead peer's kernels to whoever claims its sessions.)
+            await asyncio.to_thread(sweep_ipc, self.adopted.ipc_dirs, IPC_ROOT,
+                                    self.sandbox.cgroups)
+            self.sandbox.cgroups.sweep()
         await self.jobs.start()  # after sessions: a reloaded job may start a kernel
         await self.executions.start()  # marks executions cut off by the last stop as failed
+        if clustered:
+            await self.events.end_orphans()
+            self._failover = spawn(self.replicas.watch(self.settings.lease_s / 3,
+                                                       self._adopt_claimed))
         for line in self.zygotes.values():
             line.start()
         self.pool.start()
@@ -195,13 +247,38 @@ class Bridge:
         self.language_versions = spawn(measure_versions())
         return Started(first_keypair=first)
 
+    def _runs_here(self, kind: OwnerKind, access_key: str, ident: str) -> bool:
+        """Whether this replica runs what a route names (no database trip for its own)."""
+        if kind in ("session", "kernel"):
+            return self.sessions.find(access_key, ident) is not None
+        if kind == "sandbox_session":
+            return any(s.name == ident and s.origin == "sandbox"
+                       for s in self.sessions.all(access_key))
+        return False
+
+    async def _adopt_claimed(self) -> None:
+        """A replica died and this one claimed what it owned: run it from here. Its sessions'
+        kernels are adopted where this host reaches them (same host: their keepers; a remote
+        provisioner's kernel over its connection info), state intact; others are left in ERROR
+        with a reason (bridge/adoption.py)."""
+        adopted = await adoption.readopt(self.sessions, self.adopt_kernel,
+                                         owner=self.replicas.id)
+        log.info("claimed from a lost replica: %d session(s) re-adopted, %d left in ERROR",
+                 len(adopted.sessions), len(adopted.dead))
+        await self.jobs.adopt()  # queued jobs run here, once: the claim moved them
+        await self.executions.adopt()
+        await self.events.end_orphans()
+
     def runs_in_flight(self) -> int:
         """Runs executing right now, in every dialect (what a graceful shutdown waits for)."""
-        return sum(1 for s in self.sessions.all() if s.queue.current is not None)
+        # A job between its record and its run holds no session's run yet: counted as well.
+        return max(sum(1 for s in self.sessions.all() if s.queue.current is not None),
+                   self.jobs.jobs_running)
 
     async def drain(self, grace: float, hurry: asyncio.Event) -> None:
         """Let running runs finish, up to ``grace`` seconds or until ``hurry`` is set."""
         deadline = asyncio.get_running_loop().time() + grace
+        self.jobs.pause()  # queued jobs are the next server's (or cancelled by the stop)
         while self.runs_in_flight() and not hurry.is_set():
             left = deadline - asyncio.get_running_loop().time()
             if left <= 0:
@@ -211,15 +288,22 @@ class Bridge:
                 await asyncio.wait_for(hurry.wait(), timeout=min(0.1, left))
 
     async def stop(self) -> None:
+        await cancel_and_wait(self._failover)
         await cancel_and_wait(self._keypair_watch)
         await cancel_and_wait(self.language_versions)
         await self.jobs.stop()  # records cut-short jobs before their kernels go
         await self.executions.stop()  # likewise for async executions
-        await self.sessions.stop()
+        # --keep-kernels: the sessions' kernels stay up, detached, for the next server.
+        await self.sessions.stop(keep_kernels=self.settings.keep_kernels)
         await self.events.stop()
         await self.pool.stop()
-        await asyncio.gather(*(line.close() for line in self.zygotes.values()))
-        await asyncio.to_thread(self.volumes.unmount_folders, self.settings.folders_dir)
+        keep = self.settings.keep_kernels
+        await asyncio.gather(*(line.close(keep) for line in self.zygotes.values()))
+        # Kept kernels may have folders bound: they stay mounted for the next server, as a
+        # killed server's do (mount_folders keeps a mounted folder as it is). Replicas on this
+        # host share the folders' mounts: the last one to stop unmounts them.
+        if not keep and not await self.replicas.others_on_this_host():
+            await asyncio.to_thread(self.volumes.unmount_folders, self.settings.folders_dir)
         if self.presence is not None:
             await self.presence.stop()
         await self.store.close()

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from . import metrics
+from . import adoption, metrics
 from .admission import Admission, Holder, Ticket
 from .disk import Volumes
 from .errors import InvalidRequest, SessionNotFound
@@ -29,6 +29,7 @@ from .session import MAIN, Attached, Limits, Session, SessionState
 from .session_records import SessionRecords
 from .settings import Settings
 from .store import Store
+from .tasks import cancel_and_wait
 from .worker import Worker
 
 # Starts a kernel for a session (spec, confinement) → Kernel: the one launch function.
@@ -68,15 +69,41 @@ class Sessions:
 
     # -- lifecycle of the registry ----------------------------------------------------------
 
-    async def start(self) -> None:
-        # Kernels do not survive a server restart: their sessions ended with the old process,
-        # and so did their files (a server that was killed could not remove them).
-        await self.records.end_all()
-        await asyncio.to_thread(self.volumes.sweep_sessions, self.settings.sessions_dir)
+    async def start(self, adopt: adoption.AdoptKernel | None = None, *,
+                    exclusive: bool = True) -> adoption.Adopted:
+        """Re-adopt every session a previous server left alive that is this server's (with
+        replicas: the rows recorded as this replica's, i.e. claimed from replicas that died;
+        bridge/adoption.py); only then, ``exclusive`` and alone on the sessions dir, sweep the
+        session dirs no live session owns (replicas share the dir: a dead replica's dirs wait
+        for whoever claims its sessions)."""
+        adopted = await adoption.readopt(self, adopt, owner=self.records.owner)
+        if exclusive and self.records.owner is None:
+            await asyncio.to_thread(self.volumes.sweep_sessions, self.settings.sessions_dir,
+                                    adopted.workdirs)
         self.reaper.start()
+        return adopted
 
-    async def stop(self) -> None:
+    def registered(self, session_id: str) -> bool:
+        """Whether the registry holds that session (alive or on its way out)."""
+        return session_id in self._by_id
+
+    def readopt(self, session: Session, kernel: Kernel | None) -> None:
+        """A session rebuilt from its row joins the registry with ``kernel`` (None: its kernel
+        is gone and it stays in ERROR until a restart). Its place is granted whatever the
+        limits say now: the kernel already runs (or its files wait)."""
+        if kernel is not None:
+            session.kernels[MAIN] = Attached.start(kernel)
+        session.ticket = self.admission.adopt(
+            session.access_key, (session.name, session.id, session.origin),
+            session.limits.mem_kib * 1024)
+        self.adopt(session)
+
+    async def stop(self, keep_kernels: bool = False) -> None:
         await self.reaper.stop()
+        if keep_kernels:
+            await asyncio.gather(*(self._detach(s) for s in self.all()),
+                                 return_exceptions=True)
+            return
         await asyncio.gather(*(self.destroy(s, "server-shutdown") for s in self.all()),
                              return_exceptions=True)
         # Destroys already under way (a timer's, a client's) end before the server does, and
@@ -85,6 +112,19 @@ class Sessions:
             async with s.lock:
                 if not s.alive and s.id in self._by_id:
                     await self.volumes.remove(s.workdir)
+
+    async def _detach(self, session: Session) -> None:
+        """Let go of the session's language kernel, leaving it running (and its record, dir
+        and row) for the next server; other kernels (batch's bash) are not adopted and stop."""
+        async with session.lock:
+            await cancel_and_wait(session.queue.task)
+            attached, session.kernels = session.kernels, {}
+            main = attached.pop(MAIN, None)
+            await asyncio.gather(*(a.stop(True) for a in attached.values()),
+                                 return_exceptions=True)
+            if main is not None:
+                await main.channels.stop()
+                main.kernel.detach()
 
     # -- queries ------------------------------------------------------------------------------
 
@@ -251,7 +291,7 @@ class Sessions:
             session.touch()
             if session.alive:  # back from ERROR (a dead kernel) in the record too
                 session.state_reason = ""
-                await self.records.set_state(session)
+                await self.records.restarted(session)  # a new process: new handles too
 
     async def interrupt(self, session: Session) -> None:
         """Interrupt whatever the session's kernels are running (fire and forget)."""

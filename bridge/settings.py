@@ -39,6 +39,14 @@ class Settings(BaseSettings):
     server_name: str = "kernel-bridge"
     """This server's name (the job sessions' `backend_name`)."""
 
+    # Replicas (API.md "Second release"): several servers on one database and one storage root.
+    advertise_url: str | None = None
+    """This replica's internal URL, where other replicas forward requests for the sessions it
+    owns (default: `http://<host>:<port>`; set it when the host is `0.0.0.0` or behind NAT)."""
+    lease_s: float = Field(15.0, gt=0)
+    """Seconds a replica's lease lasts: a replica that has not renewed it for this long is
+    dead, and another adopts its sessions."""
+
     # Sandbox: "auto" uses bubblewrap when present and refuses to start without it;
     # "off" runs kernels unconfined (an explicit operator choice, warned about at start).
     sandbox: Literal["auto", "on", "off"] = "auto"
@@ -69,6 +77,10 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(30.0, ge=0)
     """On SIGTERM, seconds running runs may take to finish before the server stops (a second
     signal stops it at once)."""
+    keep_kernels: bool = False
+    """On stop (after the drain), leave every session's kernel running for the next server on
+    this data dir, which adopts them (`serve --keep-kernels`; for upgrades). Off: stop shuts
+    kernels down. A killed server's kernels are adopted either way."""
 
     # Session limits (Backend.AI seed 001/002). Zero means "no limit".
     default_query_timeout_ms: int = Field(0, ge=0)

@@ -402,26 +402,39 @@ def owner_of(ipc_dir: str) -> int:
 
 
 def test_leftovers_of_a_killed_server_are_swept_at_start(tmp_path: Path) -> None:
+    """What no live session owns is swept at the next start (a pooled kernel's dir, mount and
+    IPC dir); a session's are kept: it is re-adopted (issue 15)."""
+    import json
+    import sqlite3
+
     from bridge.disk import mounted
 
     data = tmp_path / "data"
     real = os.path.realpath(data)
-    with run_server(data, pool_python="0") as s, s.client() as c:
-        session(c)
-        ours = [p for p in mounted() if p.startswith(real + "/sessions/")]
-        assert len(ours) == 1
-        ipc = [p for p, (_, src) in mounted().items()
-               if src == "kb-ipc-kernel" and owner_of(p) == s.process.pid]
-        assert ipc
+    with run_server(data, pool_python="1") as s, s.client() as c:
+        name = session(c)
+        with sqlite3.connect(data / "kernel-bridge.sqlite3") as db:
+            config = db.execute("SELECT config FROM sessions WHERE name=?", (name,)).fetchone()
+        kept = os.path.realpath(json.loads(config[0])["workdir"])
+        deadline = time.monotonic() + 60  # the pool refills: a leftover-to-be
+        while time.monotonic() < deadline:
+            ours = [p for p in mounted() if p.startswith(real + "/sessions/")]
+            ipc = [p for p, (_, src) in mounted().items()
+                   if src == "kb-ipc-kernel" and owner_of(p) == s.process.pid]
+            if len(ours) == 2 and len(ipc) == 2:
+                break
+            time.sleep(0.2)
+        assert kept in ours and len(ours) == 2 and len(ipc) == 2
         s.process.kill()
         s.process.wait()
         time.sleep(1)  # its kernels live on with their keepers: the next start sweeps them
-        assert ours[0] in mounted()  # the killed server could not clean up
+        assert all(p in mounted() for p in ours)  # the killed server could not clean up
         with run_server(data, pool_python="0"):
             left = mounted()
-            assert ours[0] not in left and not any(p in left for p in ipc)
-            assert list((data / "disks").glob("sessions-*")) == []
-            assert list((data / "sessions").iterdir()) == []
+            assert kept in left  # the session's, adopted
+            assert [p for p in ours if p in left] == [kept]
+            assert len([p for p in ipc if p in left]) == 1  # the session kernel's
+            assert [p.name for p in (data / "sessions").iterdir()] == [Path(kept).name]
 
 
 def test_a_clean_stop_leaves_no_mount_even_mid_refill(tmp_path: Path) -> None:

@@ -26,13 +26,13 @@ import pytest
 
 from bridge import ipc
 from bridge.errors import KernelGone
+from bridge.ipc import set_owner_scope
 from bridge.kernels import (
     IPC_ROOT,
     Kernel,
     adopt,
     ipc_root,
     launch,
-    set_owner_scope,
     spec_manager,
     sweep_ipc,
 )
@@ -118,7 +118,7 @@ CHILD_ROOT = PRIVATE_TMP / IPC_ROOT.name
 
 @pytest.fixture(autouse=True)
 def owner_scope(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ipc, "_scope", str(SCOPE.resolve()))
+    monkeypatch.setattr(ipc, "_scope", ipc.scope_of(SCOPE))
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from .jupyter_support import KernelSocket
 from .support import ROOT, free_port, run_server
 
 
@@ -20,11 +21,20 @@ def serve(data_dir: Path, port: int) -> subprocess.CompletedProcess[str]:
 
 
 def test_second_server_on_a_data_dir_in_use_refuses_and_changes_nothing() -> None:
-    with run_server() as srv:
+    # No pool: its refills would change the sessions dir while the test looks at it.
+    with run_server(pool_python="0") as srv:
         c = srv.client()
         assert c.post("/session", json={"lang": "python", "name": "first"}).status_code == 201
         r = c.post("/session/first", json={"mode": "query", "code": "x = 41\nopen('f.txt', 'w').write('kept')", "runId": None})
         assert r.json()["result"]["status"] == "finished"
+
+        r = c.post("/api/kernels", json={"name": "python3"},
+                   headers={"Authorization": f"token {srv.secret_key}"})
+        assert r.status_code == 201, r.text
+        kernel_id = r.json()["id"]
+        ws = KernelSocket(srv.url, kernel_id, srv.secret_key)
+        assert ws.run("import os\npid = os.getpid()\nprint('up')")[0] == "up\n"
+        before = _snapshot(srv.data_dir)
 
         started = time.monotonic()
         out = serve(srv.data_dir, free_port())
@@ -37,6 +47,21 @@ def test_second_server_on_a_data_dir_in_use_refuses_and_changes_nothing() -> Non
         r = c.post("/session/first", json={"mode": "query", "code": "print(x + 1, open('f.txt').read())", "runId": None})
         assert r.json()["result"]["console"] == [["stdout", "42 kept\n"]]
         assert c.get("/session/first").status_code == 200
+        # Its records, session dirs and kernels too: the same kernel process answers on the
+        # connection opened before.
+        assert _snapshot(srv.data_dir) == before
+        assert ws.run("print(pid == os.getpid())")[0] == "True\n"
+        ws.close()
+
+
+def _snapshot(data_dir: Path) -> tuple[object, ...]:
+    """The data dir as a second server could have changed it: session rows, kernel records,
+    session dirs and their files."""
+    with sqlite3.connect(data_dir / "kernel-bridge.sqlite3") as db:
+        rows = db.execute("SELECT id, state, state_reason FROM sessions ORDER BY id").fetchall()
+        records = db.execute("SELECT session_id, record FROM kernels ORDER BY 1").fetchall()
+    files = sorted(str(p.relative_to(data_dir)) for p in (data_dir / "sessions").rglob("*"))
+    return rows, records, files
 
 
 def test_busy_port_is_one_line(tmp_path: Path) -> None:

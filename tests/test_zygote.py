@@ -217,10 +217,11 @@ def test_sigkilled_server_leaves_its_kernels_held_by_their_keepers() -> None:
             time.sleep(0.1)
         assert not any(psutil.pid_exists(k.pid) for k in kernels)
         # What else is left (pooled kernels, sandbox holders) goes with a sweep (next start).
-        from bridge.kernels import IPC_ROOT, sweep_ipc
+        from bridge.ipc import IPC_ROOT, scope_of, sweep_ipc
         from bridge.sandbox import Sandbox
 
-        sweep_ipc(set(), IPC_ROOT, Sandbox("on").cgroups)
+        # (as that data dir's next server would: a sweep judges only its own data dir's)
+        sweep_ipc(set(), IPC_ROOT, Sandbox("on").cgroups, scope=scope_of(s.data_dir))
         _gone, alive = psutil.wait_procs([p for p in tree if p not in keepers], timeout=15)
         assert not alive, [(p.pid, p.cmdline()) for p in alive]
         for k in keepers:  # exited (a zombie of whoever our init is, at most)

@@ -158,6 +158,8 @@ class FilesHandler(BackendAIHandler):
 
 
 class SessionUploadHandler(FilesHandler):
+    owner_of = "session"
+
     async def post(self, ident: str) -> None:
         """Write the uploaded files under /home/work: 204. 400/403/404."""
         area = self.session_area(ident)
@@ -166,18 +168,24 @@ class SessionUploadHandler(FilesHandler):
 
 
 class SessionFilesHandler(FilesHandler):
+    owner_of = "session"
+
     async def get(self, ident: str) -> None:
         """List a directory: {"files": "<json>", "errors", "abspath"}. 400/404."""
         await self.list_dir(self.session_area(ident))
 
 
 class SessionDownloadHandler(FilesHandler):
+    owner_of = "session"
+
     async def get(self, ident: str) -> None:
         """multipart/mixed of tar archives, one per path (at most 5). 400/404."""
         await self.send_archives(self.session_area(ident))
 
 
 class SessionDownloadSingleHandler(FilesHandler):
+    owner_of = "session"
+
     async def get(self, ident: str) -> None:
         """One file's bytes (as manager 23.09 does). 400/404."""
         await self.send_file(self.session_area(ident))

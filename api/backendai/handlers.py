@@ -59,6 +59,8 @@ class HelloHandler(BackendAIHandler):
 
 
 class CreateHandler(BackendAIHandler):
+    admits = True
+
     async def post(self) -> None:
         """Create (or reuse) a session. 201 created, 200 reused; 400/406/412."""
         body = self.parse(CreateSession)
@@ -68,6 +70,8 @@ class CreateHandler(BackendAIHandler):
         sessions = self.bridge.sessions
         name = body.session_name
         if name is not None:
+            # A session of this name on another replica: that replica reuses (or refuses) it.
+            await self.forward_if_elsewhere("session", name)
             existing = sessions.find(self.keypair.access_key, name)
             if existing is not None:
                 if not body.reuseIfExists:
@@ -99,6 +103,8 @@ class CreateHandler(BackendAIHandler):
 
 
 class SessionHandler(BackendAIHandler):
+    owner_of = "session"
+
     def get(self, ident: str) -> None:
         """Session info with measured usage (seed 001). 404."""
         s = self.session(ident)
@@ -171,6 +177,8 @@ class SessionHandler(BackendAIHandler):
 
 
 class InterruptHandler(BackendAIHandler):
+    owner_of = "session"
+
     async def post(self, ident: str) -> None:
         """Interrupt the running code: 204. 404."""
         await self.bridge.sessions.interrupt(self.session(ident))
@@ -178,6 +186,8 @@ class InterruptHandler(BackendAIHandler):
 
 
 class CompleteHandler(BackendAIHandler):
+    owner_of = "session"
+
     async def post(self, ident: str) -> None:
         """Completions at the cursor: {"result": {"status", "completions"}}. 404."""
         body = self.parse(Complete)

@@ -14,7 +14,7 @@ import logging
 from typing import Any
 
 from pydantic import ValidationError
-from tornado.websocket import WebSocketClosedError, WebSocketHandler
+from tornado.websocket import WebSocketClosedError
 
 from bridge.errors import BridgeError
 from bridge.runs import Run
@@ -23,6 +23,7 @@ from bridge.tasks import spawn
 
 from ..dialect import check_encodable
 from ..fields import describe_validation
+from ..forward import UpstreamSocket
 from .handlers import BackendAIHandler
 from .models import Execute
 
@@ -32,22 +33,31 @@ STREAM_FLUSH = 0.2  # seconds, as the real agent flushes a streaming run
 TERMINAL = ("finished", "exec-timeout")
 
 
-class StreamExecuteHandler(WebSocketHandler, BackendAIHandler):
+class StreamExecuteHandler(UpstreamSocket, BackendAIHandler):
+    owner_of = "session"
     target: Session
     run: Run | None = None
 
     async def prepare(self) -> None:
         # Auth and the session are checked before the upgrade: a plain 401/404 problem body.
         await super().prepare()
+        if self.upstream is not None:
+            return  # another replica owns the session: frames are piped there
         self.target = self.session(self.path_args[0])
 
     def check_origin(self, origin: str) -> bool:
         return True  # every connection carries its own credentials; no cookies to ride on
 
     def open(self, *args: Any, **kwargs: Any) -> None:
+        if self.upstream is not None:
+            self.pipe_open(self.upstream)
+            return
         self.set_nodelay(True)  # small frames must not wait for Nagle (DESIGN.md)
 
     async def on_message(self, message: str | bytes) -> None:
+        if self.upstream is not None:
+            await self.pipe_message(self.upstream, message)
+            return
         text = message.decode(errors="replace") if isinstance(message, bytes) else message
         try:
             if self.run is None:
@@ -96,9 +106,12 @@ class StreamExecuteHandler(WebSocketHandler, BackendAIHandler):
             return False
 
     def on_close(self) -> None:
+        if self.upstream is not None:
+            self.pipe_close(self.upstream)
+            return
         # The run goes on to its end in the session, as a REST run would if its client left.
         log.info("stream of session %s closed", self.target.id)
 
 
-def routes() -> list[tuple[str, type[WebSocketHandler]]]:
+def routes() -> list[tuple[str, type[UpstreamSocket]]]:
     return [(r"/stream/(?:kernel|session)/([^/]+)/execute", StreamExecuteHandler)]

@@ -61,6 +61,8 @@ class JobsHandler(BaseHandler):
 
 
 class SessionsHandler(JobsHandler):
+    admits = True
+
     async def post(self) -> None:
         """Open a session: 200 with the session. 400, 401, 429 (keypair's kernels in use)."""
         body = self.parse(CreateSession)
@@ -79,6 +81,8 @@ class SessionsHandler(JobsHandler):
 
 
 class SessionHandler(JobsHandler):
+    owner_of = "job_session"
+
     async def get(self, ident: str) -> None:
         """One session (any dialect's). 401, 404."""
         self.send(self.session_out(await self.jobs.get(self.keypair.access_key, ident)))
@@ -92,6 +96,8 @@ class SessionHandler(JobsHandler):
 
 
 class CloseHandler(JobsHandler):
+    owner_of = "job_session"
+
     async def delete(self, ident: str) -> None:
         """Cancel queued jobs, let running ones finish, then close: 204. 401, 404."""
         js = await self.jobs.get(self.keypair.access_key, ident)
@@ -100,6 +106,9 @@ class CloseHandler(JobsHandler):
 
 
 class SessionJobsHandler(JobsHandler):
+    owner_of = "job_session"
+    admits = True
+
     async def post(self, ident: str) -> None:
         """Queue a job: 200 with the job (status queued or later). 400, 401, 404, 409."""
         body = self.parse(CreateJob, self.json_object(allow_empty=False))
@@ -119,6 +128,8 @@ class SessionJobsHandler(JobsHandler):
 
 
 class JobHandler(JobsHandler):
+    owner_of = "job"
+
     async def get(self, job_id: str) -> None:
         """One job with its result fields. 401, 404."""
         self.send(JobOut.of(await self.jobs.get_job(self.keypair.access_key, job_id))

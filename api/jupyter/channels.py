@@ -8,7 +8,6 @@ import logging
 from typing import Any
 
 from tornado.iostream import StreamBufferFullError
-from tornado.websocket import WebSocketHandler
 
 from bridge.errors import BridgeError
 from bridge.gateway import Relay
@@ -16,6 +15,7 @@ from bridge.messages import Channel, Message
 from bridge.session import Session
 from bridge.tasks import spawn
 
+from ..forward import UpstreamSocket
 from .base import JupyterHandler
 from .wire import V1, decode_legacy, decode_v1, encode_legacy, encode_v1
 
@@ -23,7 +23,8 @@ log = logging.getLogger("kernel_bridge.api.jupyter")
 MAX_UNREAD_BYTES = 16 * 1024 * 1024
 
 
-class ChannelsHandler(WebSocketHandler, JupyterHandler):
+class ChannelsHandler(UpstreamSocket, JupyterHandler):
+    owner_of = "kernel"
     session: Session
     relay: Relay | None = None
 
@@ -31,6 +32,8 @@ class ChannelsHandler(WebSocketHandler, JupyterHandler):
         # Auth and the kernel's existence are checked before the upgrade, so a bad request gets
         # a plain 401/404 in the dialect's shape rather than a socket that closes at once.
         await super().prepare()
+        if self.upstream is not None:
+            return  # another replica owns the kernel: frames are piped there
         self.session = self.kernel(self.path_args[0])
 
     def check_origin(self, origin: str) -> bool:
@@ -39,6 +42,8 @@ class ChannelsHandler(WebSocketHandler, JupyterHandler):
         return True
 
     def select_subprotocol(self, subprotocols: list[str]) -> str | None:
+        if self.upstream is not None:
+            return self.pipe_subprotocol(self.upstream)
         return V1 if V1 in subprotocols else None
 
     @property
@@ -46,6 +51,9 @@ class ChannelsHandler(WebSocketHandler, JupyterHandler):
         return self.selected_subprotocol == V1
 
     async def open(self, *args: Any, **kwargs: Any) -> None:
+        if self.upstream is not None:
+            self.pipe_open(self.upstream)
+            return
         # Small frames must leave at once: Nagle's algorithm costs ~40 ms a message (DESIGN.md).
         self.set_nodelay(True)
         # A client that does not read while its kernel floods would have the server buffer the
@@ -74,6 +82,9 @@ class ChannelsHandler(WebSocketHandler, JupyterHandler):
             self.close(1000, "kernel shut down")
 
     async def on_message(self, message: str | bytes) -> None:
+        if self.upstream is not None:
+            await self.pipe_message(self.upstream, message)
+            return
         if self.relay is None:
             return
         try:
@@ -84,6 +95,8 @@ class ChannelsHandler(WebSocketHandler, JupyterHandler):
             log.info("kernel %s: dropped a client frame: %s", self.session.id, exc.message)
 
     def on_close(self) -> None:
+        if self.upstream is not None:
+            self.pipe_close(self.upstream)
         if self.relay is not None:
             relay, self.relay = self.relay, None
             spawn(relay.close())

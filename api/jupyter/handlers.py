@@ -51,10 +51,13 @@ class KernelspecResourceHandler(JupyterHandler):
 
 
 class KernelsHandler(JupyterHandler):
-    def get(self) -> None:
-        """Every live kernel (session) of this keypair."""
+    admits = True
+
+    async def get(self) -> None:
+        """Every live kernel (session) of this keypair, on every replica."""
         gw = self.bridge.gateway
-        self.send([gw.model(s) for s in gw.kernels(self.keypair.access_key)])
+        mine = [gw.model(s) for s in gw.kernels(self.keypair.access_key)]
+        self.send(mine + await self.from_other_replicas())
 
     async def post(self) -> None:
         """Start a kernel: 201 with its model. 400, 403 over quota, 404 no such kernelspec."""
@@ -70,6 +73,8 @@ def _str_env(env: dict[str, Any] | None) -> dict[str, str]:
 
 
 class KernelHandler(JupyterHandler):
+    owner_of = "kernel"
+
     def get(self, kernel_id: str) -> None:
         """A kernel's model. 404."""
         self.send(self.bridge.gateway.model(self.kernel(kernel_id)))
@@ -81,6 +86,8 @@ class KernelHandler(JupyterHandler):
 
 
 class InterruptHandler(JupyterHandler):
+    owner_of = "kernel"
+
     async def post(self, kernel_id: str) -> None:
         """Interrupt (message mode: kernels run in bwrap): 204. 404."""
         await self.bridge.sessions.interrupt(self.kernel(kernel_id))
@@ -88,6 +95,8 @@ class InterruptHandler(JupyterHandler):
 
 
 class RestartHandler(JupyterHandler):
+    owner_of = "kernel"
+
     async def post(self, kernel_id: str) -> None:
         """Restart the kernel: 200 with its model. 404."""
         session = self.kernel(kernel_id)

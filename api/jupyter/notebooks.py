@@ -54,6 +54,8 @@ def is_bare_notebook(data: Any) -> bool:
 
 
 class ExecuteNotebookHandler(JupyterHandler):
+    admits = True
+
     async def post(self) -> None:
         """Execute a notebook: 200 with the executed notebook (status completed or failed).
         400 bad notebook or parameters, 403 over quota, 404 no such session."""

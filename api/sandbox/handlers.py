@@ -60,22 +60,32 @@ def render_status(ex: Execution) -> dict[str, Any]:
 
 
 class ExecuteHandler(SandboxHandler):
+    admits = True
+
     async def post(self) -> None:
         """Run code and answer with its result. 400, 401, 403, 422, 429."""
         req = self.request_for(self.parse(ExecuteRequest))
+        if req.session_id is not None:  # its kernel may be another replica's
+            await self.forward_if_elsewhere("sandbox_session", req.session_id)
         result = await self.bridge.executions.run(self.keypair.access_key, req)
         self.send(asdict(result))
 
 
 class AsyncExecuteHandler(SandboxHandler):
+    admits = True
+
     async def post(self) -> None:
         """Accept code to run in the background: ``status: pending``. 400, 401, 403, 422, 429."""
         req = self.request_for(self.parse(ExecuteRequest))
+        if req.session_id is not None:  # its kernel may be another replica's
+            await self.forward_if_elsewhere("sandbox_session", req.session_id)
         ex = await self.bridge.executions.submit(self.keypair.access_key, req)
         self.send(render_status(ex))
 
 
 class StatusHandler(SandboxHandler):
+    owner_of = "execution"
+
     async def get(self, execution_id: str) -> None:
         """An execution's status and, once ended, its result. 401, 403, 404."""
         ex = await self.bridge.executions.get(self.keypair.access_key, execution_id)
@@ -83,6 +93,8 @@ class StatusHandler(SandboxHandler):
 
 
 class BatchHandler(SandboxHandler):
+    admits = True
+
     async def post(self) -> None:
         """Up to 10 executions in order; per-item failures are exit code -1.
 
@@ -127,6 +139,8 @@ class LanguageInfoHandler(SandboxHandler):
 
 
 class SessionHandler(SandboxHandler):
+    owner_of = "sandbox_session"
+
     async def delete(self, session_id: str) -> None:
         """End the named session: its kernel, state and files. 401, 403, 404."""
         await self.bridge.executions.close_session(self.keypair.access_key, session_id)

@@ -189,6 +189,41 @@ LEASES = Step(2, "leases: named, expiring claims (bridge/store/base.py)", (
         acquired DOUBLE PRECISION NOT NULL)""",
 ))
 
+REPLICAS = Step(3, "replicas: the cluster secret, each replica's URL, who owns what "
+                   "(bridge/replicas.py)", (
+    # One row per cluster-wide value; "secret" signs the identity of forwarded requests.
+    """CREATE TABLE cluster (
+        name  TEXT PRIMARY KEY,
+        value TEXT NOT NULL)""",
+    # Where each replica that ever ran is reached; alive while its lease replica:<id> holds.
+    """CREATE TABLE replicas (
+        id         TEXT PRIMARY KEY,
+        url        TEXT NOT NULL,
+        started_at DOUBLE PRECISION NOT NULL)""",
+    # The replica whose kernels serve a session, an async execution, a job session.
+    "ALTER TABLE sessions ADD COLUMN owner TEXT",
+    "ALTER TABLE executions ADD COLUMN owner TEXT",
+    "ALTER TABLE job_sessions ADD COLUMN owner TEXT",
+    "CREATE INDEX sessions_by_owner ON sessions (owner, state)",
+    # Sandbox executions per keypair per minute (Unix time // 60), counted by every replica.
+    """CREATE TABLE rate_counts (
+        access_key TEXT NOT NULL,
+        minute     BIGINT NOT NULL,
+        n          INTEGER NOT NULL,
+        PRIMARY KEY (access_key, minute))""",
+))
+
+KERNELS = Step(4, "kernels: what reaches a live session's kernels (bridge/adoption.py)", (
+    # Kernel.record() as JSON, one row per kernel a live session holds (role "main": its
+    # language kernel); written with the session's row, gone with it. It holds the kernel's key.
+    """CREATE TABLE kernels (
+        session_id   TEXT NOT NULL,
+        role         TEXT NOT NULL,
+        record       TEXT NOT NULL,
+        updated_at   TEXT NOT NULL,
+        PRIMARY KEY (session_id, role))""",
+))
+
 # In order, numbered 1, 2, 3, … without gaps (tests/unit/test_store.py checks it).
-STEPS: tuple[Step, ...] = (FIRST_RELEASE, LEASES)
+STEPS: tuple[Step, ...] = (FIRST_RELEASE, LEASES, REPLICAS, KERNELS)
 LATEST = STEPS[-1].version

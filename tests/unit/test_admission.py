@@ -106,3 +106,15 @@ def test_grow_charges_a_batch_kernel_and_shrink_gives_it_back() -> None:
     a.shrink(t, GiB)
     a.release(t)
     assert a.mem_used == 0 and a.held("k") == 0
+
+
+def test_places_held_on_other_replicas_count() -> None:
+    a = admission(concurrency=3)
+    elsewhere = {"k": 2}
+    a.elsewhere = lambda key: elsewhere.get(key, 0)
+    a.reserve("k", h("here"), GiB, wait=False)  # 1 here + 2 elsewhere = 3: full
+    with pytest.raises(QuotaExceeded):
+        a.reserve("k", h("one too many"), GiB, wait=False)
+    a.reserve("other", h("unaffected"), GiB, wait=False)
+    elsewhere["k"] = 1  # a session on another replica ended
+    a.reserve("k", h("fits again"), GiB, wait=False)

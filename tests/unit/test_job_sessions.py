@@ -32,6 +32,12 @@ class SlowKernels:
     async def discard(self, kernel: Any, reason: str, *, now: bool = False) -> None:
         self.destroyed.append(reason)
 
+    def find(self, access_key: str, ident: str) -> Any:
+        return None  # nothing re-adopted
+
+    def all(self) -> list[Any]:
+        return []
+
 
 def test_open_ttl_counts_from_kernel_ready(tmp_path: Path) -> None:
     """A dedicated session's open TTL starts once its kernel is up: a slow start on a loaded
