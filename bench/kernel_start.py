@@ -71,12 +71,14 @@ async def start_many(n: int, concurrency: int, sandbox: Sandbox, keeper: Zygotes
                                 sandbox, ksm, 120, zygotes=lines)
 
     z = zygotes.current.pid if zygotes is not None and zygotes.current is not None else 0
+    k = keeper.current.pid if keeper.current is not None else 0
     t0, c0, z0 = time.perf_counter(), own_cpu(), tree_cpu(z) if z else 0.0
+    k0 = tree_cpu(k) if z and k else 0.0
     kernels = list(await asyncio.gather(*(one() for _ in range(n))))
     rate = n / (time.perf_counter() - t0)
-    # A forked kernel and its sandbox are the zygote's children: counted in its tree.
-    trees = (tree_cpu(z) - z0) if z else sum(tree_cpu(k.manager.provisioner.pid)  # type: ignore
-                                               for k in kernels)
+    # A forked kernel is the zygote's child, its sandbox the keeper's: counted in their trees.
+    trees = (tree_cpu(z) - z0 + (tree_cpu(k) - k0 if k else 0.0)) if z else sum(
+        tree_cpu(kern.manager.provisioner.pid) for kern in kernels)  # type: ignore[union-attr]
     return rate, kernels, (own_cpu() - c0 + trees) / n
 
 

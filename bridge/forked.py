@@ -5,7 +5,8 @@
   rlimits first (what :meth:`Sandbox.preexec` does for a server child).
 * **Forked** (a kernel a zygote can stand in for, :func:`bridge.zygote.forkable`):
 
-  1. the zygote spawns the kernel's sandbox with a *holder* as its payload (a :class:`Nest`) —
+  1. the plain keeper spawns the kernel's sandbox with a *holder* as its payload (a
+     :class:`Nest`) —
      the very ``Sandbox.host_launch`` a cold kernel gets — and we wait until the holder runs
      (every namespace and mount is set up by then);
   2. the zygote gets a pidfd of the sandbox and its root, and the memfd with the kernel's
@@ -30,7 +31,7 @@ import signal
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from .keeper import Keeper, ZygoteUnavailable
+from .keeper import Keeper, ZygoteUnavailable, reach
 from .sandbox import KERNEL_MODULES, WORKDIR
 from .zygote import Zygotes, kernel_package
 
@@ -69,10 +70,12 @@ def _spawn_request(prov: SandboxProvisioner, argv: list[str], executable: str,
             "rlimit_as": prov.sandbox.rlimit_as(prov.confinement, cg), "fds": targets}
 
 
-async def fork(prov: SandboxProvisioner, line: Zygotes,
-               raw: list[str]) -> tuple[Keeper, int, int]:
+async def fork(prov: SandboxProvisioner, line: Zygotes, raw: list[str],
+               nests: Zygotes | None) -> tuple[Keeper, int, int]:
     """A kernel forked by ``line``'s zygote into a sandbox of its own → (zygote, pid, pidfd).
-    Sets ``prov.nest`` (the sandbox holder) when sandboxed."""
+    Sets ``prov.nest`` (the sandbox holder, spawned by the plain keeper ``nests``: a small
+    process forks in a fraction of the template's time, and the zygote's one loop stays free
+    for forks) when sandboxed."""
     sandbox, conf = prov.sandbox, prov.confinement
     assert sandbox is not None and conf is not None
     zygote = await line.keeper()
@@ -91,7 +94,7 @@ async def fork(prov: SandboxProvisioner, line: Zygotes,
     }
     fds: list[int] = []
     if sandbox.enabled:
-        prov.nest = await Nest.start(prov, zygote)
+        prov.nest = await Nest.start(prov, zygote if nests is None else await nests.keeper())
         fds = prov.nest.entry()
     # The kernel's own environment: applied only inside, by the kernel, after it dropped its
     # privileges. No parent poller (JPY_PARENT_PID): the keeper and the cgroup kill govern.
@@ -124,15 +127,15 @@ def _package_in_sandbox(prov: SandboxProvisioner) -> str:
 
 
 class Nest:
-    """A forked kernel's sandbox: bubblewrap running the holder, spawned by the kernel's
-    zygote (so it, too, outlives the server)."""
+    """A forked kernel's sandbox: bubblewrap running the holder, spawned by a keeper (so it,
+    too, outlives the server)."""
 
     def __init__(self, keeper: Keeper, pid: int, pidfd: int) -> None:
         self.keeper, self.pid, self.pidfd = keeper, pid, pidfd
         self.inner: list[int] = []  # [pidfd, root dir fd] of the sandbox's pid 1, while forking
 
     @classmethod
-    async def start(cls, prov: SandboxProvisioner, zygote: Keeper) -> Nest:
+    async def start(cls, prov: SandboxProvisioner, keeper: Keeper) -> Nest:
         sandbox, conf = prov.sandbox, prov.confinement
         assert sandbox is not None and conf is not None
         launch = sandbox.host_launch(list(HOLDER), conf, HOLDER_ENV)
@@ -146,8 +149,8 @@ class Nest:
             req = _spawn_request(prov, argv, launch.executable, launch.env, "/",
                                  [*launch.fds, info_w, 1])
             req["log"] = f"{prov.kernel_id} (sandbox)"  # bubblewrap's own complaints
-            pid, pidfd = await zygote.start("spawn", req, fds)
-            nest = cls(zygote, pid, pidfd)
+            pid, pidfd = await keeper.start("spawn", req, fds)
+            nest = cls(keeper, pid, pidfd)
             os.close(info_w)
             os.close(out_w)
             info_w = out_w = -1
@@ -185,8 +188,9 @@ class Nest:
         return fds
 
     @classmethod
-    async def adopt(cls, keeper: Keeper, pid: int) -> Nest | None:
+    async def adopt(cls, handle: Mapping[str, Any], pid: int) -> Nest | None:
         with contextlib.suppress(ZygoteUnavailable):
+            keeper = await reach(handle)
             pidfd, _status = await keeper.adopt(pid)
             if pidfd is not None:
                 return cls(keeper, pid, pidfd)
@@ -216,9 +220,10 @@ class Nest:
             self.pidfd = -1
 
 
-async def listening(info: Mapping[str, Any], pidfd: int) -> None:
+async def listening(info: Mapping[str, Any], pidfd: int, *, raise_on_exit: bool) -> None:
     """Return once the kernel has bound its sockets. A client that connects earlier waits
-    out zmq's reconnect interval and may miss the first iopub status: ~0.3 s per start."""
+    out zmq's reconnect interval and may miss the first iopub status: ~0.3 s per start.
+    A kernel that exits first: ZygoteUnavailable with ``raise_on_exit``, else return."""
     if info.get("transport") != "ipc":
         return
     paths = [f"{info['ip']}-{info[p]}" for p in
@@ -226,8 +231,10 @@ async def listening(info: Mapping[str, Any], pidfd: int) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + LISTEN_TIMEOUT_S
     while not all(os.path.exists(p) for p in paths):
-        if exited(pidfd):  # a kernel that cannot start: started another way
-            raise ZygoteUnavailable("the kernel exited while starting")
+        if exited(pidfd):
+            if raise_on_exit:  # a forked kernel that cannot start: started another way
+                raise ZygoteUnavailable("the kernel exited while starting")
+            return
         if loop.time() > deadline:
             return  # the client's readiness wait reports it
         await asyncio.sleep(LISTEN_POLL_S)

@@ -139,8 +139,8 @@ def sweep_ipc(keep: set[Path], root: Path = IPC_ROOT, cgroups: Cgroups | None = 
                     if any(d.is_dir() for d in dirs.values()):
                         KernelCgroup(cgroups.version, dirs).kill()
                 with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                    held = json.loads((entry / HELD).read_text())
-                    kill_held(held["keeper"], [int(p) for p in held["pids"]])
+                    for held in json.loads((entry / HELD).read_text()):
+                        kill_held(held["keeper"], [int(held["pid"])])
                 remove_ipc(entry)
                 removed += 1
             elif (entry.is_socket() and entry.name.startswith(("keeper-", "zygote-"))

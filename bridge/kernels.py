@@ -115,7 +115,8 @@ class Kernel:
         self._info = {} if prov is None else dict(await prov.get_provisioner_info())
         keeper, pid = self._info.get("keeper"), self._info.get("pid")
         if keeper and pid:
-            held = {"keeper": keeper, "pids": [p for p in (pid, self._info.get("nest")) if p]}
+            nest = self._info.get("nest")  # {pid, keeper}: the plain keeper holds it
+            held = [{"keeper": keeper, "pid": pid}, *([nest] if nest else [])]
             (self.ipc_dir / HELD).write_text(json.dumps(held))
 
     def record(self) -> dict[str, Any]:

@@ -131,7 +131,8 @@ class SandboxProvisioner(LocalProvisioner):
             zline = lines.get(raw[0]) if raw and self.fork else None
             if zline is not None and forkable(raw, self.confinement.environ, zline.python):
                 try:
-                    await self._held(*await forked.fork(self, zline, raw))
+                    await self._held(*await forked.fork(self, zline, raw, lines.get(KEEPER)),
+                                     zygote=True)
                     self.from_zygote = True
                     return self.connection_info
                 except ZygoteUnavailable as exc:
@@ -140,7 +141,8 @@ class SandboxProvisioner(LocalProvisioner):
             keeper = lines.get(KEEPER)
             if keeper is not None:
                 try:
-                    await self._held(*await forked.spawn(self, keeper, cmd, kwargs))
+                    await self._held(*await forked.spawn(self, keeper, cmd, kwargs),
+                                     zygote=False)
                     return self.connection_info
                 except ZygoteUnavailable as exc:
                     log.warning("kernel %s starts as the server's child (it will not outlive "
@@ -153,14 +155,17 @@ class SandboxProvisioner(LocalProvisioner):
             if self.stderr is not None:
                 self.stderr.launched()
 
-    async def _held(self, keeper: Keeper, pid: int, pidfd: int) -> None:
+    async def _held(self, keeper: Keeper, pid: int, pidfd: int, *, zygote: bool) -> None:
+        """A kernel its keeper started: ours to control by pidfd once it listens. A forked
+        kernel that exits first raises ZygoteUnavailable (it is started cold); a cold one that
+        does is left to the readiness wait to report, as any kernel that dies starting."""
         self.keeper, self.pid, self._pidfd = keeper, pid, pidfd
         self.pgid = pid  # it leads its own session
         self._mem_max = 0
+        await forked.listening(self.connection_info, pidfd, raise_on_exit=zygote)
         if self.stderr is not None:  # its keeper relays its stderr (it outlives us)
             self.stderr.close()
             self.stderr = None
-        await forked.listening(self.connection_info, pidfd)
 
     def _close_pending(self) -> None:
         if self._pending is not None:
@@ -304,7 +309,8 @@ class SandboxProvisioner(LocalProvisioner):
         info.update(
             keeper=None if self.keeper is None else self.keeper.handle(),
             forked=self.from_zygote,
-            nest=None if self.nest is None else self.nest.pid,
+            nest=None if self.nest is None else {"pid": self.nest.pid,
+                                                 "keeper": self.nest.keeper.handle()},
             cgroup=None if self.cgroup is None else {
                 "version": self.cgroup.version,
                 "dirs": {k: str(v) for k, v in self.cgroup.dirs.items()}},
@@ -336,8 +342,9 @@ class SandboxProvisioner(LocalProvisioner):
             self.gone_reason = f"it exited (status {status}) while no server watched it"
             return
         self._pidfd = pidfd
-        if info.get("nest"):
-            self.nest = await forked.Nest.adopt(keeper, int(info["nest"]))
+        nest = info.get("nest")
+        if nest:
+            self.nest = await forked.Nest.adopt(nest["keeper"], int(nest["pid"]))
 
     # -- usage ----------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,8 +24,18 @@ from typing import Any
 import psutil
 import pytest
 
+from bridge import ipc
 from bridge.errors import KernelGone
-from bridge.kernels import IPC_ROOT, Kernel, adopt, launch, spec_manager, sweep_ipc
+from bridge.ipc import set_owner_scope
+from bridge.kernels import (
+    IPC_ROOT,
+    Kernel,
+    adopt,
+    ipc_root,
+    launch,
+    spec_manager,
+    sweep_ipc,
+)
 from bridge.sandbox import Confinement, Sandbox, base_environ
 from bridge.zygote import Zygotes, for_interpreters
 
@@ -34,6 +45,7 @@ MEM = 1 << 30
 
 
 def keepers(sandbox: Sandbox, fork: bool) -> dict[str, Zygotes]:
+    ipc_root()  # where they listen (a server makes it at start)
     lines = for_interpreters(base_environ({}, sandbox.tool_path), 100, [sys.executable],
                              fork=fork, sockets_dir=IPC_ROOT)
     for line in lines.values():
@@ -60,9 +72,13 @@ async def run(kernel: Kernel, code: str, timeout: float = 30) -> tuple[str, str]
             return out, err
 
 
-async def _child(fork: bool) -> None:
+async def _child(fork: bool, scope: str) -> None:
+    set_owner_scope(Path(scope))
     sandbox = Sandbox("on")
     lines = keepers(sandbox, fork)
+    for line in lines.values():  # a busy machine: a zygote still warming up would mean cold
+        assert line.current is not None
+        await line.current.ready
     workdir = Path(tempfile.mkdtemp(prefix="kb-adopt-"))
     kernel = await launch("kb-python", Confinement(workdir=workdir, ipc_dir=workdir,
                                                    mem_bytes=MEM),
@@ -75,9 +91,11 @@ async def _child(fork: bool) -> None:
 
 def started_elsewhere(fork: bool) -> dict[str, Any]:
     """A kernel started by a child process that was then SIGKILLed → its record."""
+    PRIVATE_TMP.mkdir(exist_ok=True)
     child = subprocess.Popen([sys.executable, "-m", "tests.test_kernel_adopt",
-                              "fork" if fork else "cold"], cwd=ROOT, stdout=subprocess.PIPE,
-                             text=True)
+                              "fork" if fork else "cold", str(SCOPE)], cwd=ROOT,
+                             stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "TMPDIR": str(PRIVATE_TMP)})
     try:
         assert child.stdout is not None
         line = child.stdout.readline()
@@ -89,9 +107,24 @@ def started_elsewhere(fork: bool) -> dict[str, Any]:
     return record
 
 
+# Like a server's data dir: the IPC root is the machine's, and another server's sweep leaves
+# alone what a gone "server" of another data dir left (these kernels, between kill and adopt).
+SCOPE = Path(tempfile.gettempdir()) / f"kb-adopt-test-{os.getpid()}"
+# The children's IPC root is a private one (TMPDIR): servers of other checkouts on this machine
+# sweep the shared one by rules of their own.
+PRIVATE_TMP = Path(tempfile.gettempdir()) / f"kb-adopt-{os.getpid()}"
+CHILD_ROOT = PRIVATE_TMP / IPC_ROOT.name
+
+
+@pytest.fixture(autouse=True)
+def owner_scope(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ipc, "_scope", ipc.scope_of(SCOPE))
+
+
 @pytest.fixture(scope="module")
-def sandbox() -> Sandbox:
-    return Sandbox("on")
+def sandbox() -> Iterator[Sandbox]:
+    yield Sandbox("on")
+    shutil.rmtree(PRIVATE_TMP, ignore_errors=True)  # every kernel in it was shut down or swept
 
 
 @pytest.fixture
@@ -191,15 +224,15 @@ def test_sweep_removes_what_no_kept_kernel_uses(by: str) -> None:
     """Killed through its cgroup, or (no cgroups) through a pidfd its keeper hands out."""
     cgroups = Sandbox("on").cgroups if by == "cgroup" else None
     kept, dropped = started_elsewhere(True), started_elsewhere(False)
-    sweep_ipc({Path(kept["ipc_dir"])}, IPC_ROOT, cgroups)
+    sweep_ipc({Path(kept["ipc_dir"])}, CHILD_ROOT, cgroups)
     assert Path(kept["ipc_dir"]).is_dir()
     assert not Path(dropped["ipc_dir"]).exists()
     wait_gone(int(dropped["provisioner"]["info"]["pid"]))  # killed, and reaped by its keeper
     assert psutil.pid_exists(int(kept["provisioner"]["info"]["pid"]))
-    sweep_ipc(set(), IPC_ROOT, cgroups)
+    sweep_ipc(set(), CHILD_ROOT, cgroups)
     wait_gone(int(kept["provisioner"]["info"]["pid"]))
     assert not Path(kept["ipc_dir"]).exists()
 
 
 if __name__ == "__main__":
-    asyncio.run(_child(sys.argv[1] == "fork"))
+    asyncio.run(_child(sys.argv[1] == "fork", sys.argv[2]))

@@ -155,3 +155,35 @@ def test_the_provisioner_is_configured_from_the_kernelspec(tmp_path: Path, fork:
             await asyncio.gather(*(line.close() for line in lines.values()))
 
     asyncio.run(scenario())
+
+
+def test_a_kernel_that_dies_starting_is_reported_not_retried(tmp_path: Path) -> None:
+    """Spawned by its keeper and dead before it listens: the start fails with the kernel's
+    death (once), not with a second launch on descriptors the first one used up."""
+    from bridge.errors import KernelStartFailed
+    from bridge.kernels import IPC_ROOT
+    from bridge.sandbox import base_environ
+    from bridge.zygote import for_interpreters
+
+    (tmp_path / "kernels" / "dies").mkdir(parents=True)
+    (tmp_path / "kernels" / "dies" / "kernel.json").write_text(json.dumps({
+        "argv": ["python", "-c", "import sys; sys.exit(3)", "{connection_file}"],
+        "display_name": "dies", "language": "python",
+        "metadata": {"kernel_provisioner": {"provisioner_name": "kb-sandbox"}}}))
+    ksm = KernelSpecManager(kernel_dirs=[str(tmp_path / "kernels")])
+
+    async def scenario() -> None:
+        sandbox = Sandbox("on")
+        lines = for_interpreters(base_environ({}, sandbox.tool_path), 10, [sys.executable],
+                                 fork=False, sockets_dir=IPC_ROOT)
+        for line in lines.values():
+            line.start()
+        work = Path(tempfile.mkdtemp(prefix="kb-dies-"))
+        try:
+            with pytest.raises(KernelStartFailed, match="died"):
+                await launch("dies", Confinement(workdir=work, ipc_dir=work), sandbox, ksm, 30,
+                             zygotes=lines)
+        finally:
+            await asyncio.gather(*(line.close() for line in lines.values()))
+
+    asyncio.run(scenario())

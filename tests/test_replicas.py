@@ -260,9 +260,15 @@ def test_kill_9_of_a_replica_hands_its_work_over_once(tmp_path: pytest.TempPathF
         c1, c2 = Client(one.url, one.secret_key), Client(two.url, one.secret_key)
         # Replica 1 owns a dedicated job session: one job running, three queued behind it.
         sid = c1.post("/api/v1/sessions", json={"mode": "dedicated", "max_ttl": 600}).json()["id"]
-        running = submit(c1, sid, "import time; time.sleep(120)")
+        # (A kernel re-adopted in the middle of a job goes on running its code: the queued jobs
+        # wait behind it, as after a restart of a single server.)
+        running = submit(c1, sid, "import time; time.sleep(20)")
         queued = [submit(c1, sid, f"print('job {i}')") for i in range(3)]
         wait_for("the first job runs", lambda: job(c1, running)["status"] == "running", 60)
+        # …a Backend.AI session holding a variable…
+        r = c1.post("/kernel/create", json={"lang": "python", "clientSessionToken": "survivor"})
+        assert r.status_code == 201, r.text
+        assert query(c1, "survivor", "x = 41")["status"] == "finished"
         # …and a job session whose max_ttl runs out after the failover.
         ttl = c1.post("/api/v1/sessions", json={"mode": "dedicated", "max_ttl": 15}).json()["id"]
         first = submit(c1, ttl, "print('starts the max_ttl clock')")
@@ -281,6 +287,9 @@ def test_kill_9_of_a_replica_hands_its_work_over_once(tmp_path: pytest.TempPathF
                 status_of(c2, q) == "completed" for q in queued), lease * 3 + 60)
             print(f"failover: queued jobs done {done - killed:.1f} s after the kill "
                   f"(lease {lease:g} s)")
+            # The dead replica's kernel, re-adopted by a survivor on this host: state intact.
+            assert query(c2, "survivor", "print(x + 1)")["console"] == [["stdout", "42\n"]]
+            assert query(c3, "survivor", "print(x + 2)")["console"] == [["stdout", "43\n"]]
             lost = job(c3, running)
             assert lost["status"] == "failed" and "lost" in str(lost["stderr"]), lost
             assert [job(c3, q)["stdout"] for q in queued] == [f"job {i}\n" for i in range(3)]
