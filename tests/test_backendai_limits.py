@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .support import run_server, run_to_end
+from .support import console_text, run_server, run_to_end
 
 
 def test_sixth_session_is_quota_exceeded() -> None:
@@ -70,7 +70,9 @@ def test_deactivated_keypair_gets_401_while_the_server_runs() -> None:
         assert bad.returncode == 2 and "AKIANOPE" in bad.stderr
 
 
-def test_a_killed_servers_session_files_are_removed_at_the_next_start(tmp_path: Path) -> None:
+def test_a_killed_servers_session_keeps_its_files_at_the_next_start(tmp_path: Path) -> None:
+    """Sessions outlive the server (issue 15): the next server re-adopts the session, its files
+    in place; only dirs no session owns are swept (tests/test_disk.py)."""
     data = tmp_path / "data"
     with run_server(data_dir=data) as server, server.client() as client:
         client.post("/session", json={"lang": "python", "name": "left-behind"})
@@ -78,9 +80,12 @@ def test_a_killed_servers_session_files_are_removed_at_the_next_start(tmp_path: 
         # (a pooled kernel brings its own dir, so find the file rather than name the dir)
         [note] = (data / "sessions").glob("*/note.txt")
         workdir = note.parent
+        secret = server.secret_key  # the session's owner, still in the data dir's keypairs
         server.process.kill()  # no shutdown: nothing gets cleaned up
         server.process.wait()
     assert (workdir / "note.txt").exists()
-    with run_server(data_dir=data) as server, server.client() as client:
-        assert not workdir.exists()
-        assert client.get("/session/left-behind").status_code == 404
+    with run_server(data_dir=data) as server, server.client(secret) as client:
+        assert (workdir / "note.txt").read_text() == "x"
+        assert client.get("/session/left-behind").status_code == 200
+        read = run_to_end(client, "/session", "left-behind", "print(open('note.txt').read())")
+        assert console_text(read, "stdout") == "x\n", read
