@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -205,6 +206,14 @@ def run_to_end(client: Client, prefix: str, session: str, code: str, mode: str =
             raise AssertionError(f"unexpected input request: {result}")
         body = {"mode": "continue", "code": "", "runId": result["runId"]}
     raise AssertionError("run did not finish")
+
+
+def create_session(api: Client, prefix: str = "s", lang: str = "python", **body: Any) -> str:
+    """A Backend.AI session named ``prefix-<random>`` (201, or the test fails); its name."""
+    name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+    r = api.post("/session", json={"lang": lang, "name": name, **body})
+    assert r.status_code == 201, r.text
+    return name
 
 
 def console_text(results: list[dict[str, Any]], stream: str) -> str:

@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import tarfile
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ import pytest
 
 from bridge.doctor import cgroups
 
-from .support import Client, Server, console_text, run_server, run_to_end
+from .support import Client, Server, console_text, create_session, run_server, run_to_end
 
 GIB = 1024 ** 3
 MIB = 1024 ** 2
@@ -33,10 +32,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="disk quotas need root
 
 
 def session(client: Client, **body: Any) -> str:
-    name = f"s-{uuid.uuid4().hex[:8]}"
-    r = client.post("/session", json={"lang": "python", "name": name, **body})
-    assert r.status_code == 201, r.text
-    return name
+    return create_session(client, "s", **body)
 
 
 def sh(client: Client, name: str, script: str) -> str:

@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,16 @@ import pytest
 
 from bridge.doctor import cgroups
 
-from .support import ROOT, Client, Server, console_text, free_port, run_server, run_to_end
+from .support import (
+    ROOT,
+    Client,
+    Server,
+    console_text,
+    create_session,
+    free_port,
+    run_server,
+    run_to_end,
+)
 
 SANDBOX_UID = 60000  # the default of KB_SANDBOX_UID
 ARCH = pyseccomp.system_arch()
@@ -79,10 +87,7 @@ def victim(srv: Server) -> Iterator[Client]:
 
 
 def create(api: Client, lang: str = "python", **body: Any) -> str:
-    name = "hostile-" + uuid.uuid4().hex[:10]
-    r = api.post("/session", json={"lang": lang, "name": name, **body})
-    assert r.status_code == 201, r.text
-    return name
+    return create_session(api, "hostile", lang, **body)
 
 
 def run(api: Client, name: str, code: str) -> tuple[str, str, int | None]:

@@ -21,7 +21,7 @@ class Sample:
     main_file: str  # the "*" batch defaults look for this file
     error: str  # fails with a message containing `error_text`
     error_text: str
-    error_exit: int = 1  # its exit code: an uncaught error's 1, a compiler's 1
+    error_exit: int = 1  # its exit code: an uncaught error's 1, a compiler's (go build: 2)
 
 
 SAMPLES = [
@@ -34,7 +34,7 @@ SAMPLES = [
     Sample("cpp", '#include <iostream>\nint main() { std::cout << "hello from cpp" << std::endl; }',
            "main.cpp", "int main() { undefined_name(); }", "undefined_name"),
     Sample("go", 'package main\nimport "fmt"\nfunc main() { fmt.Println("hello from go") }',
-           "main.go", "package main\nfunc main() { undefinedName() }", "undefinedName"),
+           "main.go", "package main\nfunc main() { undefinedName() }", "undefinedName", 2),
     Sample("rust", 'fn main() { println!("hello from rust"); }', "main.rs",
            "fn main() { undefined_name(); }", "undefined_name"),
     Sample("java", 'public class Main { public static void main(String[] a) {'

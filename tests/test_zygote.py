@@ -22,7 +22,7 @@ import pytest
 
 from bridge.zygote import forkable
 
-from .support import ROOT, Client, Server, console_text, run_server, run_to_end
+from .support import ROOT, Client, Server, console_text, create_session, run_server, run_to_end
 
 PROBE = """
 import json, os, random, uuid
@@ -54,10 +54,7 @@ def api(srv: Server) -> Iterator[Client]:
 
 
 def create(api: Client, **body: Any) -> str:
-    name = "zy-" + uuid.uuid4().hex[:10]
-    r = api.post("/session", json={"lang": "python", "name": name, **body})
-    assert r.status_code == 201, r.text
-    return name
+    return create_session(api, "zy", **body)
 
 
 def probe(api: Client, name: str) -> dict[str, Any]:
