@@ -164,6 +164,7 @@ class Executions:
         self._live: dict[str, Execution] = {}  # async executions not yet ended
         self._tasks: set[asyncio.Task[Any]] = set()  # async executions
         self._disposals: set[asyncio.Task[Any]] = set()  # one-shot sessions being destroyed
+        self._killed: dict[str, Session] = {}  # execution id → its killed one-shot session
         self._naming: dict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
         self._pruner: asyncio.Task[None] | None = None
 
@@ -226,8 +227,11 @@ class Executions:
         ``observe`` is handed the run as it is queued (the web console streams its output)."""
         await self.admit(access_key, [req])
         ex = self._new(access_key, req)
-        result = await self._execute(ex, req, observe=observe)
-        await self._write(ex, insert=True)
+        try:
+            result = await self._execute(ex, req, observe=observe)
+            await self._write(ex, insert=True)
+        finally:
+            self._answered(ex)
         return result
 
     async def submit(self, access_key: str, req: ExecutionRequest) -> Execution:
@@ -261,7 +265,10 @@ class Executions:
                 results.append(await self._execute(ex, req))
             except BridgeError as exc:
                 results.append(ex.failed(exc.message))
-            await self._write(ex, insert=True)
+            try:
+                await self._write(ex, insert=True)
+            finally:
+                self._answered(ex)
         return results
 
     async def get(self, access_key: str, execution_id: str) -> Execution:
@@ -333,8 +340,19 @@ class Executions:
         except Exception as exc:
             log.exception("execution %s failed", ex.id)
             ex.failed(f"Internal error: {type(exc).__name__}")
-        await self._write(ex, insert=False)
+        try:
+            await self._write(ex, insert=False)
+        finally:
+            self._answered(ex)
         self._live.pop(ex.id, None)
+
+    def _answered(self, ex: Execution) -> None:
+        """The execution's end is stored (what a client is answered, or reads when it polls):
+        the place of its one-shot kernel, killed already, goes back now. Not before: a keypair
+        of concurrency N never shows more than N executions running."""
+        session = self._killed.pop(ex.id, None)
+        if session is not None:
+            self.sessions.free_place(session)
 
     def _reserve(self, ex: Execution, req: ExecutionRequest) -> Ticket | None:
         """A one-shot's place (granted or queued); None for a named session's execution.
@@ -408,7 +426,10 @@ class Executions:
             ooms = outcomes.oom_kills(session) - ooms
         finally:
             if req.session_id is None:
-                # Off the response path: the next execution takes another kernel anyway.
+                # Killed now, so its place can be given back with the answer (_answered)
+                # rather than after the clean-up, which is off the response path.
+                if self.sessions.kill_now(session):
+                    self._killed[ex.id] = session
                 task = asyncio.create_task(self._dispose(session))
                 self._disposals.add(task)
                 task.add_done_callback(self._disposals.discard)

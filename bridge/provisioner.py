@@ -351,6 +351,16 @@ class SandboxProvisioner(LocalProvisioner):
     def _processes(self) -> list[psutil.Process]:
         if not self.pid or not self.has_process:
             return []
+        cg = self.cgroup
+        pids = cg.pids() if cg is not None else set()
+        if pids:
+            # The cgroup lists the kernel's processes; walking children(recursive=True) reads
+            # every process of the host (a tenth of the server's CPU per one-shot).
+            procs = []
+            for pid in sorted(pids):
+                with contextlib.suppress(psutil.Error):
+                    procs.append(psutil.Process(pid))
+            return procs
         try:
             root = psutil.Process(int(self.pid))
             return [root, *root.children(recursive=True)]
