@@ -121,29 +121,31 @@ _PARAMS = {
     "progress": "1: stream NDJSON progress lines, then the result",
 }
 
+def _websocket(summary: str, tag: str, description: str, id_description: str,
+               **x_websocket: Any) -> dict[str, Any]:
+    """A WebSocket route's entry: its ``{id}`` path parameter, the 101 answer, and what goes
+    over it (``x-websocket``)."""
+    return {"summary": f"WebSocket: {summary}", "tags": [tag], "description": description,
+            "parameters": [{"name": "id", "in": "path", "required": True,
+                            "schema": {"type": "string"}, "description": id_description}],
+            "responses": {"101": {"description": "Switching Protocols: the WebSocket is open"}},
+            "x-websocket": x_websocket}
+
+
 # WebSocket routes: not JSON operations, but a client reading this document should find them.
 WEBSOCKETS: dict[str, dict[str, Any]] = {
-    "/api/kernels/{id}/channels": {
-        "summary": "WebSocket: a kernel's Jupyter channels", "tags": ["jupyter"],
-        "description": "Jupyter messages over a WebSocket, as jupyter_server serves them: "
-                       "legacy JSON frames, or the v1.kernel.websocket.jupyter.org "
-                       "subprotocol. Browsers authenticate with ?token=<secret key>.",
-        "parameters": [{"name": "id", "in": "path", "required": True,
-                        "schema": {"type": "string"}, "description": "A kernel's id"}],
-        "responses": {"101": {"description": "Switching Protocols: the WebSocket is open"}},
-        "x-websocket": {"subprotocols": ["v1.kernel.websocket.jupyter.org"],
-                        "frames": "Jupyter messages (JSON, or the v1 binary framing)"},
-    },
-    "/stream/session/{id}/execute": {
-        "summary": "WebSocket: streaming execute (Backend.AI)", "tags": ["backendai"],
-        "description": "Send {mode, code, runId, options} frames; receive the run's results as "
-                       "they come, as the execute route's `result` objects. Also at "
-                       "/stream/kernel/{id}/execute.",
-        "parameters": [{"name": "id", "in": "path", "required": True,
-                        "schema": {"type": "string"}, "description": _PARAMS["id"]}],
-        "responses": {"101": {"description": "Switching Protocols: the WebSocket is open"}},
-        "x-websocket": {"frames": "JSON: requests as BackendAI Execute, answers as results"},
-    },
+    "/api/kernels/{id}/channels": _websocket(
+        "a kernel's Jupyter channels", "jupyter",
+        "Jupyter messages over a WebSocket, as jupyter_server serves them: legacy JSON frames, "
+        "or the v1.kernel.websocket.jupyter.org subprotocol. Browsers authenticate with "
+        "?token=<secret key>.", "A kernel's id",
+        subprotocols=["v1.kernel.websocket.jupyter.org"],
+        frames="Jupyter messages (JSON, or the v1 binary framing)"),
+    "/stream/session/{id}/execute": _websocket(
+        "streaming execute (Backend.AI)", "backendai",
+        "Send {mode, code, runId, options} frames; receive the run's results as they come, as "
+        "the execute route's `result` objects. Also at /stream/kernel/{id}/execute.",
+        _PARAMS["id"], frames="JSON: requests as BackendAI Execute, answers as results"),
 }
 
 

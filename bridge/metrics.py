@@ -15,7 +15,7 @@ reasons are fixed sets; access keys are labels only for keypairs that exist in t
 from __future__ import annotations
 
 from collections import Counter as Tally
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -44,55 +44,60 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 START_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60)
 RUN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
-RUNS = Counter(f"{PREFIX}_runs_total", "Runs (queries, batch runs, executions) by mode and how "
-               "they ended: finished, exec-timeout, failed (kernel died), cancelled.",
-               ["mode", "outcome"], registry=REGISTRY)
-RUN_SECONDS = Histogram(f"{PREFIX}_run_duration_seconds", "Wall time of a run, from its start "
-                        "in the kernel to its end.", ["mode"], buckets=RUN_BUCKETS,
-                        registry=REGISTRY)
-QUEUE_WAIT = Histogram(f"{PREFIX}_queue_wait_seconds", "Time a run waited in its session's "
-                       "queue before its kernel took it.", buckets=RUN_BUCKETS,
-                       registry=REGISTRY)
-EXECUTIONS = Counter(f"{PREFIX}_executions_total", "Executions of the Sandbox dialect by "
-                     "language and outcome: completed (the program ran to its end, any exit "
-                     "code) or failed (timeout, kernel died or did not start, server stopped).",
-                     ["language", "outcome"], registry=REGISTRY)
+
+def _counter(name: str, doc: str, labels: Sequence[str] = ()) -> Counter:
+    return Counter(f"{PREFIX}_{name}", doc, labels, registry=REGISTRY)
+
+
+def _histogram(name: str, doc: str, labels: Sequence[str] = (), *,
+               buckets: Sequence[float]) -> Histogram:
+    return Histogram(f"{PREFIX}_{name}", doc, labels, buckets=buckets, registry=REGISTRY)
+
+
+RUNS = _counter("runs_total", "Runs (queries, batch runs, executions) by mode and how "
+                "they ended: finished, exec-timeout, failed (kernel died), cancelled.",
+                ["mode", "outcome"])
+RUN_SECONDS = _histogram("run_duration_seconds", "Wall time of a run, from its start "
+                         "in the kernel to its end.", ["mode"], buckets=RUN_BUCKETS)
+QUEUE_WAIT = _histogram("queue_wait_seconds", "Time a run waited in its session's "
+                        "queue before its kernel took it.", buckets=RUN_BUCKETS)
+EXECUTIONS = _counter("executions_total", "Executions of the Sandbox dialect by "
+                      "language and outcome: completed (the program ran to its end, any exit "
+                      "code) or failed (timeout, kernel died or did not start, server stopped).",
+                      ["language", "outcome"])
 # For admission control (bridge/admission.py): time a request waited for a kernel slot.
-ADMISSION_WAIT = Histogram(f"{PREFIX}_admission_wait_seconds", "Time a request waited for a "
-                           "kernel slot (keypair concurrency or host budget).",
-                           buckets=RUN_BUCKETS, registry=REGISTRY)
-KERNEL_STARTS = Histogram(f"{PREFIX}_kernel_start_seconds", "Time from launch to a kernel "
-                          "answering, by kernelspec (failed starts included).",
-                          ["kernelspec"], buckets=START_BUCKETS, registry=REGISTRY)
-KERNEL_START_FAILURES = Counter(f"{PREFIX}_kernel_start_failures_total", "Kernels that did not "
-                                "come up.", ["kernelspec"], registry=REGISTRY)
-KERNEL_DEATHS = Counter(f"{PREFIX}_kernel_deaths_total", "Kernels that died under a run (cause: "
-                        "oom when the cgroup saw an OOM kill, else exit).", ["language", "cause"],
-                        registry=REGISTRY)
-OOM_KILLS = Counter(f"{PREFIX}_oom_kills_total", "Processes the OOM killer ended inside kernel "
-                    "cgroups, counted when their session ends.", ["language"], registry=REGISTRY)
-TIMEOUTS = Counter(f"{PREFIX}_timeouts_total", "Runs ended by their deadline.", ["mode"],
-                   registry=REGISTRY)
-POOL_REFILLS = Counter(f"{PREFIX}_pool_refills_total", "Kernel starts queued to refill the warm "
-                       "pool.", ["language"], registry=REGISTRY)
-POOL_TAKES = Counter(f"{PREFIX}_pool_takes_total", "New sessions that asked the warm pool for a "
-                     "kernel: hit (got one) or miss (cold start).", ["language", "result"],
-                     registry=REGISTRY)
-REFUSALS = Counter(f"{PREFIX}_refusals_total", "Requests refused: unauthorized (401), forbidden "
-                   "(403), quota (a keypair's concurrency), rate_limited (429), budget (the "
-                   "host memory budget), unavailable (other 503s).",
-                   ["dialect", "reason"], registry=REGISTRY)
-HTTP_REQUESTS = Counter(f"{PREFIX}_http_requests_total", "HTTP requests by dialect and status "
-                        "class.", ["dialect", "code"], registry=REGISTRY)
-HTTP_SECONDS = Histogram(f"{PREFIX}_http_request_duration_seconds", "HTTP request handling "
-                         "time by dialect.", ["dialect"], buckets=RUN_BUCKETS, registry=REGISTRY)
+ADMISSION_WAIT = _histogram("admission_wait_seconds", "Time a request waited for a "
+                            "kernel slot (keypair concurrency or host budget).",
+                            buckets=RUN_BUCKETS)
+KERNEL_STARTS = _histogram("kernel_start_seconds", "Time from launch to a kernel "
+                           "answering, by kernelspec (failed starts included).",
+                           ["kernelspec"], buckets=START_BUCKETS)
+KERNEL_START_FAILURES = _counter("kernel_start_failures_total", "Kernels that did not "
+                                 "come up.", ["kernelspec"])
+KERNEL_DEATHS = _counter("kernel_deaths_total", "Kernels that died under a run (cause: "
+                         "oom when the cgroup saw an OOM kill, else exit).", ["language", "cause"])
+OOM_KILLS = _counter("oom_kills_total", "Processes the OOM killer ended inside kernel "
+                     "cgroups, counted when their session ends.", ["language"])
+TIMEOUTS = _counter("timeouts_total", "Runs ended by their deadline.", ["mode"])
+POOL_REFILLS = _counter("pool_refills_total", "Kernel starts queued to refill the warm "
+                        "pool.", ["language"])
+POOL_TAKES = _counter("pool_takes_total", "New sessions that asked the warm pool for a "
+                      "kernel: hit (got one) or miss (cold start).", ["language", "result"])
+REFUSALS = _counter("refusals_total", "Requests refused: unauthorized (401), forbidden "
+                    "(403), quota (a keypair's concurrency), rate_limited (429), budget (the "
+                    "host memory budget), unavailable (other 503s).",
+                    ["dialect", "reason"])
+HTTP_REQUESTS = _counter("http_requests_total", "HTTP requests by dialect and status "
+                         "class.", ["dialect", "code"])
+HTTP_SECONDS = _histogram("http_request_duration_seconds", "HTTP request handling "
+                          "time by dialect.", ["dialect"], buckets=RUN_BUCKETS)
 # Replicas (bridge/replicas.py, api/forward.py): requests handed to the replica owning their
 # session, and what this replica took over from dead ones.
-FORWARDED = Counter(f"{PREFIX}_forwarded_requests_total", "Requests forwarded to the replica "
-                    "that owns their session, by transport (http, websocket) and outcome (ok, "
-                    "unreachable).", ["transport", "outcome"], registry=REGISTRY)
-ADOPTED = Counter(f"{PREFIX}_adopted_total", "Sessions, job sessions and executions this "
-                  "replica claimed from replicas whose lease ran out.", registry=REGISTRY)
+FORWARDED = _counter("forwarded_requests_total", "Requests forwarded to the replica "
+                     "that owns their session, by transport (http, websocket) and outcome (ok, "
+                     "unreachable).", ["transport", "outcome"])
+ADOPTED = _counter("adopted_total", "Sessions, job sessions and executions this "
+                   "replica claimed from replicas whose lease ran out.")
 
 REFUSAL_REASONS = {401: "unauthorized", 403: "forbidden", 412: "quota", 429: "rate_limited",
                    503: "unavailable"}

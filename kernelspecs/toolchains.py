@@ -70,6 +70,12 @@ def _go_env() -> dict[str, str]:
     return env
 
 
+def _info(name: str, mimetype: str, extension: str, codemirror: str, lexer: str) -> dict[str, str]:
+    """A kernel's ``language_info`` (Jupyter's kernel_info_reply)."""
+    return {"name": name, "mimetype": mimetype, "file_extension": extension,
+            "codemirror_mode": codemirror, "pygments_lexer": lexer}
+
+
 TOOLCHAINS: Final[dict[str, Toolchain]] = {
     "c": Toolchain(
         language="c",
@@ -77,13 +83,7 @@ TOOLCHAINS: Final[dict[str, Toolchain]] = {
         source=lambda _: "prog.c",
         compile="gcc -Wall -o main {src} -pthread -lm -lrt -ldl",
         run=f"exec {_UNBUFFERED}{{dir}}/main",
-        language_info={
-            "name": "c",
-            "mimetype": "text/x-csrc",
-            "file_extension": ".c",
-            "codemirror_mode": "text/x-csrc",
-            "pygments_lexer": "c",
-        },
+        language_info=_info("c", "text/x-csrc", ".c", "text/x-csrc", "c"),
     ),
     "cpp": Toolchain(
         language="cpp",
@@ -91,13 +91,7 @@ TOOLCHAINS: Final[dict[str, Toolchain]] = {
         source=lambda _: "prog.cpp",
         compile="g++ -Wall -std=c++17 -o main {src} -pthread -lm -lrt -ldl",
         run=f"exec {_UNBUFFERED}{{dir}}/main",
-        language_info={
-            "name": "c++",
-            "mimetype": "text/x-c++src",
-            "file_extension": ".cpp",
-            "codemirror_mode": "text/x-c++src",
-            "pygments_lexer": "cpp",
-        },
+        language_info=_info("c++", "text/x-c++src", ".cpp", "text/x-c++src", "cpp"),
     ),
     "go": Toolchain(
         language="go",
@@ -105,13 +99,7 @@ TOOLCHAINS: Final[dict[str, Toolchain]] = {
         source=lambda _: "main.go",
         compile="go build -o main {src}",
         run="exec {dir}/main",
-        language_info={
-            "name": "go",
-            "mimetype": "text/x-go",
-            "file_extension": ".go",
-            "codemirror_mode": "go",
-            "pygments_lexer": "go",
-        },
+        language_info=_info("go", "text/x-go", ".go", "go", "go"),
         env=_go_env,
     ),
     "rust": Toolchain(
@@ -121,13 +109,7 @@ TOOLCHAINS: Final[dict[str, Toolchain]] = {
         # Default optimisation: a cell should compile fast, not run fast.
         compile="rustc --edition 2021 -o main {src}",
         run="exec {dir}/main",
-        language_info={
-            "name": "rust",
-            "mimetype": "text/x-rustsrc",
-            "file_extension": ".rs",
-            "codemirror_mode": "rust",
-            "pygments_lexer": "rust",
-        },
+        language_info=_info("rust", "text/x-rustsrc", ".rs", "rust", "rust"),
     ),
     "java": Toolchain(
         language="java",
@@ -135,12 +117,6 @@ TOOLCHAINS: Final[dict[str, Toolchain]] = {
         source=lambda code: java_main_class(code) + ".java",
         compile="javac " + " ".join(f"-J{flag}" for flag in JVM_FAST.split()) + " -d . {src}",
         run=f"exec java {JVM_FAST} -cp {{dir}} {{name}}",
-        language_info={
-            "name": "java",
-            "mimetype": "text/x-java",
-            "file_extension": ".java",
-            "codemirror_mode": "text/x-java",
-            "pygments_lexer": "java",
-        },
+        language_info=_info("java", "text/x-java", ".java", "text/x-java", "java"),
     ),
 }

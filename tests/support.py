@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
+import secrets
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -112,13 +113,7 @@ def run_server(data_dir: Path | None = None, **env: str) -> Iterator[Server]:
         yield Server(f"http://127.0.0.1:{port}", port, data_dir, access, secret, proc, log_path,
                      settings)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc)
         logf.close()
         if proc.stdout is not None:
             proc.stdout.close()
@@ -130,6 +125,55 @@ def run_server(data_dir: Path | None = None, **env: str) -> Iterator[Server]:
 
 
 USED_DATA_DIRS: set[Path] = set()
+
+
+def stop(proc: subprocess.Popen[Any], grace_s: float = 20) -> None:
+    """SIGTERM, then SIGKILL after ``grace_s``; reaped either way."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def jupyter_app(module: str, server: Server, home: Path, root: Path, *args: str,
+                ready_s: float = 60) -> Iterator[tuple[str, str, Path]]:
+    """A Jupyter application (``module``: jupyter_server, jupyterlab) on a free port, whose
+    kernels come from ``server`` through its gateway client; its config, data and runtime
+    dirs and its log under ``home``, its files under ``root``. Yields (url, token, log)."""
+    token = secrets.token_hex(16)
+    port = free_port()
+    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(home / "config"),
+           "JUPYTER_DATA_DIR": str(home / "data"), "JUPYTER_RUNTIME_DIR": str(home / "runtime")}
+    log_path = home / f"{module}.log"
+    log = open(log_path, "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, "--no-browser", f"--port={port}", "--ip=127.0.0.1",
+         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
+         f"--GatewayClient.url={server.url}", f"--GatewayClient.auth_token={server.secret_key}",
+         "--GatewayClient.request_timeout=60", *args,
+         *(["--allow-root"] if os.geteuid() == 0 else [])],
+        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=root)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + ready_s
+        while True:
+            assert proc.poll() is None, log_path.read_text()
+            try:
+                if requests.get(url + "/api/status", params={"token": token},
+                                timeout=5).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.3)
+        yield url, token, log_path
+    finally:
+        stop(proc)
+        log.close()
 
 
 def unmount_leftovers(data_dir: Path) -> None:
@@ -162,6 +206,14 @@ def run_to_end(client: Client, prefix: str, session: str, code: str, mode: str =
             raise AssertionError(f"unexpected input request: {result}")
         body = {"mode": "continue", "code": "", "runId": result["runId"]}
     raise AssertionError("run did not finish")
+
+
+def create_session(api: Client, prefix: str = "s", lang: str = "python", **body: Any) -> str:
+    """A Backend.AI session named ``prefix-<random>`` (201, or the test fails); its name."""
+    name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+    r = api.post("/session", json={"lang": lang, "name": name, **body})
+    assert r.status_code == 201, r.text
+    return name
 
 
 def console_text(results: list[dict[str, Any]], stream: str) -> str:

@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,7 +25,7 @@ import requests
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 
-from .support import ROOT, Server, free_port, run_server
+from .support import ROOT, Server, jupyter_app, run_server
 
 pytestmark = pytest.mark.slow
 
@@ -67,41 +64,9 @@ def lab(kb: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     tmp = tmp_path_factory.mktemp("lab")
     root = tmp / "notebooks"
     root.mkdir()
-    token = secrets.token_hex(16)
-    port = free_port()
-    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(tmp / "config"),
-           "JUPYTER_DATA_DIR": str(tmp / "data"), "JUPYTER_RUNTIME_DIR": str(tmp / "runtime")}
-    log_path = tmp / "lab.log"
-    log = open(log_path, "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
-         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
-         f"--gateway-url={kb.url}", f"--GatewayClient.auth_token={kb.secret_key}",
-         "--GatewayClient.request_timeout=60", "--LabApp.expose_app_in_browser=True",
-         *(["--allow-root"] if os.geteuid() == 0 else [])],
-        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=root)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, log_path.read_text()
-            try:
-                if requests.get(url + "/api/status", params={"token": token},
-                                timeout=5).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.3)
-        yield Lab(url, token, root, log_path)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    with jupyter_app("jupyterlab", kb, tmp, root, "--LabApp.expose_app_in_browser=True",
+                     ready_s=120) as (url, token, log):
+        yield Lab(url, token, root, log)
 
 
 class Browser:

@@ -21,6 +21,7 @@ class Sample:
     main_file: str  # the "*" batch defaults look for this file
     error: str  # fails with a message containing `error_text`
     error_text: str
+    error_exit: int = 1  # its exit code: an uncaught error's 1, a compiler's (go build: 2)
 
 
 SAMPLES = [
@@ -33,7 +34,7 @@ SAMPLES = [
     Sample("cpp", '#include <iostream>\nint main() { std::cout << "hello from cpp" << std::endl; }',
            "main.cpp", "int main() { undefined_name(); }", "undefined_name"),
     Sample("go", 'package main\nimport "fmt"\nfunc main() { fmt.Println("hello from go") }',
-           "main.go", "package main\nfunc main() { undefinedName() }", "undefinedName"),
+           "main.go", "package main\nfunc main() { undefinedName() }", "undefinedName", 2),
     Sample("rust", 'fn main() { println!("hello from rust"); }', "main.rs",
            "fn main() { undefined_name(); }", "undefined_name"),
     Sample("java", 'public class Main { public static void main(String[] a) {'
@@ -41,7 +42,7 @@ SAMPLES = [
            "public class Main { public static void main(String[] a) { undefinedName(); } }",
            "undefinedName"),
     Sample("ruby", "puts 'hello from ruby'", "main.rb", "raise 'boom'", "boom"),
-    Sample("bash", "echo hello from bash", "main.sh", "echo boom >&2; exit 4", "boom"),
+    Sample("bash", "echo hello from bash", "main.sh", "echo boom >&2; exit 4", "boom", 4),
 ]
 
 
@@ -83,8 +84,9 @@ def test_query_batch_and_error_through_backendai(client: Client, sample: Sample)
 
         results = run_to_end(client, "/session", name, sample.error)
         assert sample.error_text in console_text(results, "stderr")
-        if sample.lang != "python":  # ipykernel is a global-context kernel: always 0 (seed 002)
-            assert results[-1]["exitCode"] != 0
+        # ipykernel is a global-context kernel: a query ends 0 whatever it raised (seed 002)
+        expected = 0 if sample.lang == "python" else sample.error_exit
+        assert results[-1]["exitCode"] == expected, results[-1]
     finally:
         client.delete(f"/session/{name}")
 
@@ -100,7 +102,7 @@ def test_hello_and_error_through_execute_api(client: Client, sample: Sample) -> 
     assert body["exit_code"] == 0 and body["language"] == sample.lang
     r = client.post("/api/v1/execute", json={"language": sample.lang, "code": sample.error})
     body = r.json()
-    assert body["exit_code"] not in (0, -1)
+    assert body["exit_code"] == sample.error_exit, body
     if sample.lang in COMPILED:  # compiler messages apart from the program's (API.md, Piston)
         assert body["reason"] == "compile_error", body
         assert sample.error_text in body["compile_stderr"] and body["stderr"] == ""

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from .jupyter_support import KernelSocket
-from .support import ROOT, free_port, run_server
+from .support import ROOT, Server, free_port, run_server
 
 
 def serve(data_dir: Path, port: int) -> subprocess.CompletedProcess[str]:
@@ -79,13 +79,19 @@ def _run_status(data_dir: Path, run_id: str) -> str:
     return str(row[0])
 
 
+def _sleeping_run(srv: Server, seconds: float, run_id: str) -> None:
+    """A run ``run_id`` in a new session "drain" that sleeps ``seconds``, still going."""
+    c = srv.client()
+    assert c.post("/session", json={"lang": "python", "name": "drain"}).status_code == 201
+    r = c.post("/session/drain", json={"mode": "query", "runId": run_id,
+                                       "code": f"import time; time.sleep({seconds})"})
+    assert r.json()["result"]["status"] == "continued"
+
+
 def test_sigterm_lets_a_running_run_finish(tmp_path: Path) -> None:
     data = tmp_path / "data"
     with run_server(data, shutdown_grace_s="30", flush_interval="0.5") as srv:
-        c = srv.client()
-        assert c.post("/session", json={"lang": "python", "name": "drain"}).status_code == 201
-        r = c.post("/session/drain", json={"mode": "query", "code": "import time; time.sleep(3)", "runId": "slow"})
-        assert r.json()["result"]["status"] == "continued"
+        _sleeping_run(srv, 3, "slow")
         sent = time.monotonic()
         srv.process.send_signal(signal.SIGTERM)
         srv.process.wait(timeout=30)
@@ -98,10 +104,7 @@ def test_sigterm_lets_a_running_run_finish(tmp_path: Path) -> None:
 def test_a_second_signal_stops_at_once(tmp_path: Path) -> None:
     data = tmp_path / "data"
     with run_server(data, shutdown_grace_s="60", flush_interval="0.5") as srv:
-        c = srv.client()
-        assert c.post("/session", json={"lang": "python", "name": "drain"}).status_code == 201
-        r = c.post("/session/drain", json={"mode": "query", "code": "import time; time.sleep(120)", "runId": "long"})
-        assert r.json()["result"]["status"] == "continued"
+        _sleeping_run(srv, 120, "long")
         sent = time.monotonic()
         srv.process.send_signal(signal.SIGTERM)
         time.sleep(1)

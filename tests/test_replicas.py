@@ -171,12 +171,12 @@ def test_sandbox_executions_work_through_either(clients: tuple[Client, Client]) 
 def test_a_job_session_works_through_either(clients: tuple[Client, Client]) -> None:
     c1, c2 = clients
     r = c1.post("/api/v1/sessions", json={"mode": "dedicated", "max_ttl": 120})
-    assert r.status_code in (200, 201), r.text
+    assert r.status_code == 200, r.text
     sid = r.json()["id"]
     jobs = []
     for c, code in ((c2, "acc = [1]"), (c1, "acc.append(2)"), (c2, "print(acc)")):
         j = c.post(f"/api/v1/sessions/{sid}/jobs", json={"code": code})
-        assert j.status_code in (200, 201), j.text
+        assert j.status_code == 200, j.text
         jobs.append(j.json()["id"])
     deadline = time.monotonic() + 60
     while True:
@@ -221,7 +221,7 @@ def test_a_keypairs_concurrency_holds_across_replicas(pair: tuple[Server, Server
 
 def submit(client: Client, sid: str, code: str) -> str:
     r = client.post(f"/api/v1/sessions/{sid}/jobs", json={"code": code})
-    assert r.status_code in (200, 201), r.text
+    assert r.status_code == 200, r.text
     return str(r.json()["id"])
 
 
@@ -282,6 +282,7 @@ def test_kill_9_of_a_replica_hands_its_work_over_once(tmp_path: pytest.TempPathF
             one.process.wait()
             killed = time.monotonic()
             # Until its lease runs out the dead owner is still the owner: 503, retry shortly.
+            # Either is right: on a loaded machine the lease may have run out already (200).
             assert c2.get(f"/api/v1/jobs/{queued[0]}").status_code in (200, 503)
             done = wait_for("the queued jobs run elsewhere", lambda: all(
                 status_of(c2, q) == "completed" for q in queued), lease * 3 + 60)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import statistics
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,7 +19,7 @@ import psutil
 import pytest
 import requests
 
-from .support import Client, Server, console_text, run_server, run_to_end
+from .support import Client, Server, console_text, create_session, run_server, run_to_end
 
 MB = 1000 * 1000
 
@@ -44,10 +43,7 @@ def srv() -> Iterator[Server]:
 
 
 def create(api: Client, **body: Any) -> str:
-    name = "mem-" + uuid.uuid4().hex[:10]
-    r = api.post("/session", json={"lang": "python", "name": name, **body})
-    assert r.status_code == 201, r.text
-    return name
+    return create_session(api, "mem", **body)
 
 
 class Sampler(threading.Thread):

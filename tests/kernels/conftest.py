@@ -60,6 +60,8 @@ class CellRun:
     errors: list[dict[str, Any]] = field(default_factory=list)
     input_requests: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    results: list[str] = field(default_factory=list)  # execute_results' text/plain
+    arrivals: list[float] = field(default_factory=list)  # seconds into the run, one a stream
 
     def text(self, name: str) -> str:
         return "".join(text for stream, text in self.streams if stream == name)
@@ -111,9 +113,7 @@ class KernelDriver:
             timer = threading.Timer(interrupt_after, self.km.interrupt_kernel)
             timer.start()
         pending = list(answers or [])
-        streams: list[tuple[str, str]] = []
-        errors: list[dict[str, Any]] = []
-        requests: list[dict[str, Any]] = []
+        cell = CellRun(reply={})
         while time.monotonic() < deadline:
             if answers is not None:
                 try:
@@ -121,7 +121,7 @@ class KernelDriver:
                 except queue.Empty:
                     pass
                 else:
-                    requests.append(request["content"])
+                    cell.input_requests.append(request["content"])
                     self.kc.input(pending.pop(0) if pending else "\x04")
             try:
                 msg = self.kc.get_iopub_msg(timeout=0.005)
@@ -131,9 +131,12 @@ class KernelDriver:
                 continue
             kind, content = msg["msg_type"], msg["content"]
             if kind == "stream":
-                streams.append((content["name"], content["text"]))
+                cell.streams.append((content["name"], content["text"]))
+                cell.arrivals.append(time.monotonic() - started)
+            elif kind == "execute_result":
+                cell.results.append(content["data"]["text/plain"])
             elif kind == "error":
-                errors.append(content)
+                cell.errors.append(content)
             elif kind == "status" and content["execution_state"] == "idle":
                 break
         else:
@@ -141,7 +144,8 @@ class KernelDriver:
         reply = self.reply_to(msg_id, max(deadline - time.monotonic(), 1.0))
         # Say so plainly rather than hand back a cell without output.
         assert reply["content"]["status"] != "aborted", f"the kernel aborted {code!r}"
-        return CellRun(reply["content"], streams, errors, requests, time.monotonic() - started)
+        cell.reply, cell.seconds = reply["content"], time.monotonic() - started
+        return cell
 
 
 class KernelPool:

@@ -1,7 +1,7 @@
 """kb-javascript and kb-ruby through jupyter_client: state, streams, errors, exit, interrupt.
 
-The specs are installed into a temporary JUPYTER_PATH by this module (argv[0] set to
-this interpreter), so the file does not depend on other kernels' fixtures.
+Kernels come from conftest's pool (its temporary JUPYTER_PATH, one kernel a language shared
+by the module's tests) and run cells through its KernelDriver.
 """
 
 from __future__ import annotations
@@ -11,17 +11,14 @@ import queue
 import shutil
 import subprocess
 import sys
-import threading
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import jupyter_kernel_test
 import pytest
-from jupyter_client.blocking.client import BlockingKernelClient
-from jupyter_client.manager import KernelManager, start_new_kernel
+
+if TYPE_CHECKING:
+    from conftest import KernelDriver, KernelPool
 
 REPO = Path(__file__).resolve().parents[2]
 SPECS = REPO / "kernelspecs" / "specs"
@@ -36,76 +33,14 @@ def _needs(name: str) -> pytest.MarkDecorator:
 KERNELS = [pytest.param(name, marks=_needs(name)) for name in RUNTIME]
 
 
-@dataclass
-class Cell:
-    reply: dict[str, Any]
-    streams: list[tuple[float, str, str]] = field(default_factory=list)  # (seconds, name, text)
-    results: list[str] = field(default_factory=list)
-    errors: list[dict[str, Any]] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def text(self, name: str) -> str:
-        return "".join(text for _, stream, text in self.streams if stream == name)
-
-
-class Driver:
-    def __init__(self, km: KernelManager, kc: BlockingKernelClient) -> None:
-        self.km, self.kc = km, kc
-
-    def run(self, code: str, *, interrupt_after: float | None = None, timeout: float = 30) -> Cell:
-        started = time.monotonic()
-        msg_id = self.kc.execute(code, stop_on_error=False)
-        if interrupt_after is not None:
-            threading.Timer(interrupt_after, self.km.interrupt_kernel).start()
-        cell = Cell(reply={})
-        while True:
-            remaining = started + timeout - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"cell did not finish within {timeout}s: {code!r}")
-            try:
-                msg = self.kc.get_iopub_msg(timeout=remaining)
-            except queue.Empty:
-                continue
-            if msg["parent_header"].get("msg_id") != msg_id:
-                continue
-            kind, content = msg["msg_type"], msg["content"]
-            if kind == "stream":
-                cell.streams.append((time.monotonic() - started, content["name"], content["text"]))
-            elif kind == "execute_result":
-                cell.results.append(content["data"]["text/plain"])
-            elif kind == "error":
-                cell.errors.append(content)
-            elif kind == "status" and content["execution_state"] == "idle":
-                break
-        while True:
-            reply = self.kc.get_shell_msg(timeout=10)
-            if reply["parent_header"].get("msg_id") == msg_id:
-                break
-        cell.reply = reply["content"]
-        cell.seconds = time.monotonic() - started
-        return cell
-
-
-@pytest.fixture(scope="module")
-def kernels() -> Iterator[dict[str, Driver]]:
-    started: dict[str, Driver] = {}
-    yield started
-    for driver in started.values():
-        driver.kc.stop_channels()
-        driver.km.shutdown_kernel(now=True)
-
-
 @pytest.fixture(params=KERNELS)
-def kernel(request: pytest.FixtureRequest, kernels: dict[str, Driver]) -> Driver:
+def kernel(request: pytest.FixtureRequest, kernel_pool: KernelPool) -> KernelDriver:
     """One kernel per language, shared by the module's tests (start-up costs ~1 s)."""
     name: str = request.param
-    if name not in kernels:
-        km, kc = start_new_kernel(kernel_name=name)
-        kernels[name] = Driver(km, kc)
-    return kernels[name]
+    return kernel_pool[name]
 
 
-def lang(kernel: Driver) -> str:
+def lang(kernel: KernelDriver) -> str:
     return "js" if kernel.km.kernel_name == "kb-javascript" else "rb"
 
 
@@ -131,7 +66,7 @@ CODE: dict[str, dict[str, str]] = {
 }
 
 
-def test_hello_world(kernel: Driver) -> None:
+def test_hello_world(kernel: KernelDriver) -> None:
     cell = kernel.run(CODE["hello"][lang(kernel)])
     assert cell.text("stdout") == "hello, world\n"
     assert cell.reply["status"] == "ok"
@@ -139,21 +74,21 @@ def test_hello_world(kernel: Driver) -> None:
     assert cell.results == [] and cell.errors == []
 
 
-def test_state_across_cells(kernel: Driver) -> None:
+def test_state_across_cells(kernel: KernelDriver) -> None:
     assert kernel.run(CODE["define"][lang(kernel)]).reply["status"] == "ok"
     cell = kernel.run(CODE["use"][lang(kernel)])
     assert cell.results == ["6"]
     assert cell.reply["exit_code"] == 0
 
 
-def test_stderr_is_its_own_stream(kernel: Driver) -> None:
+def test_stderr_is_its_own_stream(kernel: KernelDriver) -> None:
     cell = kernel.run(CODE["stderr"][lang(kernel)])
     assert cell.text("stderr") == "oops\nw\n"
     assert cell.text("stdout") == ""
     assert cell.reply["exit_code"] == 0
 
 
-def test_uncaught_error(kernel: Driver) -> None:
+def test_uncaught_error(kernel: KernelDriver) -> None:
     cell = kernel.run(CODE["raise"][lang(kernel)])
     ename = {"js": "TypeError", "rb": "ArgumentError"}[lang(kernel)]
     assert cell.reply["status"] == "error"
@@ -164,7 +99,7 @@ def test_uncaught_error(kernel: Driver) -> None:
     assert cell.text("stderr") == ""
 
 
-def test_exit_code_and_next_cell(kernel: Driver) -> None:
+def test_exit_code_and_next_cell(kernel: KernelDriver) -> None:
     kernel.run("kept = 41" if lang(kernel) == "rb" else "var kept = 41")
     cell = kernel.run(CODE["exit3"][lang(kernel)])
     assert cell.text("stdout") == "bye\n"
@@ -183,9 +118,10 @@ def test_exit_code_and_next_cell(kernel: Driver) -> None:
         assert kernel.run("kept + 1").results == ["42"]
 
 
-def test_output_streams_while_cell_runs(kernel: Driver) -> None:
+def test_output_streams_while_cell_runs(kernel: KernelDriver) -> None:
     cell = kernel.run(CODE["stream"][lang(kernel)])
-    lines = [(t, text) for t, name, text in cell.streams if name == "stdout"]
+    lines = [(t, text) for t, (name, text) in zip(cell.arrivals, cell.streams, strict=True)
+             if name == "stdout"]
     assert "".join(text for _, text in lines) == "0\n1\n2\n"
     assert cell.seconds >= 1.1
     # The first line arrived long before the cell ended, the rest spread out.
@@ -194,7 +130,7 @@ def test_output_streams_while_cell_runs(kernel: Driver) -> None:
 
 
 @pytest.mark.parametrize("code", ["busy", "timer"])
-def test_interrupt_keeps_kernel_and_state(kernel: Driver, code: str) -> None:
+def test_interrupt_keeps_kernel_and_state(kernel: KernelDriver, code: str) -> None:
     kernel.run("kept_i = 7" if lang(kernel) == "rb" else "var kept_i = 7")
     cell = kernel.run(CODE[code][lang(kernel)], interrupt_after=0.7, timeout=20)
     assert cell.seconds < 5
@@ -209,11 +145,8 @@ def test_interrupt_keeps_kernel_and_state(kernel: Driver, code: str) -> None:
 
 
 @_needs("kb-javascript")
-def test_js_specifics(kernels: dict[str, Driver]) -> None:
-    js = kernels.get("kb-javascript")
-    if js is None:
-        km, kc = start_new_kernel(kernel_name="kb-javascript")
-        js = kernels["kb-javascript"] = Driver(km, kc)
+def test_js_specifics(kernel_pool: KernelPool) -> None:
+    js = kernel_pool["kb-javascript"]
     # Re-running a cell that declares with let/const is fine (V8's REPL mode).
     assert js.run("let r = 1; const c = 2").reply["status"] == "ok"
     assert js.run("let r = 10; const c = 20").reply["status"] == "ok"
@@ -283,11 +216,8 @@ class RubyConformance(jupyter_kernel_test.KernelTests):  # type: ignore[misc]
 
 
 @pytest.mark.skipif(shutil.which("ruby") is None, reason="ruby is not installed")
-def test_ruby_reads_stdin_through_input_requests(kernels: dict[str, Driver]) -> None:
-    if "kb-ruby" not in kernels:
-        km, kc = start_new_kernel(kernel_name="kb-ruby")
-        kernels["kb-ruby"] = Driver(km, kc)
-    kc = kernels["kb-ruby"].kc
+def test_ruby_reads_stdin_through_input_requests(kernel_pool: KernelPool) -> None:
+    kc = kernel_pool["kb-ruby"].kc
     code = ('print "name? "\nname = gets\nputs "hi #{name.chomp}"\n'
             "rest = $stdin.read\nputs rest.lines.size\np gets")
     msg_id = kc.execute(code, allow_stdin=True, stop_on_error=False)
