@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager, start_new_kernel
+from jupyter_client.provisioning import KernelProvisionerFactory
 
 from kernelspecs import spec_dirs
 
@@ -40,10 +41,16 @@ def installed_kernelspecs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         (root / "kernels" / name).mkdir(parents=True)
         (root / "kernels" / name / "kernel.json").write_text(json.dumps(spec))
     saved = {key: os.environ.get(key) for key in ("JUPYTER_PATH", "PYTHONPATH")}
+    # The server's launch makes kb-sandbox the process-wide default provisioner (a singleton);
+    # a unit test that ran it earlier in this process must not decide how these kernels start.
+    factory = KernelProvisionerFactory.instance()
+    default = factory.default_provisioner_name
+    factory.default_provisioner_name = "local-provisioner"
     os.environ["JUPYTER_PATH"] = str(root)
     # Kernels run `python -m kernelspecs.…` from a checkout, not an install.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), saved["PYTHONPATH"]]))
     yield root
+    factory.default_provisioner_name = default
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
