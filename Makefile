@@ -140,7 +140,7 @@ test: $(TEST_DEPS)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The unit layer alone: scripted message streams and pure policy, no server, in seconds.
-test-unit: $(BIN)/.test sandbox-tools
+test-unit: $(BIN)/.test $(BIN)/.deploy sandbox-tools
 	$(BIN)/python -m pytest tests/unit -q $(PYTEST_ARGS)
 
 # Can this machine serve safely? One line per check, with the fix for each failure.
