@@ -20,12 +20,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.latency import rest_once  # noqa: E402
 from bridge.store import SqliteStore, Store, upsert  # noqa: E402
 from bridge.store.postgres import PostgresStore  # noqa: E402
 from tests.pg import postgres_cluster  # noqa: E402
-from tests.support import Client, run_server  # noqa: E402
+from tests.support import run_server  # noqa: E402
 
-BODY = {"mode": "query", "code": "print(1)", "runId": None}
 SAVE = upsert("vfolder_permissions", ["folder_id", "access_key", "permission"],
               ["folder_id", "access_key"])
 
@@ -55,14 +55,6 @@ async def store_ops(stores: dict[str, Store], n: int) -> dict[str, list[float]]:
                 if i >= 20:
                     samples[f"{op} {b}"].append(time.perf_counter() - t0)
     return samples
-
-
-def rest_once(client: Client) -> float:
-    t0 = time.perf_counter()
-    r = client.post("/session/bench", json=BODY)
-    elapsed = time.perf_counter() - t0
-    assert r.json()["result"]["status"] == "finished", r.text
-    return elapsed
 
 
 def main() -> None:
