@@ -6,9 +6,9 @@
 * **Forked** (a kernel a zygote can stand in for, :func:`bridge.zygote.forkable`):
 
   1. the plain keeper spawns the kernel's sandbox with a *holder* as its payload (a
-     :class:`Nest`) —
-     the very ``Sandbox.host_launch`` a cold kernel gets — and we wait until the holder runs
-     (every namespace and mount is set up by then);
+     :class:`Nest`) — the very sandbox a cold kernel gets, holding it with setpriv, sh and
+     sleep instead of the Python launcher — and we wait until the holder runs (every namespace
+     and mount is set up by then);
   2. the zygote gets a pidfd of the sandbox and its root, and the memfd with the kernel's
      command and environment (client values) in the launcher's format, that only the kernel
      reads; its child joins the cgroups, the namespaces and the root, forks the kernel inside,
@@ -38,9 +38,6 @@ from .zygote import Zygotes, kernel_package
 if TYPE_CHECKING:
     from .provisioner import SandboxProvisioner
 
-# The sandbox's payload while a forked kernel lives in it: says it runs, then waits.
-HOLDER = ["/bin/sh", "-c", "echo; exec sleep infinity"]
-HOLDER_ENV = {"PATH": "/usr/bin:/bin"}
 HOLDER_TIMEOUT_S = 10.0
 LISTEN_POLL_S = 0.002
 LISTEN_TIMEOUT_S = 30.0
@@ -127,8 +124,8 @@ def _package_in_sandbox(prov: SandboxProvisioner) -> str:
 
 
 class Nest:
-    """A forked kernel's sandbox: bubblewrap running the holder, spawned by a keeper (so it,
-    too, outlives the server)."""
+    """A forked kernel's sandbox: bubblewrap running the holder (:meth:`Sandbox.holder_launch`:
+    no Python, not the tenant's uid), spawned by a keeper (so it, too, outlives the server)."""
 
     def __init__(self, keeper: Keeper, pid: int, pidfd: int) -> None:
         self.keeper, self.pid, self.pidfd = keeper, pid, pidfd
@@ -138,7 +135,7 @@ class Nest:
     async def start(cls, prov: SandboxProvisioner, keeper: Keeper) -> Nest:
         sandbox, conf = prov.sandbox, prov.confinement
         assert sandbox is not None and conf is not None
-        launch = sandbox.host_launch(list(HOLDER), conf, HOLDER_ENV)
+        launch = sandbox.holder_launch(conf)
         info_r, info_w = os.pipe()
         out_r, out_w = os.pipe()
         nest: Nest | None = None
