@@ -110,6 +110,12 @@ class Zygote:
         self.children: set[int] = set()
         self.exited: dict[int, int] = {}  # kept for a server that adopts after the exit
         self.logs: dict[int, list[Any]] = {}  # kernels' stderr pipes → [kernel name, partial]
+        # Starts under way, answered once their pipe reads end-of-file (the loop serves other
+        # requests meanwhile: a fork does not wait for the last one to enter its sandbox, a
+        # spawn for the last exec): pipe → [request, asker, pid (spawn) or 0, its pidfd or -1,
+        # what was read].
+        self.starting: dict[int, list[Any]] = {}
+        self.mids: set[int] = set()  # a sandboxed fork's go-between: reaped, not reported
         self.retiring = False
         self.plain = False
         self.forks = 0
@@ -142,11 +148,13 @@ class Zygote:
                     self.receive(sock)
                 elif sock in self.logs:
                     self.drain(int(sock))
+                elif sock in self.starting:
+                    self.started(int(sock))
                 else:
                     with contextlib.suppress(BlockingIOError):
                         os.read(self.wake_r, 4096)
             self.reap()
-            if self.retiring and not self.children:
+            if self.retiring and not self.children and not self.starting:
                 self.leave()
 
     def accept(self) -> None:
@@ -213,6 +221,10 @@ class Zygote:
             del self.logs[fd]
 
     def reap(self) -> None:
+        # A forked kernel becomes our child when its go-between exits, after it wrote the
+        # kernel's pid: answer that start before a wait could reap the kernel.
+        for fd in list(self.starting):
+            self.started(fd)
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -220,6 +232,9 @@ class Zygote:
                 return
             if pid == 0:
                 return
+            if pid in self.mids:
+                self.mids.discard(pid)
+                continue
             self.children.discard(pid)
             code = os.waitstatus_to_exitcode(status)
             self.exited[pid] = code
@@ -237,10 +252,10 @@ class Zygote:
 
     def stop(self) -> None:
         """Kill every kernel, reap it, and leave: the server stops and takes its kernels."""
-        for pid in self.children:
+        for pid in [*self.children, *self.mids]:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
-        for pid in self.children:
+        for pid in [*self.children, *self.mids]:
             with contextlib.suppress(OSError):
                 os.waitpid(pid, 0)
         self.leave()
@@ -265,8 +280,10 @@ class Zygote:
                 else:
                     self.send({"id": req.get("id"), "error": f"no kernel {pid} here"}, to=sock)
             elif op in ("fork", "spawn") and not self.retiring and sock is self.control:
-                pid = self.fork(req, fds) if op == "fork" else self.spawn(req, fds)
-                self._reply_pidfd(req, pid, sock)
+                if op == "spawn":
+                    self.spawn(req, fds, sock)
+                elif (pid := self.fork(req, fds, sock)) is not None:
+                    self._reply_pidfd(req, pid, sock)
             else:
                 self.send({"id": req.get("id"), "error": f"refused {op!r}"}, to=sock)
         except Exception as exc:
@@ -283,7 +300,46 @@ class Zygote:
         finally:
             os.close(pidfd)
 
-    def spawn(self, req: dict[str, Any], fds: list[int]) -> int:
+    def _answer_later(self, r: int, req: dict[str, Any], sock: socket.socket, pid: int = 0,
+                      pidfd: int = -1) -> None:
+        os.set_blocking(r, False)
+        self.starting[r] = [req, sock, pid, pidfd, b""]
+        self.selector.register(r, selectors.EVENT_READ)
+
+    def started(self, fd: int) -> None:
+        """Read a start's pipe; at its end, answer the start: a spawn's pipe carries an exec
+        error (nothing: it runs), a fork's the kernel's pid (nothing: it did not start)."""
+        req, sock, pid, pidfd, data = self.starting[fd]
+        try:
+            while chunk := os.read(fd, 4096):
+                data += chunk
+        except BlockingIOError:
+            self.starting[fd][4] = data
+            return
+        except OSError:
+            pass
+        self.selector.unregister(fd)
+        os.close(fd)
+        del self.starting[fd]
+        try:
+            if pidfd >= 0:  # a spawn
+                if data:
+                    raise RuntimeError(f"cannot start {req['argv'][:1]}: "
+                                       f"{data.decode(errors='replace')}")
+                self.send({"id": req["id"], "pid": pid}, [pidfd], to=sock)
+            elif not data:
+                raise RuntimeError("the kernel could not enter its sandbox")
+            else:
+                pid = int(data)  # now our child: we are the subreaper its parent left it to
+                self.children.add(pid)
+                self._reply_pidfd(req, pid, sock)
+        except Exception as exc:
+            self.send({"id": req.get("id"), "error": f"{type(exc).__name__}: {exc}"}, to=sock)
+        finally:
+            if pidfd >= 0:
+                os.close(pidfd)
+
+    def spawn(self, req: dict[str, Any], fds: list[int], sock: socket.socket) -> None:
         """fork + exec of a prepared command (a cold kernel's bubblewrap, a forked kernel's
         sandbox holder): what ``subprocess`` with ``pass_fds`` and a preexec would do, here so
         the process is ours to reap and outlives the server. ``req["fds"]``: the descriptor
@@ -330,16 +386,12 @@ class Zygote:
                     os.write(err_w, f"{type(exc).__name__}: {exc}".encode()[:4000])
             os._exit(127)
         os.close(err_w)
-        data = b""
-        while chunk := os.read(err_r, 4096):  # end-of-file at the exec
-            data += chunk
-        os.close(err_r)
         self.children.add(pid)
-        if data:
-            raise RuntimeError(f"cannot start {req['argv'][:1]}: {data.decode(errors='replace')}")
-        return pid
+        # Answered at the exec (end-of-file on err_r); the pidfd names it even if it dies first.
+        self._answer_later(err_r, req, sock, pid, os.pidfd_open(pid))
 
-    def fork(self, req: dict[str, Any], fds: list[int]) -> int:
+    def fork(self, req: dict[str, Any], fds: list[int], sock: socket.socket) -> int | None:
+        """A kernel forked per ``req`` → its pid, or None: answered later (sandboxed)."""
         if self.plain:
             raise RuntimeError("a keeper without a template does not fork")
         if threading.active_count() != 1 or len(os.listdir("/proc/self/task")) != 1:
@@ -385,16 +437,9 @@ class Zygote:
                 traceback.print_exc()
                 os._exit(70)
         os.close(w)
-        data = b""
-        while chunk := os.read(r, 64):
-            data += chunk
-        os.close(r)
-        os.waitpid(mid, 0)
-        if not data:
-            raise RuntimeError("the kernel could not enter its sandbox")
-        pid = int(data)  # now our child: we are the subreaper its parent left it to
-        self.children.add(pid)
-        return pid
+        self.mids.add(mid)
+        self._answer_later(r, req, sock)
+        return None
 
     def _after_fork(self) -> None:
         """In a child: give back the zygote's signals and file descriptors."""
@@ -407,7 +452,7 @@ class Zygote:
         for sock in [self.control, self.listener, *self.peers]:
             if sock is not None:
                 sock.close()
-        for fd in self.logs:
+        for fd in [*self.logs, *self.starting]:
             os.close(fd)
         os.close(self.wake_r)
         os.close(self.wake_w)
