@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import os
 import select
@@ -41,6 +42,9 @@ if TYPE_CHECKING:
 HOLDER_TIMEOUT_S = 10.0
 LISTEN_POLL_S = 0.002
 LISTEN_TIMEOUT_S = 30.0
+IN_MOVED_TO = 0x80  # inotify(7)
+IN_CREATE = 0x100
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 async def spawn(prov: SandboxProvisioner, line: Zygotes, cmd: list[str],
@@ -220,21 +224,55 @@ class Nest:
 async def listening(info: Mapping[str, Any], pidfd: int, *, raise_on_exit: bool) -> None:
     """Return once the kernel has bound its sockets. A client that connects earlier waits
     out zmq's reconnect interval and may miss the first iopub status: ~0.3 s per start.
-    A kernel that exits first: ZygoteUnavailable with ``raise_on_exit``, else return."""
+    A kernel that exits first: ZygoteUnavailable with ``raise_on_exit``, else return.
+
+    Woken by inotify when an entry appears in the sockets' dir, or by the kernel's exit (a
+    2 ms poll was ~60 turns of the event loop per start); polled without inotify."""
     if info.get("transport") != "ipc":
         return
     paths = [f"{info['ip']}-{info[p]}" for p in
              ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")]
     loop = asyncio.get_running_loop()
     deadline = loop.time() + LISTEN_TIMEOUT_S
-    while not all(os.path.exists(p) for p in paths):
-        if exited(pidfd):
-            if raise_on_exit:  # a forked kernel that cannot start: started another way
-                raise ZygoteUnavailable("the kernel exited while starting")
-            return
-        if loop.time() > deadline:
-            return  # the client's readiness wait reports it
-        await asyncio.sleep(LISTEN_POLL_S)
+    watch = _watch(os.path.dirname(paths[0]))  # before the first look: no entry is missed
+    woke = asyncio.Event()
+    for fd in (watch, pidfd):
+        if fd >= 0:
+            loop.add_reader(fd, woke.set)
+    try:
+        while not all(os.path.exists(p) for p in paths):
+            if exited(pidfd):
+                if raise_on_exit:  # a forked kernel that cannot start: started another way
+                    raise ZygoteUnavailable("the kernel exited while starting")
+                return
+            left = deadline - loop.time()
+            if left <= 0:
+                return  # the client's readiness wait reports it
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(woke.wait(), left if watch >= 0 else LISTEN_POLL_S)
+            woke.clear()
+            if watch >= 0:
+                with contextlib.suppress(OSError):
+                    while os.read(watch, 4096):  # the events themselves say nothing more
+                        pass
+    finally:
+        for fd in (watch, pidfd):
+            if fd >= 0:
+                loop.remove_reader(fd)
+        if watch >= 0:
+            os.close(watch)
+
+
+def _watch(directory: str) -> int:
+    """A non-blocking inotify descriptor that reads ready when an entry appears in
+    ``directory``; -1 when there is none to be had."""
+    fd = int(_libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC))
+    if fd < 0:
+        return -1
+    if _libc.inotify_add_watch(fd, os.fsencode(directory), IN_CREATE | IN_MOVED_TO) < 0:
+        os.close(fd)
+        return -1
+    return fd
 
 
 def exited(pidfd: int) -> bool:
