@@ -21,9 +21,9 @@ threaded server — in a clean environment, as ``python -m kernelspecs._zygote -
   spawns cold kernels and never forks.
 * **Sandboxed child** (we spawned a bubblewrap *holder* for the kernel first): the child joins
   the kernel's cgroups first (memory is charged to whoever touches it first), enters the
-  holder's namespaces with ``setns(pidfd)`` and its root with ``fchdir`` + ``chroot``, then
-  forks once more so the kernel is inside the holder's PID namespace (the zygote, a child
-  subreaper, inherits it). The kernel drops privileges (``confine``), takes its own
+  holder's namespaces with ``setns(pidfd)`` and its root with ``fchdir`` + ``chroot``; it was
+  born inside the holder's PID namespace (the zygote sets it for its children for that one
+  fork). The kernel drops privileges (``confine``), takes its own
   environment, reseeds, and runs its module as ``python -m`` would (``kernelspecs/_child.py``).
 """
 
@@ -47,7 +47,15 @@ import time
 import traceback
 from typing import Any
 
-from ._child import PR_SET_CHILD_SUBREAPER, become_kernel, enter_sandbox, prctl
+from ._child import (
+    CLONE_NEWPID,
+    PR_SET_CHILD_SUBREAPER,
+    _check,
+    _libc,
+    become_kernel,
+    enter_sandbox,
+    prctl,
+)
 
 # Modules a kernel of ours runs with ``-m``; only these are forked (others start cold).
 KERNEL_MODULES = ("ipykernel_launcher", "kernelspecs.bash_kernel", "kernelspecs.compiled_kernel")
@@ -110,12 +118,14 @@ class Zygote:
         self.children: set[int] = set()
         self.exited: dict[int, int] = {}  # kept for a server that adopts after the exit
         self.logs: dict[int, list[Any]] = {}  # kernels' stderr pipes → [kernel name, partial]
-        # Starts under way, answered once their pipe reads end-of-file (the loop serves other
-        # requests meanwhile: a fork does not wait for the last one to enter its sandbox, a
-        # spawn for the last exec): pipe → [request, asker, pid (spawn) or 0, its pidfd or -1,
-        # what was read].
+        # Spawns under way, answered at their exec, when their pipe reads end-of-file (the
+        # loop serves other requests meanwhile): pipe → [request, asker, pid, pidfd, what was
+        # read].
         self.starting: dict[int, list[Any]] = {}
-        self.mids: set[int] = set()  # a sandboxed fork's go-between: reaped, not reported
+        # Our own PID namespace, where children are born but for the one fork of a sandboxed
+        # kernel (fork()), and its inode to check we are back in it.
+        self.pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        self.pid_ns_ino = os.fstat(self.pid_ns).st_ino
         self.retiring = False
         self.plain = False
         self.forks = 0
@@ -221,10 +231,6 @@ class Zygote:
             del self.logs[fd]
 
     def reap(self) -> None:
-        # A forked kernel becomes our child when its go-between exits, after it wrote the
-        # kernel's pid: answer that start before a wait could reap the kernel.
-        for fd in list(self.starting):
-            self.started(fd)
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -232,9 +238,6 @@ class Zygote:
                 return
             if pid == 0:
                 return
-            if pid in self.mids:
-                self.mids.discard(pid)
-                continue
             self.children.discard(pid)
             code = os.waitstatus_to_exitcode(status)
             self.exited[pid] = code
@@ -252,10 +255,10 @@ class Zygote:
 
     def stop(self) -> None:
         """Kill every kernel, reap it, and leave: the server stops and takes its kernels."""
-        for pid in [*self.children, *self.mids]:
+        for pid in self.children:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
-        for pid in [*self.children, *self.mids]:
+        for pid in self.children:
             with contextlib.suppress(OSError):
                 os.waitpid(pid, 0)
         self.leave()
@@ -281,9 +284,9 @@ class Zygote:
                     self.send({"id": req.get("id"), "error": f"no kernel {pid} here"}, to=sock)
             elif op in ("fork", "spawn") and not self.retiring and sock is self.control:
                 if op == "spawn":
-                    self.spawn(req, fds, sock)
-                elif (pid := self.fork(req, fds, sock)) is not None:
-                    self._reply_pidfd(req, pid, sock)
+                    self.spawn(req, fds, sock)  # answered at its exec
+                else:
+                    self._reply_pidfd(req, self.fork(req, fds), sock)
             else:
                 self.send({"id": req.get("id"), "error": f"refused {op!r}"}, to=sock)
         except Exception as exc:
@@ -300,15 +303,9 @@ class Zygote:
         finally:
             os.close(pidfd)
 
-    def _answer_later(self, r: int, req: dict[str, Any], sock: socket.socket, pid: int = 0,
-                      pidfd: int = -1) -> None:
-        os.set_blocking(r, False)
-        self.starting[r] = [req, sock, pid, pidfd, b""]
-        self.selector.register(r, selectors.EVENT_READ)
-
     def started(self, fd: int) -> None:
-        """Read a start's pipe; at its end, answer the start: a spawn's pipe carries an exec
-        error (nothing: it runs), a fork's the kernel's pid (nothing: it did not start)."""
+        """Read a spawn's pipe; at its end (the exec), answer the spawn: the pipe carries an
+        exec error, or nothing: it runs."""
         req, sock, pid, pidfd, data = self.starting[fd]
         try:
             while chunk := os.read(fd, 4096):
@@ -322,22 +319,13 @@ class Zygote:
         os.close(fd)
         del self.starting[fd]
         try:
-            if pidfd >= 0:  # a spawn
-                if data:
-                    raise RuntimeError(f"cannot start {req['argv'][:1]}: "
-                                       f"{data.decode(errors='replace')}")
-                self.send({"id": req["id"], "pid": pid}, [pidfd], to=sock)
-            elif not data:
-                raise RuntimeError("the kernel could not enter its sandbox")
+            if data:
+                self.send({"id": req.get("id"), "error": f"RuntimeError: cannot start "
+                           f"{req['argv'][:1]}: {data.decode(errors='replace')}"}, to=sock)
             else:
-                pid = int(data)  # now our child: we are the subreaper its parent left it to
-                self.children.add(pid)
-                self._reply_pidfd(req, pid, sock)
-        except Exception as exc:
-            self.send({"id": req.get("id"), "error": f"{type(exc).__name__}: {exc}"}, to=sock)
+                self.send({"id": req["id"], "pid": pid}, [pidfd], to=sock)
         finally:
-            if pidfd >= 0:
-                os.close(pidfd)
+            os.close(pidfd)
 
     def spawn(self, req: dict[str, Any], fds: list[int], sock: socket.socket) -> None:
         """fork + exec of a prepared command (a cold kernel's bubblewrap, a forked kernel's
@@ -388,10 +376,11 @@ class Zygote:
         os.close(err_w)
         self.children.add(pid)
         # Answered at the exec (end-of-file on err_r); the pidfd names it even if it dies first.
-        self._answer_later(err_r, req, sock, pid, os.pidfd_open(pid))
+        os.set_blocking(err_r, False)
+        self.starting[err_r] = [req, sock, pid, os.pidfd_open(pid), b""]
+        self.selector.register(err_r, selectors.EVENT_READ)
 
-    def fork(self, req: dict[str, Any], fds: list[int], sock: socket.socket) -> int | None:
-        """A kernel forked per ``req`` → its pid, or None: answered later (sandboxed)."""
+    def fork(self, req: dict[str, Any], fds: list[int]) -> int:
         if self.plain:
             raise RuntimeError("a keeper without a template does not fork")
         if threading.active_count() != 1 or len(os.listdir("/proc/self/task")) != 1:
@@ -418,28 +407,39 @@ class Zygote:
             self.children.add(pid)
             return pid
         holder, root = named["holder"], named["root"]
-        r, w = os.pipe()
-        mid = os.fork()
-        if mid == 0:  # joins the sandbox, forks the kernel into its PID namespace, exits
+        # The kernel is born in its sandbox's PID namespace: made ours for children for this
+        # one fork, then ours again. (A go-between child that forked the kernel cost a fork and
+        # an exit of the whole template per kernel, and held this loop until it was done.)
+        _check(_libc.setns(holder, CLONE_NEWPID), "setns")
+        try:
+            pid = os.fork()
+        finally:
+            if os.getpid() == self.pid:
+                self._own_pid_namespace()
+        if pid == 0:  # joins the sandbox (cgroups, namespaces, root), confines, runs
             try:
-                os.close(r)
                 self._after_fork()
                 if stderr >= 0:
-                    os.dup2(stderr, 2)  # before the sandbox: the kernel keeps it as its fd 2
+                    os.dup2(stderr, 2)
                 enter_sandbox(req, holder, root)
-                kernel = os.fork()
-                if kernel == 0:
-                    os.close(w)
-                    become_kernel(req, payload)
-                os.write(w, str(kernel).encode())
-                os._exit(0)
+                become_kernel(req, payload)
             except BaseException:
                 traceback.print_exc()
-                os._exit(70)
-        os.close(w)
-        self.mids.add(mid)
-        self._answer_later(r, req, sock)
-        return None
+            os._exit(70)  # the server sees it exit before it listens: it starts it cold
+        self.children.add(pid)
+        return pid
+
+    def _own_pid_namespace(self) -> None:
+        """Children are born in our PID namespace again, or we stop: a later child born in a
+        tenant's namespace must never happen."""
+        try:
+            _check(_libc.setns(self.pid_ns, CLONE_NEWPID), "setns")
+            back = os.stat("/proc/self/ns/pid_for_children").st_ino == self.pid_ns_ino
+        except OSError:
+            back = False
+        if not back:
+            sys.stderr.write("kernel-bridge zygote: cannot return to its PID namespace\n")
+            self.stop()
 
     def _after_fork(self) -> None:
         """In a child: give back the zygote's signals and file descriptors."""
@@ -456,6 +456,7 @@ class Zygote:
             os.close(fd)
         os.close(self.wake_r)
         os.close(self.wake_w)
+        os.close(self.pid_ns)
 
 
 def main(argv: list[str] | None = None) -> None:
