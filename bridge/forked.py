@@ -29,6 +29,7 @@ import json
 import os
 import select
 import signal
+import struct
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +45,7 @@ LISTEN_POLL_S = 0.002
 LISTEN_TIMEOUT_S = 30.0
 IN_MOVED_TO = 0x80  # inotify(7)
 IN_CREATE = 0x100
+INOTIFY_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (of the name that follows)
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -234,11 +236,10 @@ async def listening(info: Mapping[str, Any], pidfd: int, *, raise_on_exit: bool)
              ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")]
     loop = asyncio.get_running_loop()
     deadline = loop.time() + LISTEN_TIMEOUT_S
-    watch = _watch(os.path.dirname(paths[0]))  # before the first look: no entry is missed
-    woke = asyncio.Event()
-    for fd in (watch, pidfd):
-        if fd >= 0:
-            loop.add_reader(fd, woke.set)
+    watches = _SocketWatches.of(loop)
+    # Before the first look, so no entry is missed.
+    wd, woke = watches.add(os.path.dirname(paths[0]))
+    loop.add_reader(pidfd, woke.set)
     try:
         while not all(os.path.exists(p) for p in paths):
             if exited(pidfd):
@@ -249,30 +250,61 @@ async def listening(info: Mapping[str, Any], pidfd: int, *, raise_on_exit: bool)
             if left <= 0:
                 return  # the client's readiness wait reports it
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(woke.wait(), left if watch >= 0 else LISTEN_POLL_S)
+                await asyncio.wait_for(woke.wait(), left if wd >= 0 else LISTEN_POLL_S)
             woke.clear()
-            if watch >= 0:
-                with contextlib.suppress(OSError):
-                    while os.read(watch, 4096):  # the events themselves say nothing more
-                        pass
     finally:
-        for fd in (watch, pidfd):
-            if fd >= 0:
-                loop.remove_reader(fd)
-        if watch >= 0:
-            os.close(watch)
+        loop.remove_reader(pidfd)
+        watches.remove(wd)
 
 
-def _watch(directory: str) -> int:
-    """A non-blocking inotify descriptor that reads ready when an entry appears in
-    ``directory``; -1 when there is none to be had."""
-    fd = int(_libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC))
-    if fd < 0:
-        return -1
-    if _libc.inotify_add_watch(fd, os.fsencode(directory), IN_CREATE | IN_MOVED_TO) < 0:
-        os.close(fd)
-        return -1
-    return fd
+class _SocketWatches:
+    """One inotify descriptor per event loop, a watch per kernel being waited for. Closing an
+    inotify descriptor waits out a kernel grace period (~9 ms, the event loop standing still),
+    while adding and removing a watch take microseconds."""
+
+    _current: _SocketWatches | None = None
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.fd = int(_libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC))
+        self.woken: dict[int, asyncio.Event] = {}
+        if self.fd >= 0:
+            loop.add_reader(self.fd, self._read)
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> _SocketWatches:
+        current = cls._current
+        if current is None or current.loop is not loop:
+            if current is not None and current.fd >= 0 and current.loop.is_closed():
+                os.close(current.fd)
+            current = cls._current = cls(loop)
+        return current
+
+    def add(self, directory: str) -> tuple[int, asyncio.Event]:
+        """A watch on ``directory`` and the event its new entries set (-1: no watch)."""
+        wd = -1
+        if self.fd >= 0:
+            wd = int(_libc.inotify_add_watch(self.fd, os.fsencode(directory),
+                                             IN_CREATE | IN_MOVED_TO))
+        return wd, self.woken.setdefault(wd, asyncio.Event()) if wd >= 0 else asyncio.Event()
+
+    def remove(self, wd: int) -> None:
+        if wd >= 0 and self.woken.pop(wd, None) is not None:
+            _libc.inotify_rm_watch(self.fd, wd)
+
+    def _read(self) -> None:
+        try:
+            data = os.read(self.fd, 65536)
+        except OSError:
+            return
+        at = 0
+        while at + INOTIFY_EVENT.size <= len(data):  # struct inotify_event, then its name
+            wd, _mask, _cookie, size = INOTIFY_EVENT.unpack_from(data, at)
+            at += INOTIFY_EVENT.size + size
+            # wd -1: the queue overflowed (IN_Q_OVERFLOW), anyone may have missed an entry
+            for woke in self.woken.values() if wd == -1 else [self.woken.get(wd)]:
+                if woke is not None:
+                    woke.set()
 
 
 def exited(pidfd: int) -> bool:
