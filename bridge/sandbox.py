@@ -215,6 +215,8 @@ class Sandbox:
         else:
             self.launcher = inside.dest + str(kmod / "_enter.py")[len(inside.src):]
         self.pythonpath = KERNEL_MODULES if self.enabled else str(kmod.parent)
+        self._fixed: tuple[list[Bind], list[str], list[str]] | None = None  # _fixed_args
+        self.real_python = os.path.realpath(sys.executable)
         self.etc_masks = unreadable_entries("/etc") if self.enabled else ([], [])
         hidden = [*hide]
         if (SOURCE_ROOT / "pyproject.toml").exists():  # a checkout, not site-packages
@@ -334,6 +336,7 @@ class Sandbox:
 
     def _bwrap_args(self, conf: Confinement, seccomp_fd: int, passwd_fd: int,
                     group_fd: int) -> list[str]:
+        system, bound = self._fixed_args()
         argv = ["--die-with-parent", "--new-session", "--cap-drop", "ALL"]
         for cap in LAUNCHER_CAPS:
             argv += ["--cap-add", cap]
@@ -341,46 +344,58 @@ class Sandbox:
                  "--hostname", "sandbox", "--seccomp", str(seccomp_fd)]
         if not conf.network:
             argv.append("--unshare-net")
-        ro: list[Bind] = [Bind(d, d) for d in SYSTEM_TREES if os.path.isdir(d)]
-        for b in ro:
-            argv += ["--ro-bind", b.src, b.dest]
-        for link in ("bin", "sbin", "lib", "lib64", "lib32"):
-            target = Path("/") / link
-            if target.is_symlink():
-                argv += ["--symlink", os.readlink(target), str(target)]
-            elif target.is_dir():
-                argv += ["--ro-bind", str(target), str(target)]
-                ro.append(Bind(str(target), str(target)))
-        dirs, files = self.etc_masks
-        for d in dirs:
-            argv += ["--tmpfs", d]
-        for f in files:
-            argv += ["--ro-bind", "/dev/null", f]
+        argv += system
         argv += ["--perms", "0644", "--ro-bind-data", str(passwd_fd), "/etc/passwd",
                  "--perms", "0644", "--ro-bind-data", str(group_fd), "/etc/group"]
         # /proc read-only: the PID namespace hides other processes, but sysctls are global.
         argv += ["--proc", "/proc", "--remount-ro", "/proc", "--dev", "/dev",
                  "--perms", "1777", "--tmpfs", "/dev/shm", "--perms", "1777", "--tmpfs", "/tmp"]
-        # After the private /tmp, so an interpreter or socket dir under /tmp stays visible.
-        # Nested binds must be made parent-first.
-        for b in sorted(self.binds, key=lambda b: len(b.dest)):
-            argv += ["--ro-bind", b.src, b.dest]
-        ro += self.binds
-        for dest in masks(self.hidden, ro):
-            argv += ["--tmpfs", dest]
+        argv += bound
         argv += ["--bind", str(conf.workdir), WORKDIR,
                  "--bind", str(conf.ipc_dir), str(conf.ipc_dir)]
         for m in conf.mounts:
             dest = f"{WORKDIR}/{m.target}"
             argv += ["--ro-bind" if m.read_only else "--bind", str(m.host), dest]
         # Fixed names for the launcher, so the command line shows no host path.
-        argv += ["--symlink", os.path.realpath(sys.executable), LAUNCHER_PYTHON,
+        argv += ["--symlink", self.real_python, LAUNCHER_PYTHON,
                  "--symlink", self.launcher, LAUNCHER]
         argv += open_parents(argv)
         # The root itself (a tmpfs holding the mount points) is not a place to write to.
         # No --chdir: bwrap (root without CAP_DAC_OVERRIDE) may not enter the sandbox uid's
         # 0700 working dir; the launcher does, once it is that uid.
         return [*argv, "--remount-ro", "/"]
+
+    def _fixed_args(self) -> tuple[list[str], list[str]]:
+        """The options that depend on this sandbox alone, made once (they stat and resolve
+        host paths: ~1 ms per kernel): the system trees with /etc's masks, and the
+        interpreter's and toolchains' binds with the masks over hidden paths."""
+        if self._fixed is not None and self._fixed[0] == self.binds:
+            return self._fixed[1], self._fixed[2]
+        system: list[str] = []
+        ro: list[Bind] = [Bind(d, d) for d in SYSTEM_TREES if os.path.isdir(d)]
+        for b in ro:
+            system += ["--ro-bind", b.src, b.dest]
+        for link in ("bin", "sbin", "lib", "lib64", "lib32"):
+            target = Path("/") / link
+            if target.is_symlink():
+                system += ["--symlink", os.readlink(target), str(target)]
+            elif target.is_dir():
+                system += ["--ro-bind", str(target), str(target)]
+                ro.append(Bind(str(target), str(target)))
+        dirs, files = self.etc_masks
+        for d in dirs:
+            system += ["--tmpfs", d]
+        for f in files:
+            system += ["--ro-bind", "/dev/null", f]
+        # After the private /tmp, so an interpreter or socket dir under /tmp stays visible.
+        # Nested binds must be made parent-first.
+        bound: list[str] = []
+        for b in sorted(self.binds, key=lambda b: len(b.dest)):
+            bound += ["--ro-bind", b.src, b.dest]
+        for dest in masks(self.hidden, [*ro, *self.binds]):
+            bound += ["--tmpfs", dest]
+        self._fixed = (list(self.binds), system, bound)
+        return system, bound
 
     def hand_over(self, conf: Confinement, connection_file: Path | None = None) -> None:
         """Give the sandbox uid what it must write: its working dir, rw folders and its
