@@ -67,8 +67,8 @@ def probe(api: Client, name: str) -> dict[str, Any]:
 
 def zygotes_of(srv: Server) -> list[psutil.Process]:
     """The server's zygotes (not its plain keeper, which only spawns cold kernels)."""
-    return [p for p in psutil.Process(srv.process.pid).children()
-            if "kernelspecs._zygote" in (cmd := " ".join(p.cmdline())) and "--plain" not in cmd]
+    return [p for p in psutil.Process(srv.process.pid).children()  # (a zombie has none)
+            if "kernelspecs._zygote" in (cmd := cmdline(p)) and "--plain" not in cmd]
 
 
 def cmdline(p: psutil.Process) -> str:
