@@ -48,6 +48,7 @@ import traceback
 from typing import Any
 
 from ._child import PR_SET_CHILD_SUBREAPER, become_kernel, enter_sandbox, prctl
+from ._logbudget import LineBudget
 
 # Modules a kernel of ours runs with ``-m``; only these are forked (others start cold).
 KERNEL_MODULES = ("ipykernel_launcher", "kernelspecs.bash_kernel", "kernelspecs.compiled_kernel")
@@ -56,7 +57,6 @@ PRELOAD = ("kernelspecs._enter", "zmq", "tornado.ioloop", "IPython", "jupyter_cl
            "kernelspecs.bash_kernel", "kernelspecs.compiled_kernel")
 MAX_MSG = 1 << 20
 MAX_EXITS = 4096  # exit statuses kept for a server that adopts later
-MAX_LOG_LINE = 8192
 
 # -- the template -------------------------------------------------------------------------------
 
@@ -109,7 +109,7 @@ class Zygote:
         self.pid = os.getpid()
         self.children: set[int] = set()
         self.exited: dict[int, int] = {}  # kept for a server that adopts after the exit
-        self.logs: dict[int, list[Any]] = {}  # kernels' stderr pipes → [kernel name, partial]
+        self.logs: dict[int, list[Any]] = {}  # kernels' stderr pipes → [kernel name, budget]
         self.retiring = False
         self.plain = False
         self.forks = 0
@@ -183,34 +183,41 @@ class Zygote:
             return -1
         r, w = os.pipe()
         os.set_blocking(r, False)
-        self.logs[r] = [str(req["log"]), b""]
+        self.logs[r] = [str(req["log"]), LineBudget()]
         self.selector.register(r, selectors.EVENT_READ)
         return w
 
     def drain(self, fd: int) -> None:
-        name, buf = self.logs[fd]
+        name, budget = self.logs[fd]
         try:
             chunk = os.read(fd, 65536)
         except BlockingIOError:
             return
         except OSError:
             chunk = b""
-        buf += chunk
-        *lines, buf = buf.split(b"\n")
-        if not chunk and buf:  # the end: what is left is a line too
-            lines, buf = [*lines, buf], b""
-        if len(buf) > MAX_LOG_LINE:
-            lines, buf = [*lines, buf], b""
-        self.logs[fd][1] = buf
-        for line in lines:
-            text = line.decode(errors="replace").rstrip()
-            for sock in [self.control, *self.peers]:
-                if text and sock is not None:
-                    self.send({"log": name, "line": text[:MAX_LOG_LINE]}, to=sock)
+        for text in budget.feed(chunk, end=not chunk):  # at most its budget (_logbudget.py)
+            self.relay(name, text, budget)
         if not chunk:
             self.selector.unregister(fd)
             os.close(fd)
             del self.logs[fd]
+
+    def relay(self, name: str, text: str, budget: LineBudget) -> None:
+        """One line of a kernel's stderr to every connected server, never waiting for one: a
+        server that does not keep up loses the line (counted in the next notice) rather than
+        stall this loop, and with it every other kernel's start."""
+        data = json.dumps({"log": name, "line": text}).encode()
+        lost = False
+        for sock in [self.control, *self.peers]:
+            if sock is not None:
+                try:
+                    sock.send(data, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    lost = True
+                except OSError:
+                    pass  # a peer that went away: dropped when its end-of-file is read
+        if lost:
+            budget.lost(text)
 
     def reap(self) -> None:
         while True:
