@@ -57,6 +57,9 @@ def test_open_ttl_counts_from_kernel_ready(tmp_path: Path) -> None:
             assert js.state.value == "open"  # the kernel took longer than the whole TTL
             # The reaper still fires it: closed, stamped with the deadline itself.
             await until(lambda: js.state.value == "closed", 30, "the open TTL's close")
+            # The state turns closed first; its record is written, then the kernel goes: on a
+            # loaded machine the store's write takes a while, so wait for the kernel's end too.
+            await until(lambda: kernels.destroyed, 30, "the kernel's discard after the close")
             assert [state for state, _ in js.timestamps] == ["open", "closed"]
             closed_at = js.timestamps[-1][1]
             assert kernels.ready_at + 0.4 <= closed_at < kernels.ready_at + 0.4 + 1.0
