@@ -18,7 +18,8 @@ A lost connection (PostgreSQL restarted, a backend was terminated, the network c
   read, or a transaction whose COMMIT was not sent; a statement in autocommit (its own commit)
   may have committed, so it is not;
 - otherwise, or when no connection can be had within ``ACQUIRE_TIMEOUT_S``, the call raises
-  :class:`~bridge.errors.StoreUnavailable` (every dialect's 503, "retry shortly").
+  :class:`~bridge.errors.StoreUnavailable` (every dialect's 503, "retry shortly"); the writes
+  queued behind a write that found no connection fail with it, not one timeout after another.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import contextlib
 import functools
 import logging
 import select
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -76,6 +78,9 @@ class PostgresStore(Store):
                                            open=False, name="kb-write", timeout=ACQUIRE_TIMEOUT_S,
                                            reconnect_timeout=RECONNECT_GIVE_UP_S)
         self._write_lock = asyncio.Lock()
+        # When the writer last found no connection (time.monotonic()): the writes that were
+        # queued behind it meanwhile fail with it rather than each wait out a timeout in turn.
+        self._writer_failed_at = float("-inf")
 
     def describe(self) -> str:
         return f"PostgreSQL {redact(self.url)}"
@@ -133,8 +138,7 @@ class PostgresStore(Store):
             cur = await conn.execute(to_pg(sql), _params(params))
             return max(cur.rowcount, 0)
 
-        async with self._write_lock:
-            return await self._call(self._writer, statement)
+        return await self._write(statement)
 
     async def transaction(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
         if not statements:
@@ -146,8 +150,19 @@ class PostgresStore(Store):
                     await conn.execute(to_pg(sql), _params(params))
                 progress.committing = True  # leaving the block sends COMMIT
 
+        await self._write(block)
+
+    async def _write(self, work: Callable[[Conn, _Progress], Awaitable[T]]) -> T:
+        queued = time.monotonic()
         async with self._write_lock:
-            await self._call(self._writer, block)
+            if self._writer_failed_at > queued:  # nothing sent: StoreUnavailable is exact
+                raise StoreUnavailable()
+            try:
+                return await self._call(self._writer, work)
+            except StoreUnavailable as exc:
+                if isinstance(exc.__cause__, PoolTimeout):
+                    self._writer_failed_at = time.monotonic()
+                raise
 
     # -- reads: any pooled connection --------------------------------------------------------
 
