@@ -157,7 +157,7 @@ class Kernel:
         await self.manager.restart_kernel(now=True, **self._launch_kw)
         self.client = self.manager.client()
         harden(self.client.context)
-        self.client.start_channels(hb=False)
+        self.client.start_channels()
         try:
             await wait_ready(self.client, timeout)
         except RuntimeError as exc:
@@ -173,10 +173,10 @@ class Kernel:
             self.client.stop_channels()
         if now:
             # jupyter_client's forced shutdown still sends an interrupt_request on the control
-            # socket, then terminates the manager's zmq context, which waits the socket's
-            # linger (100 ms) for a kernel already killed (a one-shot's, by its cgroup) to take
-            # it: the event loop stood still that long for every one-shot. Nothing on that
-            # socket is worth delivering to a kernel about to be SIGKILLed.
+            # socket; a manager with a zmq context of its own terminates it, which waits out
+            # the socket's linger (100 ms) for a kernel already killed (a one-shot's, by its
+            # cgroup) to take it, on the event loop, for every one-shot. Nothing on that socket
+            # is worth delivering to a kernel about to be SIGKILLed.
             control = getattr(self.manager, "_control_socket", None)
             if control is not None:
                 with contextlib.suppress(Exception):
@@ -280,9 +280,7 @@ async def launch(spec: str, confinement: Confinement, sandbox: Sandbox,
         await km.start_kernel(**kw)
         client = km.client()  # a context of its own, not the manager's
         harden(client.context)
-        # No heartbeat channel: it is a thread with an event loop of its own per kernel,
-        # pinging every second, and nothing reads it (a dead kernel is seen by its process).
-        client.start_channels(hb=False)
+        client.start_channels()
         await wait_ready(client, timeout)
     except Exception as exc:
         if client is not None:
@@ -355,7 +353,7 @@ async def adopt(record: Mapping[str, Any], *, sandbox: Sandbox, ksm: KernelSpecM
         raise KernelGone(f"Kernel {spec!r} is gone: {reason}.")
     client = km.client()
     harden(client.context)
-    client.start_channels(hb=False)
+    client.start_channels()
     try:
         # On control: a kernel the old server left mid-cell answers there at once (on shell
         # only once the cell ends, and a long cell must not look like a dead kernel).
