@@ -19,6 +19,7 @@ import contextlib
 import copy
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -91,9 +92,11 @@ def use_parsed() -> None:
 
     def parse_command_line(self: IPKernelApp, argv: list[str] | None = None) -> None:
         del IPKernelApp.parse_command_line  # back to traitlets' own, for any later call
+        if argv is None:  # as traitlets reads it (ipykernel_launcher passes none)
+            argv = sys.argv[1:]
         key = _key(argv)
         config = _PARSED.get(key) if key is not None else None
-        if argv is None or config is None or type(self) is not IPKernelApp:
+        if config is None or type(self) is not IPKernelApp:
             self.parse_command_line(argv)  # type: ignore[no-untyped-call]
             return
         # What traitlets' Application.parse_command_line leaves behind for these arguments.
