@@ -75,7 +75,8 @@ def _warm_up() -> dict[str, int]:
             importlib.import_module(name)
     return {"learned": len(learned.get("modules", [])),
             "patterns": _prebuilt.compile_patterns(learned.get("patterns", [])),
-            "parsed": _prebuilt.parse_shipped(KERNEL_MODULES)}
+            "parsed": _prebuilt.parse_shipped(KERNEL_MODULES),
+            "packed": _prebuilt.pack_module_files()}  # last: no import after it
 
 
 def _learn() -> dict[str, Any]:

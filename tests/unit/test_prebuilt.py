@@ -5,6 +5,8 @@ any other command line is parsed as always."""
 from __future__ import annotations
 
 import re
+import sys
+import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -115,3 +117,12 @@ def test_patterns_learned_and_compiled() -> None:
     re.purge()
     assert _prebuilt.compile_patterns(learned) == len(learned)
     assert (str, r"kb-prebuilt-(\d+)", 0) in re._cache  # type: ignore[attr-defined]
+
+
+def test_module_files_are_equal_copies() -> None:
+    before = {name: m.__file__ for name, m in list(sys.modules.items())
+              if isinstance(m, types.ModuleType) and isinstance(getattr(m, "__file__", None), str)}
+    assert _prebuilt.pack_module_files() >= len(before)
+    for name, file in before.items():
+        module = sys.modules[name]
+        assert module.__file__ == file and module.__file__ is not file
