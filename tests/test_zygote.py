@@ -108,17 +108,15 @@ def test_forked_kernel_keeps_its_kernelspec_config_and_history(api: Client) -> N
             "import json, os, sys\nip = get_ipython()\n"
             "print(json.dumps({'ppid': os.getppid(), 'stdout': type(sys.stdout).__name__,"
             " 'hist_file': str(ip.history_manager.hist_file), 'jedi': ip.Completer.use_jedi,"
-            " 'connection_file': ip.kernel.parent.connection_file}))").strip())
-        connection_file = seen.pop("connection_file")
+            " 'connection_file': os.path.isfile(ip.kernel.parent.connection_file)}))").strip())
         assert seen == {"ppid": 0, "stdout": "ChunkedOutStream", "hist_file": ":memory:",
-                        "jedi": False}
-        assert os.path.basename(connection_file).startswith("kernel-"), connection_file
+                        "jedi": False, "connection_file": True}  # its own, not the placeholder
         run("a = 41")
         run("a + 1")
         assert run("print(In[-2], Out[max(Out)], _i)").strip() == "a + 1 42 a + 1"
         history = run("%history -n")
         assert "a = 41" in history and "a + 1" in history, history
-        assert "a = 41" in run("%history -l 3")  # the session's own database, in memory
+        assert "a = 41" in run("%history -l 5")  # from the session's database, in memory
     finally:
         api.delete(f"/session/{name}")
 
