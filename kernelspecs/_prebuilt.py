@@ -1,9 +1,9 @@
 """What the zygote's template works out once so that none of its kernels has to (issue 14).
 
 * **Command lines.** ``IPKernelApp.parse_command_line`` builds a traitlets argparse loader over
-  every configurable class on each start: a third of a forked kernel's CPU, and the pages it
-  touches while doing it are a third of its unique memory. The command lines of the kernelspecs
-  we ship are fixed but for the connection file, so the template parses each once
+  every configurable class on each start: about a fifth of a forked kernel's ``initialize()``.
+  The command lines of the kernelspecs we ship are fixed but for the connection file, so the
+  template parses each once
   (:func:`parse_shipped`) and a kernel started with one of them takes a copy of the result
   (:func:`use_parsed`). Any other command line (an operator's kernelspec) is parsed as before.
 * **Module file names.** Every ``IPythonKernel`` lists the ``__file__`` of each loaded module
