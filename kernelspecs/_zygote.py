@@ -36,6 +36,7 @@ import gc
 import importlib
 import json
 import os
+import re
 import resource
 import selectors
 import signal
@@ -47,6 +48,7 @@ import time
 import traceback
 from typing import Any
 
+from . import _prebuilt
 from ._child import (
     CLONE_NEWPID,
     PR_SET_CHILD_SUBREAPER,
@@ -69,28 +71,48 @@ MAX_EXITS = 4096  # exit statuses kept for a server that adopts later
 # -- the template -------------------------------------------------------------------------------
 
 
-def _warm_up() -> int:
-    """Import what a kernel would import by itself; returns how many modules were learned."""
+def _warm_up() -> dict[str, int]:
+    """Import what a kernel would import by itself, compile the patterns it would compile,
+    parse the shipped kernelspecs' command lines; → how many of each."""
     for name in PRELOAD:
         with contextlib.suppress(Exception):
             importlib.import_module(name)
-    before = set(sys.modules)
+    learned = _learn()
+    for name in learned.get("modules", []):
+        with contextlib.suppress(BaseException):
+            importlib.import_module(name)
+    return {"learned": len(learned.get("modules", [])),
+            "patterns": _prebuilt.compile_patterns(learned.get("patterns", [])),
+            "parsed": _prebuilt.parse_shipped(KERNEL_MODULES),
+            "packed": _prebuilt.pack_module_files()}  # last: no import after it
+
+
+def _learn() -> dict[str, Any]:
+    """Start a throwaway kb-python kernel in a child (initialize, one cell) → what it had to
+    import (``modules``) and compile (``patterns``) that the template lacks."""
+    before, patterns = set(sys.modules), set(getattr(re, "_cache", {}))
+    args = next((a for m, a in _prebuilt.shipped_commands(("ipykernel_launcher",))), [])
     r, w = os.pipe()
     pid = os.fork()
-    if pid == 0:  # throwaway kernel: its sys.modules afterwards is what the template lacks
+    if pid == 0:
         os.close(r)
         try:
+            null = os.open(os.devnull, os.O_RDWR)  # its banners and warnings are nobody's
+            os.dup2(null, 1)
+            os.dup2(null, 2)
             tmp = tempfile.mkdtemp(prefix="kb-zygote-")
             os.environ.update(HOME=tmp, IPYTHONDIR=os.path.join(tmp, ".ipython"))
             from ipykernel.kernelapp import IPKernelApp
 
             app = IPKernelApp.instance()
-            argv = ["-f", os.path.join(tmp, "c.json"), "--transport=ipc", f"--ip={tmp}/s",
-                    "--IPCompleter.use_jedi=False", "--HistoryManager.hist_file=:memory:"]
-            app.initialize(argv)  # type: ignore[no-untyped-call]
+            argv = [os.path.join(tmp, "c.json") if a == _prebuilt.CONNECTION_FILE else a
+                    for a in args or ["-f", _prebuilt.CONNECTION_FILE]]
+            app.initialize([*argv, "--transport=ipc", f"--ip={tmp}/s"])  # type: ignore
             with contextlib.suppress(Exception):
                 app.shell.run_cell("1", store_history=False, silent=True)  # type: ignore
-            os.write(w, "\n".join(sorted(set(sys.modules) - before)).encode())
+            os.write(w, json.dumps({
+                "modules": sorted(set(sys.modules) - before),
+                "patterns": _prebuilt.learned_patterns(patterns)}).encode())
         finally:
             os._exit(0)
     os.close(w)
@@ -99,11 +121,11 @@ def _warm_up() -> int:
         chunks.append(chunk)
     os.close(r)
     os.waitpid(pid, 0)
-    learned = [m for m in b"".join(chunks).decode().split("\n") if m]
-    for name in learned:
-        with contextlib.suppress(BaseException):
-            importlib.import_module(name)
-    return len(learned)
+    try:
+        learned: dict[str, Any] = json.loads(b"".join(chunks) or b"{}")
+    except ValueError:
+        learned = {}
+    return learned
 
 
 class Zygote:
@@ -479,7 +501,7 @@ def main(argv: list[str] | None = None) -> None:
         del sys.path[0]  # python -m put our cwd first; a kernel gets its own (_fix_paths)
     control = socket.socket(fileno=args.control)
     started = time.monotonic()
-    learned = 0
+    learned: dict[str, int] = {}
     if not args.plain:
         learned = _warm_up()
         gc.collect()
@@ -499,7 +521,7 @@ def main(argv: list[str] | None = None) -> None:
     zygote = Zygote(control, listener)
     zygote.plain = args.plain
     zygote.send({"ready": True, "pid": os.getpid(), "modules": len(sys.modules),
-                 "learned": learned, "warm_up_s": round(time.monotonic() - started, 3)})
+                 **learned, "warm_up_s": round(time.monotonic() - started, 3)})
     zygote.serve()
 
 if __name__ == "__main__":
