@@ -188,6 +188,16 @@ class Kernel:
         ``now``: straight to the kill (a kernel with nothing worth a clean exit)."""
         with contextlib.suppress(Exception):
             self.client.stop_channels()
+        if now:
+            # jupyter_client's forced shutdown still sends an interrupt_request on the control
+            # socket; a manager with a zmq context of its own terminates it, which waits out
+            # the socket's linger (100 ms) for a kernel already killed (a one-shot's, by its
+            # cgroup) to take it, on the event loop, for every one-shot. Nothing on that socket
+            # is worth delivering to a kernel about to be SIGKILLed.
+            control = getattr(self.manager, "_control_socket", None)
+            if control is not None:
+                with contextlib.suppress(Exception):
+                    control.linger = 0
         try:
             await asyncio.wait_for(self.manager.shutdown_kernel(now=now), timeout=5)
         except Exception:

@@ -363,6 +363,10 @@ class SandboxProvisioner(LocalProvisioner):
             return []
         cg = self.cgroup
         pids = cg.pids() if cg is not None else set()
+        if cg is not None and not pids and self._pidfd is not None and forked.exited(self._pidfd):
+            # Killed through its cgroup (a one-shot's, before its usage is read): nothing is
+            # left, and the walk below would read every process of the host to find that out.
+            return []
         if pids:
             # The cgroup lists the kernel's processes; walking children(recursive=True) reads
             # every process of the host (a tenth of the server's CPU per one-shot).

@@ -36,6 +36,7 @@ import gc
 import importlib
 import json
 import os
+import re
 import resource
 import selectors
 import signal
@@ -47,6 +48,7 @@ import time
 import traceback
 from typing import Any
 
+from . import _prebuilt
 from ._child import (
     CLONE_NEWPID,
     PR_SET_CHILD_SUBREAPER,
@@ -56,6 +58,7 @@ from ._child import (
     enter_sandbox,
     prctl,
 )
+from ._logbudget import LineBudget
 
 # Modules a kernel of ours runs with ``-m``; only these are forked (others start cold).
 KERNEL_MODULES = ("ipykernel_launcher", "kernelspecs.bash_kernel", "kernelspecs.compiled_kernel")
@@ -64,33 +67,52 @@ PRELOAD = ("kernelspecs._enter", "zmq", "tornado.ioloop", "IPython", "jupyter_cl
            "kernelspecs.bash_kernel", "kernelspecs.compiled_kernel")
 MAX_MSG = 1 << 20
 MAX_EXITS = 4096  # exit statuses kept for a server that adopts later
-MAX_LOG_LINE = 8192
 
 # -- the template -------------------------------------------------------------------------------
 
 
-def _warm_up() -> int:
-    """Import what a kernel would import by itself; returns how many modules were learned."""
+def _warm_up() -> dict[str, int]:
+    """Import what a kernel would import by itself, compile the patterns it would compile,
+    parse the shipped kernelspecs' command lines; → how many of each."""
     for name in PRELOAD:
         with contextlib.suppress(Exception):
             importlib.import_module(name)
-    before = set(sys.modules)
+    learned = _learn()
+    for name in learned.get("modules", []):
+        with contextlib.suppress(BaseException):
+            importlib.import_module(name)
+    return {"learned": len(learned.get("modules", [])),
+            "patterns": _prebuilt.compile_patterns(learned.get("patterns", [])),
+            "parsed": _prebuilt.parse_shipped(KERNEL_MODULES),
+            "packed": _prebuilt.pack_module_files()}  # last: no import after it
+
+
+def _learn() -> dict[str, Any]:
+    """Start a throwaway kb-python kernel in a child (initialize, one cell) → what it had to
+    import (``modules``) and compile (``patterns``) that the template lacks."""
+    before, patterns = set(sys.modules), set(getattr(re, "_cache", {}))
+    args = next((a for m, a in _prebuilt.shipped_commands(("ipykernel_launcher",))), [])
     r, w = os.pipe()
     pid = os.fork()
-    if pid == 0:  # throwaway kernel: its sys.modules afterwards is what the template lacks
+    if pid == 0:
         os.close(r)
         try:
+            null = os.open(os.devnull, os.O_RDWR)  # its banners and warnings are nobody's
+            os.dup2(null, 1)
+            os.dup2(null, 2)
             tmp = tempfile.mkdtemp(prefix="kb-zygote-")
             os.environ.update(HOME=tmp, IPYTHONDIR=os.path.join(tmp, ".ipython"))
             from ipykernel.kernelapp import IPKernelApp
 
             app = IPKernelApp.instance()
-            argv = ["-f", os.path.join(tmp, "c.json"), "--transport=ipc", f"--ip={tmp}/s",
-                    "--IPCompleter.use_jedi=False", "--HistoryManager.hist_file=:memory:"]
-            app.initialize(argv)  # type: ignore[no-untyped-call]
+            argv = [os.path.join(tmp, "c.json") if a == _prebuilt.CONNECTION_FILE else a
+                    for a in args or ["-f", _prebuilt.CONNECTION_FILE]]
+            app.initialize([*argv, "--transport=ipc", f"--ip={tmp}/s"])  # type: ignore
             with contextlib.suppress(Exception):
                 app.shell.run_cell("1", store_history=False, silent=True)  # type: ignore
-            os.write(w, "\n".join(sorted(set(sys.modules) - before)).encode())
+            os.write(w, json.dumps({
+                "modules": sorted(set(sys.modules) - before),
+                "patterns": _prebuilt.learned_patterns(patterns)}).encode())
         finally:
             os._exit(0)
     os.close(w)
@@ -99,11 +121,11 @@ def _warm_up() -> int:
         chunks.append(chunk)
     os.close(r)
     os.waitpid(pid, 0)
-    learned = [m for m in b"".join(chunks).decode().split("\n") if m]
-    for name in learned:
-        with contextlib.suppress(BaseException):
-            importlib.import_module(name)
-    return len(learned)
+    try:
+        learned: dict[str, Any] = json.loads(b"".join(chunks) or b"{}")
+    except ValueError:
+        learned = {}
+    return learned
 
 
 class Zygote:
@@ -117,7 +139,7 @@ class Zygote:
         self.pid = os.getpid()
         self.children: set[int] = set()
         self.exited: dict[int, int] = {}  # kept for a server that adopts after the exit
-        self.logs: dict[int, list[Any]] = {}  # kernels' stderr pipes → [kernel name, partial]
+        self.logs: dict[int, list[Any]] = {}  # kernels' stderr pipes → [kernel name, budget]
         # Spawns under way, answered at their exec, when their pipe reads end-of-file (the
         # loop serves other requests meanwhile): pipe → [request, asker, pid, pidfd, what was
         # read].
@@ -201,34 +223,41 @@ class Zygote:
             return -1
         r, w = os.pipe()
         os.set_blocking(r, False)
-        self.logs[r] = [str(req["log"]), b""]
+        self.logs[r] = [str(req["log"]), LineBudget()]
         self.selector.register(r, selectors.EVENT_READ)
         return w
 
     def drain(self, fd: int) -> None:
-        name, buf = self.logs[fd]
+        name, budget = self.logs[fd]
         try:
             chunk = os.read(fd, 65536)
         except BlockingIOError:
             return
         except OSError:
             chunk = b""
-        buf += chunk
-        *lines, buf = buf.split(b"\n")
-        if not chunk and buf:  # the end: what is left is a line too
-            lines, buf = [*lines, buf], b""
-        if len(buf) > MAX_LOG_LINE:
-            lines, buf = [*lines, buf], b""
-        self.logs[fd][1] = buf
-        for line in lines:
-            text = line.decode(errors="replace").rstrip()
-            for sock in [self.control, *self.peers]:
-                if text and sock is not None:
-                    self.send({"log": name, "line": text[:MAX_LOG_LINE]}, to=sock)
+        for text in budget.feed(chunk, end=not chunk):  # at most its budget (_logbudget.py)
+            self.relay(name, text, budget)
         if not chunk:
             self.selector.unregister(fd)
             os.close(fd)
             del self.logs[fd]
+
+    def relay(self, name: str, text: str, budget: LineBudget) -> None:
+        """One line of a kernel's stderr to every connected server, never waiting for one: a
+        server that does not keep up loses the line (counted in the next notice) rather than
+        stall this loop, and with it every other kernel's start."""
+        data = json.dumps({"log": name, "line": text}).encode()
+        lost = False
+        for sock in [self.control, *self.peers]:
+            if sock is not None:
+                try:
+                    sock.send(data, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    lost = True
+                except OSError:
+                    pass  # a peer that went away: dropped when its end-of-file is read
+        if lost:
+            budget.lost(text)
 
     def reap(self) -> None:
         while True:
@@ -472,7 +501,7 @@ def main(argv: list[str] | None = None) -> None:
         del sys.path[0]  # python -m put our cwd first; a kernel gets its own (_fix_paths)
     control = socket.socket(fileno=args.control)
     started = time.monotonic()
-    learned = 0
+    learned: dict[str, int] = {}
     if not args.plain:
         learned = _warm_up()
         gc.collect()
@@ -492,7 +521,7 @@ def main(argv: list[str] | None = None) -> None:
     zygote = Zygote(control, listener)
     zygote.plain = args.plain
     zygote.send({"ready": True, "pid": os.getpid(), "modules": len(sys.modules),
-                 "learned": learned, "warm_up_s": round(time.monotonic() - started, 3)})
+                 **learned, "warm_up_s": round(time.monotonic() - started, 3)})
     zygote.serve()
 
 if __name__ == "__main__":

@@ -146,6 +146,32 @@ def test_the_sandbox_holder_runs_no_python_and_the_kernel_cannot_touch_it(api: C
     api.delete(f"/session/{name}")
 
 
+def test_forked_kernel_keeps_its_kernelspec_config_and_history(api: Client) -> None:
+    """A forked kb-python kernel takes its command line's config from the template's parse
+    (kernelspecs/_prebuilt.py): what kernel.json sets, it has; and this session's In, Out and
+    %history work as in a cold kernel."""
+    name = create(api)
+    try:
+        def run(code: str) -> str:
+            return console_text(run_to_end(api, "/session", name, code), "stdout")
+
+        seen = json.loads(run(
+            "import json, os, sys\nip = get_ipython()\n"
+            "print(json.dumps({'ppid': os.getppid(), 'stdout': type(sys.stdout).__name__,"
+            " 'hist_file': str(ip.history_manager.hist_file), 'jedi': ip.Completer.use_jedi,"
+            " 'connection_file': os.path.isfile(ip.kernel.parent.connection_file)}))").strip())
+        assert seen == {"ppid": 0, "stdout": "ChunkedOutStream", "hist_file": ":memory:",
+                        "jedi": False, "connection_file": True}  # its own, not the placeholder
+        run("a = 41")
+        run("a + 1")
+        assert run("print(In[-2], Out[max(Out)], _i)").strip() == "a + 1 42 a + 1"
+        history = run("%history -n")
+        assert "a = 41" in history and "a + 1" in history, history
+        assert "a = 41" in run("%history -l 5")  # from the session's database, in memory
+    finally:
+        api.delete(f"/session/{name}")
+
+
 def fresh_probes(api: Client, n: int = 20) -> list[dict[str, Any]]:
     """Probes of ``n`` fresh kernels, each in a session of its own, four at a time."""
     def one(_: int) -> dict[str, Any]:
