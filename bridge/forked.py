@@ -11,8 +11,9 @@
      and mount is set up by then);
   2. the zygote gets a pidfd of the sandbox and its root, and the memfd with the kernel's
      command and environment (client values) in the launcher's format, that only the kernel
-     reads; its child joins the cgroups, the namespaces and the root, forks the kernel inside,
-     which confines itself with the launcher's own functions plus the seccomp filter;
+     reads; it forks the kernel straight into the sandbox's PID namespace, and the kernel
+     joins the cgroups, the other namespaces and the root, then confines itself with the
+     launcher's own functions plus the seccomp filter;
   3. the holder is the kill switch: when it goes, bubblewrap's PID namespace and the kernel go.
 
 Either way the keeper is the kernel's parent and reaper and hands us a pidfd of it. Anything
