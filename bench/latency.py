@@ -8,12 +8,18 @@ The three paths are sampled in turn (raw, raw sandboxed, REST, raw, …) in one 
 machine the load changes by the second, and measuring one path after the other attributed that
 change to whichever ran during the busier minute (issue 14 measured 1.75x that way; sampled in
 turn the REST path costs what its HTTP hop costs).
+
+The REST path is sampled with two clients: ``requests`` (what the tests and most Python users
+use; about a millisecond of its own per call) and a keep-alive ``http.client`` connection, whose
+round trip is the server's plus the loopback's.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
+import json
 import statistics
 import sys
 import tempfile
@@ -68,6 +74,24 @@ def rest_once(client: Client) -> float:
     return elapsed
 
 
+class LeanClient:
+    """The same POST over one keep-alive ``http.client`` connection."""
+
+    def __init__(self, url: str, secret: str) -> None:
+        host, _, port = url.removeprefix("http://").partition(":")
+        self.conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        self.headers = {"X-API-Key": secret, "Content-Type": "application/json"}
+        self.body = json.dumps(BODY).encode()
+
+    def once(self) -> float:
+        t0 = time.perf_counter()
+        self.conn.request("POST", "/session/bench", self.body, self.headers)
+        answer = self.conn.getresponse().read()
+        elapsed = time.perf_counter() - t0
+        assert json.loads(answer)["result"]["status"] == "finished", answer
+        return elapsed
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--n", type=int, default=300)
@@ -77,7 +101,7 @@ def main() -> None:
     plain = loop.run_until_complete(start("off"))
     boxed = loop.run_until_complete(start("auto"))
     samples: dict[str, list[float]] = {"raw, unsandboxed": [], "raw, sandboxed": [],
-                                       "kernel-bridge REST": []}
+                                       "kernel-bridge REST": [], "REST, http.client": []}
     try:
         with run_server() as server, server.client() as client:
             # requests re-reads proxy settings from os.environ on every call (~0.5 ms here);
@@ -85,9 +109,11 @@ def main() -> None:
             client.trust_env = False
             r = client.post("/session", json={"lang": "python", "name": "bench"})
             assert r.status_code == 201, r.text
+            lean = LeanClient(server.url, server.secret_key)
             for i in range(args.warmup + args.n):
                 got: list[Any] = [loop.run_until_complete(raw_once(plain)),
-                                  loop.run_until_complete(raw_once(boxed)), rest_once(client)]
+                                  loop.run_until_complete(raw_once(boxed)), rest_once(client),
+                                  lean.once()]
                 if i >= args.warmup:
                     for key, value in zip(samples, got, strict=True):
                         samples[key].append(value)
@@ -99,11 +125,13 @@ def main() -> None:
     print(f"{'path':<22} {'median ms':>10} {'p99 ms':>10}")
     for name, s in samples.items():
         print(f"{name:<22} {statistics.median(s) * 1000:>10.2f} {pct(s, 0.99) * 1000:>10.2f}")
-    api = samples["kernel-bridge REST"]
-    for name in ("raw, unsandboxed", "raw, sandboxed"):
-        base = samples[name]
-        print(f"REST / {name}: median {statistics.median(api) / statistics.median(base):.2f}x "
-              f"(target <= 1.3x), p99 {pct(api, 0.99) / pct(base, 0.99):.2f}x")
+    for rest in ("kernel-bridge REST", "REST, http.client"):
+        api = samples[rest]
+        for name in ("raw, unsandboxed", "raw, sandboxed"):
+            base = samples[name]
+            print(f"{rest} / {name}: median "
+                  f"{statistics.median(api) / statistics.median(base):.2f}x (target <= 1.3x), "
+                  f"p99 {pct(api, 0.99) / pct(base, 0.99):.2f}x")
 
 
 if __name__ == "__main__":

@@ -9,13 +9,16 @@ In one run on one machine, with the same kernel (kb-python, ipykernel):
 * cold: what a client without a pool pays: jupyter_client ``AsyncKernelManager.start_kernel`` +
   ``wait_for_ready`` + execute ``print(1)`` (no sandbox, no HTTP; shutdown not counted);
 * throughput: ``--total`` one-shot executions from ``--clients`` concurrent clients, every one on
-  a fresh kernel, so this is bound by how fast the machine starts kernels.
+  a fresh kernel, so this is bound by how fast the machine starts kernels; with the server
+  process's CPU per execution over those (its own, and that of the processes it ran and reaped),
+  which, unlike the rate, does not depend on what else loads the machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import time
@@ -25,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import psutil  # noqa: E402
 from jupyter_client.manager import AsyncKernelManager  # noqa: E402
 
 from bridge.kernels import spec_manager  # noqa: E402
@@ -46,6 +50,12 @@ def one_shot(client: Client) -> float:
     if r.status_code != 200 or body["stdout"] != "1\n":
         raise RuntimeError(f"bad answer: {r.status_code} {body}")
     return elapsed
+
+
+def cpu_seconds(proc: psutil.Process) -> tuple[float, float]:
+    """(the process's own CPU, the CPU of its reaped children) in seconds."""
+    t = proc.cpu_times()
+    return t.user + t.system, t.children_user + t.children_system
 
 
 def stock_manager() -> AsyncKernelManager:
@@ -102,11 +112,14 @@ def main() -> int:
         time.sleep(5)
         clients = [server.client() for _ in range(args.clients)]
         loaded: list[float] = []
+        proc = psutil.Process(server.process.pid)
+        cpu0 = cpu_seconds(proc)
         t0 = time.perf_counter()
         with ThreadPoolExecutor(args.clients) as ex:
             loaded = list(ex.map(lambda i: one_shot(clients[i % args.clients]),
                                  range(args.total)))
         wall = time.perf_counter() - t0
+        cpu1 = cpu_seconds(proc)
         for c in clients:
             c.close()
     cold = [asyncio.run(cold_once()) for _ in range(args.cold)]
@@ -127,6 +140,9 @@ def main() -> int:
     print(f"\ncold / warm median ratio: {ratio:.1f}x (target >= 20x)")
     print(f"throughput: {args.total / wall:.2f} one-shot executions/s with {args.clients} "
           f"concurrent clients ({args.total} in {wall:.1f} s, each on a fresh kernel)")
+    own, reaped = ((b - a) / args.total * ms for a, b in zip(cpu0, cpu1, strict=True))
+    print(f"server CPU per one-shot under that load: {own:.1f} ms in the server process, "
+          f"{reaped:.1f} ms in processes it ran (load average {os.getloadavg()[0]:.1f})")
     return 0
 
 

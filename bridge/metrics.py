@@ -184,7 +184,8 @@ class LiveCollector(Collector):
 
         depth = GaugeMetricFamily(f"{PREFIX}_pool_kernels", "Warm-pool kernels by language and "
                                   "state (ready or starting).", labels=["language", "state"])
-        target = GaugeMetricFamily(f"{PREFIX}_pool_target", "Configured warm-pool size.",
+        target = GaugeMetricFamily(f"{PREFIX}_pool_target", "Warm-pool size now: the configured "
+                                   "size plus what demand added.",
                                    labels=["language"])
         for lang in LANGUAGES:
             size = bridge.pool.size(lang)

@@ -9,8 +9,17 @@ answers ``None`` otherwise, and the caller cold-starts as before.
 A stock item is the launch *task*, not only a finished kernel. A taker prefers a kernel that is
 ready; if every one is still starting it claims the oldest start and awaits it (that start began
 earlier than a new one would). Either way the item leaves the stock the moment it is claimed, so no
-kernel is handed out twice, and one replacement start is queued behind it. Starts are serialised
-through a small semaphore: on a small machine parallel starts only slow each other down.
+kernel is handed out twice, and one replacement start is queued behind it. Starts go through a
+semaphore: ``PARALLEL_STARTS`` cold starts (each about a second of CPU: more only slow each other
+down), or ``FORKED_STARTS_PER_CORE`` per core when the zygote forks them (a forked start is tens
+of milliseconds of CPU and as much waiting on the keeper, the zygote and the kernel's first answer,
+so two at a time left a core idle and capped one-shots at two starts' worth per start time).
+
+The stock follows demand: a taker that finds no kernel ready (it waits for a start) raises the
+language's stock by one, up to ``GROWTH`` times its configured size and never beyond what the host
+memory budget could still admit (``room``); it goes back down by one per ``SHRINK_AFTER_S``
+without such a wait. Pooled kernels are not charged to the budget (bridge/admission.py), but a
+stock the budget could never admit would only hold memory.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -37,7 +47,10 @@ log = logging.getLogger(__name__)
 Launch = Callable[[str, Confinement], Awaitable[Kernel]]
 WarmUp = Callable[[Kernel, str], Awaitable[None]]
 
-PARALLEL_STARTS = 2  # kernel starts are CPU-bound; more than the cores only adds contention
+PARALLEL_STARTS = 2  # cold starts are CPU-bound; more than the cores only adds contention
+FORKED_STARTS_PER_CORE = 2  # forked starts wait about as long as they compute (module doc)
+GROWTH = 4  # demand may raise a language's stock to this many times its configured size
+SHRINK_AFTER_S = 30.0  # a raised stock gives one kernel back per this long without a wait
 # A refill waits this long first, so a cold start (a CPU-heavy second or so) does not compete with
 # the execution that just took a kernel, which typically needs a few milliseconds. A kernel forked
 # by the zygote costs ~50 ms of CPU: its pool refills sooner (bridge/service.py).
@@ -54,14 +67,22 @@ class KernelPool:
     """Pre-started kernels per language. ``start()`` fills it, ``stop()`` drains it."""
 
     def __init__(self, settings: Settings, launch: Launch, warm: WarmUp | None = None,
-                 volumes: Volumes | None = None, refill_delay: float = REFILL_DELAY_S) -> None:
+                 volumes: Volumes | None = None, refill_delay: float = REFILL_DELAY_S, *,
+                 parallel_starts: int = PARALLEL_STARTS,
+                 room: Callable[[], int] | None = None) -> None:
+        """``room``: how many more kernels of the default memory cap the host budget could
+        admit now (None: no bound); the stock grows with demand only within it."""
         self.settings = settings
         self.volumes = volumes or Volumes(settings)
         self.refill_delay = refill_delay
+        self.parallel_starts = parallel_starts
         self._launch = launch
         self._warm = warm or warm_up
+        self._room = room
         self._stock: dict[str, deque[asyncio.Task[Kernel]]] = {}
-        self._starts = asyncio.Semaphore(PARALLEL_STARTS)
+        self._starts = asyncio.Semaphore(parallel_starts)
+        self._extra: dict[str, int] = {}  # kernels stocked above the configured size (demand)
+        self._short_at: dict[str, float] = {}  # when a taker last had to wait for a start
         self._closed = False
         self.taken = 0  # kernels handed out (for tests and the bench)
 
@@ -76,7 +97,29 @@ class KernelPool:
                 and confinement.mem_bytes == t.mem_bytes and confinement.pids == t.pids)
 
     def size(self, language: Language) -> int:
-        return self.settings.pool_size(language.name)
+        """The stock kept now: the configured size plus what demand added (0 stays 0)."""
+        base = self.settings.pool_size(language.name)
+        return base + self._extra.get(language.name, 0) if base else 0
+
+    def _grow(self, language: Language) -> None:
+        """A taker waited for a start: stock one more, within GROWTH and the budget's room."""
+        name = language.name
+        self._short_at[name] = time.monotonic()
+        base = self.settings.pool_size(name)
+        if self.size(language) >= GROWTH * base:
+            return
+        if self._room is not None and self._room() <= self.size(language):
+            return
+        self._extra[name] = self._extra.get(name, 0) + 1
+
+    def _shrink(self, language: Language) -> None:
+        """One kernel less in the target per SHRINK_AFTER_S without a wait (the surplus goes
+        out with the next takes, not discarded)."""
+        name = language.name
+        if self._extra.get(name) and \
+                time.monotonic() - self._short_at.get(name, 0.0) >= SHRINK_AFTER_S:
+            self._extra[name] -= 1
+            self._short_at[name] = time.monotonic()
 
     def stocked(self, language: Language) -> int:
         """Kernels ready or starting for ``language``."""
@@ -121,7 +164,14 @@ class KernelPool:
         stock = self._stock.get(language.name)
         while stock:
             task = self._claim(stock)
-            self._refill(language, self.refill_delay)
+            if task.done():
+                self._shrink(language)
+                # Later, so the refill does not compete with the execution taking this one.
+                self._refill(language, self.refill_delay)
+            else:
+                # Demand outran the stock: more of it, and its replacement queued at once.
+                self._grow(language)
+                self._refill(language)
             try:
                 kernel = await asyncio.shield(task)
             except asyncio.CancelledError:

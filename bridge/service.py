@@ -30,7 +30,7 @@ from .job_sessions import JobSessions
 from .kernels import Kernel, launch, spec_manager
 from .keypairs import Keypair, Keypairs
 from .languages import measure_versions
-from .pool import REFILL_DELAY_S, KernelPool
+from .pool import FORKED_STARTS_PER_CORE, PARALLEL_STARTS, REFILL_DELAY_S, KernelPool
 from .replicas import OwnerKind, Replicas
 from .runs import Run
 from .sandbox import Confinement, Mount, Sandbox, SandboxUnavailable, base_environ
@@ -47,6 +47,14 @@ KEYPAIR_RELOAD_S = 5.0
 # A forked kernel is ~50 ms of CPU: the pool refills once the execution that took a kernel has
 # had the CPU for its own few milliseconds (at once, the refill slowed that execution by ~40%).
 ZYGOTE_REFILL_DELAY_S = 0.05
+
+
+def _cores() -> int:
+    """The cores this process may run on (its affinity, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _may_be_alive(replica_id: str) -> bool:
@@ -93,12 +101,15 @@ class Bridge:
                                     fork=settings.zygote == "on", sockets_dir=IPC_ROOT)
         # New sessions that fit take a pre-started kernel (bridge/pool.py), whatever the dialect.
         self.volumes = Volumes(settings)  # session dirs and folders with a disk quota
-        refill = ZYGOTE_REFILL_DELAY_S if settings.zygote == "on" else REFILL_DELAY_S
-        self.pool = KernelPool(settings, self.start_kernel, volumes=self.volumes,
-                               refill_delay=refill)
         # Every kernel a keypair holds, whatever the dialect, is admitted here first.
         self.admission = Admission(settings.host_memory_budget_bytes,
                                    lambda key: self.keypairs.get(key).concurrency)
+        forked = settings.zygote == "on"
+        self.pool = KernelPool(
+            settings, self.start_kernel, volumes=self.volumes,
+            refill_delay=ZYGOTE_REFILL_DELAY_S if forked else REFILL_DELAY_S,
+            parallel_starts=max(PARALLEL_STARTS, FORKED_STARTS_PER_CORE * _cores()) if forked
+            else PARALLEL_STARTS, room=self._pool_room)
         self.sessions = Sessions(settings, self.store, self.keypairs, self.start_kernel,
                                  pool=self.pool, volumes=self.volumes, admission=self.admission)
         self.sessions.on_submit.append(self._stream_run)
@@ -121,6 +132,14 @@ class Bridge:
             self.replicas.runs_here = self._runs_here
             self.events.turn = self.executions.turn = self.replicas.turn  # pruning, once
         metrics.watch(self)
+
+    def _pool_room(self) -> int:
+        """How many more kernels of the default cap the host budget could admit now: the
+        warm pool's stock grows with demand only within it."""
+        cap = self.settings.default_mem_kib * 1024
+        if not cap:
+            return 1 << 30  # uncapped kernels are charged nothing
+        return max(self.admission.budget - self.admission.mem_used, 0) // cap
 
     async def start_kernel(self, spec: str, confinement: Confinement) -> Kernel:
         """The one launch function: every kernel of every dialect starts here."""

@@ -325,7 +325,10 @@ class Sessions:
             hook(session, run)
         # Queue first: the kernel starts on the code while the record is written, and the
         # caller is answered only after the write (persist before answering, at no latency).
+        # One turn of the loop before the write: an idle session's worker sends the request
+        # now, before the store's thread contends with it for the interpreter.
         session.queue.put(run)
+        await asyncio.sleep(0)
         await self.store.transaction([
             self.records.run_queued(session, run),
             self.keypairs.note_query(session.access_key),

@@ -137,7 +137,8 @@ class Settings(BaseSettings):
     rate_limit: int = Field(100, ge=1)
     """Sandbox executions per keypair per minute (a batch counts each item)."""
     pool_python: int = Field(2, ge=0)
-    """Warm Python kernels kept ready for one-shot executions."""
+    """Warm Python kernels kept ready for one-shot executions, at least (demand raises the
+    stock up to 4 times this, within the host memory budget)."""
     pool_sizes: dict[str, int] = Field(default_factory=dict)
     """Warm kernels of other languages, as JSON: `{"javascript": 1}`."""
 

@@ -106,6 +106,11 @@ class Worker:
         if died:
             session.mark_dead()
             await self.records.set_state(session)
+        else:
+            # The run's caller, woken by its end, answers first: its response (and, for an
+            # execution, the record it persists before answering) does not queue behind this
+            # row on the store's one thread.
+            await asyncio.sleep(0)
         await self.records.run_ended(session, run)
         session.forget_old_runs()
         if run.state is RunState.TIMED_OUT:

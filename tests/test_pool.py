@@ -7,8 +7,11 @@ import itertools
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
 from bridge import languages
-from bridge.pool import KernelPool
+from bridge import pool as pool_module
+from bridge.pool import GROWTH, KernelPool
 from bridge.sandbox import Confinement, Mount
 from bridge.service import Bridge
 from bridge.settings import Settings
@@ -84,8 +87,45 @@ def test_concurrent_takes_never_share_a_kernel_and_stock_refills(tmp_path: Path)
         # Each kernel runs in its own fresh dir, which the taker adopts.
         dirs = {k.confinement.workdir for k in taken if k is not None}
         assert len(dirs) == 6 and all(d.is_dir() and d.name.startswith("pool-") for d in dirs)
-        await until(lambda: pool.ready(PYTHON) == 2)  # refilled in the background to its size
-        assert len(launch.started) == 2 + 6  # one replacement per kernel taken, no more
+        # Every taker had to wait for a start: demand raised the stock, up to GROWTH times
+        # its configured size, and it is refilled in the background to that.
+        assert pool.size(PYTHON) == min(2 + 6, GROWTH * 2)
+        await until(lambda: pool.ready(PYTHON) == pool.size(PYTHON))
+        # One replacement per kernel taken plus the growth, no more.
+        assert len(launch.started) == 6 + pool.size(PYTHON)
+        await pool.stop()
+
+    asyncio.run(main())
+
+
+def test_stock_grows_only_within_the_budgets_room_and_shrinks_when_demand_stops(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def main() -> None:
+        s = settings(tmp_path)
+        room = 3  # the host budget could admit three more kernels of the default cap
+        pool = KernelPool(s, FakeLaunch(), no_warm_up, room=lambda: room)  # type: ignore[arg-type]
+        pool.start()
+        await asyncio.gather(*(pool.take(PYTHON, request(s)) for _ in range(4)))
+        assert pool.size(PYTHON) == 3  # not GROWTH × 2: a stock the budget cannot admit
+        await until(lambda: pool.ready(PYTHON) == 3)
+        # Takes of ready kernels, no wait: once SHRINK_AFTER_S passed, one less each time.
+        monkeypatch.setattr(pool_module, "SHRINK_AFTER_S", 0.0)
+        assert await pool.take(PYTHON, request(s)) is not None
+        assert pool.size(PYTHON) == 2
+        assert await pool.take(PYTHON, request(s)) is not None
+        assert pool.size(PYTHON) == 2  # never below the configured size
+        await pool.stop()
+
+    asyncio.run(main())
+
+
+def test_takes_of_ready_kernels_keep_the_configured_stock(tmp_path: Path) -> None:
+    async def main() -> None:
+        s, launch, pool = await filled_pool(tmp_path)
+        for _ in range(3):
+            assert await pool.take(PYTHON, request(s)) is not None
+            await until(lambda: pool.ready(PYTHON) == 2)
+        assert pool.size(PYTHON) == 2 and len(launch.started) == 2 + 3
         await pool.stop()
 
     asyncio.run(main())

@@ -49,6 +49,58 @@ def test_a_session_volume_is_its_own_small_filesystem(tmp_path: Path) -> None:
     assert not path.exists() and not v.image_of(path).exists()
 
 
+def _attached(image: Path) -> list[str]:
+    """The loop devices whose backing file is ``image``."""
+    return [dev.name for dev in Path("/sys/block").glob("loop*")
+            if disk.loop_backing(f"/dev/{dev.name}") == str(image)]
+
+
+@root_only
+def test_session_volumes_are_sparse_copies_of_one_template_mounted_apart(tmp_path: Path) -> None:
+    v = volumes(tmp_path, session_disk_mb=64, session_inodes=4096)
+    v.probe()
+    assert v.enabled, v.why_not
+    a, b = (v.settings.sessions_dir / name for name in ("a", "b"))
+    asyncio.run(v.make_session_dir(a))
+    asyncio.run(v.make_session_dir(b))
+    try:
+        assert os.path.ismount(a) and os.path.ismount(b)
+        assert os.stat(a).st_dev != os.stat(b).st_dev  # two filesystems, not one
+        (a / "mine").write_text("a's")
+        assert os.listdir(b) == []
+        for path in (a, b):
+            image = v.image_of(path)
+            assert image.stat().st_size == 64 * 1024 * 1024  # the quota
+            assert image.stat().st_blocks * 512 < 4 * 1024 * 1024  # holes stayed holes
+            assert len(_attached(image)) == 1
+            assert 4096 <= os.statvfs(path).f_files < 4400  # the template's inode count
+    finally:
+        asyncio.run(v.remove(a))
+        asyncio.run(v.remove(b))
+    for path in (a, b):  # unmounted, image gone, no loop device left holding it
+        assert not path.exists() and not v.image_of(path).exists()
+        assert _attached(v.image_of(path)) == []
+
+
+@root_only
+def test_without_loop_ioctls_the_mount_command_mounts(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    def refused(*args: object) -> None:
+        raise OSError(errno.ENOTTY, "Inappropriate ioctl for device")
+
+    monkeypatch.setattr(disk, "loop_mount", refused)
+    v = volumes(tmp_path, session_disk_mb=32, session_inodes=2048)
+    v.probe()
+    assert v.enabled, v.why_not
+    path = v.settings.sessions_dir / "s"
+    asyncio.run(v.make_session_dir(path))
+    try:
+        assert os.path.ismount(path) and len(_attached(v.image_of(path))) == 1
+    finally:
+        asyncio.run(v.remove(path))
+    assert not path.exists() and _attached(v.image_of(path)) == []
+
+
 def test_without_loop_mounts_a_sandbox_refuses_unless_told(tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch
                                                            ) -> None:
