@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 FORK_TIMEOUT_S = 10.0  # how long a keeper may take to answer
 MAX_UNCLAIMED_EXITS = 1024
+LEAVING_WAIT_TICKS = 50  # × 10 ms
 
 
 class ZygoteUnavailable(RuntimeError):
@@ -88,6 +89,12 @@ class Keeper:
             peer, uid, _gid = struct.unpack("3i", creds)
         except OSError as exc:
             sock.close()
+            # A keeper removes its socket as it leaves, an instant before it exits: one
+            # without a socket is given that instant.
+            for _ in range(LEAVING_WAIT_TICKS if isinstance(exc, FileNotFoundError) else 0):
+                if start_time(pid) != handle.get("start"):
+                    break
+                await asyncio.sleep(0.01)
             if start_time(pid) != handle.get("start"):
                 raise ZygoteUnavailable(gone) from exc
             raise ZygoteUnavailable(f"its keeper (pid {pid}) does not answer: {exc}") from exc
