@@ -162,6 +162,7 @@ settings-doc: $(BIN)/.serve
 bench: $(SERVE_DEPS)
 	$(BIN)/python bench/latency.py
 	$(BIN)/python bench/kernel_start.py
+	$(BIN)/python bench/kernel_child.py
 	$(BIN)/python bench/oneshot.py
 	$(BIN)/python bench/languages.py
 	$(BIN)/python bench/testcases.py

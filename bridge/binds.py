@@ -154,6 +154,16 @@ _TWO_ARGS = {"--bind", "--ro-bind", "--symlink", "--ro-bind-data"}
 _ONE_ARG = {"--tmpfs", "--proc", "--dev", "--dir"}
 
 
+def _bound(path: str, binds: set[str]) -> bool:
+    """Whether ``path`` is one of ``binds`` (normalized) or lies under one."""
+    while True:
+        if path in binds:
+            return True
+        if path == "/":
+            return False
+        path = os.path.dirname(path)
+
+
 def open_parents(argv: list[str]) -> list[str]:
     """``--chmod 0755`` for the directories bwrap made to hold mount points (it makes them
     0700, which would keep the sandbox uid from reaching /home/work or the interpreter).
@@ -174,12 +184,17 @@ def open_parents(argv: list[str]) -> list[str]:
             i += 2
         else:
             i += 1
+    # Strings, not Paths, and a bind found by walking up a parent's own ancestors: this runs
+    # for every sandbox started.
+    bound = {os.path.normpath(b) for b in binds}
+    taken = set(dests)
     parents: set[str] = set()
     for dest in dests:
-        for parent in Path(dest).parents:
-            p = str(parent)
-            if p != "/" and p not in dests and not any(under(p, b) for b in binds):
+        p = os.path.dirname(os.path.normpath(dest))
+        while p != "/" and p not in parents:
+            if p not in taken and not _bound(p, bound):
                 parents.add(p)
+            p = os.path.dirname(p)
     out: list[str] = []
     for p in sorted(parents, key=lambda p: (p.count("/"), p)):
         out += ["--chmod", "0755", p]

@@ -66,12 +66,26 @@ def _probe(argv: list[str]) -> tuple[bool, str]:
 
 # -- the sandbox ----------------------------------------------------------------------------------
 
+# What a probe of bwrap shows its ``true``: the system's programs and libraries, never the whole
+# root. ``--ro-bind / /`` copies every mount on the host, kernels' socket tmpfs and sessions'
+# disks included, and fails ("Can't bind mount /oldroot/…: No such file or directory") when one of
+# them goes away meanwhile: any other server's kernel ending made /readyz and a starting server's
+# check fail at random on a busy host.
+PROBE_BINDS = ("--ro-bind", "/usr", "/usr", "--ro-bind-try", "/bin", "/bin", "--ro-bind-try",
+               "/lib", "/lib", "--ro-bind-try", "/lib64", "/lib64")
+
+
+def probe_argv(bwrap: str, *options: str) -> list[str]:
+    """bwrap running ``true`` confined (``options`` first: ``--unshare-user``…)."""
+    return [bwrap, *options, *PROBE_BINDS, "true"]
+
+
 def bubblewrap() -> Check:
     path = shutil.which("bwrap")
     if path is None:
         return Check("bubblewrap", "fail", "bwrap not found on PATH",
                      "apt-get install bubblewrap (or start with --no-sandbox: unsafe)")
-    ok, out = _probe([path, "--ro-bind", "/", "/", "true"])
+    ok, out = _probe(probe_argv(path))
     if not ok:
         return Check("bubblewrap", "fail", f"{path} does not run: {out}",
                      "allow namespaces for bwrap (kernel.unprivileged_userns_clone=1, or run "
@@ -84,7 +98,7 @@ def user_namespaces() -> Check:
     if path is None:
         return Check("user namespaces", "fail", "cannot test without bwrap",
                      "apt-get install bubblewrap")
-    ok, out = _probe([path, "--unshare-user", "--ro-bind", "/", "/", "true"])
+    ok, out = _probe(probe_argv(path, "--unshare-user"))
     if ok:
         return Check("user namespaces", "ok", "bwrap can create a user namespace")
     if os.geteuid() == 0:  # root makes the other namespaces without one

@@ -19,6 +19,8 @@
      │    └── HostBudgetExceeded   the host's memory budget for kernels is spent
      ├── RateLimited               too many executions in the window
      ├── DiskFull                  no space: the server's disk is low, or a quota'd dir is full
+     ├── StoreUnavailable          the database cannot be reached now (a restart, a network cut):
+     │                             every dialect's 503, "retry shortly"; nothing was acknowledged
      ├── Conflict                  the target's state forbids the call
      │    └── InvalidTransition    a run or session state machine refused a transition
      └── KernelError               the kernel misbehaved
@@ -169,6 +171,15 @@ class RateLimited(BridgeError):
 
 class DiskFull(BridgeError):
     pass
+
+
+class StoreUnavailable(BridgeError):
+    """The database did not answer, and the call could not safely be retried. A write that
+    raises this was not acknowledged: it either did not commit or its commit is unknown.
+    The database's own error is logged, never sent (it names hosts and ports)."""
+
+    def __init__(self) -> None:
+        super().__init__("The server's database is unavailable right now; retry shortly.")
 
 
 class Conflict(BridgeError):

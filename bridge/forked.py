@@ -6,9 +6,9 @@
 * **Forked** (a kernel a zygote can stand in for, :func:`bridge.zygote.forkable`):
 
   1. the plain keeper spawns the kernel's sandbox with a *holder* as its payload (a
-     :class:`Nest`) —
-     the very ``Sandbox.host_launch`` a cold kernel gets — and we wait until the holder runs
-     (every namespace and mount is set up by then);
+     :class:`Nest`) — the very sandbox a cold kernel gets, holding it with setpriv, sh and
+     sleep instead of the Python launcher — and we wait until the holder runs (every namespace
+     and mount is set up by then);
   2. the zygote gets a pidfd of the sandbox and its root, and the memfd with the kernel's
      command and environment (client values) in the launcher's format, that only the kernel
      reads; its child joins the cgroups, the namespaces and the root, forks the kernel inside,
@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import os
 import select
 import signal
+import struct
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -38,12 +40,13 @@ from .zygote import Zygotes, kernel_package
 if TYPE_CHECKING:
     from .provisioner import SandboxProvisioner
 
-# The sandbox's payload while a forked kernel lives in it: says it runs, then waits.
-HOLDER = ["/bin/sh", "-c", "echo; exec sleep infinity"]
-HOLDER_ENV = {"PATH": "/usr/bin:/bin"}
 HOLDER_TIMEOUT_S = 10.0
 LISTEN_POLL_S = 0.002
 LISTEN_TIMEOUT_S = 30.0
+IN_MOVED_TO = 0x80  # inotify(7)
+IN_CREATE = 0x100
+INOTIFY_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (of the name that follows)
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 async def spawn(prov: SandboxProvisioner, line: Zygotes, cmd: list[str],
@@ -127,8 +130,8 @@ def _package_in_sandbox(prov: SandboxProvisioner) -> str:
 
 
 class Nest:
-    """A forked kernel's sandbox: bubblewrap running the holder, spawned by a keeper (so it,
-    too, outlives the server)."""
+    """A forked kernel's sandbox: bubblewrap running the holder (:meth:`Sandbox.holder_launch`:
+    no Python, not the tenant's uid), spawned by a keeper (so it, too, outlives the server)."""
 
     def __init__(self, keeper: Keeper, pid: int, pidfd: int) -> None:
         self.keeper, self.pid, self.pidfd = keeper, pid, pidfd
@@ -138,7 +141,7 @@ class Nest:
     async def start(cls, prov: SandboxProvisioner, keeper: Keeper) -> Nest:
         sandbox, conf = prov.sandbox, prov.confinement
         assert sandbox is not None and conf is not None
-        launch = sandbox.host_launch(list(HOLDER), conf, HOLDER_ENV)
+        launch = sandbox.holder_launch(conf)
         info_r, info_w = os.pipe()
         out_r, out_w = os.pipe()
         nest: Nest | None = None
@@ -223,21 +226,85 @@ class Nest:
 async def listening(info: Mapping[str, Any], pidfd: int, *, raise_on_exit: bool) -> None:
     """Return once the kernel has bound its sockets. A client that connects earlier waits
     out zmq's reconnect interval and may miss the first iopub status: ~0.3 s per start.
-    A kernel that exits first: ZygoteUnavailable with ``raise_on_exit``, else return."""
+    A kernel that exits first: ZygoteUnavailable with ``raise_on_exit``, else return.
+
+    Woken by inotify when an entry appears in the sockets' dir, or by the kernel's exit (a
+    2 ms poll was ~60 turns of the event loop per start); polled without inotify."""
     if info.get("transport") != "ipc":
         return
     paths = [f"{info['ip']}-{info[p]}" for p in
              ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")]
     loop = asyncio.get_running_loop()
     deadline = loop.time() + LISTEN_TIMEOUT_S
-    while not all(os.path.exists(p) for p in paths):
-        if exited(pidfd):
-            if raise_on_exit:  # a forked kernel that cannot start: started another way
-                raise ZygoteUnavailable("the kernel exited while starting")
+    watches = _SocketWatches.of(loop)
+    # Before the first look, so no entry is missed.
+    wd, woke = watches.add(os.path.dirname(paths[0]))
+    loop.add_reader(pidfd, woke.set)
+    try:
+        while not all(os.path.exists(p) for p in paths):
+            if exited(pidfd):
+                if raise_on_exit:  # a forked kernel that cannot start: started another way
+                    raise ZygoteUnavailable("the kernel exited while starting")
+                return
+            left = deadline - loop.time()
+            if left <= 0:
+                return  # the client's readiness wait reports it
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(woke.wait(), left if wd >= 0 else LISTEN_POLL_S)
+            woke.clear()
+    finally:
+        loop.remove_reader(pidfd)
+        watches.remove(wd)
+
+
+class _SocketWatches:
+    """One inotify descriptor per event loop, a watch per kernel being waited for. Closing an
+    inotify descriptor waits out a kernel grace period (~9 ms, the event loop standing still),
+    while adding and removing a watch take microseconds."""
+
+    _current: _SocketWatches | None = None
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.fd = int(_libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC))
+        self.woken: dict[int, asyncio.Event] = {}
+        if self.fd >= 0:
+            loop.add_reader(self.fd, self._read)
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> _SocketWatches:
+        current = cls._current
+        if current is None or current.loop is not loop:
+            if current is not None and current.fd >= 0 and current.loop.is_closed():
+                os.close(current.fd)
+            current = cls._current = cls(loop)
+        return current
+
+    def add(self, directory: str) -> tuple[int, asyncio.Event]:
+        """A watch on ``directory`` and the event its new entries set (-1: no watch)."""
+        wd = -1
+        if self.fd >= 0:
+            wd = int(_libc.inotify_add_watch(self.fd, os.fsencode(directory),
+                                             IN_CREATE | IN_MOVED_TO))
+        return wd, self.woken.setdefault(wd, asyncio.Event()) if wd >= 0 else asyncio.Event()
+
+    def remove(self, wd: int) -> None:
+        if wd >= 0 and self.woken.pop(wd, None) is not None:
+            _libc.inotify_rm_watch(self.fd, wd)
+
+    def _read(self) -> None:
+        try:
+            data = os.read(self.fd, 65536)
+        except OSError:
             return
-        if loop.time() > deadline:
-            return  # the client's readiness wait reports it
-        await asyncio.sleep(LISTEN_POLL_S)
+        at = 0
+        while at + INOTIFY_EVENT.size <= len(data):  # struct inotify_event, then its name
+            wd, _mask, _cookie, size = INOTIFY_EVENT.unpack_from(data, at)
+            at += INOTIFY_EVENT.size + size
+            # wd -1: the queue overflowed (IN_Q_OVERFLOW), anyone may have missed an entry
+            for woke in self.woken.values() if wd == -1 else [self.woken.get(wd)]:
+                if woke is not None:
+                    woke.set()
 
 
 def exited(pidfd: int) -> bool:

@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .doctor import probe_argv
+
 if TYPE_CHECKING:
     from .service import Bridge
 
@@ -75,7 +77,7 @@ class Health:
 async def _probe_bwrap(bwrap: str) -> str:
     try:
         proc = await asyncio.create_subprocess_exec(
-            bwrap, "--ro-bind", "/", "/", "true", stdin=asyncio.subprocess.DEVNULL,
+            *probe_argv(bwrap), stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
     except OSError as exc:
         return f"sandbox broken: {bwrap}: {exc.strerror or exc}"

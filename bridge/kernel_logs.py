@@ -6,6 +6,10 @@ iopub) to stderr. Inherited as-is they would land between the server's records a
 kernel's id. The pipe is read on the event loop (no thread per kernel). A kernel held by a keeper
 (``kernelspecs/_zygote.py``) has its stderr read by the keeper instead, which sends each line to
 whichever server is connected (:func:`record` here), before and after a restart of the server.
+
+Either reader lets through at most a budget of lines per kernel (``kernelspecs/_logbudget.py``:
+100 a second, bursts of 1000, then one "N lines dropped" notice): a tenant who floods its fd 2
+fills neither this log nor its disk.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ import contextlib
 import logging
 import os
 
+from kernelspecs._logbudget import MAX_LINE, LineBudget
+
 log = logging.getLogger("kernel_bridge.kernel")
-MAX_LINE = 8192
 
 
 class StderrRelay:
@@ -24,7 +29,7 @@ class StderrRelay:
         self.kernel_id = kernel_id
         self._read_fd, self.write_fd = os.pipe()
         os.set_blocking(self._read_fd, False)
-        self._buf = b""
+        self._budget = LineBudget()
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._read_fd, self._on_readable)
 
@@ -42,36 +47,22 @@ class StderrRelay:
             return
         except OSError:
             chunk = b""
+        for text in self._budget.feed(chunk, end=not chunk):
+            record(self.kernel_id, text)
         if not chunk:
             self.close()
-            return
-        self._buf += chunk
-        *lines, self._buf = self._buf.split(b"\n")
-        if len(self._buf) > MAX_LINE:
-            lines.append(self._buf)
-            self._buf = b""
-        for line in lines:
-            text = line.decode(errors="replace").rstrip()
-            if text:
-                record(self.kernel_id, text)
 
     def close(self) -> None:
         if self._read_fd < 0:
             return
-        if self._buf.strip():
-            self._buf += b"\n"
-            self._on_flush()
+        for text in self._budget.feed(b"", end=True):  # a last line without its newline
+            record(self.kernel_id, text)
         with contextlib.suppress(Exception):
             self._loop.remove_reader(self._read_fd)
         with contextlib.suppress(OSError):
             os.close(self._read_fd)
         self._read_fd = -1
         self.launched()
-
-    def _on_flush(self) -> None:
-        text = self._buf.decode(errors="replace").strip()
-        self._buf = b""
-        record(self.kernel_id, text)
 
 
 def record(kernel_id: str, text: str) -> None:

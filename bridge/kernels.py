@@ -31,6 +31,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
+import zmq.asyncio
 from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
 from jupyter_client.manager import AsyncKernelManager
@@ -53,6 +54,23 @@ PROVISIONERS = "jupyter_client.kernel_provisioners"  # the entry point group
 RECORD_VERSION = 1
 __all__ = ["IPC_ROOT", "Kernel", "KernelGone", "Usage", "adopt", "ipc_root", "ipc_root_problem",
            "launch", "sweep_ipc"]
+
+
+_context: zmq.asyncio.Context | None = None
+
+
+def kernel_context() -> zmq.asyncio.Context:
+    """The one zmq context of every kernel's manager and client, bounded (bridge/wire.py).
+    jupyter_client makes a context per manager and per client by default: two I/O threads and
+    two reapers started with every kernel (and kept while it lives), and a context teardown
+    that waits out its sockets' linger at every shutdown. Clients do not start the heartbeat
+    channel either (a thread each, pinging every second): a manager's client asks its manager
+    whether the kernel lives."""
+    global _context
+    if _context is None or _context.closed:
+        _context = zmq.asyncio.Context()
+        harden(_context)
+    return _context
 
 
 def spec_manager() -> KernelSpecManager:
@@ -155,9 +173,8 @@ class Kernel:
         self.client.stop_channels()
         # The run-time objects again: an adopted kernel's manager never saw its start.
         await self.manager.restart_kernel(now=True, **self._launch_kw)
-        self.client = self.manager.client()
-        harden(self.client.context)
-        self.client.start_channels()
+        self.client = self.manager.client(context=kernel_context())
+        self.client.start_channels(hb=False)
         try:
             await wait_ready(self.client, timeout)
         except RuntimeError as exc:
@@ -251,12 +268,14 @@ async def launch(spec: str, confinement: Confinement, sandbox: Sandbox,
         # (Sandbox.hand_over).
         km = AsyncKernelManager(
             kernel_name=spec, kernel_spec_manager=ksm, transport="ipc",
-            ip=str(ipc_dir / "s" / "k"), connection_file=str(ipc_dir / "conn.json"))
+            ip=str(ipc_dir / "s" / "k"), connection_file=str(ipc_dir / "conn.json"),
+            context=kernel_context())
     else:
         log.info("kernel %s starts through the %r provisioner its kernelspec names: its "
                  "confinement is that provisioner's, not kernel-bridge's sandbox", spec, name)
         km = AsyncKernelManager(kernel_name=spec, kernel_spec_manager=ksm,
-                                connection_file=str(ipc_dir / "conn.json"))
+                                connection_file=str(ipc_dir / "conn.json"),
+                                context=kernel_context())
     kspec = km.kernel_spec
     assert kspec is not None
     kw: dict[str, Any] = {}
@@ -274,13 +293,11 @@ async def launch(spec: str, confinement: Confinement, sandbox: Sandbox,
                                       environ={**confinement.environ, "PATH": path})
         kw = {"sandbox": sandbox, "confinement": confinement, "zygotes": zygotes}
     km.kernel_id = os.path.basename(ipc_dir)
-    harden(km.context)  # the manager's and its clients' sockets: bounded whatever the kernel sends
     client: AsyncKernelClient | None = None
     try:
         await km.start_kernel(**kw)
-        client = km.client()  # a context of its own, not the manager's
-        harden(client.context)
-        client.start_channels()
+        client = km.client(context=kernel_context())
+        client.start_channels(hb=False)
         await wait_ready(client, timeout)
     except Exception as exc:
         if client is not None:
@@ -317,7 +334,8 @@ async def adopt(record: Mapping[str, Any], *, sandbox: Sandbox, ksm: KernelSpecM
         network=bool(c.get("network")), environ=dict(c.get("environ", {})))
     km = AsyncKernelManager(kernel_name=spec, kernel_spec_manager=ksm,
                             transport=conn.get("transport", "tcp"),
-                            connection_file=str(ipc_dir / "conn.json"))
+                            connection_file=str(ipc_dir / "conn.json"),
+                            context=kernel_context())
     km.load_connection_info(conn)  # type: ignore[arg-type]  # paths or ports, key, scheme
     km.kernel_id = str(record["kernel_id"])
     try:
@@ -336,7 +354,6 @@ async def adopt(record: Mapping[str, Any], *, sandbox: Sandbox, ksm: KernelSpecM
         if record.get("argv"):
             kspec.argv = list(record["argv"])  # the interpreter it was started with
         kw = {"sandbox": sandbox, "confinement": confinement, "zygotes": zygotes}
-    harden(km.context)
     # jupyter_client has no call that attaches a provisioner to a running kernel; its
     # persistence hooks are used as they are meant to be (Enterprise Gateway's HA does the
     # same): the factory makes the provisioner the kernelspec names, load_provisioner_info
@@ -351,9 +368,8 @@ async def adopt(record: Mapping[str, Any], *, sandbox: Sandbox, ksm: KernelSpecM
         reason = getattr(km.provisioner, "gone_reason", "") or "it is no longer running"
         await _drop(km, ipc_dir)
         raise KernelGone(f"Kernel {spec!r} is gone: {reason}.")
-    client = km.client()
-    harden(client.context)
-    client.start_channels()
+    client = km.client(context=kernel_context())
+    client.start_channels(hb=False)
     try:
         # On control: a kernel the old server left mid-cell answers there at once (on shell
         # only once the cell ends, and a long cell must not look like a dead kernel).

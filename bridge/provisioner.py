@@ -104,11 +104,8 @@ class SandboxProvisioner(LocalProvisioner):
             self.cgroup = sandbox.new_cgroup(str(self.kernel_id), conf)
         else:  # a restart: same cgroup, CPU time goes on
             self.cgroup.ensure(conf.mem_bytes, conf.pids or sandbox.default_pids)
-        self._close_pending()
-        launch = self._pending = sandbox.host_launch(kwargs["cmd"], conf, kwargs["env"])
-        kwargs.update(cmd=launch.argv, env=launch.env, executable=launch.executable,
-                      pass_fds=tuple(launch.fds), cwd="/" if sandbox.enabled
-                      else str(conf.workdir))
+        # ``cmd`` and ``env`` stay the kernel's: what runs on the host (bubblewrap, its
+        # descriptors) is built only for a start that spawns it (_host_launch), not for a fork.
         kwargs["preexec_fn"] = sandbox.preexec(conf, self.cgroup)
         # A kernel's own stdout is banners ("To connect another client…"), not user output
         # (that travels on iopub); its stderr goes to the server's log for diagnosis, line by
@@ -138,6 +135,7 @@ class SandboxProvisioner(LocalProvisioner):
                 except ZygoteUnavailable as exc:
                     log.info("kernel %s starts cold: %s", self.kernel_id, exc)
                     await self._abandon()
+            cmd, kwargs = self._host_launch(cmd, kwargs)
             keeper = lines.get(KEEPER)
             if keeper is not None:
                 try:
@@ -154,6 +152,18 @@ class SandboxProvisioner(LocalProvisioner):
             self._close_pending()
             if self.stderr is not None:
                 self.stderr.launched()
+
+    def _host_launch(self, cmd: list[str], kwargs: dict[str, Any]) -> tuple[list[str],
+                                                                          dict[str, Any]]:
+        """The kernel's command and pre_launch's keyword arguments → what the host spawns for
+        a cold start (bubblewrap and the descriptors it reads, closed after the launch)."""
+        sandbox, conf = self.sandbox, self.confinement
+        assert sandbox is not None and conf is not None
+        self._close_pending()
+        launch = self._pending = sandbox.host_launch(cmd, conf, kwargs["env"])
+        return launch.argv, {**kwargs, "env": launch.env, "executable": launch.executable,
+                             "pass_fds": tuple(launch.fds),
+                             "cwd": "/" if sandbox.enabled else str(conf.workdir)}
 
     async def _held(self, keeper: Keeper, pid: int, pidfd: int, *, zygote: bool) -> None:
         """A kernel its keeper started: ours to control by pidfd once it listens. A forked

@@ -31,7 +31,7 @@ from typing import Literal
 
 from . import metrics
 from .datadir import PRESENCE_PREFIX
-from .errors import AuthFailed, RateLimited, StartupRefused
+from .errors import AuthFailed, RateLimited, StartupRefused, StoreUnavailable
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -329,6 +329,9 @@ class Replicas:
                     await self._prune_rates()
                 if await self.claim_orphans():
                     await adopt()
+            except StoreUnavailable:  # the store logged why; no traceback for an outage
+                log.warning("failover round skipped: the database is unavailable; retrying in "
+                            "%.0f s", interval)
             except Exception:
                 log.exception("failover round failed; retrying in %.0f s", interval)
 

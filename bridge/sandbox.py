@@ -83,6 +83,26 @@ HOST_ENV: Mapping[str, str] = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": 
 LAUNCHER_CAPS = ("CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP")
 LAUNCHER_PYTHON = f"{KERNEL_MODULES}/python3"  # links to the interpreter and the launcher
 LAUNCHER = f"{KERNEL_MODULES}/enter.py"
+# The payload that holds a forked kernel's sandbox (bridge/forked.py: it says it runs, then
+# waits; the zygote forks the kernel into its namespaces and root). It runs no Python: the
+# launcher cost ~30 ms of CPU per forked kernel, setpriv + sh + sleep ~3 ms. Why it may skip the
+# launcher, and why it runs as HOLDER_UID:
+#
+# * It runs no tenant code and reads nothing a tenant wrote: a fixed argv of programs from the
+#   read-only /usr, bwrap's fixed environment (HOST_ENV), stdin /dev/null.
+# * Tenant code shares its namespaces and sees it (pid 2), so it must be no target. As
+#   HOLDER_UID ("nobody"), neither root nor the sandbox uid, the kernel (the sandbox uid, no
+#   capability) can neither signal it (kill needs a matching uid or CAP_KILL) nor trace it or
+#   read its memory (a matching uid, and the seccomp filter refuses ptrace and process_vm_*).
+#   The previous holder ran as the sandbox uid (the tenant could kill it, and its own sandbox
+#   with it); a root holder would own what root owns in the sandbox (the ipc dir, bound
+#   writable, holds the root-owned connection file). Host processes running as "nobody" could
+#   signal it: the sandbox then ends, as if killed by an operator.
+# * bwrap applies no_new_privs and the seccomp filter before it runs setpriv, which empties the
+#   bounding and inheritable sets and changes uid (the kernel clears the permitted, effective
+#   and ambient sets on that change). tests/test_zygote.py checks the result from inside.
+HOLDER_UID = 65534
+HOLDER_SHELL = ("/bin/sh", "-c", "echo; exec sleep infinity")
 
 
 @dataclass(frozen=True)
@@ -195,11 +215,16 @@ class Sandbox:
         else:
             self.launcher = inside.dest + str(kmod / "_enter.py")[len(inside.src):]
         self.pythonpath = KERNEL_MODULES if self.enabled else str(kmod.parent)
+        self._fixed: tuple[list[Bind], list[str], list[str]] | None = None  # _fixed_args
+        self.real_python = os.path.realpath(sys.executable)
         self.etc_masks = unreadable_entries("/etc") if self.enabled else ([], [])
         hidden = [*hide]
         if (SOURCE_ROOT / "pyproject.toml").exists():  # a checkout, not site-packages
             hidden.append(SOURCE_ROOT)
         self.hidden = sorted({os.path.realpath(p) for p in hidden})
+        # util-linux's, under /usr (visible in the sandbox); without it, the launcher drops
+        # the holder's uid as it does a kernel's.
+        self.setpriv = shutil.which("setpriv", path="/usr/bin:/bin")
         self.host_account = _account(uid) if self.enabled else None
         if self.host_account:
             log.warning("KB_SANDBOX_UID %d belongs to the host account %r: its processes could "
@@ -233,21 +258,41 @@ class Sandbox:
         cmd = [os.path.abspath(cmd[0]) if os.sep in cmd[0] else cmd[0], *cmd[1:]]
         if not self.enabled:  # the operator's explicit choice: the kernel is a host process
             return HostLaunch(cmd, cmd[0], dict(kernel_env))
+        payload = self.payload_fd(cmd, kernel_env)
+        launch = self._bwrap(conf, payload)
+        launch.argv += [LAUNCHER_PYTHON, "-I", "-S", LAUNCHER, str(payload)]
+        return launch
+
+    def holder_launch(self, conf: Confinement) -> HostLaunch:
+        """bubblewrap holding a forked kernel's sandbox (:data:`HOLDER_UID`): the sandbox a cold
+        kernel of ``conf`` gets, with the holder as its payload. It writes a line on its stdout
+        once it runs (the sandbox's mounts are all made by then), then sleeps."""
+        if self.setpriv is None:
+            return self.host_launch(list(HOLDER_SHELL), conf, {"PATH": "/usr/bin:/bin"})
+        launch = self._bwrap(conf)
+        launch.argv += [self.setpriv, f"--reuid={HOLDER_UID}", f"--regid={HOLDER_UID}",
+                        "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", "--",
+                        *HOLDER_SHELL]
+        return launch
+
+    def _bwrap(self, conf: Confinement, payload: int = -1) -> HostLaunch:
+        """bubblewrap with the sandbox of ``conf``, up to its payload's argv (appended by the
+        caller). Takes over ``payload``, a descriptor the payload reads (closed with the
+        launch)."""
         assert self.bwrap is not None
-        launch = HostLaunch(["bwrap"], self.bwrap, dict(HOST_ENV))
+        launch = HostLaunch(["bwrap"], self.bwrap, dict(HOST_ENV), [payload] if payload >= 0
+                            else [])
         try:
-            fds = [self.payload_fd(cmd, kernel_env),
-                   _memfd("kb-seccomp", self.seccomp_bpf),
+            fds = [_memfd("kb-seccomp", self.seccomp_bpf),
                    _memfd("kb-passwd", self._passwd()), _memfd("kb-group", self._group())]
             launch.fds += fds
-            args = self._bwrap_args(conf, *fds[1:])
+            args = self._bwrap_args(conf, *fds)
             launch.fds.append(_memfd("kb-args", b"".join(a.encode() + b"\0" for a in args)))
         except BaseException:
             launch.close()
             raise
         # bwrap takes only options through --args; what follows "--" is all its pid 1 shows.
-        launch.argv += ["--args", str(launch.fds[-1]), "--", LAUNCHER_PYTHON, "-I", "-S",
-                        LAUNCHER, str(fds[0])]
+        launch.argv += ["--args", str(launch.fds[-1]), "--"]
         return launch
 
     def payload_fd(self, cmd: list[str], kernel_env: Mapping[str, str]) -> int:
@@ -291,6 +336,7 @@ class Sandbox:
 
     def _bwrap_args(self, conf: Confinement, seccomp_fd: int, passwd_fd: int,
                     group_fd: int) -> list[str]:
+        system, bound = self._fixed_args()
         argv = ["--die-with-parent", "--new-session", "--cap-drop", "ALL"]
         for cap in LAUNCHER_CAPS:
             argv += ["--cap-add", cap]
@@ -298,46 +344,58 @@ class Sandbox:
                  "--hostname", "sandbox", "--seccomp", str(seccomp_fd)]
         if not conf.network:
             argv.append("--unshare-net")
-        ro: list[Bind] = [Bind(d, d) for d in SYSTEM_TREES if os.path.isdir(d)]
-        for b in ro:
-            argv += ["--ro-bind", b.src, b.dest]
-        for link in ("bin", "sbin", "lib", "lib64", "lib32"):
-            target = Path("/") / link
-            if target.is_symlink():
-                argv += ["--symlink", os.readlink(target), str(target)]
-            elif target.is_dir():
-                argv += ["--ro-bind", str(target), str(target)]
-                ro.append(Bind(str(target), str(target)))
-        dirs, files = self.etc_masks
-        for d in dirs:
-            argv += ["--tmpfs", d]
-        for f in files:
-            argv += ["--ro-bind", "/dev/null", f]
+        argv += system
         argv += ["--perms", "0644", "--ro-bind-data", str(passwd_fd), "/etc/passwd",
                  "--perms", "0644", "--ro-bind-data", str(group_fd), "/etc/group"]
         # /proc read-only: the PID namespace hides other processes, but sysctls are global.
         argv += ["--proc", "/proc", "--remount-ro", "/proc", "--dev", "/dev",
                  "--perms", "1777", "--tmpfs", "/dev/shm", "--perms", "1777", "--tmpfs", "/tmp"]
-        # After the private /tmp, so an interpreter or socket dir under /tmp stays visible.
-        # Nested binds must be made parent-first.
-        for b in sorted(self.binds, key=lambda b: len(b.dest)):
-            argv += ["--ro-bind", b.src, b.dest]
-        ro += self.binds
-        for dest in masks(self.hidden, ro):
-            argv += ["--tmpfs", dest]
+        argv += bound
         argv += ["--bind", str(conf.workdir), WORKDIR,
                  "--bind", str(conf.ipc_dir), str(conf.ipc_dir)]
         for m in conf.mounts:
             dest = f"{WORKDIR}/{m.target}"
             argv += ["--ro-bind" if m.read_only else "--bind", str(m.host), dest]
         # Fixed names for the launcher, so the command line shows no host path.
-        argv += ["--symlink", os.path.realpath(sys.executable), LAUNCHER_PYTHON,
+        argv += ["--symlink", self.real_python, LAUNCHER_PYTHON,
                  "--symlink", self.launcher, LAUNCHER]
         argv += open_parents(argv)
         # The root itself (a tmpfs holding the mount points) is not a place to write to.
         # No --chdir: bwrap (root without CAP_DAC_OVERRIDE) may not enter the sandbox uid's
         # 0700 working dir; the launcher does, once it is that uid.
         return [*argv, "--remount-ro", "/"]
+
+    def _fixed_args(self) -> tuple[list[str], list[str]]:
+        """The options that depend on this sandbox alone, made once (they stat and resolve
+        host paths: ~1 ms per kernel): the system trees with /etc's masks, and the
+        interpreter's and toolchains' binds with the masks over hidden paths."""
+        if self._fixed is not None and self._fixed[0] == self.binds:
+            return self._fixed[1], self._fixed[2]
+        system: list[str] = []
+        ro: list[Bind] = [Bind(d, d) for d in SYSTEM_TREES if os.path.isdir(d)]
+        for b in ro:
+            system += ["--ro-bind", b.src, b.dest]
+        for link in ("bin", "sbin", "lib", "lib64", "lib32"):
+            target = Path("/") / link
+            if target.is_symlink():
+                system += ["--symlink", os.readlink(target), str(target)]
+            elif target.is_dir():
+                system += ["--ro-bind", str(target), str(target)]
+                ro.append(Bind(str(target), str(target)))
+        dirs, files = self.etc_masks
+        for d in dirs:
+            system += ["--tmpfs", d]
+        for f in files:
+            system += ["--ro-bind", "/dev/null", f]
+        # After the private /tmp, so an interpreter or socket dir under /tmp stays visible.
+        # Nested binds must be made parent-first.
+        bound: list[str] = []
+        for b in sorted(self.binds, key=lambda b: len(b.dest)):
+            bound += ["--ro-bind", b.src, b.dest]
+        for dest in masks(self.hidden, [*ro, *self.binds]):
+            bound += ["--tmpfs", dest]
+        self._fixed = (list(self.binds), system, bound)
+        return system, bound
 
     def hand_over(self, conf: Confinement, connection_file: Path | None = None) -> None:
         """Give the sandbox uid what it must write: its working dir, rw folders and its

@@ -259,9 +259,11 @@ class Sessions:
                 # The place is free once the kernels are gone, not before.
                 if session.ticket is not None:
                     self.admission.release(session.ticket)
-            await self.volumes.remove(session.workdir)
-            await self.records.ended(session, reason, usage)
-            del self._by_id[session.id]
+            try:
+                await self.volumes.remove(session.workdir)
+                await self.records.ended(session, reason, usage)
+            finally:  # gone here even when its record cannot be written (the store is down)
+                del self._by_id[session.id]
         for callback in self.on_terminated:
             with contextlib.suppress(Exception):
                 callback(session)

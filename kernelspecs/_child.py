@@ -19,6 +19,8 @@ import time
 import traceback
 from typing import Any
 
+from ._prebuilt import use_parsed
+
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWUTS = 0x04000000
@@ -143,6 +145,7 @@ def become_kernel(req: dict[str, Any], payload_fd: int) -> None:
         # runpy would reuse a preloaded entry module's loader, which reads the host path of
         # its source; imported afresh it is found where the sandbox shows our package.
         sys.modules.pop(req["module"], None)
+        use_parsed()
         runpy.run_module(req["module"], run_name="__main__", alter_sys=True)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)

@@ -21,9 +21,9 @@ threaded server — in a clean environment, as ``python -m kernelspecs._zygote -
   spawns cold kernels and never forks.
 * **Sandboxed child** (we spawned a bubblewrap *holder* for the kernel first): the child joins
   the kernel's cgroups first (memory is charged to whoever touches it first), enters the
-  holder's namespaces with ``setns(pidfd)`` and its root with ``fchdir`` + ``chroot``, then
-  forks once more so the kernel is inside the holder's PID namespace (the zygote, a child
-  subreaper, inherits it). The kernel drops privileges (``confine``), takes its own
+  holder's namespaces with ``setns(pidfd)`` and its root with ``fchdir`` + ``chroot``; it was
+  born inside the holder's PID namespace (the zygote sets it for its children for that one
+  fork). The kernel drops privileges (``confine``), takes its own
   environment, reseeds, and runs its module as ``python -m`` would (``kernelspecs/_child.py``).
 """
 
@@ -36,6 +36,7 @@ import gc
 import importlib
 import json
 import os
+import re
 import resource
 import selectors
 import signal
@@ -47,7 +48,17 @@ import time
 import traceback
 from typing import Any
 
-from ._child import PR_SET_CHILD_SUBREAPER, become_kernel, enter_sandbox, prctl
+from . import _prebuilt
+from ._child import (
+    CLONE_NEWPID,
+    PR_SET_CHILD_SUBREAPER,
+    _check,
+    _libc,
+    become_kernel,
+    enter_sandbox,
+    prctl,
+)
+from ._logbudget import LineBudget
 
 # Modules a kernel of ours runs with ``-m``; only these are forked (others start cold).
 KERNEL_MODULES = ("ipykernel_launcher", "kernelspecs.bash_kernel", "kernelspecs.compiled_kernel")
@@ -56,33 +67,52 @@ PRELOAD = ("kernelspecs._enter", "zmq", "tornado.ioloop", "IPython", "jupyter_cl
            "kernelspecs.bash_kernel", "kernelspecs.compiled_kernel")
 MAX_MSG = 1 << 20
 MAX_EXITS = 4096  # exit statuses kept for a server that adopts later
-MAX_LOG_LINE = 8192
 
 # -- the template -------------------------------------------------------------------------------
 
 
-def _warm_up() -> int:
-    """Import what a kernel would import by itself; returns how many modules were learned."""
+def _warm_up() -> dict[str, int]:
+    """Import what a kernel would import by itself, compile the patterns it would compile,
+    parse the shipped kernelspecs' command lines; → how many of each."""
     for name in PRELOAD:
         with contextlib.suppress(Exception):
             importlib.import_module(name)
-    before = set(sys.modules)
+    learned = _learn()
+    for name in learned.get("modules", []):
+        with contextlib.suppress(BaseException):
+            importlib.import_module(name)
+    return {"learned": len(learned.get("modules", [])),
+            "patterns": _prebuilt.compile_patterns(learned.get("patterns", [])),
+            "parsed": _prebuilt.parse_shipped(KERNEL_MODULES),
+            "packed": _prebuilt.pack_module_files()}  # last: no import after it
+
+
+def _learn() -> dict[str, Any]:
+    """Start a throwaway kb-python kernel in a child (initialize, one cell) → what it had to
+    import (``modules``) and compile (``patterns``) that the template lacks."""
+    before, patterns = set(sys.modules), set(getattr(re, "_cache", {}))
+    args = next((a for m, a in _prebuilt.shipped_commands(("ipykernel_launcher",))), [])
     r, w = os.pipe()
     pid = os.fork()
-    if pid == 0:  # throwaway kernel: its sys.modules afterwards is what the template lacks
+    if pid == 0:
         os.close(r)
         try:
+            null = os.open(os.devnull, os.O_RDWR)  # its banners and warnings are nobody's
+            os.dup2(null, 1)
+            os.dup2(null, 2)
             tmp = tempfile.mkdtemp(prefix="kb-zygote-")
             os.environ.update(HOME=tmp, IPYTHONDIR=os.path.join(tmp, ".ipython"))
             from ipykernel.kernelapp import IPKernelApp
 
             app = IPKernelApp.instance()
-            argv = ["-f", os.path.join(tmp, "c.json"), "--transport=ipc", f"--ip={tmp}/s",
-                    "--IPCompleter.use_jedi=False", "--HistoryManager.hist_file=:memory:"]
-            app.initialize(argv)  # type: ignore[no-untyped-call]
+            argv = [os.path.join(tmp, "c.json") if a == _prebuilt.CONNECTION_FILE else a
+                    for a in args or ["-f", _prebuilt.CONNECTION_FILE]]
+            app.initialize([*argv, "--transport=ipc", f"--ip={tmp}/s"])  # type: ignore
             with contextlib.suppress(Exception):
                 app.shell.run_cell("1", store_history=False, silent=True)  # type: ignore
-            os.write(w, "\n".join(sorted(set(sys.modules) - before)).encode())
+            os.write(w, json.dumps({
+                "modules": sorted(set(sys.modules) - before),
+                "patterns": _prebuilt.learned_patterns(patterns)}).encode())
         finally:
             os._exit(0)
     os.close(w)
@@ -91,11 +121,11 @@ def _warm_up() -> int:
         chunks.append(chunk)
     os.close(r)
     os.waitpid(pid, 0)
-    learned = [m for m in b"".join(chunks).decode().split("\n") if m]
-    for name in learned:
-        with contextlib.suppress(BaseException):
-            importlib.import_module(name)
-    return len(learned)
+    try:
+        learned: dict[str, Any] = json.loads(b"".join(chunks) or b"{}")
+    except ValueError:
+        learned = {}
+    return learned
 
 
 class Zygote:
@@ -109,7 +139,15 @@ class Zygote:
         self.pid = os.getpid()
         self.children: set[int] = set()
         self.exited: dict[int, int] = {}  # kept for a server that adopts after the exit
-        self.logs: dict[int, list[Any]] = {}  # kernels' stderr pipes → [kernel name, partial]
+        self.logs: dict[int, list[Any]] = {}  # kernels' stderr pipes → [kernel name, budget]
+        # Spawns under way, answered at their exec, when their pipe reads end-of-file (the
+        # loop serves other requests meanwhile): pipe → [request, asker, pid, pidfd, what was
+        # read].
+        self.starting: dict[int, list[Any]] = {}
+        # Our own PID namespace, where children are born but for the one fork of a sandboxed
+        # kernel (fork()), and its inode to check we are back in it.
+        self.pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        self.pid_ns_ino = os.fstat(self.pid_ns).st_ino
         self.retiring = False
         self.plain = False
         self.forks = 0
@@ -142,11 +180,13 @@ class Zygote:
                     self.receive(sock)
                 elif sock in self.logs:
                     self.drain(int(sock))
+                elif sock in self.starting:
+                    self.started(int(sock))
                 else:
                     with contextlib.suppress(BlockingIOError):
                         os.read(self.wake_r, 4096)
             self.reap()
-            if self.retiring and not self.children:
+            if self.retiring and not self.children and not self.starting:
                 self.leave()
 
     def accept(self) -> None:
@@ -183,34 +223,41 @@ class Zygote:
             return -1
         r, w = os.pipe()
         os.set_blocking(r, False)
-        self.logs[r] = [str(req["log"]), b""]
+        self.logs[r] = [str(req["log"]), LineBudget()]
         self.selector.register(r, selectors.EVENT_READ)
         return w
 
     def drain(self, fd: int) -> None:
-        name, buf = self.logs[fd]
+        name, budget = self.logs[fd]
         try:
             chunk = os.read(fd, 65536)
         except BlockingIOError:
             return
         except OSError:
             chunk = b""
-        buf += chunk
-        *lines, buf = buf.split(b"\n")
-        if not chunk and buf:  # the end: what is left is a line too
-            lines, buf = [*lines, buf], b""
-        if len(buf) > MAX_LOG_LINE:
-            lines, buf = [*lines, buf], b""
-        self.logs[fd][1] = buf
-        for line in lines:
-            text = line.decode(errors="replace").rstrip()
-            for sock in [self.control, *self.peers]:
-                if text and sock is not None:
-                    self.send({"log": name, "line": text[:MAX_LOG_LINE]}, to=sock)
+        for text in budget.feed(chunk, end=not chunk):  # at most its budget (_logbudget.py)
+            self.relay(name, text, budget)
         if not chunk:
             self.selector.unregister(fd)
             os.close(fd)
             del self.logs[fd]
+
+    def relay(self, name: str, text: str, budget: LineBudget) -> None:
+        """One line of a kernel's stderr to every connected server, never waiting for one: a
+        server that does not keep up loses the line (counted in the next notice) rather than
+        stall this loop, and with it every other kernel's start."""
+        data = json.dumps({"log": name, "line": text}).encode()
+        lost = False
+        for sock in [self.control, *self.peers]:
+            if sock is not None:
+                try:
+                    sock.send(data, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    lost = True
+                except OSError:
+                    pass  # a peer that went away: dropped when its end-of-file is read
+        if lost:
+            budget.lost(text)
 
     def reap(self) -> None:
         while True:
@@ -265,8 +312,10 @@ class Zygote:
                 else:
                     self.send({"id": req.get("id"), "error": f"no kernel {pid} here"}, to=sock)
             elif op in ("fork", "spawn") and not self.retiring and sock is self.control:
-                pid = self.fork(req, fds) if op == "fork" else self.spawn(req, fds)
-                self._reply_pidfd(req, pid, sock)
+                if op == "spawn":
+                    self.spawn(req, fds, sock)  # answered at its exec
+                else:
+                    self._reply_pidfd(req, self.fork(req, fds), sock)
             else:
                 self.send({"id": req.get("id"), "error": f"refused {op!r}"}, to=sock)
         except Exception as exc:
@@ -283,7 +332,31 @@ class Zygote:
         finally:
             os.close(pidfd)
 
-    def spawn(self, req: dict[str, Any], fds: list[int]) -> int:
+    def started(self, fd: int) -> None:
+        """Read a spawn's pipe; at its end (the exec), answer the spawn: the pipe carries an
+        exec error, or nothing: it runs."""
+        req, sock, pid, pidfd, data = self.starting[fd]
+        try:
+            while chunk := os.read(fd, 4096):
+                data += chunk
+        except BlockingIOError:
+            self.starting[fd][4] = data
+            return
+        except OSError:
+            pass
+        self.selector.unregister(fd)
+        os.close(fd)
+        del self.starting[fd]
+        try:
+            if data:
+                self.send({"id": req.get("id"), "error": f"RuntimeError: cannot start "
+                           f"{req['argv'][:1]}: {data.decode(errors='replace')}"}, to=sock)
+            else:
+                self.send({"id": req["id"], "pid": pid}, [pidfd], to=sock)
+        finally:
+            os.close(pidfd)
+
+    def spawn(self, req: dict[str, Any], fds: list[int], sock: socket.socket) -> None:
         """fork + exec of a prepared command (a cold kernel's bubblewrap, a forked kernel's
         sandbox holder): what ``subprocess`` with ``pass_fds`` and a preexec would do, here so
         the process is ours to reap and outlives the server. ``req["fds"]``: the descriptor
@@ -330,14 +403,11 @@ class Zygote:
                     os.write(err_w, f"{type(exc).__name__}: {exc}".encode()[:4000])
             os._exit(127)
         os.close(err_w)
-        data = b""
-        while chunk := os.read(err_r, 4096):  # end-of-file at the exec
-            data += chunk
-        os.close(err_r)
         self.children.add(pid)
-        if data:
-            raise RuntimeError(f"cannot start {req['argv'][:1]}: {data.decode(errors='replace')}")
-        return pid
+        # Answered at the exec (end-of-file on err_r); the pidfd names it even if it dies first.
+        os.set_blocking(err_r, False)
+        self.starting[err_r] = [req, sock, pid, os.pidfd_open(pid), b""]
+        self.selector.register(err_r, selectors.EVENT_READ)
 
     def fork(self, req: dict[str, Any], fds: list[int]) -> int:
         if self.plain:
@@ -366,35 +436,39 @@ class Zygote:
             self.children.add(pid)
             return pid
         holder, root = named["holder"], named["root"]
-        r, w = os.pipe()
-        mid = os.fork()
-        if mid == 0:  # joins the sandbox, forks the kernel into its PID namespace, exits
+        # The kernel is born in its sandbox's PID namespace: made ours for children for this
+        # one fork, then ours again. (A go-between child that forked the kernel cost a fork and
+        # an exit of the whole template per kernel, and held this loop until it was done.)
+        _check(_libc.setns(holder, CLONE_NEWPID), "setns")
+        try:
+            pid = os.fork()
+        finally:
+            if os.getpid() == self.pid:
+                self._own_pid_namespace()
+        if pid == 0:  # joins the sandbox (cgroups, namespaces, root), confines, runs
             try:
-                os.close(r)
                 self._after_fork()
                 if stderr >= 0:
-                    os.dup2(stderr, 2)  # before the sandbox: the kernel keeps it as its fd 2
+                    os.dup2(stderr, 2)
                 enter_sandbox(req, holder, root)
-                kernel = os.fork()
-                if kernel == 0:
-                    os.close(w)
-                    become_kernel(req, payload)
-                os.write(w, str(kernel).encode())
-                os._exit(0)
+                become_kernel(req, payload)
             except BaseException:
                 traceback.print_exc()
-                os._exit(70)
-        os.close(w)
-        data = b""
-        while chunk := os.read(r, 64):
-            data += chunk
-        os.close(r)
-        os.waitpid(mid, 0)
-        if not data:
-            raise RuntimeError("the kernel could not enter its sandbox")
-        pid = int(data)  # now our child: we are the subreaper its parent left it to
+            os._exit(70)  # the server sees it exit before it listens: it starts it cold
         self.children.add(pid)
         return pid
+
+    def _own_pid_namespace(self) -> None:
+        """Children are born in our PID namespace again, or we stop: a later child born in a
+        tenant's namespace must never happen."""
+        try:
+            _check(_libc.setns(self.pid_ns, CLONE_NEWPID), "setns")
+            back = os.stat("/proc/self/ns/pid_for_children").st_ino == self.pid_ns_ino
+        except OSError:
+            back = False
+        if not back:
+            sys.stderr.write("kernel-bridge zygote: cannot return to its PID namespace\n")
+            self.stop()
 
     def _after_fork(self) -> None:
         """In a child: give back the zygote's signals and file descriptors."""
@@ -407,10 +481,11 @@ class Zygote:
         for sock in [self.control, self.listener, *self.peers]:
             if sock is not None:
                 sock.close()
-        for fd in self.logs:
+        for fd in [*self.logs, *self.starting]:
             os.close(fd)
         os.close(self.wake_r)
         os.close(self.wake_w)
+        os.close(self.pid_ns)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -426,7 +501,7 @@ def main(argv: list[str] | None = None) -> None:
         del sys.path[0]  # python -m put our cwd first; a kernel gets its own (_fix_paths)
     control = socket.socket(fileno=args.control)
     started = time.monotonic()
-    learned = 0
+    learned: dict[str, int] = {}
     if not args.plain:
         learned = _warm_up()
         gc.collect()
@@ -446,7 +521,7 @@ def main(argv: list[str] | None = None) -> None:
     zygote = Zygote(control, listener)
     zygote.plain = args.plain
     zygote.send({"ready": True, "pid": os.getpid(), "modules": len(sys.modules),
-                 "learned": learned, "warm_up_s": round(time.monotonic() - started, 3)})
+                 **learned, "warm_up_s": round(time.monotonic() - started, 3)})
     zygote.serve()
 
 if __name__ == "__main__":

@@ -91,6 +91,9 @@ def test_resume_after_disconnect_gets_every_event_once(client: Client) -> None:
     time.sleep(1.0)  # output goes on while nobody listens
     rest = read_events(client, path, last=first[-1][0])
     both = first + rest
+    # What the run itself kept, to tell a stream that lost events from a run that lost output.
+    record = client.get(f"/api/v1/execute/status/{eid}").json()
+    assert record["result"]["stdout"] == COUNTED, record
     assert both[0][0] == 1
     assert_contiguous(both)  # every id once, in order
     assert text_of(both) == COUNTED

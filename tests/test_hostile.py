@@ -29,6 +29,7 @@ import pyseccomp
 import pytest
 
 from bridge.doctor import cgroups
+from bridge.sandbox import HOLDER_UID
 
 from .support import (
     ROOT,
@@ -355,7 +356,8 @@ def test_keys_of_one_tenant_unreachable_from_another(attacker: Client, victim: C
 def test_kernel_processes_never_root_on_the_host(srv: Server, attacker: Client) -> None:
     """Every process of every kernel (python, a process kernel, the batch bash kernel and what
     user code starts), seen from the host, is the sandbox uid with no capability in any set;
-    only bubblewrap itself is root (and holds none either)."""
+    only bubblewrap itself is root (and holds none either), and a forked kernel's sandbox
+    holder is uid nobody (neither root nor the tenant's, also without any)."""
     py = create(attacker)
     langs = ["python"]
     c = None
@@ -387,6 +389,10 @@ def test_kernel_processes_never_root_on_the_host(srv: Server, attacker: Client) 
                 continue
             if pname == "bwrap":  # the sandbox tool: root, but without any capability left
                 assert caps["CapEff"] == caps["CapPrm"] == "0000000000000000", (cmd, caps)
+                continue
+            if cmd == "sleep infinity" and uids.real == HOLDER_UID:  # bridge/sandbox.py
+                assert set(uids) == {HOLDER_UID}, (cmd, uids)
+                assert set(caps.values()) == {"0000000000000000"}, (cmd, caps)
                 continue
             assert 0 not in uids and uids.real == SANDBOX_UID, (cmd, uids)
             assert set(caps.values()) == {"0000000000000000"}, (cmd, caps)

@@ -5,6 +5,7 @@ session usable. Each test starts a server with the settings it needs."""
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 import time
 import uuid
@@ -250,7 +251,12 @@ def test_backendai_queries_end_at_the_server_default_and_free_the_place() -> Non
         t = time.monotonic()
         results = run_to_end(api, "/session", second, bomb)
         bomb_s = time.monotonic() - t
-        assert results[-1]["status"] == "exec-timeout", results[-1]
+        # If this flakes, say how: the session's state (kernel-died? destroyed?) and what the
+        # server logged of it (an OOM kill, a kernel exit, a destroy reason).
+        assert results[-1]["status"] == "exec-timeout", (
+            results[-1], api.get(f"/session/{second}").text,
+            [line for line in srv.log().splitlines()[-200:] if second in line
+             or re.search(r"died|oom|exit|destroy|kill", line, re.I)][-30:])
         third = name()
         deadline = time.monotonic() + 20
         while (r := api.post("/session", json={"lang": "python", "name": third,

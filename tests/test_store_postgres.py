@@ -5,13 +5,15 @@ pools, an unreachable database at start."""
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Awaitable, Callable
 
 import psycopg
 import pytest
 
-from bridge.errors import StartupRefused
+from bridge.errors import StartupRefused, StoreUnavailable
 from bridge.store import Store, migrations
-from bridge.store.postgres import PostgresStore
+from bridge.store.postgres import ACQUIRE_TIMEOUT_S, PostgresStore
 
 from .unit.test_store import MakeStore, StoreContract, with_store
 
@@ -88,3 +90,101 @@ def test_an_unreachable_database_is_one_line_without_the_password() -> None:
         with_store(lambda: PostgresStore(url), lambda s: asyncio.sleep(0))
     assert "cannot reach the database postgresql://kb:***@127.0.0.1" in str(info.value)
     assert "s3cret" not in str(info.value)
+
+
+# A statement that ends its own connection the first time it runs (a sequence is not rolled
+# back), as a PostgreSQL restart or a failover ends a connection in the middle of a call.
+DIES_ONCE = ("SELECT CASE WHEN nextval('dies_once') = 1 THEN pg_terminate_backend(pg_backend_pid())"
+             " ELSE true END AS ok")
+
+
+def with_pg_store(pg_url: str, body: Callable[[PostgresStore], Awaitable[None]]) -> None:
+    async def scenario() -> None:
+        store = PostgresStore(pg_url)
+        await store.open()
+        try:
+            await store.execute("CREATE SEQUENCE dies_once")
+            await body(store)
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def terminate_others(pg_url: str) -> int:
+    """End every connection to the test's database but this one (an operator, a failover)."""
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        row = conn.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                           " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                           ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_connections_ended_while_idle_are_replaced_before_a_statement_is_sent(
+        pg_url: str) -> None:
+    async def body(store: PostgresStore) -> None:
+        await store.fetchall("SELECT 1")
+        assert terminate_others(pg_url) >= 2  # the writer and a reader, idle in their pools
+        await asyncio.sleep(0.2)  # their goodbyes have reached our sockets
+        insert = "INSERT INTO vfolders (id, name, owner, created) VALUES (?, ?, ?, ?)"
+        assert await store.execute(insert, ("f1", "one", "ak", "t")) == 1
+        await store.transaction([(insert, ("f2", "two", "ak", "t"))])
+        rows = await store.fetchall("SELECT id FROM vfolders ORDER BY id")
+        assert [r["id"] for r in rows] == ["f1", "f2"]
+
+    with_pg_store(pg_url, body)
+
+
+def test_a_read_whose_connection_dies_is_retried_once_on_a_fresh_one(pg_url: str) -> None:
+    async def body(store: PostgresStore) -> None:
+        assert await store.fetchone(DIES_ONCE) == {"ok": True}
+        assert await store.fetchone("SELECT last_value FROM dies_once") == {"last_value": 2}
+
+    with_pg_store(pg_url, body)
+
+
+def test_a_transaction_that_dies_before_its_commit_is_retried(pg_url: str) -> None:
+    async def body(store: PostgresStore) -> None:
+        insert = ("INSERT INTO vfolders (id, name, owner, created) VALUES (?, ?, ?, ?)",
+                  ("f1", "one", "ak", "t"))
+        await store.transaction([insert, (DIES_ONCE, ())])
+        assert await store.fetchall("SELECT id FROM vfolders") == [{"id": "f1"}]  # once
+
+    with_pg_store(pg_url, body)
+
+
+def test_a_statement_that_dies_is_not_retried_and_says_unavailable(pg_url: str) -> None:
+    """In autocommit a statement is its own commit: when its connection dies, it may have
+    committed, so running it again could apply it twice. The caller gets StoreUnavailable
+    (a 503, "retry shortly"), not an acknowledgement, and the store works on."""
+    async def body(store: PostgresStore) -> None:
+        with pytest.raises(StoreUnavailable, match="retry shortly"):
+            await store.execute(DIES_ONCE)
+        assert await store.fetchone("SELECT last_value FROM dies_once") == {"last_value": 1}
+        assert await store.execute("UPDATE vfolders SET name = 'x'") == 0
+
+    with_pg_store(pg_url, body)
+
+
+def test_a_stopped_database_is_unavailable_within_the_acquire_timeout() -> None:
+    from .pg import postgres_cluster
+
+    async def scenario(url: str, stop: Callable[[], None]) -> None:
+        store = PostgresStore(url)
+        await store.open()
+        try:
+            stop()
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable):
+                await store.fetchone("SELECT 1")
+            # Eight writes at once: they queue for the one writer, and all fail within about
+            # one timeout, not eight in turn.
+            writes = await asyncio.gather(*(store.execute("SELECT 1") for _ in range(8)),
+                                          return_exceptions=True)
+            assert all(isinstance(w, StoreUnavailable) for w in writes), writes
+            assert time.monotonic() - started < 2 * ACQUIRE_TIMEOUT_S + 5
+        finally:
+            await store.close()
+
+    with postgres_cluster() as cluster:
+        asyncio.run(scenario(cluster.create_database(), cluster.stop))

@@ -95,6 +95,83 @@ def test_forked_kernels_are_confined_like_cold_ones(api: Client) -> None:
     api.delete(f"/session/{name}")
 
 
+HOLDER_PROBE = """
+import ctypes, json, os, signal
+def status(pid):
+    return dict(l.rstrip("\\n").split(":\\t", 1) for l in open(f"/proc/{pid}/status")
+                if ":\\t" in l)
+def attempt(fn):
+    try:
+        fn()
+        return "allowed"
+    except OSError as exc:
+        return type(exc).__name__
+holder = next(p for p in (int(d) for d in os.listdir("/proc") if d.isdigit())
+              if open(f"/proc/{p}/cmdline", "rb").read().split(b"\\0")[0] == b"sleep")
+s = status(holder)
+libc = ctypes.CDLL(None, use_errno=True)
+print(json.dumps({
+    "cmdline": open(f"/proc/{holder}/cmdline", "rb").read().decode().split("\\0"),
+    "uid": s["Uid"].split(), "gid": s["Gid"].split(), "groups": s["Groups"].split(),
+    "caps": {k: s[k] for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")},
+    "nnp": s["NoNewPrivs"].strip(), "seccomp": s["Seccomp"].strip(),
+    "python_in_sandbox": sorted(p for p in os.listdir("/proc") if p.isdigit()
+                                and b"python" in open(f"/proc/{p}/cmdline", "rb").read()
+                                and int(p) != os.getpid()),
+    "kill": attempt(lambda: os.kill(holder, signal.SIGKILL)),
+    "stop": attempt(lambda: os.kill(holder, signal.SIGSTOP)),
+    "environ": attempt(lambda: open(f"/proc/{holder}/environ", "rb").read()),
+    "ptrace": libc.ptrace(16, holder, 0, 0),  # PTRACE_ATTACH: -1 when refused
+}))
+"""
+
+
+def test_the_sandbox_holder_runs_no_python_and_the_kernel_cannot_touch_it(api: Client) -> None:
+    """A forked kernel's sandbox is held by sleep (bwrap → setpriv → sh → sleep, no Python
+    launcher) as uid nobody without any capability, under no_new_privs and the seccomp filter:
+    the kernel (the sandbox uid) can neither signal, trace nor inspect it, and lives on."""
+    name = create(api)
+    assert probe(api, name)["ppid"] == 0  # forked
+    out = console_text(run_to_end(api, "/session", name, HOLDER_PROBE), "stdout").strip()
+    h = json.loads(out.splitlines()[-1])
+    assert h["cmdline"][:2] == ["sleep", "infinity"], h
+    assert h["uid"] == ["65534"] * 4 and h["gid"] == ["65534"] * 4 and h["groups"] == [], h
+    assert all(int(v, 16) == 0 for v in h["caps"].values()), h["caps"]
+    assert h["nnp"] == "1" and h["seccomp"] == "2", h
+    assert h["python_in_sandbox"] == [], h  # only the kernel itself runs Python in there
+    assert h["kill"] == "PermissionError" and h["stop"] == "PermissionError", h
+    assert h["environ"] == "PermissionError" and h["ptrace"] == -1, h
+    again = run_to_end(api, "/session", name, "print('still here')")
+    assert "still here" in console_text(again, "stdout")
+    api.delete(f"/session/{name}")
+
+
+def test_forked_kernel_keeps_its_kernelspec_config_and_history(api: Client) -> None:
+    """A forked kb-python kernel takes its command line's config from the template's parse
+    (kernelspecs/_prebuilt.py): what kernel.json sets, it has; and this session's In, Out and
+    %history work as in a cold kernel."""
+    name = create(api)
+    try:
+        def run(code: str) -> str:
+            return console_text(run_to_end(api, "/session", name, code), "stdout")
+
+        seen = json.loads(run(
+            "import json, os, sys\nip = get_ipython()\n"
+            "print(json.dumps({'ppid': os.getppid(), 'stdout': type(sys.stdout).__name__,"
+            " 'hist_file': str(ip.history_manager.hist_file), 'jedi': ip.Completer.use_jedi,"
+            " 'connection_file': os.path.isfile(ip.kernel.parent.connection_file)}))").strip())
+        assert seen == {"ppid": 0, "stdout": "ChunkedOutStream", "hist_file": ":memory:",
+                        "jedi": False, "connection_file": True}  # its own, not the placeholder
+        run("a = 41")
+        run("a + 1")
+        assert run("print(In[-2], Out[max(Out)], _i)").strip() == "a + 1 42 a + 1"
+        history = run("%history -n")
+        assert "a = 41" in history and "a + 1" in history, history
+        assert "a = 41" in run("%history -l 5")  # from the session's database, in memory
+    finally:
+        api.delete(f"/session/{name}")
+
+
 def fresh_probes(api: Client, n: int = 20) -> list[dict[str, Any]]:
     """Probes of ``n`` fresh kernels, each in a session of its own, four at a time."""
     def one(_: int) -> dict[str, Any]:

@@ -28,6 +28,7 @@ TABLE: dict[type[BaseException], tuple[int, str]] = {
     e.QuotaExceeded: (412, "quota-exceeded"),
     e.RateLimited: (429, "rate-limit-exceeded"),
     e.KernelError: (503, "kernel-creation-failed"),
+    e.StoreUnavailable: (503, "service-unavailable"),
     e.DiskFull: (507, "insufficient-storage"),
     e.BridgeError: (400, "generic-bad-request"),
     Exception: (500, "internal-server-error"),
@@ -47,6 +48,7 @@ _TITLES = {
     "rate-limit-exceeded": "Rate limit exceeded.",
     "kernel-creation-failed": "Kernel creation failed.",
     "insufficient-storage": "Not enough storage to complete the request.",
+    "service-unavailable": "Service unavailable; retry shortly.",
     "generic-bad-request": "Bad request.",
     "internal-server-error": "Something has gone wrong.",
 }

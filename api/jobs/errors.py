@@ -31,6 +31,7 @@ TABLE: dict[type[BaseException], tuple[int, str]] = {
     e.QuotaExceeded: (429, "quota_exceeded"),
     e.RateLimited: (429, "rate_limited"),
     e.KernelError: (503, "backend_unavailable"),
+    e.StoreUnavailable: (503, "service_unavailable"),
     e.DiskFull: (507, "insufficient_storage"),
     e.BridgeError: (400, "bad_request"),
     Exception: (500, "internal_error"),

@@ -25,6 +25,7 @@ TABLE: dict[type[BaseException], tuple[int, str]] = {
     e.QuotaExceeded: (403, "Forbidden"),
     e.RateLimited: (429, "Too Many Requests"),
     e.KernelError: (503, "Service Unavailable"),
+    e.StoreUnavailable: (503, "Service Unavailable"),
     e.DiskFull: (507, "Insufficient Storage"),
     e.BridgeError: (400, "Bad Request"),
     Exception: (500, "Internal Server Error"),

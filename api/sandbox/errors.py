@@ -29,6 +29,7 @@ TABLE: dict[type[BaseException], tuple[int, str]] = {
     e.HostBudgetExceeded: (503, "host-memory-budget-spent"),
     e.RateLimited: (429, "rate-limited"),
     e.KernelError: (503, "kernel-unavailable"),
+    e.StoreUnavailable: (503, "store-unavailable"),
     e.DiskFull: (507, "insufficient-storage"),
     e.BridgeError: (400, "bad-request"),
     Exception: (500, "internal-error"),

@@ -6,22 +6,39 @@ ordering the SQLite backend's single thread gives, so a module that saves a row 
 never finds the older save committed last. Each write commits before the call returns.
 
 Migrations run under an advisory lock: two replicas starting at once apply each step once.
+
+A lost connection (PostgreSQL restarted, a backend was terminated, the network cut) is never a
+500 and never a lost acknowledged write:
+
+- a pooled connection is checked for life before it is used, without a round trip: an idle
+  connection the server has spoken on or hung up on is dead (a restart sends every client a
+  FATAL goodbye), and so is every other one from before; the pool is drained and the call gets
+  a fresh connection before any statement is sent;
+- a connection that dies during a call is retried once on a fresh one where that is safe: a
+  read, or a transaction whose COMMIT was not sent; a statement in autocommit (its own commit)
+  may have committed, so it is not;
+- otherwise, or when no connection can be had within ``ACQUIRE_TIMEOUT_S``, the call raises
+  :class:`~bridge.errors.StoreUnavailable` (every dialect's 503, "retry shortly"); the writes
+  queued behind a write that found no connection fail with it, not one timeout after another.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
-from collections.abc import Sequence
-from typing import Any
+import select
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from ..errors import StartupRefused
+from ..errors import StartupRefused, StoreUnavailable
 from . import migrations
 from .base import Row, Store
 
@@ -32,6 +49,16 @@ MIGRATION_LOCK = 0x6B62736368656D61
 # Readers per process; the writer is one more.
 READ_POOL_MAX = 8
 CONNECT_TIMEOUT_S = 10.0
+# How long a call waits for a pooled connection before it answers "unavailable" (503): long
+# enough to ride out a quick restart, short enough that a client is not left hanging.
+ACQUIRE_TIMEOUT_S = 5.0
+# psycopg_pool retries a failed connect with a doubling backoff (1, 2, 4… s) for this long. Kept
+# short: after it gives up, the next call that waits for a connection starts a new attempt at
+# once, so the first call after the database is back connects without waiting out a backoff.
+RECONNECT_GIVE_UP_S = 2.0
+
+T = TypeVar("T")
+Conn = psycopg.AsyncConnection[Any]
 
 
 class PostgresStore(Store):
@@ -44,10 +71,16 @@ class PostgresStore(Store):
         self._steps = tuple(steps)
         kwargs = {"autocommit": True}
         self._readers = AsyncConnectionPool(url, min_size=1, max_size=read_pool_max,
-                                            kwargs=kwargs, open=False, name="kb-read")
+                                            kwargs=kwargs, open=False, name="kb-read",
+                                            timeout=ACQUIRE_TIMEOUT_S,
+                                            reconnect_timeout=RECONNECT_GIVE_UP_S)
         self._writer = AsyncConnectionPool(url, min_size=1, max_size=1, kwargs=kwargs,
-                                           open=False, name="kb-write")
+                                           open=False, name="kb-write", timeout=ACQUIRE_TIMEOUT_S,
+                                           reconnect_timeout=RECONNECT_GIVE_UP_S)
         self._write_lock = asyncio.Lock()
+        # When the writer last found no connection (time.monotonic()): the writes that were
+        # queued behind it meanwhile fail with it rather than each wait out a timeout in turn.
+        self._writer_failed_at = float("-inf")
 
     def describe(self) -> str:
         return f"PostgreSQL {redact(self.url)}"
@@ -100,28 +133,128 @@ class PostgresStore(Store):
     # -- writes: one connection, in call order ---------------------------------------------
 
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
-        async with self._write_lock, self._writer.connection() as conn:
+        async def statement(conn: Conn, progress: _Progress) -> int:
+            progress.committing = True  # autocommit: the statement is its own commit
             cur = await conn.execute(to_pg(sql), _params(params))
             return max(cur.rowcount, 0)
+
+        return await self._write(statement)
 
     async def transaction(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
         if not statements:
             return
-        async with self._write_lock, self._writer.connection() as conn, conn.transaction():
-            for sql, params in statements:
-                await conn.execute(to_pg(sql), _params(params))
+
+        async def block(conn: Conn, progress: _Progress) -> None:
+            async with conn.transaction():
+                for sql, params in statements:
+                    await conn.execute(to_pg(sql), _params(params))
+                progress.committing = True  # leaving the block sends COMMIT
+
+        await self._write(block)
+
+    async def _write(self, work: Callable[[Conn, _Progress], Awaitable[T]]) -> T:
+        queued = time.monotonic()
+        async with self._write_lock:
+            if self._writer_failed_at > queued:  # nothing sent: StoreUnavailable is exact
+                raise StoreUnavailable()
+            try:
+                return await self._call(self._writer, work)
+            except StoreUnavailable as exc:
+                if isinstance(exc.__cause__, PoolTimeout):
+                    self._writer_failed_at = time.monotonic()
+                raise
 
     # -- reads: any pooled connection --------------------------------------------------------
 
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
-        async with self._readers.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(to_pg(sql), _params(params))
-            return await cur.fetchone()
+        async def read(conn: Conn, _: _Progress) -> Row | None:
+            async with conn.cursor(row_factory=dict_row) as cur:
+                await cur.execute(to_pg(sql), _params(params))
+                return await cur.fetchone()
+
+        return await self._call(self._readers, read)
 
     async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
-        async with self._readers.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(to_pg(sql), _params(params))
-            return await cur.fetchall()
+        async def read(conn: Conn, _: _Progress) -> list[Row]:
+            async with conn.cursor(row_factory=dict_row) as cur:
+                await cur.execute(to_pg(sql), _params(params))
+                return await cur.fetchall()
+
+        return await self._call(self._readers, read)
+
+    # -- connections that may have died ------------------------------------------------------
+
+    async def _call(self, pool: AsyncConnectionPool[Conn],
+                    work: Callable[[Conn, _Progress], Awaitable[T]]) -> T:
+        """``work`` on a live pooled connection; once more on a fresh one if the connection
+        dies under it before anything could have committed; else StoreUnavailable."""
+        for last_try in (False, True):
+            progress = _Progress()
+            conn: Conn | None = None
+            try:
+                async with self._connection(pool) as conn:
+                    return await work(conn, progress)
+            except PoolTimeout as exc:  # the pool already tried fresh connections meanwhile
+                log.warning("database unavailable (%s): %s", pool.name, _first_line(exc))
+                raise StoreUnavailable() from exc
+            except psycopg.OperationalError as exc:
+                if not connection_lost(exc, conn):
+                    raise
+                if last_try or progress.committing:
+                    log.warning("database connection lost (%s)%s: %s", pool.name,
+                                ", a write's outcome unknown" if progress.committing else "",
+                                _first_line(exc))
+                    raise StoreUnavailable() from exc
+                log.info("database connection lost (%s), retrying on a fresh one: %s",
+                         pool.name, _first_line(exc))
+        raise AssertionError("unreachable")
+
+    @contextlib.asynccontextmanager
+    async def _connection(self, pool: AsyncConnectionPool[Conn]) -> AsyncIterator[Conn]:
+        conn = await pool.getconn()
+        if not idle_alive(conn):
+            # The server hung up on this one while it sat in the pool: a restart (or a failover)
+            # ended every connection opened before it. Replace them all, not one per call.
+            log.warning("database connection found closed in %s: reconnecting", pool.name)
+            await pool.drain()
+            await pool.putconn(conn)  # closed on return: it predates the drain
+            conn = await pool.getconn()
+        try:
+            yield conn
+        finally:
+            await pool.putconn(conn)
+
+
+class _Progress:
+    """How far a call got: once ``committing`` is set, a lost connection leaves the write's
+    outcome unknown, and running it again could apply it twice."""
+
+    committing = False
+
+
+def idle_alive(conn: Conn) -> bool:
+    """Whether an idle connection (no query in flight) may still work, without a round trip.
+    The server sends nothing unasked to an idle client of ours (no LISTEN), except the FATAL
+    before it closes the connection, so anything readable (or the end of the stream) means
+    dead. False positives only cost a reconnect."""
+    if conn.closed or conn.broken:
+        return False
+    try:
+        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return not readable
+
+
+def connection_lost(exc: BaseException, conn: Conn | None) -> bool:
+    """Whether ``exc`` means the connection (not the statement) failed: the connection is now
+    unusable, or PostgreSQL said so (class 08, or a shutdown's 57P01-57P03)."""
+    if not isinstance(exc, psycopg.OperationalError):
+        return False
+    if conn is not None and (conn.broken or conn.closed):
+        return True
+    state = exc.sqlstate or ""
+    return state.startswith("08") or state in ("57P01", "57P02", "57P03")
 
 
 def _params(params: Sequence[Any]) -> list[Any]:

@@ -21,16 +21,17 @@ CORE_ERRORS = [cls for _, cls in inspect.getmembers(e, inspect.isclass)
 FAMILIES: dict[str, dict[type[e.BridgeError], int]] = {
     "backendai": {e.NotFound: 404, e.InvalidRequest: 400, e.LimitExceeded: 406,
                   e.AuthFailed: 401, e.Forbidden: 403, e.QuotaExceeded: 412,
-                  e.RateLimited: 429, e.DiskFull: 507, e.Conflict: 409, e.KernelError: 503},
+                  e.RateLimited: 429, e.DiskFull: 507, e.Conflict: 409, e.KernelError: 503,
+                  e.StoreUnavailable: 503},
     "sandbox": {e.NotFound: 404, e.InvalidRequest: 400, e.AuthFailed: 403, e.Forbidden: 403,
                 e.QuotaExceeded: 429, e.HostBudgetExceeded: 503, e.RateLimited: 429,
-                e.DiskFull: 507, e.Conflict: 409, e.KernelError: 503},
+                e.DiskFull: 507, e.Conflict: 409, e.KernelError: 503, e.StoreUnavailable: 503},
     "jobs": {e.NotFound: 404, e.InvalidRequest: 400, e.AuthFailed: 401, e.Forbidden: 403,
              e.QuotaExceeded: 429, e.RateLimited: 429, e.DiskFull: 507, e.Conflict: 409,
-             e.KernelError: 503},
+             e.KernelError: 503, e.StoreUnavailable: 503},
     "jupyter": {e.NotFound: 404, e.InvalidRequest: 400, e.AuthFailed: 401, e.Forbidden: 403,
                 e.QuotaExceeded: 403, e.RateLimited: 429, e.DiskFull: 507, e.Conflict: 409,
-                e.KernelError: 503},
+                e.KernelError: 503, e.StoreUnavailable: 503},
 }
 DIALECTS = [BACKENDAI, SANDBOX, IBM, JUPYTER]
 
@@ -89,3 +90,22 @@ def test_an_unexpected_exception_is_a_500_that_tells_nothing(dialect: Dialect) -
 def test_a_bare_status_takes_the_first_code_listed(dialect: Dialect) -> None:
     status, code, _ = dialect.lookup(None, 404)
     assert status == 404 and code == dialect.lookup(instance(e.NotFound), 500)[1]
+
+
+@pytest.mark.parametrize("dialect", DIALECTS, ids=lambda d: d.name)
+def test_an_unreachable_database_is_a_503_that_says_retry_shortly(dialect: Dialect) -> None:
+    """The store's StoreUnavailable (a lost PostgreSQL connection) is never a 500, and its
+    cause (hosts, ports) stays in the log."""
+    import psycopg
+
+    try:
+        try:
+            raise psycopg.OperationalError("connection to 10.0.0.7 port 5432 failed")
+        except psycopg.OperationalError as cause:
+            raise e.StoreUnavailable() from cause
+    except e.StoreUnavailable as exc:
+        status, code, message = dialect.lookup(exc, 500)
+    assert status == 503 and code
+    body = dialect.render(status, code, message)
+    assert shape_of(dialect, body, message) and "retry shortly" in message
+    assert "10.0.0.7" not in str(body)

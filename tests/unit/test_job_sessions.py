@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from bridge.job_sessions import JobSessions
 from bridge.keypairs import Keypairs
 from bridge.settings import Settings
@@ -39,12 +41,28 @@ class SlowKernels:
         return []
 
 
-def test_open_ttl_counts_from_kernel_ready(tmp_path: Path) -> None:
+class SlowStore(SqliteStore):
+    """Writes as a loaded machine's store does them: each takes a while."""
+
+    delay = 0.3
+
+    async def execute(self, sql: str, params: Any = ()) -> int:
+        await asyncio.sleep(self.delay)
+        return await super().execute(sql, params)
+
+    async def transaction(self, statements: Any) -> None:
+        await asyncio.sleep(self.delay)
+        await super().transaction(statements)
+
+
+@pytest.mark.parametrize("store_cls", [SqliteStore, SlowStore], ids=["store", "slow-store"])
+def test_open_ttl_counts_from_kernel_ready(tmp_path: Path,
+                                           store_cls: type[SqliteStore]) -> None:
     """A dedicated session's open TTL starts once its kernel is up: a slow start on a loaded
     machine must not eat the client's time to submit its first job."""
 
     async def scenario() -> None:
-        store = SqliteStore(tmp_path / "db.sqlite3")
+        store = store_cls(tmp_path / "db.sqlite3")
         await store.open()
         kernels = SlowKernels()
         jobs = JobSessions(Settings(data_dir=tmp_path), store, Keypairs(store, 1),
@@ -57,6 +75,9 @@ def test_open_ttl_counts_from_kernel_ready(tmp_path: Path) -> None:
             assert js.state.value == "open"  # the kernel took longer than the whole TTL
             # The reaper still fires it: closed, stamped with the deadline itself.
             await until(lambda: js.state.value == "closed", 30, "the open TTL's close")
+            # The state turns closed first; its record is written, then the kernel goes: on a
+            # loaded machine the store's write takes a while, so wait for the kernel's end too.
+            await until(lambda: kernels.destroyed, 30, "the kernel's discard after the close")
             assert [state for state, _ in js.timestamps] == ["open", "closed"]
             closed_at = js.timestamps[-1][1]
             assert kernels.ready_at + 0.4 <= closed_at < kernels.ready_at + 0.4 + 1.0

@@ -114,3 +114,21 @@ def test_stop_kills_what_the_keeper_holds() -> None:
             os.kill(pid, 0)
 
     with_keeper(body)
+
+
+def test_spawns_in_flight_are_each_answered_at_their_exec() -> None:
+    """The keeper answers a spawn once it has exec'd (or failed to), serving other requests
+    meanwhile: several at once all get their answer, a failed exec its error."""
+    async def body(keeper: ZygoteProcess) -> None:
+        bad = keeper.start("spawn", {
+            "argv": ["/nonexistent"], "executable": "/nonexistent", "env": {}, "cwd": "/",
+            "cgroup_procs": [], "rlimit_as": 0, "fds": []}, [])
+        good = [spawn_sh(keeper, f"exit {n}", [], []) for n in range(8)]
+        results = await asyncio.gather(bad, *good, return_exceptions=True)
+        assert isinstance(results[0], ZygoteUnavailable), results[0]
+        assert "cannot start" in str(results[0]) and "nonexistent" in str(results[0])
+        pids = results[1:]
+        assert all(isinstance(p, int) for p in pids), pids
+        assert [await exit_of(keeper, p) for p in pids] == list(range(8))  # type: ignore[arg-type]
+
+    with_keeper(body)

@@ -13,11 +13,20 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from bridge.binds import Bind, toolchain_binds, unreadable_entries
 from bridge.cgroups import Cgroups, _mounts, _own_paths
-from bridge.sandbox import HOST_ENV, RLIMIT_AS_SLACK, Confinement, Sandbox, base_environ
+from bridge.sandbox import (
+    HOLDER_UID,
+    HOST_ENV,
+    RLIMIT_AS_SLACK,
+    Confinement,
+    HostLaunch,
+    Sandbox,
+    base_environ,
+)
 
 
 def conf(tmp: Path, **kw: object) -> Confinement:
@@ -145,6 +154,54 @@ def test_host_side_gets_nothing_of_the_client(tmp_path: Path) -> None:
     lines = out.splitlines()
     assert lines[0] == "inside /x/evil.sh" and lines[1] == str(sandbox.uid), out
     assert lines[2].split() == ["0000000000000000", "1", "2"], out  # no caps, nnp, filter
+
+
+def options_of(launch: HostLaunch) -> list[str]:
+    """bwrap's options from its --args descriptor, descriptor numbers left out."""
+    fd = int(launch.argv[launch.argv.index("--args") + 1])
+    os.lseek(fd, 0, os.SEEK_SET)
+    options = os.read(fd, 1 << 20).decode().split("\0")[:-1]
+    os.lseek(fd, 0, os.SEEK_SET)  # for bwrap, should the launch run
+    return [o for o in options if not o.isdigit()]
+
+
+def test_the_holder_gets_the_kernels_sandbox_runs_no_python_and_drops_to_nobody(
+        tmp_path: Path) -> None:
+    """A forked kernel's sandbox holder: the very sandbox a cold kernel of the same confinement
+    gets, held by sleep as uid nobody with no capability, no_new_privs and the seccomp filter,
+    after one line on its stdout (when every mount is made)."""
+    sandbox = Sandbox("auto")
+    c = conf(tmp_path)
+    sandbox.hand_over(c)
+    cold, holder = sandbox.host_launch(["/bin/true"], c, {}), sandbox.holder_launch(c)
+    try:
+        assert options_of(holder) == options_of(cold)
+        payload = holder.argv[holder.argv.index("--") + 1:]
+        assert payload[0].endswith("setpriv") and f"--reuid={HOLDER_UID}" in payload, payload
+        assert not any("python" in a or "enter.py" in a for a in payload), payload
+        assert holder.env == dict(HOST_ENV)
+        proc = subprocess.Popen(holder.argv, executable=holder.executable, env=holder.env,
+                                pass_fds=holder.fds, cwd="/", stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, preexec_fn=sandbox.preexec(c, None))
+    finally:
+        cold.close()
+        holder.close()
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout.readline() == b"\n", proc.stderr.read()
+        sleeper = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                   if p.name() == "sleep"]
+        assert len(sleeper) == 1, sleeper
+        status = dict(line.split(":\t", 1) for line in
+                      Path(f"/proc/{sleeper[0].pid}/status").read_text().splitlines()
+                      if ":\t" in line)
+        assert status["Uid"].split() == [str(HOLDER_UID)] * 4, status["Uid"]
+        assert status["Gid"].split() == [str(HOLDER_UID)] * 4 and not status["Groups"].split()
+        assert all(int(status[k], 16) == 0 for k in status if k.startswith("Cap")), status
+        assert status["NoNewPrivs"].strip() == "1" and status["Seccomp"].strip() == "2"
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_environ_from_scratch() -> None:
