@@ -56,7 +56,8 @@ def config_of(session: Session) -> dict[str, Any]:
             "mount_specs": [{"host": str(m.host), "target": m.target,
                              "read_only": m.read_only} for m in session.mounts],
             "environ": session.environ, "workdir": str(session.workdir),
-            "network": session.network, "on_timeout": session.on_timeout}
+            "network": session.network, "on_timeout": session.on_timeout,
+            "kernelspec": session.kernelspec}
 
 
 def record_of(kernel: Kernel) -> str:
@@ -94,7 +95,7 @@ def rebuild(row: Row) -> Session:
                       mounts=mounts, environ=dict(config.get("environ") or {}),
                       network=bool(config.get("network")),
                       on_timeout=config.get("on_timeout", "destroy"),
-                      created_at=row["created_at"])
+                      kernelspec=config.get("kernelspec"), created_at=row["created_at"])
     return session
 
 

@@ -137,7 +137,6 @@ def wall_clock(monotonic: float) -> str:
 class Activity:
     """What one session shows as a Jupyter kernel."""
 
-    name: str  # the kernelspec name the client asked for
     execution_state: str = "idle"
     relays: set[Relay] = field(default_factory=set)
     hold: Hold | None = None  # the kernel is busy for a relayed request: keep the reaper off
@@ -243,10 +242,8 @@ class Gateway:
             raise NoSuchKernelspec(name)
         environ = {k: str(v) for k, v in (env or {}).items()
                    if k.startswith(ENV_PREFIXES) and k not in GATEWAY_ENV}
-        session = await self.sessions.create(access_key, language, origin="jupyter",
-                                             environ=environ)
-        self._activity[session.id] = Activity(name=name)
-        return session
+        return await self.sessions.create(access_key, language, origin="jupyter",
+                                          environ=environ, kernelspec=name)
 
     def kernels(self, access_key: str) -> list[Session]:
         return self.sessions.all(access_key)
@@ -265,7 +262,7 @@ class Gateway:
         elif session.state.value == "ERROR":
             state = "dead"
         return {"id": session.id,
-                "name": act.name if act is not None else session.language.kernelspec,
+                "name": session.kernelspec or session.language.kernelspec,
                 "last_activity": wall_clock(session.last_activity),
                 "execution_state": state,
                 "connections": len(act.relays) if act is not None else 0}
@@ -311,7 +308,7 @@ class Gateway:
     def _activity_of(self, session: Session) -> Activity:
         act = self._activity.get(session.id)
         if act is None:
-            act = self._activity[session.id] = Activity(name=session.language.kernelspec)
+            act = self._activity[session.id] = Activity()
         return act
 
     def observe(self, session: Session, msg: Message) -> None:

@@ -148,6 +148,9 @@ class Session:
     # a batch job's session, which ends with its run anyway) or "restart" the kernel (sessions
     # that outlive a run: a Sandbox session_id, a dedicated job session).
     on_timeout: str = "destroy"
+    # The kernelspec name a Jupyter client asked for ("python3"), shown back in its kernel
+    # model, a notebook saved then keeps it; None: the language's own (kb-python).
+    kernelspec: str | None = None
     created_at: str = field(default_factory=now_iso)
     state: SessionState = SessionState.RUNNING
     state_reason: str = ""

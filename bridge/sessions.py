@@ -154,7 +154,7 @@ class Sessions:
                      origin: str = "backendai", limits: Limits | None = None,
                      mounts: tuple[Mount, ...] = (), environ: dict[str, str] | None = None,
                      network: bool = False, on_timeout: str = "destroy",
-                     ticket: Ticket | None = None) -> Session:
+                     ticket: Ticket | None = None, kernelspec: str | None = None) -> Session:
         """Start a session with a running kernel, admitted now, or by ``ticket`` (granted by
         :meth:`reserve` and ``admission.wait``; the session owns it from here, also when it
         fails to start). Raises QuotaExceeded, HostBudgetExceeded, LimitExceeded,
@@ -179,7 +179,8 @@ class Sessions:
         workdir = self.settings.sessions_dir / sid
         session = Session(id=sid, name=name or sid, access_key=access_key, language=language,
                           origin=origin, limits=limits, workdir=workdir, mounts=mounts,
-                          environ=dict(environ or {}), network=network, on_timeout=on_timeout)
+                          environ=dict(environ or {}), network=network, on_timeout=on_timeout,
+                          kernelspec=kernelspec)
         session.ticket = ticket
         self._by_id[sid] = session
         try:

@@ -72,9 +72,9 @@ def parse_shipped(modules: tuple[str, ...]) -> int:
         key = _key(args)
         if key is None or key != tuple(args) or not _assignments_only(key) or key in _PARSED:
             continue  # kernel.json names the connection file by the placeholder
-        app = IPKernelApp()  # a throwaway, not the singleton: the kernel makes its own
+        app = IPKernelApp()  # type: ignore[no-untyped-call]  # a throwaway: the kernel makes its own
         try:
-            app.parse_command_line(args)  # type: ignore[no-untyped-call]
+            app.parse_command_line(args)
         except (Exception, SystemExit):
             continue
         config = app.cli_config
@@ -102,16 +102,16 @@ def use_parsed() -> None:
         key = _key(argv)
         config = _PARSED.get(key) if key is not None else None
         if config is None or type(self) is not IPKernelApp:
-            self.parse_command_line(argv)  # type: ignore[no-untyped-call]
+            self.parse_command_line(argv)
             return
         # What traitlets' Application.parse_command_line leaves behind for these arguments.
         self.argv = list(argv)
         self.cli_config = copy.deepcopy(config)
         self.cli_config.IPKernelApp.connection_file = argv[argv.index("-f") + 1]
-        self.update_config(self.cli_config)  # type: ignore[no-untyped-call]
+        self.update_config(self.cli_config)
         self.extra_args = []
 
-    IPKernelApp.parse_command_line = parse_command_line  # type: ignore[method-assign]
+    IPKernelApp.parse_command_line = parse_command_line  # type: ignore[method-assign,assignment]
 
 
 def pack_module_files() -> int:

@@ -4,10 +4,12 @@ Started by the server (``bridge/zygote.py``) with ``subprocess`` — never ``os.
 threaded server — in a clean environment, as ``python -m kernelspecs._zygote --control FD``.
 
 * **Template.** It imports ipykernel, IPython and everything a first ``IPKernelApp.initialize()``
-  and a first cell import lazily (learned by running both once in a throwaway child), then
-  ``gc.freeze()``s, so each kernel starts from copy-on-write pages instead of a cold import. It
-  stays single-threaded with no zmq context and no event loop: all of those are made per kernel,
-  after the fork.
+  and a first cell import lazily (learned by running both once in a throwaway child), works
+  out what every kernel would work out again (``kernelspecs/_prebuilt.py``: the shipped
+  kernelspecs' command lines parsed, the regexes that child compiled, the modules' file names
+  packed onto a few pages), then ``gc.freeze()``s, so each kernel starts from copy-on-write
+  pages instead of a cold import. It stays single-threaded with no zmq context and no event
+  loop: all of those are made per kernel, after the fork.
 * **Control.** One SOCK_SEQPACKET socket to the server: JSON requests, file descriptors by
   SCM_RIGHTS. ``fork`` answers ``{"pid": N}`` with a pidfd of the kernel, ``spawn`` (fork + exec
   of a prepared command: a cold kernel's bubblewrap, a forked kernel's sandbox holder) likewise;

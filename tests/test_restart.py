@@ -108,6 +108,7 @@ def check_adopted(srv: Server, before: Before) -> Client:
     r = c.get(f"/api/kernels/{before.kernel_id}", headers={"Authorization":
                                                            f"token {before.secret}"})
     assert r.status_code == 200 and r.json()["execution_state"] != "dead", r.text
+    assert r.json()["name"] == "python3"  # the name it was asked by: a saved notebook keeps it
 
     body = sandbox(c, before.sandbox_sid, "print(z * 6)")
     assert body["stdout"] == "42\n", body

@@ -52,10 +52,13 @@ CONNECT_TIMEOUT_S = 10.0
 # How long a call waits for a pooled connection before it answers "unavailable" (503): long
 # enough to ride out a quick restart, short enough that a client is not left hanging.
 ACQUIRE_TIMEOUT_S = 5.0
-# psycopg_pool retries a failed connect with a doubling backoff (1, 2, 4… s) for this long. Kept
-# short: after it gives up, the next call that waits for a connection starts a new attempt at
-# once, so the first call after the database is back connects without waiting out a backoff.
-RECONNECT_GIVE_UP_S = 2.0
+# psycopg_pool retries a failed connect with a doubling backoff (1, 2, 4… s) and a caller that
+# waits meanwhile starts no attempt of its own: the database could be back for seconds before
+# the pool tried again. So the pool gives up after one retry, and a waiting call asks again
+# every slice (each ask starts an attempt when none is under way): a call connects within a
+# slice of the database's return, and the first call after a restart succeeds.
+RECONNECT_GIVE_UP_S = 0.5
+ACQUIRE_SLICE_S = 0.5
 
 T = TypeVar("T")
 Conn = psycopg.AsyncConnection[Any]
@@ -155,10 +158,11 @@ class PostgresStore(Store):
     async def _write(self, work: Callable[[Conn, _Progress], Awaitable[T]]) -> T:
         queued = time.monotonic()
         async with self._write_lock:
-            if self._writer_failed_at > queued:  # nothing sent: StoreUnavailable is exact
-                raise StoreUnavailable()
+            # The write ahead found no connection while this one waited: one quick try (the
+            # database may be back), not another whole timeout.
+            timeout = ACQUIRE_SLICE_S if self._writer_failed_at > queued else ACQUIRE_TIMEOUT_S
             try:
-                return await self._call(self._writer, work)
+                return await self._call(self._writer, work, timeout)
             except StoreUnavailable as exc:
                 if isinstance(exc.__cause__, PoolTimeout):
                     self._writer_failed_at = time.monotonic()
@@ -185,14 +189,15 @@ class PostgresStore(Store):
     # -- connections that may have died ------------------------------------------------------
 
     async def _call(self, pool: AsyncConnectionPool[Conn],
-                    work: Callable[[Conn, _Progress], Awaitable[T]]) -> T:
+                    work: Callable[[Conn, _Progress], Awaitable[T]],
+                    timeout: float = ACQUIRE_TIMEOUT_S) -> T:
         """``work`` on a live pooled connection; once more on a fresh one if the connection
         dies under it before anything could have committed; else StoreUnavailable."""
         for last_try in (False, True):
             progress = _Progress()
             conn: Conn | None = None
             try:
-                async with self._connection(pool) as conn:
+                async with self._connection(pool, timeout) as conn:
                     return await work(conn, progress)
             except PoolTimeout as exc:  # the pool already tried fresh connections meanwhile
                 log.warning("database unavailable (%s): %s", pool.name, _first_line(exc))
@@ -210,19 +215,33 @@ class PostgresStore(Store):
         raise AssertionError("unreachable")
 
     @contextlib.asynccontextmanager
-    async def _connection(self, pool: AsyncConnectionPool[Conn]) -> AsyncIterator[Conn]:
-        conn = await pool.getconn()
+    async def _connection(self, pool: AsyncConnectionPool[Conn],
+                          timeout: float) -> AsyncIterator[Conn]:
+        deadline = time.monotonic() + timeout
+        conn = await _getconn(pool, deadline)
         if not idle_alive(conn):
             # The server hung up on this one while it sat in the pool: a restart (or a failover)
             # ended every connection opened before it. Replace them all, not one per call.
             log.warning("database connection found closed in %s: reconnecting", pool.name)
             await pool.drain()
             await pool.putconn(conn)  # closed on return: it predates the drain
-            conn = await pool.getconn()
+            conn = await _getconn(pool, deadline)
         try:
             yield conn
         finally:
             await pool.putconn(conn)
+
+
+async def _getconn(pool: AsyncConnectionPool[Conn], deadline: float) -> Conn:
+    """A pooled connection by ``deadline`` (time.monotonic()), asked for a slice at a time (see
+    RECONNECT_GIVE_UP_S). Raises PoolTimeout."""
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            return await pool.getconn(max(min(left, ACQUIRE_SLICE_S), 0.001))
+        except PoolTimeout:
+            if left <= ACQUIRE_SLICE_S:
+                raise
 
 
 class _Progress:

@@ -23,7 +23,7 @@ def _session(**kw: object) -> Session:
                       idle_timeout_s=30.0),
         workdir=Path("/data/sessions/pool-1"),
         mounts=(Mount(Path("/data/folders/f1"), "data", read_only=True),),
-        environ={"STAGE": "dev"}, network=True, on_timeout="restart")
+        environ={"STAGE": "dev"}, network=True, on_timeout="restart", kernelspec="python3")
     base.update(kw)
     return Session(**base)  # type: ignore[arg-type]
 
@@ -39,7 +39,7 @@ def test_a_session_is_rebuilt_as_it_was() -> None:
     s = _session()
     back = rebuild(_row(s))
     for attr in ("id", "name", "access_key", "language", "origin", "limits", "workdir",
-                 "mounts", "environ", "network", "on_timeout", "created_at"):
+                 "mounts", "environ", "network", "on_timeout", "kernelspec", "created_at"):
         assert getattr(back, attr) == getattr(s, attr), attr
     # The pooled kernel's dir, not sessions/<id>: the files are where the kernel wrote them.
     assert back.workdir == Path("/data/sessions/pool-1")

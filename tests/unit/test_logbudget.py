@@ -3,6 +3,11 @@ clock of our own."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
+from types import SimpleNamespace
+
 from kernelspecs._logbudget import LineBudget
 
 
@@ -62,3 +67,30 @@ def test_a_line_or_notice_the_reader_could_not_pass_on_is_counted_in_the_next_no
     budget.lost(notice)  # the notice itself was lost: its 3 lines are not
     assert budget.feed(b"", end=True) == [
         "[kernel-bridge: 3 lines of stderr dropped (more than 100 lines/s, bursts of 2)]"]
+
+
+def test_the_zygotes_relay_never_waits_for_a_server_that_does_not_read() -> None:
+    """A server that reads nothing (stopped, or slow) costs the keeper lines, never its loop:
+    each send that would wait is dropped and counted."""
+    from kernelspecs._zygote import Zygote
+
+    ours, servers = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours, servers:
+        keeper = SimpleNamespace(control=ours, peers=[])
+        budget = LineBudget(rate=1e9, burst=10**9)  # only the socket limits here
+
+        def flood() -> None:
+            for _ in range(20_000):
+                Zygote.relay(keeper, "k1", "x" * 100, budget)  # type: ignore[arg-type]
+
+        relay = threading.Thread(target=flood, daemon=True)  # a blocking send would hang it
+        relay.start()
+        relay.join(10)
+        assert not relay.is_alive(), "the relay waited for a server that does not read"
+        assert budget.dropped > 0  # the socket filled up: the rest were counted
+        servers.setblocking(False)
+        received = 0
+        with contextlib.suppress(BlockingIOError):
+            while servers.recv(1 << 16):
+                received += 1
+        assert received + budget.dropped == 20_000
