@@ -299,8 +299,9 @@ class Volumes:
 
     def _template(self, size: int) -> Path:
         """The empty session filesystem every session image is copied from, made by mkfs the
-        first time (its name says what is baked into it: size, inodes, owner)."""
-        template = self.images / f".template-{size}-{self.inodes}-{self.owner}.img"
+        first time (its name says what is baked into it: size, inodes, owner). Kept across
+        restarts; not an ``.img``: no volume's, so no sweep of leftover images takes it."""
+        template = self.images / f".template-{size}-{self.inodes}-{self.owner}.ext4"
         with self._template_lock:
             if not template.exists():
                 staging = template.with_name(f"{template.name}.{os.getpid()}")

@@ -11,15 +11,15 @@ ready; if every one is still starting it claims the oldest start and awaits it (
 earlier than a new one would). Either way the item leaves the stock the moment it is claimed, so no
 kernel is handed out twice, and one replacement start is queued behind it. Starts go through a
 semaphore: ``PARALLEL_STARTS`` cold starts (each about a second of CPU: more only slow each other
-down), or ``FORKED_STARTS_PER_CORE`` per core when the zygote forks them (a forked start is tens
-of milliseconds of CPU and as much waiting on the keeper, the zygote and the kernel's first answer,
-so two at a time left a core idle and capped one-shots at two starts' worth per start time).
+down), or ``FORKED_STARTS_PER_CORE`` per core when the zygote forks them (tens of milliseconds of
+CPU each, with waits on the keeper, the zygote and the kernel's first answer in between: two at
+a time capped one-shots at two per start time, with a core idle).
 
-The stock follows demand: a taker that finds no kernel ready (it waits for a start) raises the
-language's stock by one, up to ``GROWTH`` times its configured size and never beyond what the host
-memory budget could still admit (``room``); it goes back down by one per ``SHRINK_AFTER_S``
-without such a wait. Pooled kernels are not charged to the budget (bridge/admission.py), but a
-stock the budget could never admit would only hold memory.
+The stock follows demand: once it has been full, a taker that finds no kernel ready (it waits
+for a start) raises the language's stock by one, up to ``GROWTH`` times its configured size and
+never beyond what the host memory budget could still admit (``room``); it goes back down by one
+per ``SHRINK_AFTER_S`` without such a wait. Pooled kernels are not charged to the budget
+(bridge/admission.py), but a stock the budget could never admit would only hold memory.
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ class KernelPool:
         self._starts = asyncio.Semaphore(parallel_starts)
         self._extra: dict[str, int] = {}  # kernels stocked above the configured size (demand)
         self._short_at: dict[str, float] = {}  # when a taker last had to wait for a start
+        self._filled: set[str] = set()  # languages whose stock was all ready once
         self._closed = False
         self.taken = 0  # kernels handed out (for tests and the bench)
 
@@ -104,6 +105,8 @@ class KernelPool:
     def _grow(self, language: Language) -> None:
         """A taker waited for a start: stock one more, within GROWTH and the budget's room."""
         name = language.name
+        if name not in self._filled:
+            return  # the first fill (a server just started) says nothing about demand
         self._short_at[name] = time.monotonic()
         base = self.settings.pool_size(name)
         if self.size(language) >= GROWTH * base:
@@ -202,7 +205,13 @@ class KernelPool:
         stock = self._stock.setdefault(language.name, deque())
         while len(stock) < self.size(language):
             metrics.POOL_REFILLS.labels(language.name).inc()
-            stock.append(spawn(self._start_one(language, delay), name=f"pool-{language.name}"))
+            task = spawn(self._start_one(language, delay), name=f"pool-{language.name}")
+            task.add_done_callback(lambda _: self._note_ready(language))
+            stock.append(task)
+
+    def _note_ready(self, language: Language) -> None:
+        if language.name not in self._filled and self.ready(language) >= self.size(language):
+            self._filled.add(language.name)
 
     async def _start_one(self, language: Language, delay: float = 0.0) -> Kernel:
         if delay:

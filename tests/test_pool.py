@@ -87,12 +87,25 @@ def test_concurrent_takes_never_share_a_kernel_and_stock_refills(tmp_path: Path)
         # Each kernel runs in its own fresh dir, which the taker adopts.
         dirs = {k.confinement.workdir for k in taken if k is not None}
         assert len(dirs) == 6 and all(d.is_dir() and d.name.startswith("pool-") for d in dirs)
-        # Every taker had to wait for a start: demand raised the stock, up to GROWTH times
-        # its configured size, and it is refilled in the background to that.
+        await until(lambda: pool.ready(PYTHON) == 2)  # refilled in the background to its size
+        # Takers waited, but for the first fill (a server just started): no demand in that.
+        assert pool.size(PYTHON) == 2 and len(launch.started) == 2 + 6
+        await pool.stop()
+
+    asyncio.run(main())
+
+
+def test_takers_that_wait_for_a_start_raise_the_stock(tmp_path: Path) -> None:
+    async def main() -> None:
+        s, launch, pool = await filled_pool(tmp_path)
+        taken = await asyncio.gather(*(pool.take(PYTHON, request(s)) for _ in range(8)))
+        assert len({k.id for k in taken if k is not None}) == 8
+        # Two took ready kernels; six waited for a start: demand raised the stock by one each,
+        # up to GROWTH times its configured size, and it is refilled in the background to that.
         assert pool.size(PYTHON) == min(2 + 6, GROWTH * 2)
         await until(lambda: pool.ready(PYTHON) == pool.size(PYTHON))
         # One replacement per kernel taken plus the growth, no more.
-        assert len(launch.started) == 6 + pool.size(PYTHON)
+        assert len(launch.started) == 8 + pool.size(PYTHON)
         await pool.stop()
 
     asyncio.run(main())
@@ -105,7 +118,9 @@ def test_stock_grows_only_within_the_budgets_room_and_shrinks_when_demand_stops(
         room = 3  # the host budget could admit three more kernels of the default cap
         pool = KernelPool(s, FakeLaunch(), no_warm_up, room=lambda: room)  # type: ignore[arg-type]
         pool.start()
-        await asyncio.gather(*(pool.take(PYTHON, request(s)) for _ in range(4)))
+        await until(lambda: pool.ready(PYTHON) == 2)
+        # Two take ready kernels, three wait: the stock grows by one, not three.
+        await asyncio.gather(*(pool.take(PYTHON, request(s)) for _ in range(5)))
         assert pool.size(PYTHON) == 3  # not GROWTH × 2: a stock the budget cannot admit
         await until(lambda: pool.ready(PYTHON) == 3)
         # Takes of ready kernels, no wait: once SHRINK_AFTER_S passed, one less each time.
