@@ -81,6 +81,9 @@ OOM_KILLS = _counter("oom_kills_total", "Processes the OOM killer ended inside k
 TIMEOUTS = _counter("timeouts_total", "Runs ended by their deadline.", ["mode"])
 POOL_REFILLS = _counter("pool_refills_total", "Kernel starts queued to refill the warm "
                         "pool.", ["language"])
+POOL_WAITS = _counter("pool_waits_total", "Takes that found no kernel ready and waited for "
+                      "one starting (each may grow the stock: kernel_bridge_pool_target).",
+                      ["language"])
 POOL_TAKES = _counter("pool_takes_total", "New sessions that asked the warm pool for a "
                       "kernel: hit (got one) or miss (cold start).", ["language", "result"])
 REFUSALS = _counter("refusals_total", "Requests refused: unauthorized (401), forbidden "

@@ -173,6 +173,7 @@ class KernelPool:
                 self._refill(language, self.refill_delay)
             else:
                 # Demand outran the stock: more of it, and its replacement queued at once.
+                metrics.POOL_WAITS.labels(language.name).inc()
                 self._grow(language)
                 self._refill(language)
             try:

@@ -124,7 +124,11 @@ def test_metrics_move_with_a_query_a_one_shot_a_refusal_and_a_timeout(
     # Per-keypair usage is labelled by existing access keys only; the bad key made no series.
     assert value(after, "kernel_bridge_keypair_queries_total", access_key=ak) >= 3
     assert not any("not-a-key" in str(labels) for _, labels in after)
-    assert value(after, "kernel_bridge_pool_target", language="python") == 1
+    # The configured stock (1), plus one per take that had to wait once the pool had been full
+    # (bridge/pool.py: the stock follows demand), never beyond 4× the configured size.
+    target = value(after, "kernel_bridge_pool_target", language="python")
+    waits = value(after, "kernel_bridge_pool_waits_total", language="python")
+    assert 1 <= target <= min(4, 1 + waits), (target, waits)
     assert value(after, "kernel_bridge_pool_takes_total", language="python", result="hit") + \
         value(after, "kernel_bridge_pool_takes_total", language="python", result="miss") >= 3
     assert value(after, "kernel_bridge_http_requests_total", dialect="sandbox", code="2xx") >= 2
